@@ -1,0 +1,74 @@
+"""``gpu-supervisor``: one command, one role per sub-command.
+
+Exit codes: 0 clean stop, 1 runtime failure, 2 bad usage or configuration (reported
+before anything starts, naming the field and the rule broken).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import structlog
+
+from supervisor import __version__
+from supervisor.config import load, reference
+from supervisor.errors import ConfigError, SupervisorError
+from supervisor.runtime import logging as logsetup
+
+EXIT_CONFIG = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gpu-supervisor", description=__doc__)
+    parser.add_argument("--version", action="version", version=__version__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    agent = sub.add_parser("agent", help="per-node GPU health agent (DaemonSet)")
+    agent.add_argument("--config", type=Path, help="YAML settings file")
+    agent.add_argument("--listen", help="override http.listen (host:port, port 0 = any)")
+    agent.add_argument("--node-name", help="override node_name")
+    agent.add_argument("--simulate-gpus", type=int, metavar="N",
+                       help="run on the NVML stand-in with N healthy GPUs (no driver needed)")
+    agent.add_argument("--simulate-dir", metavar="DIR",
+                       help="stand-in state directory (default: a new temporary directory)")
+    agent.add_argument("--log-format", choices=("json", "console"), default="json")
+
+    sub.add_parser("config-reference", help="print every setting with default, unit and doc")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "config-reference":
+        print("| setting | default | unit | meaning |\n|---|---|---|---|")
+        for name, default, unit, doc in reference():
+            print(f"| `{name}` | `{default}` | {unit} | {doc} |")
+        return 0
+
+    overrides = dict(os.environ)
+    if args.listen:
+        overrides["GPUSUP_HTTP__LISTEN"] = args.listen
+    if args.node_name:
+        overrides["NODE_NAME"] = args.node_name
+    try:
+        settings = load(args.config, overrides)
+        if args.simulate_gpus is not None and not 0 <= args.simulate_gpus <= 64:
+            raise ConfigError("--simulate-gpus", "must be between 0 and 64")
+    except ConfigError as exc:
+        print(f"gpu-supervisor: invalid configuration: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    logsetup.configure(settings.log_level, json=args.log_format == "json")
+    log = structlog.get_logger("supervisor.cli")
+
+    from supervisor.daemon import run  # imports NVML and Kubernetes clients; after validation
+
+    try:
+        return run(settings, simulate_gpus=args.simulate_gpus, simulate_dir=args.simulate_dir)
+    except SupervisorError as exc:
+        log.error("fatal", error=str(exc), error_type=type(exc).__name__)
+        return 1
+    except KeyboardInterrupt:
+        return 0

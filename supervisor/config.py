@@ -1,0 +1,317 @@
+"""Settings: a YAML file, then environment overrides, then validation — before anything starts.
+
+Two phases, as in node-problem-detector: every field has a default (with its unit and the
+reason for the value in ``metadata["doc"]``); ``load`` applies the file and the environment on
+top, checks each value's type and bounds, then runs the cross-field rules in ``validate``.
+Every failure is a ``ConfigError`` naming the dotted field and the rule it broke; the CLI
+turns it into exit code 2.
+
+Environment overrides use ``GPUSUP_<SECTION>__<FIELD>``
+(e.g. ``GPUSUP_NVML__PROBE_INTERVAL_SECONDS=2``); list values are comma-separated.
+``NODE_NAME`` (the downward-API convention) sets ``node_name``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from supervisor.errors import ConfigError
+
+ENV_PREFIX = "GPUSUP_"
+
+THROTTLE_REASONS = ("sw_power_cap", "hw_slowdown", "sw_thermal", "hw_thermal", "hw_power_brake")
+
+
+def setting(default: Any, doc: str, unit: str = "", **rules: Any) -> Any:
+    """A dataclass field carrying its documentation and bounds (``gt``, ``ge``, ``choices``)."""
+    meta = {"doc": doc, "unit": unit, **rules}
+    if isinstance(default, list | dict):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class HttpSettings:
+    listen: str = setting("0.0.0.0:8085", "address of /livez, /readyz, /metrics, /status",
+                          "host:port")
+
+
+@dataclass
+class NvmlSettings:
+    probe_interval_seconds: float = setting(
+        1.0, "how often every GPU is sampled; XIDs do not wait for it (event-driven)", "s", gt=0)
+    call_timeout_seconds: float = setting(
+        5.0, "deadline for one GPU's sample; a miss is a GPUUnresponsive finding", "s", gt=0)
+    event_wait_ms: int = setting(
+        500, "how long one XID event wait blocks; bounds how fast the event thread stops",
+        "ms", gt=0)
+
+
+@dataclass
+class DetectorSettings:
+    ecc_uncorrectable_max: int = setting(
+        0, "volatile uncorrectable ECC errors tolerated since driver load", "errors", ge=0)
+    ecc_correctable_storm_per_minute: float = setting(
+        100.0, "correctable ECC errors per minute that count as a storm", "errors/min", gt=0)
+    ecc_correctable_storm_for_seconds: float = setting(
+        60.0, "how long the storm rate must hold before a finding", "s", ge=0)
+    retired_pages_max: int = setting(
+        60, "retired pages (SBE+DBE) before a warning; NVIDIA's hard limit is 64", "pages", ge=0)
+    row_remap_uncorrectable_max: int = setting(
+        512, "uncorrectable remapped rows before the GPU needs replacement", "rows", ge=0)
+    thermal_margin_celsius: float = setting(
+        5.0, "raise a thermal finding this far below the GPU's own slowdown threshold",
+        "°C", ge=0)
+    thermal_hysteresis_celsius: float = setting(
+        3.0, "the temperature must fall this far below the raise point to clear", "°C", ge=0)
+    thermal_for_seconds: float = setting(
+        30.0, "how long the temperature must stay high before a finding", "s", ge=0)
+    throttle_reasons: list[str] = setting(
+        ["hw_slowdown", "hw_thermal", "hw_power_brake", "sw_thermal"],
+        "clock event reasons that count as a slowdown fault; sw_power_cap is normal at full "
+        "load so it is only a metric by default", "", choices=THROTTLE_REASONS)
+    throttle_for_seconds: float = setting(
+        15.0, "how long a throttle reason must stay active before a finding", "s", ge=0)
+    nvlink_errors_per_second: float = setting(
+        100.0, "NVLink CRC+replay+recovery errors per second that count as a storm "
+        "(DCGM's CRC limit)", "errors/s", gt=0)
+    nvlink_errors_for_seconds: float = setting(
+        10.0, "how long the NVLink error rate must hold before a finding", "s", ge=0)
+    pcie_width_for_seconds: float = setting(
+        30.0, "how long a PCIe link must run below its rated width before a finding", "s", ge=0)
+    pcie_generation_check: bool = setting(
+        False, "also flag a link below its rated generation; off by default because idle GPUs "
+        "legitimately drop to a low generation to save power")
+    pcie_generation_for_seconds: float = setting(
+        300.0, "how long a link must run below its rated generation before a finding", "s", ge=0)
+    pcie_replays_per_minute: float = setting(
+        100.0, "PCIe replay counter increments per minute that count as a storm",
+        "replays/min", gt=0)
+    xid_clear_after_seconds: float = setting(
+        600.0, "an XID finding clears after this long without a repeat", "s", gt=0)
+    xid_repeat_escalation_count: int = setting(
+        5, "a restart-application XID seen this many times within the clear window escalates "
+        "to critical (NVSentinel's RepeatedXIDErrorOnSameGPU idea)", "events", ge=2)
+    xid_ignore: list[int] = setting(
+        [], "extra XID codes to ignore on top of NVIDIA's catalog 'ignore' rows", "")
+
+
+@dataclass
+class KubernetesSettings:
+    enabled: str = setting(
+        "auto", "publish NodeConditions and Events: auto = when running in a cluster or a "
+        "kubeconfig is set", "", choices=("auto", "true", "false"))
+    kubeconfig: str = setting("", "kubeconfig path; empty = in-cluster config", "path")
+    request_timeout_seconds: float = setting(
+        10.0, "deadline for one Kubernetes API request", "s", gt=0)
+    condition_resync_seconds: float = setting(
+        60.0, "re-assert our NodeConditions this often even without a change", "s", gt=0)
+
+
+@dataclass
+class ReportingSettings:
+    controller_url: str = setting("", "controller base URL; empty = do not report", "URL")
+    token_file: str = setting(
+        "/var/run/secrets/kubernetes.io/serviceaccount/token",
+        "ServiceAccount token sent as the bearer token; re-read on every report (it rotates)",
+        "path")
+    heartbeat_seconds: float = setting(
+        10.0, "send the full state at least this often even without a change", "s", gt=0)
+    timeout_seconds: float = setting(5.0, "deadline for one report", "s", gt=0)
+
+
+@dataclass
+class Settings:
+    node_name: str = setting("", "this node's name (env NODE_NAME); defaults to the hostname")
+    log_level: str = setting("info", "log level", "", choices=("debug", "info", "warning",
+                                                               "error"))
+    shutdown_grace_seconds: float = setting(
+        5.0, "how long tasks get to finish after SIGTERM before they are abandoned", "s", gt=0)
+    http: HttpSettings = field(default_factory=HttpSettings)
+    nvml: NvmlSettings = field(default_factory=NvmlSettings)
+    detectors: DetectorSettings = field(default_factory=DetectorSettings)
+    kubernetes: KubernetesSettings = field(default_factory=KubernetesSettings)
+    reporting: ReportingSettings = field(default_factory=ReportingSettings)
+
+    def validate(self) -> None:
+        """Cross-field rules; single-field bounds are checked while loading."""
+        host, sep, port = self.http.listen.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ConfigError("http.listen", f"must be host:port, got {self.http.listen!r}")
+        if self.nvml.call_timeout_seconds > 60:
+            raise ConfigError("nvml.call_timeout_seconds", "must be at most 60")
+        if self.nvml.event_wait_ms / 1000 > self.shutdown_grace_seconds:
+            raise ConfigError("nvml.event_wait_ms",
+                              "must be shorter than shutdown_grace_seconds, or the XID "
+                              "thread cannot stop in time")
+        url = self.reporting.controller_url
+        if url and not url.startswith(("http://", "https://")):
+            raise ConfigError("reporting.controller_url", f"must be an http(s) URL, got {url!r}")
+        if self.reporting.timeout_seconds > self.reporting.heartbeat_seconds:
+            raise ConfigError("reporting.timeout_seconds",
+                              "must not exceed reporting.heartbeat_seconds")
+
+
+def load(path: Path | None = None, env: Mapping[str, str] | None = None) -> Settings:
+    """Defaults ← YAML file ← environment, then validation. Raises ``ConfigError``."""
+    env = os.environ if env is None else env
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise ConfigError("--config", f"cannot read {path}: {exc.strerror}") from exc
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError("--config", f"{path} is not valid YAML: {exc}") from exc
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError("<root>", "the config file must be a mapping of settings")
+        raw = loaded
+    settings: Settings = _build(Settings, raw, "")
+    _apply_env(settings, env)
+    if not settings.node_name:
+        settings.node_name = os.uname().nodename
+    settings.validate()
+    return settings
+
+
+def _build(cls: type[Any], raw: Mapping[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in known:
+            where = f"{prefix}{key}"
+            raise ConfigError(where, f"unknown setting (known here: {', '.join(sorted(known))})")
+    values: dict[str, Any] = {}
+    for name, f in known.items():
+        path = f"{prefix}{name}"
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            sub = raw.get(name, {})
+            if sub is None:
+                sub = {}
+            if not isinstance(sub, Mapping):
+                raise ConfigError(path, "must be a mapping of settings")
+            values[name] = _build(typing.cast(type[Any], hint), sub, f"{path}.")
+        elif name in raw:
+            values[name] = _coerce(path, raw[name], hint, f.metadata)
+    return cls(**values)
+
+
+def _coerce(path: str, value: Any, hint: Any, meta: Mapping[str, Any]) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (list, types.GenericAlias) or origin is list:
+        (item_type,) = typing.get_args(hint)
+        if isinstance(value, str):  # from the environment: comma-separated
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise ConfigError(path, f"must be a list, got {type(value).__name__}")
+        items = [_scalar(f"{path}[{i}]", v, item_type) for i, v in enumerate(value)]
+        choices = meta.get("choices")
+        for i, item in enumerate(items):
+            if choices is not None and item not in choices:
+                raise ConfigError(f"{path}[{i}]", f"must be one of {list(choices)}, got {item!r}")
+        return items
+    result = _scalar(path, value, hint)
+    _check_bounds(path, result, meta)
+    return result
+
+
+def _scalar(path: str, value: Any, hint: Any) -> Any:
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(path, f"must be true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, bool):
+            raise ConfigError(path, f"must be an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ConfigError(path, f"must be an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, bool):
+            raise ConfigError(path, f"must be a number, got {value!r}")
+        if isinstance(value, int | float):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(path, f"must be a number, got {value!r}")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(path, f"must be a string, got {value!r}")
+    raise ConfigError(path, f"unsupported setting type {hint!r}")  # pragma: no cover
+
+
+def _check_bounds(path: str, value: Any, meta: Mapping[str, Any]) -> None:
+    if "gt" in meta and not value > meta["gt"]:
+        raise ConfigError(path, f"must be greater than {meta['gt']}, got {value!r}")
+    if "ge" in meta and not value >= meta["ge"]:
+        raise ConfigError(path, f"must be at least {meta['ge']}, got {value!r}")
+    if "choices" in meta and value not in meta["choices"]:
+        raise ConfigError(path, f"must be one of {list(meta['choices'])}, got {value!r}")
+
+
+def _apply_env(settings: Settings, env: Mapping[str, str]) -> None:
+    if env.get("NODE_NAME"):
+        settings.node_name = env["NODE_NAME"]
+    for key, value in sorted(env.items()):
+        if not key.startswith(ENV_PREFIX):
+            continue
+        parts = key[len(ENV_PREFIX):].lower().split("__")
+        target: Any = settings
+        path = ""
+        for part in parts[:-1]:
+            path += f"{part}."
+            sub = getattr(target, part, None)
+            if sub is None or not dataclasses.is_dataclass(sub):
+                raise ConfigError(f"{key}", f"names no settings section ({path.rstrip('.')})")
+            target = sub
+        name = parts[-1]
+        fields = {f.name: f for f in dataclasses.fields(target)}
+        if name not in fields or dataclasses.is_dataclass(getattr(target, name)):
+            raise ConfigError(key, f"names no setting ({path}{name})")
+        hint = typing.get_type_hints(type(target))[name]
+        setattr(target, name, _coerce(f"{path}{name} (from {key})", value, hint,
+                                      fields[name].metadata))
+
+
+def reference() -> list[tuple[str, str, str, str]]:
+    """Every setting as (dotted name, default, unit, doc), for the README and ``--help``."""
+    rows: list[tuple[str, str, str, str]] = []
+
+    def walk(obj: Any, prefix: str) -> None:
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value):
+                walk(value, f"{prefix}{f.name}.")
+            else:
+                shown = yaml.safe_dump(value, default_flow_style=True).strip()
+                shown = shown.removesuffix("...").strip()
+                rows.append((f"{prefix}{f.name}", shown, f.metadata.get("unit", ""),
+                             f.metadata.get("doc", "")))
+
+    walk(Settings(), "")
+    return rows

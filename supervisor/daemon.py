@@ -1,0 +1,129 @@
+"""Assembles a role from settings and runs it until SIGTERM, SIGINT or a task failure.
+
+This is the only place that knows every part: it builds the collaborators (NVML, the
+Kubernetes client, the reporter), hands them to the role, starts the supervised tasks and
+tears everything down in order — HTTP last, so ``/livez`` answers until the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import tempfile
+from pathlib import Path
+
+import structlog
+
+from probes.nvml import Nvml
+from supervisor.config import Settings
+from supervisor.http import HttpServer, build_app
+from supervisor.kube import KubeClient, in_cluster
+from supervisor.metrics import AgentCollector, ProbeHistograms, new_registry
+from supervisor.node_status import NodeConditionPublisher
+from supervisor.reporting import Reporter
+from supervisor.roles.agent import Agent, token_path
+from supervisor.runtime.clock import SystemClock
+from supervisor.runtime.tasks import TaskGroup, stop_on_signals
+
+log = structlog.get_logger(__name__)
+
+
+def prepare_simulation(gpus: int, state_dir: str | None) -> Path:
+    """Build and preload the NVML stand-in with ``gpus`` healthy GPUs; return its state dir.
+
+    Must run before NVML is initialised: pynvml opens ``libnvidia-ml.so.1`` by soname, and
+    the dynamic loader hands it the already-loaded stand-in.
+    """
+    from probes.nvml_standin import build, preload
+    from probes.nvml_standin.control import StandinControl
+
+    directory = Path(state_dir) if state_dir else Path(
+        tempfile.mkdtemp(prefix="gpu-supervisor-sim-"))
+    control = StandinControl(directory)
+    if control.get("gpu_count") is None or state_dir is None:
+        control.reset(gpus)
+    elif control.get("gpu_count") != str(gpus):
+        control.update({"gpu_count": gpus})
+    os.environ["GPUSUP_FAKENVML_DIR"] = str(directory)
+    preload(build())
+    return directory
+
+
+def kube_enabled(settings: Settings) -> bool:
+    mode = settings.kubernetes.enabled
+    if mode == "auto":
+        return in_cluster() or bool(settings.kubernetes.kubeconfig)
+    return mode == "true"
+
+
+async def run_agent(settings: Settings, *, simulate_dir: Path | None = None) -> None:
+    clock = SystemClock()
+    group = TaskGroup()
+    registry = new_registry()
+    agent = Agent(settings, Nvml(), clock, observer=ProbeHistograms(registry))
+    registry.register(AgentCollector(agent))
+    kube: KubeClient | None = None
+    publisher: NodeConditionPublisher | None = None
+    reporter: Reporter | None = None
+
+    def readiness() -> dict[str, bool]:
+        checks = {"first-probe-round": agent.ready}
+        if publisher is not None:
+            checks["node-conditions-published"] = publisher.writes > 0
+        return checks
+
+    def liveness() -> dict[str, bool]:
+        return {**group.alive(), **agent.liveness()}
+
+    def status() -> dict[str, object]:
+        body = agent.status()
+        if simulate_dir is not None:
+            body["simulation"] = {"state_dir": str(simulate_dir)}
+        body["kubernetes"] = None if publisher is None else {
+            "writes": publisher.writes, "failures": publisher.failures,
+            "events": publisher.events, "last_error": publisher.last_error}
+        body["reporting"] = None if reporter is None else {
+            "sent": reporter.sent, "failed": reporter.failed, "sequence": reporter.sequence,
+            "last_sent_at": reporter.last_sent_wall, "last_error": reporter.last_error}
+        return body
+
+    server = HttpServer(build_app(liveness=liveness, readiness=readiness, status=status,
+                                  registry=registry), settings.http.listen)
+    await server.start()
+    log.info("http listening", address=server.bound)
+    try:
+        with stop_on_signals(group):
+            await agent.start(group)
+            if kube_enabled(settings):
+                kube = await KubeClient.connect(settings.kubernetes.kubeconfig,
+                                                settings.kubernetes.request_timeout_seconds)
+                publisher = NodeConditionPublisher(
+                    kube, agent.node, agent.book.active, clock,
+                    settings.kubernetes.condition_resync_seconds)
+                agent.listeners.append(publisher.poke)
+                group.start("node-conditions", publisher.run())
+            if settings.reporting.controller_url:
+                reporter = Reporter(settings.reporting.controller_url, token_path(settings),
+                                    agent.report, clock, settings.reporting.heartbeat_seconds,
+                                    settings.reporting.timeout_seconds)
+                agent.listeners.append(reporter.poke)
+                group.start("reporter", reporter.run())
+            await group.run_until_stopped(settings.shutdown_grace_seconds)
+    finally:
+        agent.stop()
+        await group.shutdown(settings.shutdown_grace_seconds)
+        if kube is not None:
+            await kube.close()
+        await server.stop()
+        log.info("stopped", reason=group.stop_reason)
+
+
+def run(settings: Settings, *, simulate_gpus: int | None, simulate_dir: str | None) -> int:
+    sim: Path | None = None
+    if simulate_gpus is not None:
+        sim = prepare_simulation(simulate_gpus, simulate_dir)
+        log.info("simulating GPUs with the NVML stand-in", gpus=simulate_gpus,
+                 state_dir=str(sim),
+                 inject=f"python -m probes.nvml_standin.control --dir {sim} xid 0 79")
+    asyncio.run(run_agent(settings, simulate_dir=sim))
+    return 0

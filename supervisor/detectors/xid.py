@@ -1,0 +1,118 @@
+"""XID events → findings, following NVIDIA's XID catalog, with dedup and burst windows.
+
+The catalog (shared/reference/anchors_gpu_health.md §3, "Immediate Action" for H100) sorts
+XIDs by what to do about them; that action sets the severity here:
+
+- ignore (14, 37, 38, 43, 44, 63, 66, 67, 92, 137, 141): counted, logged, no finding;
+- restart the application (8, 11, 13, 25, 31, 32, 39-41, 68-72, 80, 94): warning — and
+  critical once the same XID repeats ``xid_repeat_escalation_count`` times on one GPU
+  inside the clear window, since a GPU that keeps faulting apps is the GPU's problem;
+- reset the GPU (46, 62, 64, 95, 109, 110, 119, 120, 136, 140, 143, 156, 158): critical;
+- reboot the node (79, fallen off the bus): critical;
+- decision workflows: 48 (DBE) critical / reset; 74 and 144-150 (NVLink) critical;
+  154 (follow the driver's recovery action) critical; 45 on its own warning
+  (preemptive cleanup; NVSentinel flagging it fatal cordoned 77 nodes after one crash);
+- anything not in the catalog: warning, investigate.
+
+Dedup: one finding per (GPU, XID code). Identical XIDs while the finding is active only
+refresh ``last_seen`` and ``count`` — 10,000 identical XIDs are one finding with count
+10,000. The finding clears after ``xid_clear_after_seconds`` without a repeat.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from probes.observations import GpuIdentity, XidEvent
+from supervisor.config import DetectorSettings
+from supervisor.detectors.gpu import gpu_subject
+from supervisor.findings import FaultClass, FindingKey, Severity, Verdict
+
+
+@dataclass(frozen=True, slots=True)
+class XidRule:
+    action: str
+    severity: Severity | None  # None: ignore
+    description: str
+
+
+_IGNORE = {14, 37, 38, 43, 44, 63, 66, 67, 92, 137, 141}
+_RESTART_APP = {8, 11, 13, 25, 31, 32, 39, 40, 41, 68, 69, 70, 71, 72, 80, 94}
+_RESET_GPU = {46, 62, 64, 95, 109, 110, 119, 120, 136, 140, 143, 156, 158}
+_NVLINK = {74, *range(144, 151)}
+
+
+def classify(xid: int, extra_ignore: frozenset[int] = frozenset()) -> XidRule:
+    """The catalog's immediate action for ``xid``."""
+    if xid in _IGNORE or xid in extra_ignore:
+        return XidRule("ignore", None, "informational per NVIDIA's XID catalog")
+    if xid == 79:
+        return XidRule("reboot_node", Severity.CRITICAL, "GPU has fallen off the bus")
+    if xid == 48:
+        return XidRule("reset_gpu", Severity.CRITICAL, "double-bit ECC error")
+    if xid == 95:
+        return XidRule("reset_gpu", Severity.CRITICAL, "uncontained ECC error")
+    if xid == 94:
+        return XidRule("restart_application", Severity.WARNING, "contained ECC error")
+    if xid in _NVLINK:
+        return XidRule("reset_gpu", Severity.CRITICAL, "NVLink error")
+    if xid == 154:
+        return XidRule("follow_driver_recovery_action", Severity.CRITICAL,
+                       "GPU recovery action changed")
+    if xid == 45:
+        return XidRule("investigate", Severity.WARNING,
+                       "preemptive cleanup after earlier errors")
+    if xid in _RESET_GPU:
+        return XidRule("reset_gpu", Severity.CRITICAL, "GPU needs a reset")
+    if xid in _RESTART_APP:
+        return XidRule("restart_application", Severity.WARNING, "application-level GPU fault")
+    return XidRule("investigate", Severity.WARNING, "XID not in the catalog")
+
+
+class XidDetector:
+    """Dedup, burst escalation and expiry of XID findings for one node."""
+
+    def __init__(self, gpus: dict[int, GpuIdentity], node: str,
+                 settings: DetectorSettings) -> None:
+        self._subjects = {i: gpu_subject(ident, node) for i, ident in gpus.items()}
+        self._identities = gpus
+        self._settings = settings
+        self._ignore = frozenset(settings.xid_ignore)
+        # key → (last_seen monotonic, occurrences in the current finding)
+        self._seen: dict[FindingKey, tuple[float, int]] = {}
+        self.events_total = 0
+        self.ignored_total = 0
+
+    def observe(self, event: XidEvent, repeat: int = 1) -> Verdict | None:
+        """Verdict for ``repeat`` identical deliveries of ``event``; None when ignored."""
+        self.events_total += repeat
+        rule = classify(event.xid, self._ignore)
+        subject = self._subjects.get(event.gpu_index)
+        if rule.severity is None or subject is None:
+            self.ignored_total += repeat
+            return None
+        key = FindingKey(FaultClass.XID, subject.id, str(event.xid))
+        _, count = self._seen.get(key, (0.0, 0))
+        count += repeat
+        self._seen[key] = (event.received_at, count)
+        severity, reason = rule.severity, "XidCriticalDetected"
+        if severity is Severity.WARNING:
+            reason = "XidDetected"
+            if count >= self._settings.xid_repeat_escalation_count:
+                severity, reason = Severity.CRITICAL, "XidRepeated"
+        return Verdict(
+            key=key, active=True, subject=subject, severity=severity, reason=reason,
+            message=f"GPU {event.gpu_index} ({subject.id}): XID {event.xid}, "
+                    f"{rule.description}; catalog action: {rule.action}",
+            evidence={"xid": event.xid, "occurrences": count,
+                      "last_event_wall": event.received_wall},
+            action=rule.action, repeat=repeat,
+        )
+
+    def expire(self, now: float) -> list[Verdict]:
+        """Clear XID findings that have not repeated within the clear window."""
+        expired = [k for k, (last, _) in self._seen.items()
+                   if now - last >= self._settings.xid_clear_after_seconds]
+        for key in expired:
+            del self._seen[key]
+        return [Verdict.clear(key) for key in expired]

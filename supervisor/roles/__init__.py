@@ -1,0 +1,1 @@
+"""The daemons. Each role wires probes, detectors, outputs and the HTTP endpoints."""

@@ -1,0 +1,394 @@
+"""The node agent: NVML probes → detectors → findings → NodeConditions, metrics, reports.
+
+Shape of the running agent (every box is a supervised root task or a daemon thread):
+
+    probe-gpu-N (one task + one worker thread per GPU)      xid thread (NVML event set)
+            │ GpuSample / deadline miss                          │ XidEvent (batched)
+            ▼                                                    ▼
+      GpuDetectors ──verdicts──▶ FindingBook ◀──verdicts── XidDetector
+                                    │ transitions
+              ┌─────────────────────┼──────────────────────┐
+              ▼                     ▼                      ▼
+    node-conditions (kube)     reporter (controller)    /status, /metrics (read at request)
+
+Each GPU has its own loop and its own worker thread, so an NVML call wedged on one GPU
+turns into a ``gpu_unresponsive`` finding for that GPU while the others keep their
+cadence and ``/livez`` keeps answering. XIDs arrive through NVML's event-set API on a
+dedicated thread; bursts are coalesced before they reach the event loop, so 10,000
+identical XIDs cost one verdict, not 10,000 loop wake-ups.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import structlog
+
+from probes.nvml import DriverInfo, Nvml, NvmlCallFailed, NvmlUnavailable, XidEventSet
+from probes.observations import GpuIdentity, GpuSample, XidEvent
+from supervisor import __version__
+from supervisor.conditions import evaluate
+from supervisor.config import Settings
+from supervisor.detectors.gpu import GpuDetectors
+from supervisor.detectors.xid import XidDetector
+from supervisor.errors import DeadlineExceeded, SupervisorError
+from supervisor.findings import FindingBook, Transition, Verdict
+from supervisor.runtime.clock import Clock
+from supervisor.runtime.deadline import BlockingWorker, WorkerBusy
+from supervisor.runtime.tasks import TaskGroup
+
+log = structlog.get_logger(__name__)
+
+
+class ProbeObserver(Protocol):
+    """Receives probe timings as they happen (the metrics layer implements it)."""
+
+    def sample_done(self, seconds: float) -> None: ...
+
+    def round_done(self, seconds: float) -> None: ...
+
+
+class NvmlStartupError(SupervisorError):
+    """NVML could not be initialised or enumerated within its deadline."""
+
+
+@dataclass
+class GpuState:
+    identity: GpuIdentity
+    detectors: GpuDetectors
+    worker: BlockingWorker
+    last_sample: GpuSample | None = None
+    last_sample_wall: float | None = None
+    last_tick: float = 0.0
+    stuck_since: float | None = None
+    deadline_misses: int = 0
+    samples: int = 0
+    durations: deque[float] = field(default_factory=lambda: deque(maxlen=120))
+
+
+class RoundTracker:
+    """Duration of probe round k: from tick k until every GPU finished (or skipped) it."""
+
+    def __init__(self, gpus: int, keep: int = 600) -> None:
+        self._gpus = gpus
+        self._open: dict[int, tuple[float, int]] = {}
+        self.durations: deque[float] = deque(maxlen=keep)
+        self.completed = 0
+
+    def done(self, k: int, started: float, finished: float) -> float | None:
+        first, count = self._open.get(k, (started, 0))
+        count += 1
+        if count < self._gpus:
+            self._open[k] = (first, count)
+            # Forget rounds a stuck GPU will never close, so the map stays bounded.
+            for old in [r for r in self._open if r < k - 10]:
+                del self._open[old]
+            return None
+        self._open.pop(k, None)
+        duration = finished - first
+        self.durations.append(duration)
+        self.completed += 1
+        return duration
+
+
+class Agent:
+    """One node's agent. Construct, ``await start(group)``, then read its state."""
+
+    def __init__(self, settings: Settings, nvml: Nvml, clock: Clock,
+                 observer: ProbeObserver | None = None) -> None:
+        self.settings = settings
+        self.observer = observer
+        self.node = settings.node_name
+        self.nvml = nvml
+        self.clock = clock
+        self.book = FindingBook()
+        self.gpus: dict[int, GpuState] = {}
+        self.driver: DriverInfo | None = None
+        self.xid: XidDetector | None = None
+        self.xid_refused: dict[int, str] = {}
+        self.rounds = RoundTracker(1)
+        self.started_wall = clock.wall()
+        self._control = BlockingWorker("nvml-control")
+        self._epoch = 0.0
+        self._xid_thread: threading.Thread | None = None
+        self._xid_stop = threading.Event()
+        self._xid_inbox: deque[XidEvent] = deque()
+        self._xid_lock = threading.Lock()
+        self._xid_drain_scheduled = False
+        self._xid_thread_error: str | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.listeners: list[Callable[[], None]] = []
+        self.book.subscribe(self._on_transition)
+
+    # --- start-up -------------------------------------------------------------------------
+
+    async def start(self, group: TaskGroup) -> None:
+        """Initialise NVML, enumerate GPUs, register XID events, start the probe loops."""
+        self._loop = asyncio.get_running_loop()
+        timeout = self.settings.nvml.call_timeout_seconds
+        try:
+            self.driver = await self._control.call("NVML init", self.nvml.init, timeout)
+            identities = await self._control.call("NVML enumerate", self.nvml.identities,
+                                                  timeout)
+        except (DeadlineExceeded, NvmlCallFailed, NvmlUnavailable) as exc:
+            raise NvmlStartupError(str(exc)) from exc
+        for ident in identities:
+            self.gpus[ident.index] = GpuState(
+                identity=ident,
+                detectors=GpuDetectors(ident, self.node, self.settings.detectors),
+                worker=BlockingWorker(f"nvml-gpu{ident.index}"),
+            )
+        self.rounds = RoundTracker(max(len(self.gpus), 1))
+        self.xid = XidDetector({i: g.identity for i, g in self.gpus.items()}, self.node,
+                               self.settings.detectors)
+        try:
+            events = await self._control.call(
+                "NVML event registration", lambda: self.nvml.open_xid_events(list(self.gpus)),
+                timeout)
+        except (DeadlineExceeded, NvmlCallFailed) as exc:
+            raise NvmlStartupError(f"cannot register for XID events: {exc}") from exc
+        self.xid_refused = events.refused
+        for index, why in events.refused.items():
+            log.warning("GPU refused XID event registration", gpu=index, error=why)
+        self._xid_thread = threading.Thread(target=self._xid_thread_main, args=(events,),
+                                            name="nvml-xid-events", daemon=True)
+        self._xid_thread.start()
+        log.info("agent started", node=self.node, gpus=len(self.gpus),
+                 driver=self.driver.driver_version)
+        self._epoch = self.clock.monotonic()
+        for index in self.gpus:
+            group.start(f"probe-gpu-{index}", self._gpu_loop(index))
+        group.start("xid-expiry", self._housekeeping())
+
+    def stop(self) -> None:
+        """Release threads; never blocks (a wedged NVML call is simply abandoned)."""
+        self._xid_stop.set()
+        for gpu in self.gpus.values():
+            gpu.worker.close()
+        self._control.close()
+
+    # --- probing --------------------------------------------------------------------------
+
+    async def _gpu_loop(self, index: int) -> None:
+        gpu = self.gpus[index]
+        interval = self.settings.nvml.probe_interval_seconds
+        timeout = self.settings.nvml.call_timeout_seconds
+        k = 0
+        while True:
+            tick = self._epoch + k * interval
+            gpu.last_tick = self.clock.monotonic()
+            verdicts = await self._sample_once(gpu, timeout)
+            self.book.apply(verdicts, self.clock.wall())
+            round_seconds = self.rounds.done(k, tick, self.clock.monotonic())
+            if round_seconds is not None and self.observer is not None:
+                self.observer.round_done(round_seconds)
+            # Next tick on the shared grid; skip ticks we overran rather than bunching up.
+            now = self.clock.monotonic()
+            k = max(k + 1, int((now - self._epoch) // interval) + 1)
+            await asyncio.sleep(max(0.0, self._epoch + k * interval - now))
+
+    async def _sample_once(self, gpu: GpuState, timeout: float) -> list[Verdict]:
+        index = gpu.identity.index
+        try:
+            sample = await gpu.worker.call(f"NVML sample of GPU {index}",
+                                           lambda: self.nvml.sample(index), timeout)
+        except DeadlineExceeded:
+            gpu.deadline_misses += 1
+            if gpu.stuck_since is None:
+                gpu.stuck_since = self.clock.monotonic() - timeout
+                log.error("NVML probe stuck", gpu=index, uuid=gpu.identity.uuid,
+                          deadline_seconds=timeout)
+            return gpu.detectors.unresponsive(self.clock.monotonic() - gpu.stuck_since, timeout)
+        except WorkerBusy:
+            stuck_since = gpu.stuck_since or self.clock.monotonic()
+            return gpu.detectors.unresponsive(self.clock.monotonic() - stuck_since, timeout)
+        if gpu.stuck_since is not None:
+            log.info("NVML probe answered again", gpu=index,
+                     stuck_seconds=round(self.clock.monotonic() - gpu.stuck_since, 3))
+        gpu.stuck_since = None
+        gpu.last_sample = sample
+        gpu.last_sample_wall = self.clock.wall()
+        gpu.samples += 1
+        gpu.durations.append(sample.duration)
+        if self.observer is not None:
+            self.observer.sample_done(sample.duration)
+        return gpu.detectors.observe(sample)
+
+    async def _housekeeping(self) -> None:
+        """Expire XID findings that stopped repeating; once a second is plenty for that."""
+        while True:
+            await asyncio.sleep(1.0)
+            if self.xid is not None:
+                self.book.apply(self.xid.expire(self.clock.monotonic()), self.clock.wall())
+            if self._xid_thread is not None and not self._xid_thread.is_alive() \
+                    and not self._xid_stop.is_set():
+                raise SupervisorError(f"XID event thread died: {self._xid_thread_error}")
+
+    # --- XID events -----------------------------------------------------------------------
+
+    def _xid_thread_main(self, events: XidEventSet) -> None:
+        wait_ms = self.settings.nvml.event_wait_ms
+        try:
+            while not self._xid_stop.is_set():
+                try:
+                    event = events.wait(wait_ms)
+                except NvmlCallFailed as exc:
+                    self._xid_thread_error = str(exc)
+                    log.warning("XID event wait failed", error=str(exc))
+                    self._xid_stop.wait(1.0)
+                    continue
+                if event is None:
+                    continue
+                with self._xid_lock:
+                    self._xid_inbox.append(event)
+                    if self._xid_drain_scheduled:
+                        continue
+                    self._xid_drain_scheduled = True
+                loop = self._loop
+                if loop is None or loop.is_closed():
+                    return
+                try:
+                    loop.call_soon_threadsafe(self._drain_xids)
+                except RuntimeError:  # loop closed during shutdown
+                    return
+        finally:
+            events.close()
+
+    def _drain_xids(self) -> None:
+        with self._xid_lock:
+            batch = list(self._xid_inbox)
+            self._xid_inbox.clear()
+            self._xid_drain_scheduled = False
+        if self.xid is None or not batch:
+            return
+        # Coalesce runs of the same (GPU, XID): one verdict per distinct pair per batch.
+        groups: dict[tuple[int, int], tuple[XidEvent, int]] = {}
+        for event in batch:
+            key = (event.gpu_index, event.xid)
+            _, n = groups.get(key, (event, 0))
+            groups[key] = (event, n + 1)
+        verdicts = []
+        for event, n in groups.values():
+            verdict = self.xid.observe(event, repeat=n)
+            log.info("xid", gpu=event.gpu_index, xid=event.xid, count=n,
+                     finding=verdict is not None)
+            if verdict is not None:
+                verdicts.append(verdict)
+        self.book.apply(verdicts, self.clock.wall())
+
+    # --- state for the outside world ------------------------------------------------------
+
+    def _on_transition(self, transition: Transition, finding: Any) -> None:
+        log.info("finding " + str(transition), fault_class=str(finding.fault_class),
+                 severity=str(finding.severity), reason=finding.reason,
+                 subject=finding.subject.id, message=finding.message)
+        for listener in self.listeners:
+            listener()
+
+    @property
+    def ready(self) -> bool:
+        """Every GPU has been sampled (or found stuck) once and XID events are registered."""
+        if self._xid_thread is None:
+            return False
+        return all(g.samples > 0 or g.stuck_since is not None for g in self.gpus.values())
+
+    def liveness(self) -> dict[str, bool]:
+        """Is the agent's machinery turning? GPU health is deliberately not part of it."""
+        now = self.clock.monotonic()
+        interval = self.settings.nvml.probe_interval_seconds
+        budget = 3 * interval + self.settings.nvml.call_timeout_seconds + 5
+        checks = {f"probe-gpu-{i}": now - g.last_tick < budget for i, g in self.gpus.items()}
+        checks["xid-thread"] = self._xid_thread is not None and self._xid_thread.is_alive()
+        return checks
+
+    def probe_timings(self) -> dict[str, Any]:
+        rounds = list(self.rounds.durations)
+        return {
+            "interval_seconds": self.settings.nvml.probe_interval_seconds,
+            "deadline_seconds": self.settings.nvml.call_timeout_seconds,
+            "rounds_completed": self.rounds.completed,
+            "round_ms_last": round(rounds[-1] * 1000, 3) if rounds else None,
+            "round_ms_median": round(statistics.median(rounds) * 1000, 3) if rounds else None,
+            "round_ms_max": round(max(rounds) * 1000, 3) if rounds else None,
+        }
+
+    def gpu_status(self, gpu: GpuState) -> dict[str, Any]:
+        now = self.clock.monotonic()
+        sample = gpu.last_sample
+        out: dict[str, Any] = {
+            "index": gpu.identity.index,
+            "uuid": gpu.identity.uuid,
+            "pci_bus_id": gpu.identity.pci_bus_id,
+            "name": gpu.identity.name,
+            "lost": bool(sample and sample.lost),
+            "probe": {
+                "samples": gpu.samples,
+                "deadline_misses": gpu.deadline_misses,
+                "stuck_seconds": None if gpu.stuck_since is None
+                else round(now - gpu.stuck_since, 3),
+                "last_duration_ms": round(gpu.durations[-1] * 1000, 3) if gpu.durations
+                else None,
+                "last_sample_age_seconds": None if sample is None
+                else round(now - sample.taken_at, 3),
+                "xid_events_registered": gpu.identity.index not in self.xid_refused,
+            },
+        }
+        if sample is not None and not sample.lost:
+            values = {k: getattr(sample, k) for k in sample.__slots__
+                      if k not in ("index", "taken_at", "duration", "lost", "nvlink")}
+            values["nvlink"] = None
+            if sample.nvlink is not None:
+                link = sample.nvlink
+                values["nvlink"] = {"links": link.links, "active": link.active,
+                                    "replay_errors": link.replay_errors,
+                                    "recovery_errors": link.recovery_errors,
+                                    "crc_flit_errors": link.crc_flit_errors,
+                                    "crc_data_errors": link.crc_data_errors}
+            out["sample"] = values
+        return out
+
+    def status(self) -> dict[str, Any]:
+        findings = sorted(self.book.active(), key=lambda f: (-f.severity.rank, f.first_seen))
+        return {
+            "role": "agent",
+            "version": __version__,
+            "node": self.node,
+            "started_at": self.started_wall,
+            "ready": self.ready,
+            "driver": None if self.driver is None else {
+                "driver_version": self.driver.driver_version,
+                "nvml_version": self.driver.nvml_version},
+            "gpus": [self.gpu_status(g) for g in self.gpus.values()],
+            "findings": [f.as_dict() for f in findings],
+            "recently_cleared": [f.as_dict() for f in self.book.recently_cleared],
+            "conditions": {t: {"status": c.status, "reason": c.reason, "message": c.message}
+                           for t, c in evaluate(findings).items()},
+            "probe": self.probe_timings(),
+            "xid": {"events_total": self.xid.events_total if self.xid else 0,
+                    "ignored_total": self.xid.ignored_total if self.xid else 0},
+        }
+
+    def report(self) -> dict[str, Any]:
+        """The body pushed to the controller: identity, GPUs and findings, nothing local."""
+        status = self.status()
+        return {
+            "apiVersion": "gpu-supervisor/v1",
+            "kind": "NodeReport",
+            "node": self.node,
+            "agent_version": __version__,
+            "gpus": [{k: g[k] for k in ("index", "uuid", "pci_bus_id", "name", "lost")}
+                     for g in status["gpus"]],
+            "findings": status["findings"],
+            "conditions": status["conditions"],
+        }
+
+
+def token_path(settings: Settings) -> Path:
+    return Path(settings.reporting.token_file)

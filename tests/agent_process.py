@@ -1,0 +1,170 @@
+"""A real agent process on the NVML stand-in, for end-to-end tests and benchmarks.
+
+The agent runs as ``python -m supervisor agent --simulate-gpus N`` in its own process, on
+a free loopback port it reports in its log; faults are injected through the stand-in's
+state directory while it runs, exactly as a person would from the README.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from probes.nvml_standin.control import StandinControl
+
+FAST_SETTINGS: dict[str, Any] = {
+    "nvml": {"probe_interval_seconds": 0.2, "call_timeout_seconds": 1.0},
+    "detectors": {
+        "thermal_for_seconds": 0, "throttle_for_seconds": 0,
+        "ecc_correctable_storm_for_seconds": 0, "nvlink_errors_for_seconds": 0,
+        "pcie_width_for_seconds": 0,
+    },
+    "kubernetes": {"enabled": "false"},
+}
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+class AgentProcess:
+    def __init__(self, workdir: Path, gpus: int = 8, settings: dict[str, Any] | None = None,
+                 env: dict[str, str] | None = None) -> None:
+        self.workdir = workdir
+        self.gpus = gpus
+        self.settings = _merge(FAST_SETTINGS, settings or {})
+        self.env = env or {}
+        self.sim_dir = workdir / "sim"
+        self.log_path = workdir / "agent.log"
+        self.control = StandinControl(self.sim_dir)
+        self.control.reset(gpus)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.url = ""
+
+    def start(self, wait_ready: bool = True) -> AgentProcess:
+        config = self.workdir / "agent.yaml"
+        config.write_text(yaml.safe_dump(self.settings))
+        env = {**os.environ, **self.env}
+        with self.log_path.open("wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "supervisor", "agent", "--config", str(config),
+                 "--simulate-gpus", str(self.gpus), "--simulate-dir", str(self.sim_dir),
+                 "--listen", "127.0.0.1:0", "--node-name", "node-under-test"],
+                stdout=log, stderr=subprocess.STDOUT, env=env)
+        self.url = f"http://127.0.0.1:{self._port_from_log()}"
+        if wait_ready:
+            self.wait_for(lambda: self.get("/readyz")[0] == 200, what="/readyz 200")
+        return self
+
+    def _port_from_log(self, timeout: float = 60) -> int:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"agent exited with {self.proc.returncode}:\n{self.log()}")
+            for line in self.log().splitlines():
+                with contextlib.suppress(ValueError):
+                    entry = json.loads(line)
+                    if entry.get("event") == "http listening" and entry.get("address"):
+                        return int(entry["address"][1])
+            time.sleep(0.05)
+        raise TimeoutError(f"agent did not report its port:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def get(self, path: str, timeout: float = 5.0) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(self.url + path, timeout=timeout) as resp:
+                return resp.status, resp.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
+
+    def status(self) -> dict[str, Any]:
+        code, body = self.get("/status")
+        assert code == 200, body
+        result: dict[str, Any] = json.loads(body)
+        return result
+
+    def metrics(self) -> str:
+        code, body = self.get("/metrics")
+        assert code == 200
+        return body
+
+    def findings(self, fault_class: str, gpu: int | None = None) -> list[dict[str, Any]]:
+        return [f for f in self.status()["findings"]
+                if f["fault_class"] == fault_class
+                and (gpu is None or f["subject"].get("index") == gpu)]
+
+    def wait_for(self, predicate: Callable[[], Any], timeout: float = 20.0,
+                 what: str = "condition") -> Any:
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"agent exited with {self.proc.returncode}:\n{self.log()}")
+            with contextlib.suppress(urllib.error.URLError, ConnectionError):
+                result = predicate()
+                if result:
+                    return result
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"timed out waiting for {what}:\n{self.log()[-4000:]}")
+            time.sleep(0.05)
+
+    def wait_finding(self, fault_class: str, gpu: int, timeout: float = 20.0
+                     ) -> dict[str, Any]:
+        found: list[dict[str, Any]] = self.wait_for(
+            lambda: self.findings(fault_class, gpu), timeout, f"{fault_class} on GPU {gpu}")
+        return found[0]
+
+    def wait_clear(self, fault_class: str, gpu: int, timeout: float = 20.0) -> None:
+        self.wait_for(lambda: not self.findings(fault_class, gpu), timeout,
+                      f"{fault_class} on GPU {gpu} to clear")
+
+    def stop(self, timeout: float = 20.0) -> int:
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+@contextlib.contextmanager
+def running_agent(workdir: Path, **kwargs: Any) -> Iterator[AgentProcess]:
+    agent = AgentProcess(workdir, **kwargs)
+    try:
+        yield agent.start()
+    finally:
+        agent.stop()
+
+
+def metric_value(text: str, name: str, **labels: str) -> float | None:
+    """The value of the first sample of ``name`` whose labels include ``labels``."""
+    for line in text.splitlines():
+        if not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        head, _, value = line.rpartition(" ")
+        if all(f'{k}="{v}"' in head for k, v in labels.items()):
+            return float(value)
+    return None
