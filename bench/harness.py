@@ -1,4 +1,4 @@
-"""A real agent process on the NVML stand-in, for end-to-end tests and benchmarks.
+"""A real agent process on the NVML stand-in, shared by the end-to-end tests and the benchmarks.
 
 The agent runs as ``python -m supervisor agent --simulate-gpus N`` in its own process, on
 a free loopback port it reports in its log; faults are injected through the stand-in's

@@ -73,6 +73,7 @@ class Nvml:
 
     def __init__(self) -> None:
         self._handles: dict[int, Any] = {}
+        self._slow: dict[int, dict[str, Any]] = {}  # last detailed read per GPU
 
     def init(self) -> DriverInfo:
         try:
@@ -125,8 +126,15 @@ class Nvml:
         except pynvml.NVMLError:
             return None
 
-    def sample(self, index: int) -> GpuSample:
-        """Read every health field of GPU ``index``. Blocks; run it under a deadline."""
+    def sample(self, index: int, detail: bool = True) -> GpuSample:
+        """Read the health fields of GPU ``index``. Blocks; run it under a deadline.
+
+        With ``detail=False`` the slow-moving fields — NVLink error counters (4 calls per
+        link, 72 on an 18-link H100), retired pages, temperature thresholds, power limit
+        and the rated PCIe limits — are taken from the last detailed sample of this GPU.
+        They change over minutes, and reading them every second is most of the agent's
+        CPU; the caller decides how often a detailed sample is due.
+        """
         handle = self._handles[index]
         started = time.monotonic()
         errors: dict[str, str] = {}
@@ -142,18 +150,14 @@ class Nvml:
                     errors[name] = str(exc)
                 return None
 
+        slow = self._slow.get(index)
         try:
-            values: dict[str, Any] = {}
+            if detail or slow is None:
+                slow = self._read_slow(handle, read)
+                self._slow[index] = slow
+            values: dict[str, Any] = dict(slow)
             for key, err, cnt in _ECC_COUNTERS:
                 values[key] = read(key, functools.partial(_ecc_count, handle, err, cnt))
-            values["retired_pages_sbe"] = read("retired_pages_sbe", lambda: len(
-                pynvml.nvmlDeviceGetRetiredPages(
-                    handle, pynvml.NVML_PAGE_RETIREMENT_CAUSE_MULTIPLE_SINGLE_BIT_ECC_ERRORS)))
-            values["retired_pages_dbe"] = read("retired_pages_dbe", lambda: len(
-                pynvml.nvmlDeviceGetRetiredPages(
-                    handle, pynvml.NVML_PAGE_RETIREMENT_CAUSE_DOUBLE_BIT_ECC_ERROR)))
-            values["retired_pages_pending"] = read("retired_pages_pending", lambda: bool(
-                pynvml.nvmlDeviceGetRetiredPagesPendingStatus(handle)))
             remap = read("remapped_rows", lambda: pynvml.nvmlDeviceGetRemappedRows(handle))
             if remap is not None:
                 corr, unc, pending, failure = remap
@@ -161,38 +165,53 @@ class Nvml:
                               remap_pending=bool(pending), remap_failure=bool(failure))
             values["temperature_celsius"] = read("temperature", lambda: int(
                 pynvml.nvmlDeviceGetTemperature(handle, pynvml.NVML_TEMPERATURE_GPU)))
-            values["slowdown_celsius"] = read("slowdown_threshold", lambda: int(
-                pynvml.nvmlDeviceGetTemperatureThreshold(
-                    handle, pynvml.NVML_TEMPERATURE_THRESHOLD_SLOWDOWN)))
-            values["shutdown_celsius"] = read("shutdown_threshold", lambda: int(
-                pynvml.nvmlDeviceGetTemperatureThreshold(
-                    handle, pynvml.NVML_TEMPERATURE_THRESHOLD_SHUTDOWN)))
             values["clocks_event_reasons"] = read("clocks_event_reasons",
                                                   lambda: self._clock_reasons(handle))
             power = read("power", lambda: int(pynvml.nvmlDeviceGetPowerUsage(handle)))
             values["power_watts"] = None if power is None else power / 1000
-            limit = read("power_limit",
-                         lambda: int(pynvml.nvmlDeviceGetEnforcedPowerLimit(handle)))
-            values["power_limit_watts"] = None if limit is None else limit / 1000
             energy = read("energy",
                           lambda: int(pynvml.nvmlDeviceGetTotalEnergyConsumption(handle)))
             values["energy_joules"] = None if energy is None else energy / 1000
-            values["nvlink"] = read("nvlink", lambda: self._nvlink(handle))
+            values["nvlink"] = read("nvlink", lambda: self._nvlink_state(
+                handle, slow.get("nvlink")))
             values["pcie_generation"] = read("pcie_generation", lambda: int(
                 pynvml.nvmlDeviceGetCurrPcieLinkGeneration(handle)))
-            values["pcie_generation_max"] = read("pcie_generation_max", lambda: int(
-                pynvml.nvmlDeviceGetMaxPcieLinkGeneration(handle)))
             values["pcie_width"] = read("pcie_width", lambda: int(
                 pynvml.nvmlDeviceGetCurrPcieLinkWidth(handle)))
-            values["pcie_width_max"] = read("pcie_width_max", lambda: int(
-                pynvml.nvmlDeviceGetMaxPcieLinkWidth(handle)))
             values["pcie_replays"] = read("pcie_replays", lambda: int(
                 pynvml.nvmlDeviceGetPcieReplayCounter(handle)))
         except GpuLost:
+            self._slow.pop(index, None)
             return GpuSample(index=index, taken_at=started,
                              duration=time.monotonic() - started, lost=True)
         return GpuSample(index=index, taken_at=started, duration=time.monotonic() - started,
                          errors=errors, **values)
+
+    def _read_slow(self, handle: Any, read: Callable[[str, Callable[[], Any]], Any]
+                   ) -> dict[str, Any]:
+        slow: dict[str, Any] = {}
+        slow["retired_pages_sbe"] = read("retired_pages_sbe", lambda: len(
+            pynvml.nvmlDeviceGetRetiredPages(
+                handle, pynvml.NVML_PAGE_RETIREMENT_CAUSE_MULTIPLE_SINGLE_BIT_ECC_ERRORS)))
+        slow["retired_pages_dbe"] = read("retired_pages_dbe", lambda: len(
+            pynvml.nvmlDeviceGetRetiredPages(
+                handle, pynvml.NVML_PAGE_RETIREMENT_CAUSE_DOUBLE_BIT_ECC_ERROR)))
+        slow["retired_pages_pending"] = read("retired_pages_pending", lambda: bool(
+            pynvml.nvmlDeviceGetRetiredPagesPendingStatus(handle)))
+        slow["slowdown_celsius"] = read("slowdown_threshold", lambda: int(
+            pynvml.nvmlDeviceGetTemperatureThreshold(
+                handle, pynvml.NVML_TEMPERATURE_THRESHOLD_SLOWDOWN)))
+        slow["shutdown_celsius"] = read("shutdown_threshold", lambda: int(
+            pynvml.nvmlDeviceGetTemperatureThreshold(
+                handle, pynvml.NVML_TEMPERATURE_THRESHOLD_SHUTDOWN)))
+        limit = read("power_limit", lambda: int(pynvml.nvmlDeviceGetEnforcedPowerLimit(handle)))
+        slow["power_limit_watts"] = None if limit is None else limit / 1000
+        slow["nvlink"] = read("nvlink_counters", lambda: self._nvlink_counters(handle))
+        slow["pcie_generation_max"] = read("pcie_generation_max", lambda: int(
+            pynvml.nvmlDeviceGetMaxPcieLinkGeneration(handle)))
+        slow["pcie_width_max"] = read("pcie_width_max", lambda: int(
+            pynvml.nvmlDeviceGetMaxPcieLinkWidth(handle)))
+        return slow
 
     @staticmethod
     def _clock_reasons(handle: Any) -> int:
@@ -202,28 +221,43 @@ class Nvml:
             return int(pynvml.nvmlDeviceGetCurrentClocksThrottleReasons(handle))
 
     @staticmethod
-    def _nvlink(handle: Any) -> NvLinkSample | None:
-        links = active = 0
+    def _link_count_and_states(handle: Any) -> list[bool]:
+        states = []
+        for link in range(pynvml.NVML_NVLINK_MAX_LINKS):
+            try:
+                states.append(bool(pynvml.nvmlDeviceGetNvLinkState(handle, link)))
+            except (pynvml.NVMLError_InvalidArgument, pynvml.NVMLError_NotSupported):
+                break  # past the last link this GPU has
+        return states
+
+    def _nvlink_counters(self, handle: Any) -> NvLinkSample | None:
+        states = self._link_count_and_states(handle)
+        if not states:
+            return None
         totals = [0, 0, 0, 0]
         counters = (pynvml.NVML_NVLINK_ERROR_DL_REPLAY, pynvml.NVML_NVLINK_ERROR_DL_RECOVERY,
                     pynvml.NVML_NVLINK_ERROR_DL_CRC_FLIT, pynvml.NVML_NVLINK_ERROR_DL_CRC_DATA)
-        for link in range(pynvml.NVML_NVLINK_MAX_LINKS):
-            try:
-                state = pynvml.nvmlDeviceGetNvLinkState(handle, link)
-            except (pynvml.NVMLError_InvalidArgument, pynvml.NVMLError_NotSupported):
-                break  # past the last link this GPU has
-            links += 1
-            if state:
-                active += 1
+        for link in range(len(states)):
             for i, counter in enumerate(counters):
                 with contextlib.suppress(pynvml.NVMLError_NotSupported):
                     totals[i] += int(pynvml.nvmlDeviceGetNvLinkErrorCounter(handle, link,
                                                                             counter))
-        if links == 0:
-            return None
-        return NvLinkSample(links=links, active=active, replay_errors=totals[0],
+        return NvLinkSample(links=len(states), active=sum(states), replay_errors=totals[0],
                             recovery_errors=totals[1], crc_flit_errors=totals[2],
                             crc_data_errors=totals[3])
+
+    def _nvlink_state(self, handle: Any, last: NvLinkSample | None) -> NvLinkSample | None:
+        """Link states now, error counters from the last detailed read."""
+        if last is None:
+            return None
+        states = self._link_count_and_states(handle)
+        if not states:
+            return None
+        return NvLinkSample(links=len(states), active=sum(states),
+                            replay_errors=last.replay_errors,
+                            recovery_errors=last.recovery_errors,
+                            crc_flit_errors=last.crc_flit_errors,
+                            crc_data_errors=last.crc_data_errors)
 
     def open_xid_events(self, indices: list[int]) -> XidEventSet:
         """Register every GPU in ``indices`` for XID events. GPUs that refuse are skipped."""

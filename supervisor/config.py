@@ -51,6 +51,10 @@ class NvmlSettings:
         1.0, "how often every GPU is sampled; XIDs do not wait for it (event-driven)", "s", gt=0)
     call_timeout_seconds: float = setting(
         5.0, "deadline for one GPU's sample; a miss is a GPUUnresponsive finding", "s", gt=0)
+    detail_every: int = setting(
+        5, "read slow-moving fields (NVLink error counters, retired pages, thresholds, rated "
+        "PCIe limits) every Nth sample; NVLink counters alone are 72 calls per H100",
+        "samples", ge=1)
     event_wait_ms: int = setting(
         500, "how long one XID event wait blocks; bounds how fast the event thread stops",
         "ms", gt=0)

@@ -11,19 +11,22 @@ import asyncio
 import os
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import structlog
 
 from probes.nvml import Nvml
 from supervisor.config import Settings
 from supervisor.http import HttpServer, build_app
-from supervisor.kube import KubeClient, in_cluster
 from supervisor.metrics import AgentCollector, ProbeHistograms, new_registry
-from supervisor.node_status import NodeConditionPublisher
 from supervisor.reporting import Reporter
 from supervisor.roles.agent import Agent, token_path
 from supervisor.runtime.clock import SystemClock
 from supervisor.runtime.tasks import TaskGroup, stop_on_signals
+
+if TYPE_CHECKING:
+    from supervisor.kube import KubeClient
+    from supervisor.node_status import NodeConditionPublisher
 
 log = structlog.get_logger(__name__)
 
@@ -52,7 +55,9 @@ def prepare_simulation(gpus: int, state_dir: str | None) -> Path:
 def kube_enabled(settings: Settings) -> bool:
     mode = settings.kubernetes.enabled
     if mode == "auto":
-        return in_cluster() or bool(settings.kubernetes.kubeconfig)
+        # Same test as kubernetes' in-cluster config loader.
+        return bool(os.environ.get("KUBERNETES_SERVICE_HOST")) or bool(
+            settings.kubernetes.kubeconfig)
     return mode == "true"
 
 
@@ -95,6 +100,11 @@ async def run_agent(settings: Settings, *, simulate_dir: Path | None = None) -> 
         with stop_on_signals(group):
             await agent.start(group)
             if kube_enabled(settings):
+                # Imported only when used: kubernetes_asyncio loads every API model on
+                # import (~40 MiB), which an agent without a cluster should not carry.
+                from supervisor.kube import KubeClient
+                from supervisor.node_status import NodeConditionPublisher
+
                 kube = await KubeClient.connect(settings.kubernetes.kubeconfig,
                                                 settings.kubernetes.request_timeout_seconds)
                 publisher = NodeConditionPublisher(

@@ -13,7 +13,6 @@ conditions owned by the kubelet, NPD or anyone else are left alone.
 from __future__ import annotations
 
 import datetime as dt
-import os
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -30,10 +29,6 @@ T = TypeVar("T")
 
 _TEMPORARY_STATUSES = {409, 429, 500, 502, 503, 504}
 STRATEGIC_MERGE = "application/strategic-merge-patch+json"
-
-
-def in_cluster() -> bool:
-    return bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
 
 
 def _rfc3339(ts: float) -> str:

@@ -184,7 +184,8 @@ class Agent:
         while True:
             tick = self._epoch + k * interval
             gpu.last_tick = self.clock.monotonic()
-            verdicts = await self._sample_once(gpu, timeout)
+            detail = k % self.settings.nvml.detail_every == 0
+            verdicts = await self._sample_once(gpu, timeout, detail)
             self.book.apply(verdicts, self.clock.wall())
             round_seconds = self.rounds.done(k, tick, self.clock.monotonic())
             if round_seconds is not None and self.observer is not None:
@@ -194,11 +195,12 @@ class Agent:
             k = max(k + 1, int((now - self._epoch) // interval) + 1)
             await asyncio.sleep(max(0.0, self._epoch + k * interval - now))
 
-    async def _sample_once(self, gpu: GpuState, timeout: float) -> list[Verdict]:
+    async def _sample_once(self, gpu: GpuState, timeout: float,
+                           detail: bool) -> list[Verdict]:
         index = gpu.identity.index
         try:
             sample = await gpu.worker.call(f"NVML sample of GPU {index}",
-                                           lambda: self.nvml.sample(index), timeout)
+                                           lambda: self.nvml.sample(index, detail), timeout)
         except DeadlineExceeded:
             gpu.deadline_misses += 1
             if gpu.stuck_since is None:

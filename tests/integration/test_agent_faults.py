@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 import pytest
 
-from tests.agent_process import AgentProcess, metric_value
+from bench.harness import AgentProcess, metric_value
 
 
 @pytest.fixture(scope="module", name="agent")
