@@ -47,8 +47,9 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 class AgentProcess:
     def __init__(self, workdir: Path, gpus: int = 8, settings: dict[str, Any] | None = None,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, node_name: str = "node-under-test") -> None:
         self.workdir = workdir
+        self.node_name = node_name
         self.gpus = gpus
         self.settings = _merge(FAST_SETTINGS, settings or {})
         self.env = env or {}
@@ -67,7 +68,7 @@ class AgentProcess:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "supervisor", "agent", "--config", str(config),
                  "--simulate-gpus", str(self.gpus), "--simulate-dir", str(self.sim_dir),
-                 "--listen", "127.0.0.1:0", "--node-name", "node-under-test"],
+                 "--listen", "127.0.0.1:0", "--node-name", self.node_name],
                 stdout=log, stderr=subprocess.STDOUT, env=env)
         self.url = f"http://127.0.0.1:{self._port_from_log()}"
         if wait_ready:

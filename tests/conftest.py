@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import os
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pytest
+
+from tests.kubeenv.cluster import KubeTestCluster
 
 
 @pytest.fixture(autouse=True)
@@ -21,3 +25,20 @@ async def _no_asyncio_pending_tasks() -> AsyncIterator[None]:
         for task in remains:
             task.cancel()
         pytest.fail(f"Unattended asyncio tasks detected: {remains!r}")
+
+
+@pytest.fixture(scope="session")
+def kube_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KubeTestCluster]:
+    """A real etcd + kube-apiserver on loopback for the whole session (built once, cached).
+
+    ``scripts/test.sh`` prebuilds the binary and exports KUBE_TESTENV_BINARY; without it
+    the fixture builds on first use.
+    """
+    binary = os.environ.get("KUBE_TESTENV_BINARY")
+    cluster = KubeTestCluster.start(tmp_path_factory.mktemp("kube"),
+                                    Path(binary) if binary else None)
+    try:
+        asyncio.run(cluster.install_crds())
+        yield cluster
+    finally:
+        cluster.stop()

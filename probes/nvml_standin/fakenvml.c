@@ -114,7 +114,9 @@ typedef struct {
 #define PATH_LEN (PATH_MAX + 16)
 #define EVENT_BUF_CAP 65536
 #define HANG_SLICE_MS 20
-#define WAIT_SLICE_MS 50
+/* With inotify an append wakes the waiter at once; the slice only bounds how late a
+ * freed set or nvmlShutdown is noticed, so it can be long and cost nothing idle. */
+#define WAIT_SLICE_MS 500
 #define FALLBACK_SLEEP_MS 2
 
 /* ---- parsed state ---- */

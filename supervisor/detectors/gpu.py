@@ -43,14 +43,17 @@ class GpuDetectors:
         self._mask = 0
         for reason in settings.throttle_reasons:
             self._mask |= CLOCKS_EVENT_REASON_BITS[reason]
+        # Keys and "clear" verdicts are immutable: build them once, not on every sample.
+        self._keys = {fc: FindingKey(fc, self.subject.id) for fc in FaultClass}
+        self._clear = {fc: Verdict.clear(key) for fc, key in self._keys.items()}
         self._checks: list[Check] = [
             self._ecc_uncorrectable, self._ecc_storm, self._retired_pages, self._row_remap,
             self._thermal, self._throttle, self._nvlink_down, self._nvlink_errors,
             self._pcie_degraded, self._pcie_replays,
         ]
 
-    def key(self, fault_class: FaultClass, detail: str = "") -> FindingKey:
-        return FindingKey(fault_class, self.subject.id, detail)
+    def key(self, fault_class: FaultClass) -> FindingKey:
+        return self._keys[fault_class]
 
     def _verdict(self, fault_class: FaultClass, severity: Severity, reason: str, message: str,
                  **evidence: object) -> Verdict:
@@ -61,13 +64,13 @@ class GpuDetectors:
 
     def observe(self, sample: GpuSample) -> list[Verdict]:
         """Verdicts for one completed sample (the GPU answered, though maybe 'lost')."""
-        responsive = Verdict.clear(self.key(FaultClass.GPU_UNRESPONSIVE))
+        responsive = self._clear[FaultClass.GPU_UNRESPONSIVE]
         if sample.lost:
             lost = self._verdict(FaultClass.GPU_LOST, Severity.CRITICAL, "GPUFellOffBus",
                                  "NVML reports the GPU is lost (fallen off the bus)",
                                  nvml_error="NVML_ERROR_GPU_IS_LOST")
             return [responsive, lost]
-        verdicts = [responsive, Verdict.clear(self.key(FaultClass.GPU_LOST))]
+        verdicts = [responsive, self._clear[FaultClass.GPU_LOST]]
         verdicts.extend(check(sample) for check in self._checks)
         return verdicts
 
@@ -83,22 +86,21 @@ class GpuDetectors:
     def _ecc_uncorrectable(self, s: GpuSample) -> Verdict:
         count = s.ecc_uncorrected_volatile
         if count is None or count <= self.settings.ecc_uncorrectable_max:
-            return Verdict.clear(self.key(FaultClass.ECC_UNCORRECTABLE))
+            return self._clear[FaultClass.ECC_UNCORRECTABLE]
         return self._verdict(FaultClass.ECC_UNCORRECTABLE, Severity.CRITICAL,
                              "UncorrectableECCError",
                              f"{count} uncorrectable ECC errors since driver load",
                              volatile=count, aggregate=s.ecc_uncorrected_aggregate)
 
     def _ecc_storm(self, s: GpuSample) -> Verdict:
-        key = self.key(FaultClass.ECC_CORRECTABLE_STORM)
         if s.ecc_corrected_volatile is None:
-            return Verdict.clear(key)
+            return self._clear[FaultClass.ECC_CORRECTABLE_STORM]
         rate = self._ecc_rate.update(s.ecc_corrected_volatile, s.taken_at)
         per_minute = None if rate is None else rate * 60
         storming = per_minute is not None and \
             per_minute >= self.settings.ecc_correctable_storm_per_minute
         if not self._storm.update(storming, s.taken_at):
-            return Verdict.clear(key)
+            return self._clear[FaultClass.ECC_CORRECTABLE_STORM]
         return self._verdict(FaultClass.ECC_CORRECTABLE_STORM, Severity.WARNING,
                              "CorrectableECCStorm",
                              f"{per_minute:.0f} correctable ECC errors per minute",
@@ -106,7 +108,6 @@ class GpuDetectors:
                              volatile=s.ecc_corrected_volatile)
 
     def _retired_pages(self, s: GpuSample) -> Verdict:
-        key = self.key(FaultClass.RETIRED_PAGES)
         total = (s.retired_pages_sbe or 0) + (s.retired_pages_dbe or 0)
         evidence = {"sbe": s.retired_pages_sbe, "dbe": s.retired_pages_dbe,
                     "pending": s.retired_pages_pending}
@@ -118,7 +119,7 @@ class GpuDetectors:
                                  "RetiredPagePending",
                                  "a page retirement is pending until the GPU is reset",
                                  **evidence)
-        return Verdict.clear(key)
+        return self._clear[FaultClass.RETIRED_PAGES]
 
     def _row_remap(self, s: GpuSample) -> Verdict:
         evidence = {"correctable": s.remap_correctable, "uncorrectable": s.remap_uncorrectable,
@@ -133,19 +134,18 @@ class GpuDetectors:
         if s.remap_pending:
             return self._verdict(FaultClass.ROW_REMAP, Severity.WARNING, "RowRemapPending",
                                  "a row remap is pending until the GPU is reset", **evidence)
-        return Verdict.clear(self.key(FaultClass.ROW_REMAP))
+        return self._clear[FaultClass.ROW_REMAP]
 
     # --- heat and clocks ------------------------------------------------------------------
 
     def _thermal(self, s: GpuSample) -> Verdict:
-        key = self.key(FaultClass.THERMAL)
         if s.temperature_celsius is None or s.slowdown_celsius is None:
-            return Verdict.clear(key)
+            return self._clear[FaultClass.THERMAL]
         raise_at = s.slowdown_celsius - self.settings.thermal_margin_celsius
         clear_below = raise_at - self.settings.thermal_hysteresis_celsius
         hot = self._thermal_level.update(s.temperature_celsius, raise_at, clear_below)
         if not self._thermal_for.update(hot, s.taken_at):
-            return Verdict.clear(key)
+            return self._clear[FaultClass.THERMAL]
         return self._verdict(FaultClass.THERMAL, Severity.WARNING, "GPUTemperatureHigh",
                              f"{s.temperature_celsius}°C, slowdown at {s.slowdown_celsius}°C",
                              temperature_celsius=s.temperature_celsius,
@@ -153,10 +153,9 @@ class GpuDetectors:
                              shutdown_celsius=s.shutdown_celsius)
 
     def _throttle(self, s: GpuSample) -> Verdict:
-        key = self.key(FaultClass.CLOCK_THROTTLE)
         reasons = (s.clocks_event_reasons or 0) & self._mask
         if not self._throttle_for.update(reasons != 0, s.taken_at):
-            return Verdict.clear(key)
+            return self._clear[FaultClass.CLOCK_THROTTLE]
         names = [n for n, bit in CLOCKS_EVENT_REASON_BITS.items() if reasons & bit]
         return self._verdict(FaultClass.CLOCK_THROTTLE, Severity.WARNING, "ClocksThrottled",
                              f"clocks slowed by {', '.join(names)}", reasons=names,
@@ -167,19 +166,18 @@ class GpuDetectors:
     def _nvlink_down(self, s: GpuSample) -> Verdict:
         link = s.nvlink
         if link is None or link.active >= link.links:
-            return Verdict.clear(self.key(FaultClass.NVLINK_DOWN))
+            return self._clear[FaultClass.NVLINK_DOWN]
         return self._verdict(FaultClass.NVLINK_DOWN, Severity.CRITICAL, "NVLinkDown",
                              f"{link.links - link.active} of {link.links} NVLinks down",
                              links=link.links, active=link.active)
 
     def _nvlink_errors(self, s: GpuSample) -> Verdict:
-        key = self.key(FaultClass.NVLINK_ERRORS)
         if s.nvlink is None:
-            return Verdict.clear(key)
+            return self._clear[FaultClass.NVLINK_ERRORS]
         rate = self._nvlink_rate.update(s.nvlink.errors, s.taken_at)
         storming = rate is not None and rate >= self.settings.nvlink_errors_per_second
         if not self._nvlink_for.update(storming, s.taken_at):
-            return Verdict.clear(key)
+            return self._clear[FaultClass.NVLINK_ERRORS]
         link = s.nvlink
         return self._verdict(FaultClass.NVLINK_ERRORS, Severity.WARNING, "NVLinkErrorStorm",
                              f"{rate:.0f} NVLink errors per second",
@@ -206,15 +204,14 @@ class GpuDetectors:
                                  "PCIeLinkGenerationDegraded",
                                  f"PCIe gen {s.pcie_generation} of {s.pcie_generation_max}",
                                  **evidence)
-        return Verdict.clear(self.key(FaultClass.PCIE_DEGRADED))
+        return self._clear[FaultClass.PCIE_DEGRADED]
 
     def _pcie_replays(self, s: GpuSample) -> Verdict:
-        key = self.key(FaultClass.PCIE_REPLAYS)
         if s.pcie_replays is None:
-            return Verdict.clear(key)
+            return self._clear[FaultClass.PCIE_REPLAYS]
         rate = self._replay_rate.update(s.pcie_replays, s.taken_at)
         if rate is None or rate * 60 < self.settings.pcie_replays_per_minute:
-            return Verdict.clear(key)
+            return self._clear[FaultClass.PCIE_REPLAYS]
         return self._verdict(FaultClass.PCIE_REPLAYS, Severity.WARNING, "PCIeReplayStorm",
                              f"{rate * 60:.0f} PCIe replays per minute",
                              per_minute=round(rate * 60, 1), counter=s.pcie_replays)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -85,3 +86,7 @@ def test_metrics_pass_promtool(tmp_path: Path) -> None:
                            text=True, timeout=60, check=False)
     assert check.returncode == 0, check.stdout + check.stderr
     assert check.stdout.strip() == "" and check.stderr.strip() == ""
+    # Every series the alert rules use exists in a real scrape (no silently dead alerts).
+    rules = (Path(__file__).parents[2] / "deploy/prometheus/gpu-supervisor.rules.yaml")
+    used = set(re.findall(r"gpusupervisor_[a-z_]+", rules.read_text()))
+    assert used and all(f"\n{name}{{" in text for name in used), used

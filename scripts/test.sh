@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Install everything the test suite needs on a fresh Debian machine, then run it all:
+# static checks (ruff, mypy --strict, import contracts, hadolint) and pytest, which starts
+# real agents on the NVML stand-in and a real kube-apiserver + etcd.
+#
+# Safe to rerun: apt packages, the venv, the stand-in and the apiserver build are reused.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+log() { printf '\n== %s\n' "$*" >&2; }
+
+# --- system tools --------------------------------------------------------------------
+missing=()
+command -v promtool >/dev/null 2>&1 || missing+=(prometheus)   # promtool check metrics/rules
+command -v ip >/dev/null 2>&1 || missing+=(iproute2)            # network namespaces
+command -v iptables >/dev/null 2>&1 || missing+=(iptables)      # cutting links in tests
+command -v cc >/dev/null 2>&1 || missing+=(gcc)                 # the NVML stand-in
+if ((${#missing[@]})); then
+    log "apt-get install ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+command -v go >/dev/null 2>&1 || { echo "Go is required to build kube-apiserver" >&2; exit 1; }
+
+# --- Python ----------------------------------------------------------------------------
+if [[ ! -x .venv/bin/python ]]; then
+    log "creating .venv"
+    python3 -m venv .venv
+fi
+log "pip install -e .[test]"
+.venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
+export PATH="$PWD/.venv/bin:$PATH"
+
+# --- builds (cached under ~/.cache/gpu-supervisor) ----------------------------------------
+log "building the NVML stand-in"
+python -m probes.nvml_standin build
+log "building kube-apiserver + etcd (first build takes minutes, then cached)"
+KUBE_TESTENV_BINARY="$(bash tests/kubeenv/build.sh | tail -n 1)"
+export KUBE_TESTENV_BINARY
+
+# --- static checks ---------------------------------------------------------------------
+log "ruff"
+ruff check .
+log "mypy --strict"
+mypy
+log "hadolint"
+hadolint Dockerfile
+
+# --- tests -----------------------------------------------------------------------------
+log "pytest"
+python -m pytest -q "$@"

@@ -1,0 +1,213 @@
+"""The agent's Kubernetes outputs against a real kube-apiserver, as its own ServiceAccount.
+
+NodeConditions must merge by type (never touching the kubelet's or NPD's), be published
+healthy at start, flip with findings, come with NPD-style Events, survive clobbering, and
+the agent's RBAC from deploy/ must allow exactly that and nothing more.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kubernetes_asyncio import client
+from kubernetes_asyncio.client.exceptions import ApiException
+
+from bench.harness import AgentProcess
+from supervisor.conditions import CONDITION_TYPES, OUR_TYPES
+from supervisor.findings import FaultClass, FindingBook, FindingKey, Severity, Subject, Verdict
+from supervisor.kube import KubeClient
+from supervisor.node_status import NodeConditionPublisher
+from supervisor.runtime.clock import SystemClock
+from tests.kubeenv import manifests
+from tests.kubeenv.cluster import KubeTestCluster
+
+pytestmark = pytest.mark.kube
+
+FOREIGN = [
+    {"type": "Ready", "status": "True", "reason": "KubeletReady", "message": "kubelet is ready"},
+    {"type": "KernelDeadlock", "status": "False", "reason": "KernelHasNoDeadlock",
+     "message": "kernel has no deadlock"},
+]
+
+
+async def make_node(api: client.ApiClient) -> str:
+    name = f"gpu-node-{uuid.uuid4().hex[:6]}"
+    core = client.CoreV1Api(api)
+    await core.create_node(client.V1Node(metadata=client.V1ObjectMeta(name=name)))
+    await core.patch_node_status(name, {"status": {"conditions": FOREIGN}})
+    return name
+
+
+@pytest.fixture(name="admin")
+async def _admin(kube_cluster: KubeTestCluster) -> AsyncIterator[client.ApiClient]:
+    async with await kube_cluster.api_client() as api:
+        await manifests.apply(api, "namespace.yaml", "agent-rbac.yaml")
+        yield api
+
+
+@pytest.fixture(name="agent_kubeconfig")
+async def _agent_kubeconfig(kube_cluster: KubeTestCluster, admin: client.ApiClient,
+                            tmp_path: Path) -> Path:
+    token = await kube_cluster.service_account_token("gpu-supervisor", "gpu-supervisor-agent")
+    return kube_cluster.write_kubeconfig(tmp_path / "agent.kubeconfig", token)
+
+
+async def conditions(admin: client.ApiClient, node: str) -> dict[str, dict[str, Any]]:
+    raw = await client.CoreV1Api(admin).read_node(node)
+    return {c.type: admin.sanitize_for_serialization(c) for c in raw.status.conditions or []}
+
+
+async def node_events(admin: client.ApiClient, node: str) -> list[Any]:
+    events = await client.CoreV1Api(admin).list_namespaced_event(
+        "default", field_selector=f"involvedObject.name={node}")
+    return list(events.items)
+
+
+def xid_verdict(active: bool) -> Verdict:
+    key = FindingKey(FaultClass.XID, "GPU-1", "79")
+    if not active:
+        return Verdict.clear(key)
+    return Verdict(key=key, active=True, subject=Subject("gpu", "GPU-1", "n", 1),
+                   severity=Severity.CRITICAL, reason="XidCriticalDetected",
+                   message="GPU 1 (GPU-1): XID 79, GPU has fallen off the bus")
+
+
+async def test_conditions_published_healthy_at_start_and_others_untouched(
+        admin: client.ApiClient, agent_kubeconfig: Path) -> None:
+    """First publish writes all our types False with healthy reasons; Ready and NPD's
+    KernelDeadlock stay exactly as they were."""
+    node = await make_node(admin)
+    kube = await KubeClient.connect(str(agent_kubeconfig))
+    try:
+        book = FindingBook()
+        pub = NodeConditionPublisher(kube, node, book.active, SystemClock(), resync=60)
+        await pub.publish(full=True)
+    finally:
+        await kube.close()
+    conds = await conditions(admin, node)
+    for ctype in CONDITION_TYPES:
+        assert conds[ctype.type]["status"] == "False"
+        assert conds[ctype.type]["reason"] == ctype.healthy_reason
+    for foreign in FOREIGN:
+        got = conds[foreign["type"]]
+        assert {k: got[k] for k in foreign} == foreign
+    assert set(conds) == OUR_TYPES | {"Ready", "KernelDeadlock"}
+    assert await node_events(admin, node) == []  # nothing flipped, nothing to tell
+
+
+async def test_finding_flips_condition_with_event_and_back(
+        admin: client.ApiClient, agent_kubeconfig: Path) -> None:
+    """A critical XID sets GPUXidError True with a Warning Event; clearing sets it False
+    with a Normal Event; lastTransitionTime moves only on flips."""
+    node = await make_node(admin)
+    kube = await KubeClient.connect(str(agent_kubeconfig))
+    try:
+        book = FindingBook()
+        pub = NodeConditionPublisher(kube, node, book.active, SystemClock(), resync=60)
+        await pub.publish(full=True)
+        healthy_since = (await conditions(admin, node))["GPUXidError"]["lastTransitionTime"]
+        await asyncio.sleep(1.1)  # RFC 3339 timestamps have second resolution
+        book.apply([xid_verdict(True)], time.time())
+        await pub.publish(full=False)
+        cond = (await conditions(admin, node))["GPUXidError"]
+        assert (cond["status"], cond["reason"]) == ("True", "XidCriticalDetected")
+        assert cond["message"].startswith("GPU 1: ")
+        assert cond["lastTransitionTime"] != healthy_since
+        assert (await conditions(admin, node))["GPUMemoryError"]["status"] == "False"
+        (event,) = await node_events(admin, node)
+        assert (event.type, event.reason) == ("Warning", "XidCriticalDetected")
+        assert event.involved_object.kind == "Node"
+        assert event.source.component == "gpu-supervisor-agent"
+        assert event.message.startswith("Node condition GPUXidError is now: True")
+        book.apply([xid_verdict(False)], time.time())
+        await pub.publish(full=False)
+        cond = (await conditions(admin, node))["GPUXidError"]
+        assert (cond["status"], cond["reason"]) == ("False", "GPUHasNoXidError")
+        types = sorted((e.type, e.reason) for e in await node_events(admin, node))
+        assert types == [("Normal", "GPUHasNoXidError"), ("Warning", "XidCriticalDetected")]
+    finally:
+        await kube.close()
+
+
+async def test_resync_repairs_clobbered_condition(admin: client.ApiClient,
+                                                  agent_kubeconfig: Path) -> None:
+    """If someone overwrites our condition, the next full resync puts ours back."""
+    node = await make_node(admin)
+    kube = await KubeClient.connect(str(agent_kubeconfig))
+    try:
+        pub = NodeConditionPublisher(kube, node, FindingBook().active, SystemClock(), 60)
+        await pub.publish(full=True)
+        await client.CoreV1Api(admin).patch_node_status(node, {"status": {"conditions": [
+            {"type": "GPULost", "status": "True", "reason": "Vandalism", "message": "x"}]}})
+        await pub.publish(full=True)
+    finally:
+        await kube.close()
+    cond = (await conditions(admin, node))["GPULost"]
+    assert (cond["status"], cond["reason"]) == ("False", "AllGPUsPresent")
+
+
+async def test_agent_rbac_allows_its_calls_and_forbids_the_rest(
+        kube_cluster: KubeTestCluster, admin: client.ApiClient) -> None:
+    """As gpu-supervisor-agent: get node, patch node status and create events succeed;
+    deleting pods, listing pods, cordoning or deleting nodes are forbidden."""
+    node = await make_node(admin)
+    core_admin = client.CoreV1Api(admin)
+    await kube_cluster.ensure_namespace("serving")
+    await core_admin.create_namespaced_pod("serving", client.V1Pod(
+        metadata=client.V1ObjectMeta(name="victim"),
+        spec=client.V1PodSpec(containers=[client.V1Container(name="c", image="x")],
+                              automount_service_account_token=False)))
+    async with await kube_cluster.service_account_client(
+            "gpu-supervisor", "gpu-supervisor-agent") as api:
+        core = client.CoreV1Api(api)
+        await core.read_node(node)
+        await core.patch_node_status(node, {"status": {"conditions": [
+            {"type": "GPULost", "status": "False", "reason": "AllGPUsPresent", "message": ""}]}})
+        await core.create_namespaced_event("default", {
+            "metadata": {"generateName": "x."}, "involvedObject": {"kind": "Node", "name": node},
+            "reason": "Test", "message": "m", "type": "Normal"})
+        forbidden = [
+            core.delete_namespaced_pod("victim", "serving"),
+            core.list_namespaced_pod("serving"),
+            core.patch_node(node, {"spec": {"unschedulable": True}}),
+            core.delete_node(node),
+            core.list_node(),
+            core.list_secret_for_all_namespaces(),
+        ]
+        for call in forbidden:
+            with pytest.raises(ApiException) as info:
+                await call
+            assert info.value.status == 403
+    pod = await core_admin.read_namespaced_pod("victim", "serving")
+    assert pod.metadata.deletion_timestamp is None
+
+
+async def test_agent_process_publishes_xid_condition_to_apiserver(
+        admin: client.ApiClient, agent_kubeconfig: Path, tmp_path: Path) -> None:
+    """End to end: XID 79 injected into the stand-in → GPUXidError True on the real Node,
+    written by the agent process with its own ServiceAccount token."""
+    node = await make_node(admin)
+    agent = AgentProcess(tmp_path, gpus=4, node_name=node, settings={"kubernetes": {
+        "enabled": "true", "kubeconfig": str(agent_kubeconfig),
+        "condition_resync_seconds": 30.0}})
+    await asyncio.to_thread(agent.start)
+    try:
+        assert agent.status()["kubernetes"]["writes"] >= 1
+        assert (await conditions(admin, node))["GPUXidError"]["status"] == "False"
+        agent.control.inject_xid(2, 79)
+        deadline = time.monotonic() + 15
+        while (cond := (await conditions(admin, node))["GPUXidError"])["status"] != "True":
+            assert time.monotonic() < deadline, agent.log()[-3000:]
+            await asyncio.sleep(0.1)
+        assert cond["reason"] == "XidCriticalDetected"
+        assert cond["message"].startswith("GPU 2: ")
+        events = [(e.type, e.reason) for e in await node_events(admin, node)]
+        assert ("Warning", "XidCriticalDetected") in events
+    finally:
+        assert await asyncio.to_thread(agent.stop) == 0
