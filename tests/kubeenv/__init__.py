@@ -1,0 +1,1 @@
+"""Real etcd + kube-apiserver for the test suite (see cluster.py)."""
