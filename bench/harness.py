@@ -70,23 +70,11 @@ class AgentProcess:
                  "--simulate-gpus", str(self.gpus), "--simulate-dir", str(self.sim_dir),
                  "--listen", "127.0.0.1:0", "--node-name", self.node_name],
                 stdout=log, stderr=subprocess.STDOUT, env=env)
-        self.url = f"http://127.0.0.1:{self._port_from_log()}"
+        assert self.proc is not None
+        self.url = f"http://127.0.0.1:{_port_from_log(self.proc, self.log_path)}"
         if wait_ready:
             self.wait_for(lambda: self.get("/readyz")[0] == 200, what="/readyz 200")
         return self
-
-    def _port_from_log(self, timeout: float = 60) -> int:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc is not None and self.proc.poll() is not None:
-                raise RuntimeError(f"agent exited with {self.proc.returncode}:\n{self.log()}")
-            for line in self.log().splitlines():
-                with contextlib.suppress(ValueError):
-                    entry = json.loads(line)
-                    if entry.get("event") == "http listening" and entry.get("address"):
-                        return int(entry["address"][1])
-            time.sleep(0.05)
-        raise TimeoutError(f"agent did not report its port:\n{self.log()}")
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -169,3 +157,119 @@ def metric_value(text: str, name: str, **labels: str) -> float | None:
         if all(f'{k}="{v}"' in head for k, v in labels.items()):
             return float(value)
     return None
+
+
+class ControllerProcess:
+    """A real controller process against a cluster given by a kubeconfig."""
+
+    def __init__(self, workdir: Path, kubeconfig: Path, identity: str,
+                 settings: dict[str, Any] | None = None, policy: str | None = None,
+                 topology: dict[str, Any] | None = None) -> None:
+        self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.identity = identity
+        self.log_path = workdir / f"controller-{identity}.log"
+        base: dict[str, Any] = {
+            "kubernetes": {"kubeconfig": str(kubeconfig), "request_timeout_seconds": 5.0},
+            "controller": {"lease_duration_seconds": 3.0, "renew_deadline_seconds": 2.0,
+                           "retry_period_seconds": 0.5, "evaluation_interval_seconds": 0.5,
+                           "policy_reload_seconds": 0.5},
+            "shutdown_grace_seconds": 3.0,
+        }
+        if policy is not None:
+            path = workdir / f"policy-{identity}.yaml"
+            path.write_text(policy)
+            base["controller"]["policy_file"] = str(path)
+        if topology is not None:
+            path = workdir / f"topology-{identity}.yaml"
+            path.write_text(yaml.safe_dump(topology))
+            base["controller"]["topology_file"] = str(path)
+        self.settings = _merge(base, settings or {})
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.url = ""
+
+    def start(self) -> ControllerProcess:
+        config = self.workdir / f"controller-{self.identity}.yaml"
+        config.write_text(yaml.safe_dump(self.settings))
+        with self.log_path.open("wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "supervisor", "controller", "--config", str(config),
+                 "--identity", self.identity, "--listen", "127.0.0.1:0"],
+                stdout=log, stderr=subprocess.STDOUT)
+        self.url = f"http://127.0.0.1:{_port_from_log(self.proc, self.log_path)}"
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def status(self) -> dict[str, Any]:
+        with urllib.request.urlopen(self.url + "/status", timeout=5) as resp:
+            result: dict[str, Any] = json.loads(resp.read())
+            return result
+
+    def post_report(self, token: str, body: Any, *, raw: bytes | None = None,
+                    content_type: str = "application/json") -> tuple[int, str]:
+        data = raw if raw is not None else json.dumps(body).encode()
+        headers = {"Content-Type": content_type}
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        req = urllib.request.Request(self.url + "/v1/reports/node", data=data, headers=headers,
+                                     method="POST")
+        try:
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                return resp.status, resp.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def stop(self, timeout: float = 20.0) -> int:
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+def _port_from_log(proc: subprocess.Popen[bytes], log_path: Path, timeout: float = 60) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode}:\n"
+                               f"{log_path.read_text(errors='replace')}")
+        if log_path.exists():
+            for line in log_path.read_text(errors="replace").splitlines():
+                with contextlib.suppress(ValueError):
+                    entry = json.loads(line)
+                    if entry.get("event") == "http listening" and entry.get("address"):
+                        return int(entry["address"][1])
+        time.sleep(0.05)
+    raise TimeoutError(f"no port reported:\n{log_path.read_text(errors='replace')}")
+
+
+def node_report(node: str, findings: list[dict[str, Any]], sequence: int = 1,
+                gpus: int = 8) -> dict[str, Any]:
+    """A NodeReport as the agent sends it (see Agent.report)."""
+    now = time.time()
+    return {"apiVersion": "gpu-supervisor/v1", "kind": "NodeReport", "node": node,
+            "agent_version": "bench", "sequence": sequence, "sent_at": now,
+            "gpus": [{"index": i, "uuid": f"GPU-{node}-{i}", "pci_bus_id": f"0:{i}",
+                      "name": "H100", "lost": False} for i in range(gpus)],
+            "findings": findings, "conditions": {}}
+
+
+def gpu_finding(node: str, gpu: int, fault_class: str = "gpu_lost",
+                severity: str = "critical", age: float = 0.0) -> dict[str, Any]:
+    now = time.time()
+    return {"fault_class": fault_class, "detail": "", "severity": severity,
+            "subject": {"kind": "gpu", "id": f"GPU-{node}-{gpu}", "node": node, "index": gpu},
+            "reason": "GPUFellOffBus", "message": f"GPU {gpu} lost", "evidence": {},
+            "action": "", "first_seen": now - age, "last_seen": now, "count": 1}

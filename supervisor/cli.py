@@ -14,7 +14,7 @@ from pathlib import Path
 import structlog
 
 from supervisor import __version__
-from supervisor.config import load, reference
+from supervisor.config import Settings, load, reference
 from supervisor.errors import ConfigError, SupervisorError
 from supervisor.runtime import logging as logsetup
 
@@ -36,8 +36,32 @@ def _parser() -> argparse.ArgumentParser:
                        help="stand-in state directory (default: a new temporary directory)")
     agent.add_argument("--log-format", choices=("json", "console"), default="json")
 
+    controller = sub.add_parser("controller", help="cluster controller (Deployment, 2+ replicas)")
+    controller.add_argument("--config", type=Path, help="YAML settings file")
+    controller.add_argument("--listen", help="override http.listen (host:port, port 0 = any)")
+    controller.add_argument("--kubeconfig", help="override kubernetes.kubeconfig")
+    controller.add_argument("--identity", help="override controller.identity")
+    controller.add_argument("--policy", help="override controller.policy_file")
+    controller.add_argument("--log-format", choices=("json", "console"), default="json")
+
     sub.add_parser("config-reference", help="print every setting with default, unit and doc")
     return parser
+
+
+def _check_controller(settings: Settings) -> None:
+    """Policy and topology files are part of the configuration: validate them up front."""
+    from policies.schema import PolicyError, load_policy_file
+    from supervisor.controller.topology import load_topology
+
+    path = settings.controller.policy_file
+    if path:
+        try:
+            load_policy_file(Path(path))
+        except PolicyError as exc:
+            raise ConfigError(f"controller.policy_file ({path}) {exc.field}", exc.rule) from exc
+        except OSError as exc:
+            raise ConfigError("controller.policy_file", f"cannot read {path}: {exc}") from exc
+    load_topology(settings.controller.topology_file)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,11 +75,16 @@ def main(argv: list[str] | None = None) -> int:
     overrides = dict(os.environ)
     if args.listen:
         overrides["GPUSUP_HTTP__LISTEN"] = args.listen
-    if args.node_name:
-        overrides["NODE_NAME"] = args.node_name
+    for flag, env in (("node_name", "NODE_NAME"), ("kubeconfig", "GPUSUP_KUBERNETES__KUBECONFIG"),
+                      ("identity", "GPUSUP_CONTROLLER__IDENTITY"),
+                      ("policy", "GPUSUP_CONTROLLER__POLICY_FILE")):
+        if getattr(args, flag, None):
+            overrides[env] = getattr(args, flag)
     try:
         settings = load(args.config, overrides)
-        if args.simulate_gpus is not None and not 0 <= args.simulate_gpus <= 64:
+        if args.command == "controller":
+            _check_controller(settings)
+        elif args.simulate_gpus is not None and not 0 <= args.simulate_gpus <= 64:
             raise ConfigError("--simulate-gpus", "must be between 0 and 64")
     except ConfigError as exc:
         print(f"gpu-supervisor: invalid configuration: {exc}", file=sys.stderr)
@@ -63,9 +92,11 @@ def main(argv: list[str] | None = None) -> int:
     logsetup.configure(settings.log_level, json=args.log_format == "json")
     log = structlog.get_logger("supervisor.cli")
 
-    from supervisor.daemon import run  # imports NVML and Kubernetes clients; after validation
+    from supervisor.daemon import run, run_role  # heavy imports only after validation
 
     try:
+        if args.command == "controller":
+            return run_role("controller", settings)
         return run(settings, simulate_gpus=args.simulate_gpus, simulate_dir=args.simulate_dir)
     except SupervisorError as exc:
         log.error("fatal", error=str(exc), error_type=type(exc).__name__)

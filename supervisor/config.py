@@ -134,6 +134,49 @@ class ReportingSettings:
 
 
 @dataclass
+class ControllerSettings:
+    namespace: str = setting("gpu-supervisor", "namespace of the Lease and the state ConfigMap "
+                             "(env POD_NAMESPACE)")
+    identity: str = setting("", "this replica's name in the Lease; defaults to POD_NAME or the "
+                            "hostname")
+    lease_name: str = setting("gpu-supervisor-controller", "the Lease the replicas compete for")
+    lease_duration_seconds: float = setting(
+        15.0, "a standby takes over after the Lease went unrenewed this long", "s", gt=0)
+    renew_deadline_seconds: float = setting(
+        10.0, "the leader stops acting when it could not renew for this long", "s", gt=0)
+    retry_period_seconds: float = setting(2.0, "how often the Lease is renewed or tried", "s",
+                                          gt=0)
+    state_configmap: str = setting("gpu-supervisor-state",
+                                   "ConfigMap holding incidents and action intents")
+    policy_file: str = setting("", "policy YAML; empty = the shipped policies/default.yaml",
+                               "path")
+    policy_reload_seconds: float = setting(
+        10.0, "check the policy file for changes this often; a bad file keeps the last good "
+        "policy", "s", gt=0)
+    topology_file: str = setting(
+        "", "generic group kinds and degrade targets (YAML); empty = LWS groups only", "path")
+    allowed_reporters: list[str] = setting(
+        ["system:serviceaccount:gpu-supervisor:gpu-supervisor-agent"],
+        "identities (from TokenReview) allowed to POST reports")
+    token_audiences: list[str] = setting([], "audiences asked of TokenReview; empty = the "
+                                         "API server's")
+    token_cache_seconds: float = setting(
+        60.0, "how long a TokenReview answer is reused", "s", gt=0)
+    report_max_bytes: int = setting(1048576, "largest report body accepted", "bytes", gt=0)
+    silence_seconds: float = setting(
+        35.0, "an agent is silent after this long without a report (3 heartbeats + slack)",
+        "s", gt=0)
+    quorum_silent_fraction: float = setting(
+        0.5, "if more than this fraction of reporting nodes go silent at once, suspect "
+        "ourselves (partitioned) and do not act", "", gt=0)
+    quorum_min_nodes: int = setting(
+        3, "the silent-fraction guard applies from this many reporting nodes", "nodes", ge=1)
+    evaluation_interval_seconds: float = setting(
+        1.0, "re-evaluate policy at least this often (for: and after: timers)", "s", gt=0)
+    max_concurrent_actions: int = setting(32, "actions carried out at once", "", ge=1)
+
+
+@dataclass
 class Settings:
     node_name: str = setting("", "this node's name (env NODE_NAME); defaults to the hostname")
     log_level: str = setting("info", "log level", "", choices=("debug", "info", "warning",
@@ -145,6 +188,7 @@ class Settings:
     detectors: DetectorSettings = field(default_factory=DetectorSettings)
     kubernetes: KubernetesSettings = field(default_factory=KubernetesSettings)
     reporting: ReportingSettings = field(default_factory=ReportingSettings)
+    controller: ControllerSettings = field(default_factory=ControllerSettings)
 
     def validate(self) -> None:
         """Cross-field rules; single-field bounds are checked while loading."""
@@ -160,6 +204,11 @@ class Settings:
         url = self.reporting.controller_url
         if url and not url.startswith(("http://", "https://")):
             raise ConfigError("reporting.controller_url", f"must be an http(s) URL, got {url!r}")
+        c = self.controller
+        if not c.lease_duration_seconds > c.renew_deadline_seconds > c.retry_period_seconds:
+            raise ConfigError("controller.renew_deadline_seconds",
+                              "need lease_duration_seconds > renew_deadline_seconds > "
+                              "retry_period_seconds")
         if self.reporting.timeout_seconds > self.reporting.heartbeat_seconds:
             raise ConfigError("reporting.timeout_seconds",
                               "must not exceed reporting.heartbeat_seconds")
@@ -281,6 +330,10 @@ def _check_bounds(path: str, value: Any, meta: Mapping[str, Any]) -> None:
 def _apply_env(settings: Settings, env: Mapping[str, str]) -> None:
     if env.get("NODE_NAME"):
         settings.node_name = env["NODE_NAME"]
+    if env.get("POD_NAMESPACE"):
+        settings.controller.namespace = env["POD_NAMESPACE"]
+    if env.get("POD_NAME"):
+        settings.controller.identity = env["POD_NAME"]
     for key, value in sorted(env.items()):
         if not key.startswith(ENV_PREFIX):
             continue

@@ -137,3 +137,45 @@ def run(settings: Settings, *, simulate_gpus: int | None, simulate_dir: str | No
                  inject=f"python -m probes.nvml_standin.control --dir {sim} xid 0 79")
     asyncio.run(run_agent(settings, simulate_dir=sim))
     return 0
+
+
+async def run_controller(settings: Settings) -> None:
+    """The controller role: needs a cluster (kubeconfig or in-cluster)."""
+    from prometheus_client import CollectorRegistry
+
+    from supervisor.controller.topology import load_topology
+    from supervisor.kube import KubeClient
+    from supervisor.metrics import ControllerCollector, new_registry
+    from supervisor.roles.controller import Controller
+
+    clock = SystemClock()
+    group = TaskGroup()
+    topology = load_topology(settings.controller.topology_file)
+    kube = await KubeClient.connect(settings.kubernetes.kubeconfig,
+                                    settings.kubernetes.request_timeout_seconds)
+    controller = Controller(settings, kube, clock, topology)
+    registry: CollectorRegistry = new_registry()
+    registry.register(ControllerCollector(controller))
+    server = HttpServer(build_app(liveness=group.alive, readiness=controller.ready,
+                                  status=controller.status, registry=registry,
+                                  extra_routes=controller.ingest.routes()),
+                        settings.http.listen)
+    await server.start()
+    log.info("http listening", address=server.bound)
+    try:
+        with stop_on_signals(group):
+            controller.start(group)
+            await group.run_until_stopped(settings.shutdown_grace_seconds)
+    finally:
+        await controller.stop()
+        await group.shutdown(settings.shutdown_grace_seconds)
+        await kube.close()
+        await server.stop()
+        log.info("stopped", reason=group.stop_reason)
+
+
+def run_role(role: str, settings: Settings) -> int:
+    if role == "controller":
+        asyncio.run(run_controller(settings))
+        return 0
+    raise ValueError(role)

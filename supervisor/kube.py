@@ -13,7 +13,8 @@ conditions owned by the kubelet, NPD or anyone else are left alone.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import aiohttp
@@ -145,3 +146,108 @@ class KubeClient:
         await self._call(f"create event on node {node}",
                          lambda: self._core.create_namespaced_event(namespace, body),
                          retry=False)
+
+    # --- raw JSON requests (the controller's path) ------------------------------------------
+    #
+    # The controller handles thousands of objects; the generated models cost CPU and memory
+    # for fields it never reads, so it talks JSON through the same authenticated client.
+
+    async def request(self, method: str, path: str, *, query: Mapping[str, str] | None = None,
+                      body: Any = None, content_type: str = "application/json",
+                      retry: bool = True, ok_statuses: frozenset[int] = frozenset()
+                      ) -> dict[str, Any]:
+        """One API request with JSON in and out. Statuses in ``ok_statuses`` return {}."""
+        async def call() -> dict[str, Any]:
+            resp = await self._api.call_api(
+                path, method, query_params=list((query or {}).items()),
+                header_params={"Accept": "application/json", "Content-Type": content_type},
+                body=body, auth_settings=["BearerToken"], _preload_content=False,
+                _return_http_data_only=True)
+            try:
+                data = await resp.read()
+                if resp.status in ok_statuses:
+                    return {}
+                if not 200 <= resp.status < 300:
+                    raise ApiException(status=resp.status, reason=_status_reason(data))
+                result: dict[str, Any] = json.loads(data) if data else {}
+                return result
+            finally:
+                resp.release()
+
+        return await self._call(f"{method} {path}", call, retry=retry)
+
+    async def watch(self, path: str, resource_version: str, *, selector: str = "",
+                    timeout_seconds: int = 300) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+        """Stream (type, object) watch events from ``resource_version``.
+
+        Raises ``KubeTemporaryError`` with status 410 when the version is too old; the
+        caller relists. Ends normally when the server closes the watch.
+        """
+        query = [("watch", "true"), ("resourceVersion", resource_version),
+                 ("allowWatchBookmarks", "true"), ("timeoutSeconds", str(timeout_seconds))]
+        if selector:
+            query.append(("labelSelector", selector))
+        try:
+            resp = await with_deadline(
+                f"watch {path}",
+                self._api.call_api(path, "GET", query_params=query,
+                                   header_params={"Accept": "application/json"},
+                                   auth_settings=["BearerToken"], _preload_content=False,
+                                   _return_http_data_only=True,
+                                   _request_timeout=timeout_seconds + 30),
+                self.timeout)
+        except (aiohttp.ClientError, OSError) as exc:
+            raise KubeTemporaryError(f"watch {path}: {exc!r}") from exc
+        try:
+            if resp.status != 200:
+                data = await resp.read()
+                status = resp.status
+                if status == 410:
+                    raise KubeTemporaryError(f"watch {path}: 410 Gone", status=410)
+                raise _classify(status, f"watch {path}: {status} {_status_reason(data)}")
+            while True:
+                try:
+                    line = await resp.content.readline()
+                except (aiohttp.ClientError, OSError) as exc:
+                    raise KubeTemporaryError(f"watch {path}: {exc!r}") from exc
+                if not line:
+                    return
+                event = json.loads(line)
+                obj = event.get("object") or {}
+                if event.get("type") == "ERROR":
+                    code = obj.get("code")
+                    if code == 410:
+                        raise KubeTemporaryError(f"watch {path}: 410 Gone", status=410)
+                    raise KubeTemporaryError(f"watch {path}: {obj.get('message')}", status=code)
+                yield event["type"], obj
+        finally:
+            resp.release()
+
+    # --- authentication -------------------------------------------------------------------
+
+    async def review_token(self, token: str, audiences: Sequence[str] = ()) -> tuple[
+            bool, str, list[str]]:
+        """TokenReview: (authenticated, username, groups) for a bearer token."""
+        spec: dict[str, Any] = {"token": token}
+        if audiences:
+            spec["audiences"] = list(audiences)
+        body = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview", "spec": spec}
+        result = await self.request("POST", "/apis/authentication.k8s.io/v1/tokenreviews",
+                                    body=body)
+        status = result.get("status", {})
+        user = status.get("user", {})
+        return bool(status.get("authenticated")), user.get("username", ""), \
+            list(user.get("groups", []))
+
+
+def _status_reason(data: bytes) -> str:
+    try:
+        return str(json.loads(data).get("message", ""))[:300]
+    except (ValueError, AttributeError):
+        return data[:300].decode(errors="replace")
+
+
+def _classify(status: int, message: str) -> KubeError:
+    if status in _TEMPORARY_STATUSES:
+        return KubeTemporaryError(message, status=status)
+    return KubePermanentError(message, status=status)

@@ -1,0 +1,426 @@
+"""The action layer: carries out a policy ``Decision`` on the cluster, idempotently.
+
+- fail_over: our readiness-gate condition ``gpu-supervisor.io/serving`` False on every pod
+  of the group, so Services, routers and the inference gateway drop the whole replica at once;
+- recover: the same condition True again;
+- restart_group: LWS — delete the leader pod (Foreground), as LWS's RecreateGroupOnPodRestart
+  does; generic kinds — delete every pod of the group. UID preconditions taken from a
+  write-ahead intent make it at-most-once across leader changes;
+- quarantine: cordon, add our NoSchedule taint, NodeCondition ``GPUSupervisorQuarantined``
+  True; remember whether the node was already cordoned;
+- unquarantine: remove our taint, uncordon only if we cordoned, condition False;
+- degrade: scale the fallback workload up, wait until it is ready, then shift traffic
+  (HTTPRoute backendRef weights, or a Service's selector);
+- restore: shift traffic back, then scale the fallback back to what it was;
+- notify: nothing but the Event, metric and log every action gets.
+
+Before its first write every action checks the fencing callback (are we still the leader?),
+and every action ends in an Event on the object, a counter and a structured log line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+
+from policies.model import Action, Decision
+from supervisor.controller.model import READINESS_GATE, HealthModel
+from supervisor.controller.store import Fenced
+from supervisor.errors import KubeError, KubeTemporaryError
+from supervisor.kube import KubeClient
+from supervisor.runtime.clock import Clock
+
+log = structlog.get_logger(__name__)
+
+QUARANTINE_TAINT = "gpu-supervisor.io/quarantine"
+QUARANTINE_ANNOTATION = "gpu-supervisor.io/quarantine"
+QUARANTINE_CONDITION = "GPUSupervisorQuarantined"
+TRAFFIC_ANNOTATION = "gpu-supervisor.io/traffic-before-degrade"
+COMPONENT = "gpu-supervisor-controller"
+STRATEGIC = "application/strategic-merge-patch+json"
+MERGE = "application/merge-patch+json"
+
+
+@dataclass(frozen=True, slots=True)
+class Workload:
+    kind: str  # "Deployment" | "LeaderWorkerSet"
+    namespace: str
+    name: str
+    replicas: int  # replicas while degraded
+
+    @property
+    def path(self) -> str:
+        if self.kind == "Deployment":
+            return f"/apis/apps/v1/namespaces/{self.namespace}/deployments/{self.name}"
+        return (f"/apis/leaderworkerset.x-k8s.io/v1/namespaces/{self.namespace}"
+                f"/leaderworkersets/{self.name}")
+
+
+@dataclass(frozen=True, slots=True)
+class Traffic:
+    kind: str  # "HTTPRoute" | "Service"
+    namespace: str
+    name: str
+    primary: str  # HTTPRoute: backend Service name; Service: selector "k=v,k2=v2"
+    fallback: str
+
+    @property
+    def path(self) -> str:
+        if self.kind == "HTTPRoute":
+            return (f"/apis/gateway.networking.k8s.io/v1/namespaces/{self.namespace}"
+                    f"/httproutes/{self.name}")
+        return f"/api/v1/namespaces/{self.namespace}/services/{self.name}"
+
+
+@dataclass(frozen=True, slots=True)
+class DegradeTarget:
+    model: str
+    workload: Workload
+    traffic: Traffic
+    ready_timeout: float = 600.0
+
+
+def _now(ts: float) -> str:
+    return dt.datetime.fromtimestamp(ts, tz=dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _selector(text: str) -> dict[str, str]:
+    return dict(term.split("=", 1) for term in text.split(",") if "=" in term)
+
+
+class ActionExecutor:
+    def __init__(self, kube: KubeClient, model: HealthModel, clock: Clock, *,
+                 may_act: Callable[[], bool], intents: dict[str, Any],
+                 save: Callable[[], Awaitable[None]],
+                 degrade_targets: dict[str, DegradeTarget] | None = None) -> None:
+        self._kube = kube
+        self._model = model
+        self._clock = clock
+        self._may_act = may_act
+        self.intents = intents
+        self._save = save
+        self._degrade = degrade_targets or {}
+        self.outcomes: Counter[tuple[str, str]] = Counter()
+        self.latencies: list[float] = []  # detection → first API write, seconds
+        self._first_write: float | None = None
+
+    async def execute(self, decision: Decision) -> bool:
+        """Carry out ``decision``; True when its effect is in place."""
+        if decision.dry_run:
+            log.info("dry-run: would act", action=str(decision.action),
+                     target=decision.target, incident=decision.incident, reason=decision.reason)
+            self.outcomes[(str(decision.action), "dry_run")] += 1
+            return True
+        self._first_write = None
+        handler = {
+            Action.FAIL_OVER: self._fail_over, Action.RECOVER: self._recover,
+            Action.RESTART_GROUP: self._restart_group, Action.QUARANTINE: self._quarantine,
+            Action.UNQUARANTINE: self._unquarantine, Action.DEGRADE: self._degrade_model,
+            Action.RESTORE: self._restore_model, Action.NOTIFY: self._notify,
+        }[decision.action]
+        try:
+            await handler(decision)
+        except Fenced:
+            self.outcomes[(str(decision.action), "fenced")] += 1
+            log.warning("not acting: lost leadership", action=str(decision.action),
+                        target=decision.target)
+            return False
+        except (KubeError, TimeoutError) as exc:
+            self.outcomes[(str(decision.action), "failed")] += 1
+            log.error("action failed", action=str(decision.action), target=decision.target,
+                      incident=decision.incident, error=str(exc))
+            return False
+        self.outcomes[(str(decision.action), "done")] += 1
+        log.info("action done", action=str(decision.action), target=decision.target,
+                 incident=decision.incident, rule=decision.rule, step=decision.step,
+                 reason=decision.reason)
+        return True
+
+    async def _write(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+        """Every mutating request goes through here: fencing check, latency bookkeeping."""
+        if not self._may_act():
+            raise Fenced("not the leader")
+        if self._first_write is None:
+            self._first_write = self._clock.monotonic()
+        return await self._kube.request(method, path, **kwargs)
+
+    def _record_latency(self, target: str) -> None:
+        detected = self._model.detection_time(target)
+        if detected is not None and self._first_write is not None:
+            self.latencies.append(max(0.0, self._first_write - detected))
+            del self.latencies[:-10_000]
+
+    async def _event(self, obj: dict[str, str], decision: Decision, reason: str,
+                     warning: bool = True) -> None:
+        now = _now(self._clock.wall())
+        # Events about cluster-scoped objects (Nodes) live in "default", as the kubelet's do.
+        ns = obj.get("namespace") or "default"
+        body = {
+            "apiVersion": "v1", "kind": "Event",
+            "metadata": {"generateName": f"{obj['name']}.", "namespace": ns},
+            "involvedObject": obj, "type": "Warning" if warning else "Normal",
+            "reason": reason,
+            "message": f"{decision.action} ({decision.rule}, step {decision.step}): "
+                       f"{decision.reason}"[:1024],
+            "source": {"component": COMPONENT}, "reportingComponent": COMPONENT,
+            "reportingInstance": COMPONENT, "firstTimestamp": now, "lastTimestamp": now,
+            "count": 1,
+        }
+        try:
+            await self._write("POST", f"/api/v1/namespaces/{ns}/events", body=body,
+                              retry=False)
+        except KubeError as exc:  # an Event is never worth failing the action for
+            log.warning("event not recorded", error=str(exc))
+
+    # --- traffic gate ----------------------------------------------------------------------
+
+    async def _set_gate(self, decision: Decision, serving: bool) -> None:
+        group = self._model.groups.get(decision.target)
+        if group is None:
+            log.info("group vanished before action", group=decision.target)
+            return
+        cond = {"type": READINESS_GATE, "status": "True" if serving else "False",
+                "reason": "GroupHealthy" if serving else "GroupFailedOver",
+                "message": decision.reason[:500],
+                "lastTransitionTime": _now(self._clock.wall())}
+        body = {"status": {"conditions": [cond]}}
+        pods = sorted(group.pods.values(), key=lambda p: (p.worker_index is None,
+                                                          p.worker_index, p.name))
+        await asyncio.gather(*(self._write(
+            "PATCH", f"/api/v1/namespaces/{p.namespace}/pods/{p.name}/status", body=body,
+            content_type=STRATEGIC, ok_statuses=frozenset({404})) for p in pods))
+        self._record_latency(decision.target)
+        if pods:
+            await self._event({"kind": "Pod", "apiVersion": "v1", "namespace": pods[0].namespace,
+                               "name": pods[0].name, "uid": pods[0].uid}, decision,
+                              "GroupRecovered" if serving else "GroupFailedOver",
+                              warning=not serving)
+
+    async def _fail_over(self, decision: Decision) -> None:
+        await self._set_gate(decision, serving=False)
+
+    async def _recover(self, decision: Decision) -> None:
+        await self._set_gate(decision, serving=True)
+
+    # --- restart ---------------------------------------------------------------------------
+
+    async def _restart_group(self, decision: Decision) -> None:
+        key = f"{decision.incident}#{decision.step}"
+        intent = self.intents.get(key)
+        if intent is None:
+            group = self._model.groups.get(decision.target)
+            if group is None:
+                log.info("group vanished before restart", group=decision.target)
+                return
+            if group.kind == "lws":
+                leader = group.leader()
+                victims = [leader] if leader is not None else list(group.pods.values())
+                propagation = "Foreground"
+            else:
+                victims = list(group.pods.values())
+                propagation = "Background"
+            intent = {"action": "restart_group", "target": decision.target,
+                      "propagation": propagation, "recorded_at": self._clock.wall(),
+                      "pods": [{"namespace": p.namespace, "name": p.name, "uid": p.uid}
+                               for p in victims]}
+            if not self._may_act():
+                raise Fenced("not the leader")
+            self.intents[key] = intent
+            await self._save()  # write-ahead: a successor replays exactly these UIDs
+        for pod in intent["pods"]:
+            body = {"apiVersion": "v1", "kind": "DeleteOptions",
+                    "propagationPolicy": intent["propagation"],
+                    "preconditions": {"uid": pod["uid"]}}
+            # 404: already gone; 409: the UID precondition failed, the pod was recreated —
+            # either way this pod incarnation has been restarted, possibly by a predecessor.
+            await self._write("DELETE",
+                              f"/api/v1/namespaces/{pod['namespace']}/pods/{pod['name']}",
+                              body=body, ok_statuses=frozenset({404, 409}))
+        self._record_latency(decision.target)
+        if intent["pods"]:
+            first = intent["pods"][0]
+            await self._event({"kind": "Pod", "apiVersion": "v1", **first}, decision,
+                              "GroupRestarted")
+
+    # --- quarantine ------------------------------------------------------------------------
+
+    async def _patch_node(self, name: str, mutate: Callable[[dict[str, Any]], dict[str, Any]
+                                                             | None]) -> dict[str, Any] | None:
+        """Read-modify-write with the resourceVersion as precondition; retry on conflict."""
+        for _ in range(5):
+            node = await self._kube.request("GET", f"/api/v1/nodes/{name}",
+                                            ok_statuses=frozenset({404}))
+            if not node:
+                return None
+            patch = mutate(node)
+            if patch is None:
+                return node
+            patch.setdefault("metadata", {})["resourceVersion"] = \
+                node["metadata"]["resourceVersion"]
+            result = await self._write("PATCH", f"/api/v1/nodes/{name}", body=patch,
+                                       content_type=MERGE, ok_statuses=frozenset({409}),
+                                       retry=False)
+            if result:
+                return result
+        raise KubeTemporaryError(f"node {name} kept changing under us", status=409)
+
+    async def _node_condition(self, name: str, status: bool, reason: str, message: str
+                              ) -> None:
+        now = _now(self._clock.wall())
+        cond = {"type": QUARANTINE_CONDITION, "status": "True" if status else "False",
+                "reason": reason, "message": message[:1000], "lastTransitionTime": now,
+                "lastHeartbeatTime": now}
+        await self._write("PATCH", f"/api/v1/nodes/{name}/status",
+                          body={"status": {"conditions": [cond]}}, content_type=STRATEGIC)
+
+    async def _quarantine(self, decision: Decision) -> None:
+        changed = False
+
+        def mutate(node: dict[str, Any]) -> dict[str, Any] | None:
+            nonlocal changed
+            spec = node.get("spec", {})
+            taints = spec.get("taints") or []
+            if any(t.get("key") == QUARANTINE_TAINT for t in taints):
+                return None  # already quarantined (by us, maybe by a predecessor)
+            changed = True
+            record = {"cordoned_by_us": not spec.get("unschedulable", False),
+                      "incident": decision.incident, "reason": decision.reason[:300],
+                      "at": _now(self._clock.wall())}
+            return {"metadata": {"annotations": {QUARANTINE_ANNOTATION: json.dumps(record)}},
+                    "spec": {"unschedulable": True, "taints": [
+                        *taints, {"key": QUARANTINE_TAINT, "value": decision.rule,
+                                  "effect": "NoSchedule"}]}}
+
+        node = await self._patch_node(decision.target, mutate)
+        if node is None:
+            log.info("node vanished before quarantine", node=decision.target)
+            return
+        if not changed:
+            return
+        self._record_latency(decision.target)
+        await self._node_condition(decision.target, True, "Quarantined", decision.reason)
+        await self._event({"kind": "Node", "apiVersion": "v1", "name": decision.target},
+                          decision, "NodeQuarantined")
+
+    async def _unquarantine(self, decision: Decision) -> None:
+        def mutate(node: dict[str, Any]) -> dict[str, Any] | None:
+            meta = node.get("metadata", {})
+            raw = (meta.get("annotations") or {}).get(QUARANTINE_ANNOTATION)
+            taints = node.get("spec", {}).get("taints") or []
+            ours = [t for t in taints if t.get("key") == QUARANTINE_TAINT]
+            if raw is None and not ours:
+                return None
+            record = json.loads(raw) if raw else {}
+            spec: dict[str, Any] = {"taints": [t for t in taints
+                                               if t.get("key") != QUARANTINE_TAINT] or None}
+            if record.get("cordoned_by_us", False):
+                spec["unschedulable"] = None
+            return {"metadata": {"annotations": {QUARANTINE_ANNOTATION: None}}, "spec": spec}
+
+        node = await self._patch_node(decision.target, mutate)
+        if node is None:
+            return
+        await self._node_condition(decision.target, False, "QuarantineLifted", decision.reason)
+        await self._event({"kind": "Node", "apiVersion": "v1", "name": decision.target},
+                          decision, "NodeQuarantineLifted", warning=False)
+
+    # --- degrade and restore ---------------------------------------------------------------
+
+    async def _scale(self, workload: Workload, replicas: int) -> int:
+        """Set replicas through the scale subresource; return what it was before."""
+        current = await self._kube.request("GET", f"{workload.path}/scale")
+        before = int(current.get("spec", {}).get("replicas") or 0)
+        await self._write("PATCH", f"{workload.path}/scale",
+                          body={"spec": {"replicas": replicas}}, content_type=MERGE)
+        return before
+
+    async def _wait_ready(self, workload: Workload, replicas: int, timeout: float) -> None:
+        deadline = self._clock.monotonic() + timeout
+        while True:
+            obj = await self._kube.request("GET", workload.path)
+            ready = int(obj.get("status", {}).get("readyReplicas") or 0)
+            if ready >= replicas:
+                return
+            if self._clock.monotonic() > deadline:
+                raise TimeoutError(f"{workload.kind} {workload.namespace}/{workload.name}: "
+                                   f"{ready}/{replicas} ready after {timeout:g}s")
+            await asyncio.sleep(1.0)
+
+    async def _shift(self, traffic: Traffic, to_fallback: bool, decision: Decision) -> None:
+        obj = await self._kube.request("GET", traffic.path)
+        annotations = obj.get("metadata", {}).get("annotations") or {}
+        if traffic.kind == "HTTPRoute":
+            rules = obj.get("spec", {}).get("rules") or []
+            if to_fallback:
+                saved = annotations.get(TRAFFIC_ANNOTATION) or json.dumps(rules)
+                for rule in rules:
+                    for ref in rule.get("backendRefs") or []:
+                        if ref.get("name") == traffic.primary:
+                            ref["weight"] = 0
+                        elif ref.get("name") == traffic.fallback:
+                            ref["weight"] = 100
+                annotations[TRAFFIC_ANNOTATION] = saved
+            else:
+                saved = annotations.pop(TRAFFIC_ANNOTATION, None)
+                if saved is None:
+                    return
+                obj["spec"]["rules"] = json.loads(saved)
+            obj["metadata"]["annotations"] = annotations
+            await self._write("PUT", traffic.path, body=obj)
+        else:
+            selector = obj.get("spec", {}).get("selector") or {}
+            if to_fallback:
+                saved = annotations.get(TRAFFIC_ANNOTATION) or json.dumps(selector)
+                new = _selector(traffic.fallback)
+                annotations[TRAFFIC_ANNOTATION] = saved
+            else:
+                saved_raw = annotations.pop(TRAFFIC_ANNOTATION, None)
+                if saved_raw is None:
+                    return
+                new = json.loads(saved_raw)
+            obj["spec"]["selector"] = new
+            obj["metadata"]["annotations"] = annotations
+            await self._write("PUT", traffic.path, body=obj)
+        await self._event({"kind": traffic.kind, "apiVersion": obj.get("apiVersion", "v1"),
+                           "namespace": traffic.namespace, "name": traffic.name}, decision,
+                          "TrafficShiftedToFallback" if to_fallback
+                          else "TrafficRestoredToPrimary")
+
+    async def _degrade_model(self, decision: Decision) -> None:
+        target = self._degrade.get(decision.target)
+        if target is None:
+            raise KubeTemporaryError(f"no degrade target configured for {decision.target}")
+        key = f"degrade/{decision.target}"
+        intent = self.intents.setdefault(key, {})
+        before = await self._scale(target.workload, target.workload.replicas)
+        intent.setdefault("replicas_before", before)
+        await self._save()
+        self._record_latency(decision.target)
+        await self._wait_ready(target.workload, target.workload.replicas, target.ready_timeout)
+        await self._shift(target.traffic, True, decision)
+
+    async def _restore_model(self, decision: Decision) -> None:
+        target = self._degrade.get(decision.target)
+        if target is None:
+            raise KubeTemporaryError(f"no degrade target configured for {decision.target}")
+        await self._shift(target.traffic, False, decision)
+        intent = self.intents.pop(f"degrade/{decision.target}", {})
+        await self._scale(target.workload, int(intent.get("replicas_before", 0)))
+        await self._save()
+
+    async def _notify(self, decision: Decision) -> None:
+        group = self._model.groups.get(decision.target)
+        if group is not None and group.pods:
+            pod = next(iter(group.pods.values()))
+            obj = {"kind": "Pod", "apiVersion": "v1", "namespace": pod.namespace,
+                   "name": pod.name, "uid": pod.uid}
+        else:
+            obj = {"kind": "Node", "apiVersion": "v1", "name": decision.target}
+        await self._event(obj, decision, "GPUSupervisorNotice")

@@ -1,0 +1,301 @@
+"""The controller's health model: GPU → node → pod → pipeline group → model.
+
+Fed from three sources and nothing else:
+
+- node reports (``accept_report``): each agent's active findings, replaced wholesale by
+  every report, so a cleared finding disappears with the next report;
+- the Node watch: Ready condition and cordon state;
+- the Pod watch: group membership from labels, readiness of each member.
+
+Groups are discovered from labels. A LeaderWorkerSet group is every pod with the same
+``leaderworkerset.sigs.k8s.io/name`` and ``group-index`` in one namespace; its leader has
+``worker-index`` 0. Other multi-pod replicas (KubeRay multi-host worker groups, anything
+else) are described in settings as a *generic group kind*: a label selector plus the label
+whose value names the group. A group's model is the pod label ``gpu-supervisor.io/model``,
+falling back to the LWS (or kind) name.
+
+From that the model derives what policy needs: ``signals()`` — active findings mapped to
+the groups they hit — and ``view()`` — every group with its model and whether it is
+healthy right now.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from policies.model import GroupView, Signal, View
+from supervisor.controller.ingest import NodeReport
+from supervisor.runtime.clock import Clock
+
+LWS_NAME = "leaderworkerset.sigs.k8s.io/name"
+LWS_GROUP = "leaderworkerset.sigs.k8s.io/group-index"
+LWS_WORKER = "leaderworkerset.sigs.k8s.io/worker-index"
+MODEL_LABEL = "gpu-supervisor.io/model"
+READINESS_GATE = "gpu-supervisor.io/serving"
+
+# Fault classes whose cause sits on the node that reported them; the rest (partitions,
+# collective hangs) are properties of a group or a link.
+NODE_LOCAL = frozenset({
+    "gpu_lost", "gpu_unresponsive", "xid", "ecc_uncorrectable", "ecc_correctable_storm",
+    "retired_pages", "row_remap", "thermal", "clock_throttle", "nvlink_down",
+    "nvlink_errors", "pcie_degraded", "pcie_replays", "node_down",
+})
+
+
+@dataclass(frozen=True, slots=True)
+class GroupKind:
+    """A generic group kind: pods matching ``selector`` grouped by ``group_label``."""
+
+    name: str
+    selector: str
+    group_label: str
+    model: str = ""
+
+
+@dataclass
+class PodInfo:
+    namespace: str
+    name: str
+    uid: str
+    node: str | None
+    group: str
+    kind: str  # "lws" or a generic kind name
+    worker_index: int | None
+    model: str
+    capable: bool  # containers ready: able to serve if traffic were sent
+    terminating: bool
+    gate: str | None  # status of our readiness-gate condition
+
+
+@dataclass
+class GroupInfo:
+    key: str
+    kind: str
+    namespace: str
+    owner: str
+    model: str
+    pods: dict[str, PodInfo] = field(default_factory=dict)
+
+    def leader(self) -> PodInfo | None:
+        leaders = [p for p in self.pods.values() if p.worker_index == 0]
+        return leaders[0] if leaders else None
+
+    @property
+    def nodes(self) -> tuple[str, ...]:
+        return tuple(sorted({p.node for p in self.pods.values() if p.node}))
+
+
+@dataclass
+class NodeInfo:
+    name: str
+    ready: bool | None = None
+    unschedulable: bool = False
+    quarantined: bool = False
+    last_report: float | None = None  # monotonic receive time
+    report: NodeReport | None = None
+    became_bad_at: float | None = None  # receive time of the report that first had findings
+    not_ready_since: float | None = None
+
+
+def _condition(obj: dict[str, Any], ctype: str) -> str | None:
+    for cond in obj.get("status", {}).get("conditions") or []:
+        if cond.get("type") == ctype:
+            return str(cond.get("status"))
+    return None
+
+
+class HealthModel:
+    def __init__(self, clock: Clock, *, silence_seconds: float,
+                 kinds: Iterable[GroupKind] = (), quarantine_taint: str = "") -> None:
+        self._clock = clock
+        self.silence_seconds = silence_seconds
+        self.kinds = list(kinds)
+        self.quarantine_taint = quarantine_taint
+        self.nodes: dict[str, NodeInfo] = {}
+        self.groups: dict[str, GroupInfo] = {}
+        self._pod_group: dict[str, str] = {}  # uid → group key
+        self._groups_by_node: dict[str, set[str]] = {}
+        self.changed = asyncio.Event()
+        self.reports_accepted = 0
+
+    # --- pods ------------------------------------------------------------------------------
+
+    def _classify_pod(self, obj: dict[str, Any]) -> tuple[str, str, str, int | None, str] | None:
+        meta = obj.get("metadata", {})
+        labels: dict[str, str] = meta.get("labels") or {}
+        ns = meta.get("namespace", "")
+        if LWS_NAME in labels and LWS_GROUP in labels:
+            owner = labels[LWS_NAME]
+            worker = labels.get(LWS_WORKER)
+            key = f"{ns}/{owner}/{labels[LWS_GROUP]}"
+            model = labels.get(MODEL_LABEL, owner)
+            return key, "lws", owner, int(worker) if worker and worker.isdigit() else None, model
+        for kind in self.kinds:
+            value = labels.get(kind.group_label)
+            if value is not None and _matches(labels, kind.selector):
+                key = f"{ns}/{kind.name}/{value}"
+                return key, kind.name, kind.name, None, labels.get(MODEL_LABEL,
+                                                                  kind.model or kind.name)
+        return None
+
+    def upsert_pod(self, obj: dict[str, Any]) -> None:
+        meta = obj.get("metadata", {})
+        uid = meta.get("uid", "")
+        classified = self._classify_pod(obj)
+        if classified is None:
+            self.delete_pod(obj)
+            return
+        key, kind, owner, worker, model = classified
+        node = obj.get("spec", {}).get("nodeName")
+        pod = PodInfo(namespace=meta.get("namespace", ""), name=meta.get("name", ""), uid=uid,
+                      node=node, group=key, kind=kind, worker_index=worker, model=model,
+                      capable=_condition(obj, "ContainersReady") == "True",
+                      terminating=bool(meta.get("deletionTimestamp")),
+                      gate=_condition(obj, READINESS_GATE))
+        old_key = self._pod_group.get(uid)
+        if old_key is not None and old_key != key:
+            self.delete_pod(obj)
+        group = self.groups.get(key)
+        if group is None:
+            group = self.groups[key] = GroupInfo(key=key, kind=kind, namespace=pod.namespace,
+                                                 owner=owner, model=model)
+        group.pods[uid] = pod
+        self._pod_group[uid] = key
+        if node:
+            self._groups_by_node.setdefault(node, set()).add(key)
+        self.changed.set()
+
+    def delete_pod(self, obj: dict[str, Any]) -> None:
+        uid = obj.get("metadata", {}).get("uid", "")
+        key = self._pod_group.pop(uid, None)
+        if key is None:
+            return
+        group = self.groups.get(key)
+        if group is not None:
+            pod = group.pods.pop(uid, None)
+            if not group.pods:
+                del self.groups[key]
+            if pod is not None and pod.node:
+                still = any(p.node == pod.node for p in group.pods.values())
+                if not still:
+                    self._groups_by_node.get(pod.node, set()).discard(key)
+        self.changed.set()
+
+    def groups_on(self, node: str) -> tuple[str, ...]:
+        return tuple(sorted(self._groups_by_node.get(node, ())))
+
+    # --- nodes -----------------------------------------------------------------------------
+
+    def _node(self, name: str) -> NodeInfo:
+        info = self.nodes.get(name)
+        if info is None:
+            info = self.nodes[name] = NodeInfo(name)
+        return info
+
+    def upsert_node(self, obj: dict[str, Any]) -> None:
+        info = self._node(obj["metadata"]["name"])
+        ready = _condition(obj, "Ready")
+        was = info.ready
+        info.ready = None if ready is None else ready == "True"
+        if info.ready is False and was is not False:
+            info.not_ready_since = self._clock.monotonic()
+        elif info.ready is not False:
+            info.not_ready_since = None
+        spec = obj.get("spec", {})
+        info.unschedulable = bool(spec.get("unschedulable"))
+        info.quarantined = any(t.get("key") == self.quarantine_taint
+                               for t in spec.get("taints") or [])
+        self.changed.set()
+
+    def delete_node(self, obj: dict[str, Any]) -> None:
+        self.nodes.pop(obj["metadata"]["name"], None)
+        self.changed.set()
+
+    def accept_report(self, report: NodeReport, received: float) -> None:
+        info = self._node(report.node)
+        info.last_report = received
+        actionable = any(f.severity != "info" for f in report.findings)
+        if actionable and info.became_bad_at is None:
+            info.became_bad_at = received
+        elif not actionable:
+            info.became_bad_at = None
+        info.report = report
+        self.reports_accepted += 1
+        self.changed.set()
+
+    # --- derived ---------------------------------------------------------------------------
+
+    def silent_nodes(self) -> list[str]:
+        now = self._clock.monotonic()
+        return [n.name for n in self.nodes.values()
+                if n.last_report is not None and now - n.last_report > self.silence_seconds]
+
+    def signals(self) -> list[Signal]:
+        now = self._clock.monotonic()
+        out: list[Signal] = []
+        for info in self.nodes.values():
+            groups = self.groups_on(info.name)
+            report = info.report
+            if report is not None and info.last_report is not None:
+                # Reporter clocks differ from ours; keep only the *age* it reports.
+                for f in report.findings:
+                    age = max(0.0, report.sent_at - f.first_seen)
+                    out.append(Signal(
+                        fault_class=f.fault_class, severity=f.severity,
+                        subject_kind=f.subject_kind, subject_id=f.subject_id, node=info.name,
+                        groups=groups, node_local=f.fault_class in NODE_LOCAL,
+                        since=min(now, info.last_report - age)))
+            silent = info.last_report is None or now - info.last_report > self.silence_seconds
+            if info.ready is False and silent and info.not_ready_since is not None:
+                out.append(Signal(fault_class="node_down", severity="critical",
+                                  subject_kind="node", subject_id=info.name, node=info.name,
+                                  groups=groups, node_local=True, since=info.not_ready_since))
+        return out
+
+    def view(self) -> View:
+        sick: set[str] = set()
+        for info in self.nodes.values():
+            if info.report is not None and any(f.severity != "info"
+                                               for f in info.report.findings):
+                sick.update(self.groups_on(info.name))
+            if info.ready is False:
+                sick.update(self.groups_on(info.name))
+        groups = {}
+        for key, group in self.groups.items():
+            healthy = key not in sick and bool(group.pods) and all(
+                p.capable and not p.terminating for p in group.pods.values())
+            groups[key] = GroupView(key=key, model=group.model, healthy=healthy,
+                                    nodes=group.nodes)
+        return View(groups=groups)
+
+    def detection_time(self, target: str) -> float | None:
+        """When the fault behind an action on ``target`` (group or node) first reached us."""
+        if target in self.groups:
+            times = [self.nodes[n].became_bad_at for n in self.groups[target].nodes
+                     if n in self.nodes and self.nodes[n].became_bad_at is not None]
+        else:
+            info = self.nodes.get(target)
+            times = [info.became_bad_at] if info and info.became_bad_at is not None else []
+        return min((t for t in times if t is not None), default=None)
+
+
+def _matches(labels: dict[str, str], selector: str) -> bool:
+    """Equality-based label selector ("a=b,c=d", "a!=b", "a") as Kubernetes reads it."""
+    for term in filter(None, (t.strip() for t in selector.split(","))):
+        if "!=" in term:
+            k, v = term.split("!=", 1)
+            if labels.get(k.strip()) == v.strip():
+                return False
+        elif "=" in term:
+            k, v = term.split("=", 1)
+            if labels.get(k.strip().rstrip("=")) != v.strip():
+                return False
+        elif term.startswith("!"):
+            if term[1:] in labels:
+                return False
+        elif term not in labels:
+            return False
+    return True

@@ -1,0 +1,320 @@
+"""The controller: reports and watches in, policy decisions out, actions on the cluster.
+
+    agents ──POST /v1/reports/node──► Ingest (TokenReview) ─┐
+    Node watch, Pod watch (LWS + generic kinds) ─────────────┼─► HealthModel
+                                                             │    signals(), view()
+                          decision loop (leader only) ◄──────┘
+                 PolicyEngine.evaluate ─► ActionExecutor ─► Kubernetes API
+                          ▲        confirm                 │
+                          └──── StateStore (ConfigMap) ◄───┘ snapshot after every action
+
+Every replica ingests, watches and keeps its model warm; only the Lease holder evaluates
+and acts. On taking the Lease a replica first loads the persisted incident state and
+action intents, so it continues ladders where its predecessor stopped and replays a
+half-done restart with the predecessor's UID preconditions instead of repeating it.
+
+A leader that suspects itself does not act (the quorum guard): when its watches are not
+synced, or when most of the agents that were reporting go silent at the same moment — far
+likelier a network problem on our side than half the fleet failing together.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from policies.engine import PolicyEngine
+from policies.model import Decision
+from policies.schema import PolicyError, default_policy, load_policy_file
+from supervisor import __version__
+from supervisor.config import Settings
+from supervisor.controller.actions import ActionExecutor
+from supervisor.controller.election import LeaseElector
+from supervisor.controller.ingest import Ingest, NodeReport, TokenCache
+from supervisor.controller.model import LWS_NAME, HealthModel
+from supervisor.controller.store import Fenced, StateStore
+from supervisor.controller.topology import Topology
+from supervisor.errors import KubeError, KubeTemporaryError
+from supervisor.kube import KubeClient
+from supervisor.runtime.clock import Clock
+from supervisor.runtime.tasks import TaskGroup
+
+log = structlog.get_logger(__name__)
+
+
+class Reflector:
+    """List, then watch from the list's resourceVersion; relist on 410 or after errors."""
+
+    def __init__(self, kube: KubeClient, path: str, selector: str,
+                 upsert: Callable[[dict[str, Any]], None],
+                 delete: Callable[[dict[str, Any]], None]) -> None:
+        self._kube = kube
+        self.path = path
+        self.selector = selector
+        self._upsert = upsert
+        self._delete = delete
+        self._known: dict[str, dict[str, Any]] = {}
+        self.synced = False
+        self.errors = 0
+
+    async def run(self) -> None:
+        backoff = 0.5
+        while True:
+            try:
+                query = {"labelSelector": self.selector} if self.selector else {}
+                listing = await self._kube.request("GET", self.path, query=query)
+                fresh = {o["metadata"]["uid"]: o for o in listing.get("items", [])}
+                for uid, obj in list(self._known.items()):
+                    if uid not in fresh:
+                        self._delete(obj)
+                for obj in fresh.values():
+                    self._upsert(obj)
+                self._known = fresh
+                self.synced = True
+                backoff = 0.5
+                rv = listing["metadata"]["resourceVersion"]
+                while True:
+                    async for kind, obj in self._kube.watch(self.path, rv,
+                                                            selector=self.selector):
+                        rv = obj.get("metadata", {}).get("resourceVersion", rv)
+                        if kind == "BOOKMARK":
+                            continue
+                        uid = obj["metadata"]["uid"]
+                        if kind == "DELETED":
+                            self._known.pop(uid, None)
+                            self._delete(obj)
+                        else:
+                            self._known[uid] = obj
+                            self._upsert(obj)
+            except KubeError as exc:
+                self.errors += 1
+                gone = isinstance(exc, KubeTemporaryError) and exc.status == 410
+                if not gone:
+                    self.synced = False
+                    log.warning("watch failed", path=self.path, error=str(exc))
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, 10.0)
+
+
+class Controller:
+    def __init__(self, settings: Settings, kube: KubeClient, clock: Clock,
+                 topology: Topology) -> None:
+        c = settings.controller
+        self.settings = settings
+        self.kube = kube
+        self.clock = clock
+        self.identity = c.identity or settings.node_name
+        self.model = HealthModel(clock, silence_seconds=c.silence_seconds, kinds=topology.kinds,
+                                 quarantine_taint="gpu-supervisor.io/quarantine")
+        self.elector = LeaseElector(kube, c.namespace, c.lease_name, self.identity, clock,
+                                    lease_duration=c.lease_duration_seconds,
+                                    renew_deadline=c.renew_deadline_seconds,
+                                    retry_period=c.retry_period_seconds)
+        self.store = StateStore(kube, c.namespace, c.state_configmap)
+        self.policy_path = c.policy_file
+        self.engine = PolicyEngine(self._load_policy(), clock.monotonic)
+        self._policy_mtime = self._mtime()
+        self.executor = ActionExecutor(kube, self.model, clock, may_act=self.may_act,
+                                       intents={}, save=self.persist,
+                                       degrade_targets=topology.degrade)
+        self.ingest = Ingest(TokenCache(kube, clock, c.token_cache_seconds, c.token_audiences),
+                             c.allowed_reporters, c.report_max_bytes, self._accept, clock)
+        self.reflectors = [
+            Reflector(kube, "/api/v1/nodes", "", self.model.upsert_node, self.model.delete_node),
+            Reflector(kube, "/api/v1/pods", LWS_NAME, self.model.upsert_pod,
+                      self.model.delete_pod),
+            *(Reflector(kube, "/api/v1/pods", k.selector, self.model.upsert_pod,
+                        self.model.delete_pod) for k in topology.kinds),
+        ]
+        self.state_loaded = False
+        self.suspect: str | None = None
+        self.policy_error: str | None = None
+        self._inflight: dict[tuple[str, int, str, str], asyncio.Task[None]] = {}
+        self._sem = asyncio.Semaphore(c.max_concurrent_actions)
+        self._persist_lock = asyncio.Lock()
+        self._takeover: asyncio.Task[None] | None = None
+        self._refused: set[tuple[str, str, str]] = set()
+        self.elector.listeners.append(self._on_leadership)
+        self.evaluations = 0
+
+    # --- policy ----------------------------------------------------------------------------
+
+    def _mtime(self) -> float | None:
+        try:
+            return Path(self.policy_path).stat().st_mtime if self.policy_path else None
+        except OSError:
+            return None
+
+    def _load_policy(self) -> Any:
+        return load_policy_file(Path(self.policy_path)) if self.policy_path else default_policy()
+
+    async def _policy_watch(self) -> None:
+        """Hot reload: a changed file is validated first; a bad one keeps the last good."""
+        while True:
+            await asyncio.sleep(self.settings.controller.policy_reload_seconds)
+            mtime = self._mtime()
+            if mtime == self._policy_mtime:
+                continue
+            self._policy_mtime = mtime
+            try:
+                policy = self._load_policy()
+            except (PolicyError, OSError) as exc:
+                self.policy_error = str(exc)
+                log.error("policy reload rejected; keeping the last good policy",
+                          file=self.policy_path, error=str(exc))
+                continue
+            self.policy_error = None
+            self.engine.replace_policy(policy)
+            log.info("policy reloaded", file=self.policy_path)
+            self.model.changed.set()
+
+    # --- leadership and state --------------------------------------------------------------
+
+    def may_act(self) -> bool:
+        return self.state_loaded and self.elector.is_leader()
+
+    def _on_leadership(self, leading: bool) -> None:
+        if leading:
+            self._takeover = asyncio.create_task(self._take_over(), name="takeover")
+        else:
+            self.state_loaded = False
+
+    async def _take_over(self) -> None:
+        try:
+            state = await self.store.load()
+        except KubeError as exc:
+            log.error("cannot load incident state; not acting", error=str(exc))
+            return
+        self.engine.restore(state.get("engine") or {})
+        self.executor.intents = state.get("intents") or {}
+        self.state_loaded = True
+        log.info("took over", incidents=len(self.engine.incidents()),
+                 intents=len(self.executor.intents))
+        self.model.changed.set()
+
+    async def persist(self) -> None:
+        async with self._persist_lock:
+            if not self.elector.is_leader():
+                raise Fenced("not the leader")
+            try:
+                await self.store.save({"engine": self.engine.snapshot(),
+                                       "intents": self.executor.intents})
+            except Fenced:
+                self.state_loaded = False
+                raise
+
+    # --- decisions -------------------------------------------------------------------------
+
+    def _accept(self, report: NodeReport, received: float) -> None:
+        self.model.accept_report(report, received)
+
+    def quorum_problem(self) -> str | None:
+        if not all(r.synced for r in self.reflectors):
+            return "watches not synced"
+        reporting = [n for n in self.model.nodes.values() if n.last_report is not None]
+        c = self.settings.controller
+        if len(reporting) >= c.quorum_min_nodes:
+            silent = len(self.model.silent_nodes())
+            if silent / len(reporting) > c.quorum_silent_fraction:
+                return f"{silent} of {len(reporting)} agents went silent: suspecting ourselves"
+        return None
+
+    async def _decide_loop(self) -> None:
+        interval = self.settings.controller.evaluation_interval_seconds
+        while True:
+            try:
+                await asyncio.wait_for(self.model.changed.wait(), timeout=interval)
+            except TimeoutError:
+                pass
+            self.model.changed.clear()
+            if not self.may_act():
+                continue
+            self.suspect = self.quorum_problem()
+            if self.suspect is not None:
+                continue
+            evaluation = self.engine.evaluate(self.model.signals(), self.model.view())
+            self.evaluations += 1
+            refused_now = set()
+            for refusal in evaluation.refusals:
+                seen = (refusal.decision.incident, str(refusal.decision.action), refusal.why)
+                refused_now.add(seen)
+                if seen not in self._refused:
+                    log.warning("action refused", why=refusal.why, detail=refusal.detail,
+                                action=str(refusal.decision.action),
+                                target=refusal.decision.target,
+                                incident=refusal.decision.incident)
+            self._refused = refused_now
+            for decision in evaluation.decisions:
+                key = (decision.incident, decision.step, str(decision.action), decision.target)
+                if key in self._inflight:
+                    continue
+                self._inflight[key] = asyncio.create_task(self._carry_out(key, decision),
+                                                          name=f"action {key}")
+
+    async def _carry_out(self, key: tuple[str, int, str, str], decision: Decision) -> None:
+        try:
+            async with self._sem:
+                ok = await self.executor.execute(decision)
+            if not self.elector.is_leader():
+                return
+            self.engine.confirm(decision, ok)
+            try:
+                await self.persist()
+            except (Fenced, KubeError) as exc:
+                log.error("incident state not saved", error=str(exc))
+        finally:
+            self._inflight.pop(key, None)
+            self.model.changed.set()
+
+    # --- running ---------------------------------------------------------------------------
+
+    def start(self, group: TaskGroup) -> None:
+        group.start("lease", self.elector.run())
+        for i, reflector in enumerate(self.reflectors):
+            group.start(f"watch-{i}-{reflector.path.rsplit('/', 1)[-1]}", reflector.run())
+        group.start("decide", self._decide_loop())
+        group.start("policy-watch", self._policy_watch())
+
+    async def stop(self) -> None:
+        for task in list(self._inflight.values()):
+            task.cancel()
+        if self._takeover is not None:
+            self._takeover.cancel()
+        await self.elector.release()
+
+    def ready(self) -> dict[str, bool]:
+        return {"watches-synced": all(r.synced for r in self.reflectors)}
+
+    def status(self) -> dict[str, Any]:
+        lat = sorted(self.executor.latencies)
+        return {
+            "role": "controller",
+            "version": __version__,
+            "identity": self.identity,
+            "leader": self.elector.is_leader(),
+            "lease_holder": self.elector.holder,
+            "state_loaded": self.state_loaded,
+            "suspect": self.suspect,
+            "policy_error": self.policy_error,
+            "breaker_open": self.engine.breaker_open,
+            "nodes": len(self.model.nodes),
+            "groups": len(self.model.groups),
+            "silent_nodes": len(self.model.silent_nodes()),
+            "reports": dict(self.ingest.outcomes),
+            "token_reviews": self.ingest._tokens.reviews,
+            "evaluations": self.evaluations,
+            "incidents": self.engine.incidents(),
+            "actions": {f"{a}/{o}": n for (a, o), n in sorted(self.executor.outcomes.items())},
+            "decision_latency_ms": {
+                "count": len(lat),
+                "p50": round(statistics.median(lat) * 1000, 2) if lat else None,
+                "p99": round(lat[min(len(lat) - 1, int(0.99 * len(lat)))] * 1000, 2)
+                if lat else None,
+                "max": round(lat[-1] * 1000, 2) if lat else None,
+            },
+        }

@@ -1,0 +1,95 @@
+"""Serving objects on the test cluster, as LWS and a kubelet would have left them.
+
+No LWS controller or kubelet runs on the test cluster, so tests create what they would
+have: the pods of a group with LWS's labels, bound to nodes, containers ready.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from kubernetes_asyncio import client
+
+from supervisor.controller.model import LWS_GROUP, LWS_NAME, LWS_WORKER, READINESS_GATE
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:6]}"
+
+
+async def make_nodes(api: client.ApiClient, count: int, prefix: str = "gpu") -> list[str]:
+    core = client.CoreV1Api(api)
+    names = [unique(prefix) for _ in range(count)]
+    for name in names:
+        await core.create_node(client.V1Node(metadata=client.V1ObjectMeta(name=name)))
+        await core.patch_node_status(name, {"status": {"conditions": [
+            {"type": "Ready", "status": "True", "reason": "KubeletReady", "message": "ok"}]}})
+    return names
+
+
+def pod_body(name: str, node: str, labels: dict[str, str]) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "labels": labels},
+            "spec": {"nodeName": node, "automountServiceAccountToken": False,
+                     "readinessGates": [{"conditionType": READINESS_GATE}],
+                     "containers": [{"name": "vllm", "image": "vllm/vllm-openai:test"}]}}
+
+
+async def mark_running(core: client.CoreV1Api, ns: str, name: str) -> None:
+    await core.patch_namespaced_pod_status(name, ns, {"status": {
+        "phase": "Running",
+        "conditions": [{"type": "ContainersReady", "status": "True"},
+                       {"type": READINESS_GATE, "status": "True", "reason": "GroupHealthy"}]}})
+
+
+async def make_lws_group(api: client.ApiClient, ns: str, lws: str, index: int,
+                         nodes: list[str], model: str = "") -> list[dict[str, Any]]:
+    """Pods of one LWS group: worker 0 is the leader, one pod per node."""
+    core = client.CoreV1Api(api)
+    pods = []
+    for worker, node in enumerate(nodes):
+        labels = {LWS_NAME: lws, LWS_GROUP: str(index), LWS_WORKER: str(worker)}
+        if model:
+            labels["gpu-supervisor.io/model"] = model
+        name = f"{lws}-{index}" if worker == 0 else f"{lws}-{index}-{worker}"
+        created = await core.create_namespaced_pod(ns, pod_body(name, node, labels))
+        await mark_running(core, ns, name)
+        pods.append(api.sanitize_for_serialization(created))
+    return pods
+
+
+async def make_generic_group(api: client.ApiClient, ns: str, group: str, nodes: list[str],
+                             label: str = "ray.io/group") -> list[str]:
+    core = client.CoreV1Api(api)
+    names = []
+    for i, node in enumerate(nodes):
+        name = f"{group}-{i}"
+        await core.create_namespaced_pod(ns, pod_body(
+            name, node, {"ray.io/node-type": "worker", label: group}))
+        await mark_running(core, ns, name)
+        names.append(name)
+    return names
+
+
+async def list_pods(api: client.ApiClient, ns: str) -> dict[str, dict[str, Any]]:
+    pods = await client.CoreV1Api(api).list_namespaced_pod(ns)
+    return {p.metadata.name: api.sanitize_for_serialization(p) for p in pods.items}
+
+
+async def finish_deletion(api: client.ApiClient, ns: str, name: str) -> None:
+    """Play the garbage collector and kubelet: drop finalizers, force the pod away."""
+    import asyncio
+
+    core = client.CoreV1Api(api)
+    await core.patch_namespaced_pod(name, ns, {"metadata": {"finalizers": None}})
+    try:
+        await core.delete_namespaced_pod(name, ns, grace_period_seconds=0)
+    except client.exceptions.ApiException as exc:
+        if exc.status != 404:
+            raise
+    for _ in range(100):
+        if name not in await list_pods(api, ns):
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"pod {ns}/{name} did not go away")

@@ -1,0 +1,336 @@
+"""Each controller action's exact effect on real objects, as the controller's ServiceAccount.
+
+The executor is driven directly with policy Decisions; the HealthModel it reads is fed from
+the real API server, as the controller's watches would feed it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from kubernetes_asyncio import client
+
+from policies.model import Action, Decision
+from supervisor.controller.actions import (
+    QUARANTINE_CONDITION,
+    QUARANTINE_TAINT,
+    ActionExecutor,
+    DegradeTarget,
+    Traffic,
+    Workload,
+)
+from supervisor.controller.model import READINESS_GATE, GroupKind, HealthModel
+from supervisor.kube import KubeClient
+from supervisor.runtime.clock import SystemClock
+from tests.integration.cluster_objects import (
+    finish_deletion,
+    list_pods,
+    make_generic_group,
+    make_lws_group,
+    make_nodes,
+    unique,
+)
+from tests.kubeenv import manifests
+from tests.kubeenv.cluster import KubeTestCluster
+
+pytestmark = pytest.mark.kube
+
+
+@dataclass
+class Rig:
+    admin: client.ApiClient
+    kube: KubeClient
+    ns: str
+    model: HealthModel
+    executor: ActionExecutor
+    saved: list[dict[str, Any]] = field(default_factory=list)
+    leader: bool = True
+
+    async def refresh(self) -> None:
+        """Feed the model from the API server, as the Pod and Node watches would."""
+        pods = await self.kube.request("GET", f"/api/v1/namespaces/{self.ns}/pods")
+        for pod in pods["items"]:
+            self.model.upsert_pod(pod)
+        nodes = await self.kube.request("GET", "/api/v1/nodes")
+        for node in nodes["items"]:
+            self.model.upsert_node(node)
+
+
+def decision(action: Action, target: str, step: int = 0, incident: str = "") -> Decision:
+    return Decision(incident=incident or f"test/{target}", rule="test", step=step,
+                    action=action, target=target, reason="GPU 3 fell off the bus",
+                    dry_run=False, node_local=True)
+
+
+@pytest.fixture(name="rig")
+async def _rig(kube_cluster: KubeTestCluster, tmp_path: Any) -> AsyncIterator[Rig]:
+    async with await kube_cluster.api_client() as admin:
+        await manifests.apply(admin, "namespace.yaml", "controller-rbac.yaml")
+        token = await kube_cluster.service_account_token("gpu-supervisor",
+                                                         "gpu-supervisor-controller")
+        kubeconfig = kube_cluster.write_kubeconfig(tmp_path / "kc", token)
+        kube = await KubeClient.connect(str(kubeconfig))
+        ns = unique("serving")
+        await kube_cluster.ensure_namespace(ns)
+        clock = SystemClock()
+        model = HealthModel(clock, silence_seconds=30,
+                            kinds=[GroupKind("ray", "ray.io/node-type=worker", "ray.io/group",
+                                             "llama-70b")],
+                            quarantine_taint=QUARANTINE_TAINT)
+        rig = Rig(admin=admin, kube=kube, ns=ns, model=model, executor=None)  # type: ignore[arg-type]
+
+        async def save() -> None:
+            rig.saved.append(json.loads(json.dumps(rig.executor.intents)))
+
+        rig.executor = ActionExecutor(kube, model, clock, may_act=lambda: rig.leader,
+                                      intents={}, save=save)
+        try:
+            yield rig
+        finally:
+            await kube.close()
+
+
+async def events_for(rig: Rig, name: str, ns: str | None = None) -> list[Any]:
+    evs = await client.CoreV1Api(rig.admin).list_namespaced_event(
+        ns or rig.ns, field_selector=f"involvedObject.name={name}")
+    return list(evs.items)
+
+
+def gate(pod: dict[str, Any]) -> str | None:
+    for cond in pod["status"].get("conditions") or []:
+        if cond["type"] == READINESS_GATE:
+            return str(cond["status"])
+    return None
+
+
+class TestControllerFailOver:
+    async def test_fail_over_gates_every_pod_and_recover_ungates(self, rig: Rig) -> None:
+        """fail_over sets our readiness-gate condition False on all 4 pods; recover, True."""
+        nodes = await make_nodes(rig.admin, 4)
+        await make_lws_group(rig.admin, rig.ns, "llama", 0, nodes)
+        await make_lws_group(rig.admin, rig.ns, "llama", 1, nodes[:2])
+        await rig.refresh()
+        key = f"{rig.ns}/llama/0"
+        assert await rig.executor.execute(decision(Action.FAIL_OVER, key))
+        pods = await list_pods(rig.admin, rig.ns)
+        assert {n: gate(p) for n, p in pods.items()} == {
+            "llama-0": "False", "llama-0-1": "False", "llama-0-2": "False",
+            "llama-0-3": "False", "llama-1": "True", "llama-1-1": "True"}
+        reason = next(c["reason"] for c in pods["llama-0"]["status"]["conditions"]
+                      if c["type"] == READINESS_GATE)
+        assert reason == "GroupFailedOver"
+        (event,) = await events_for(rig, "llama-0")
+        assert (event.type, event.reason) == ("Warning", "GroupFailedOver")
+        assert await rig.executor.execute(decision(Action.RECOVER, key, step=-1))
+        pods = await list_pods(rig.admin, rig.ns)
+        assert all(gate(p) == "True" for p in pods.values())
+
+
+class TestControllerRestartGroup:
+    async def test_lws_restart_deletes_only_the_leader_foreground(self, rig: Rig) -> None:
+        """LWS: the leader pod is deleted with Foreground propagation; workers are left to
+        LWS, exactly as RecreateGroupOnPodRestart does."""
+        nodes = await make_nodes(rig.admin, 3)
+        await make_lws_group(rig.admin, rig.ns, "llama", 0, nodes)
+        await rig.refresh()
+        d = decision(Action.RESTART_GROUP, f"{rig.ns}/llama/0", step=2)
+        assert await rig.executor.execute(d)
+        pods = await list_pods(rig.admin, rig.ns)
+        leader = pods["llama-0"]["metadata"]
+        # No garbage collector runs here, so Foreground deletion stays visible as a finalizer.
+        assert leader.get("deletionTimestamp")
+        assert "foregroundDeletion" in (leader.get("finalizers") or [])
+        assert not pods["llama-0-1"]["metadata"].get("deletionTimestamp")
+        assert not pods["llama-0-2"]["metadata"].get("deletionTimestamp")
+        # The intent was saved before the delete, naming the leader's UID.
+        (saved,) = rig.saved
+        (intent,) = saved.values()
+        assert [p["uid"] for p in intent["pods"]] == [leader["uid"]]
+
+    async def test_replayed_restart_never_deletes_the_recreated_pod(self, rig: Rig) -> None:
+        """A successor replaying the intent finds the pod recreated (new UID) and leaves it:
+        the group is restarted exactly once."""
+        nodes = await make_nodes(rig.admin, 2)
+        await make_lws_group(rig.admin, rig.ns, "llama", 0, nodes)
+        await rig.refresh()
+        d = decision(Action.RESTART_GROUP, f"{rig.ns}/llama/0", step=1)
+        assert await rig.executor.execute(d)
+        # Play LWS: finish the deletion and recreate the leader under the same name.
+        await finish_deletion(rig.admin, rig.ns, "llama-0")
+        recreated = await make_lws_group(rig.admin, rig.ns, "llama", 0, nodes[:1])
+        new_uid = recreated[0]["metadata"]["uid"]
+        successor = ActionExecutor(rig.kube, rig.model, SystemClock(), may_act=lambda: True,
+                                   intents=dict(rig.executor.intents), save=_noop)
+        assert await successor.execute(d)
+        pod = (await list_pods(rig.admin, rig.ns))["llama-0"]
+        assert pod["metadata"]["uid"] == new_uid
+        assert not pod["metadata"].get("deletionTimestamp")
+
+    async def test_generic_group_restart_deletes_every_pod(self, rig: Rig) -> None:
+        """A generic (label-selector) group has no leader to delete: all its pods go."""
+        nodes = await make_nodes(rig.admin, 3)
+        await make_generic_group(rig.admin, rig.ns, "rg-a", nodes)
+        await make_generic_group(rig.admin, rig.ns, "rg-b", nodes[:1])
+        await rig.refresh()
+        assert await rig.executor.execute(decision(Action.RESTART_GROUP, f"{rig.ns}/ray/rg-a"))
+        pods = await list_pods(rig.admin, rig.ns)
+        # No kubelet confirms the deletion, so deleted pods stay visible as terminating.
+        terminating = sorted(n for n, p in pods.items() if p["metadata"].get("deletionTimestamp"))
+        assert terminating == ["rg-a-0", "rg-a-1", "rg-a-2"]
+
+    async def test_fenced_executor_does_not_touch_anything(self, rig: Rig) -> None:
+        """Without the Lease the executor refuses before its first write."""
+        nodes = await make_nodes(rig.admin, 2)
+        await make_lws_group(rig.admin, rig.ns, "llama", 0, nodes)
+        await rig.refresh()
+        rig.leader = False
+        assert not await rig.executor.execute(decision(Action.RESTART_GROUP,
+                                                       f"{rig.ns}/llama/0"))
+        assert not await rig.executor.execute(decision(Action.FAIL_OVER, f"{rig.ns}/llama/0"))
+        pods = await list_pods(rig.admin, rig.ns)
+        assert all(not p["metadata"].get("deletionTimestamp") for p in pods.values())
+        assert all(gate(p) == "True" for p in pods.values())
+        assert rig.saved == []
+
+
+async def _noop() -> None:
+    return None
+
+
+class TestControllerQuarantine:
+    async def test_quarantine_cordons_taints_and_sets_condition_once(self, rig: Rig) -> None:
+        """Cordon + our NoSchedule taint (foreign taints kept) + condition; a repeat is a
+        no-op; lifting restores the node as it was."""
+        (node,) = await make_nodes(rig.admin, 1)
+        core = client.CoreV1Api(rig.admin)
+        foreign = {"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}
+        await core.patch_node(node, {"spec": {"taints": [foreign]}})
+        d = decision(Action.QUARANTINE, node, step=1)
+        assert await rig.executor.execute(d)
+        assert await rig.executor.execute(d)
+        raw = rig.admin.sanitize_for_serialization(await core.read_node(node))
+        assert raw["spec"]["unschedulable"] is True
+        # (the API server's TaintNodesByCondition may add node.kubernetes.io/not-ready too)
+        keys = [t["key"] for t in raw["spec"]["taints"]
+                if t["key"] != "node.kubernetes.io/not-ready"]
+        assert keys == ["nvidia.com/gpu", QUARANTINE_TAINT]
+        ours = next(t for t in raw["spec"]["taints"] if t["key"] == QUARANTINE_TAINT)
+        assert ours["effect"] == "NoSchedule"
+        cond = next(c for c in raw["status"]["conditions"] if c["type"] == QUARANTINE_CONDITION)
+        assert (cond["status"], cond["reason"]) == ("True", "Quarantined")
+        assert any(c["type"] == "Ready" for c in raw["status"]["conditions"])
+        events = await events_for(rig, node, ns="default")
+        assert [(e.type, e.reason) for e in events] == [("Warning", "NodeQuarantined")]
+
+        assert await rig.executor.execute(decision(Action.UNQUARANTINE, node, step=-1))
+        raw = rig.admin.sanitize_for_serialization(await core.read_node(node))
+        assert not raw["spec"].get("unschedulable")
+        assert [t for t in raw["spec"]["taints"] if t["key"] != "node.kubernetes.io/not-ready"] \
+            == [foreign]
+        assert "gpu-supervisor.io/quarantine" not in (raw["metadata"].get("annotations") or {})
+        cond = next(c for c in raw["status"]["conditions"] if c["type"] == QUARANTINE_CONDITION)
+        assert (cond["status"], cond["reason"]) == ("False", "QuarantineLifted")
+
+    async def test_lifting_keeps_an_admin_cordon(self, rig: Rig) -> None:
+        """A node an administrator had cordoned stays cordoned when our quarantine lifts."""
+        (node,) = await make_nodes(rig.admin, 1)
+        core = client.CoreV1Api(rig.admin)
+        await core.patch_node(node, {"spec": {"unschedulable": True}})
+        assert await rig.executor.execute(decision(Action.QUARANTINE, node))
+        assert await rig.executor.execute(decision(Action.UNQUARANTINE, node, step=-1))
+        raw = await core.read_node(node)
+        assert raw.spec.unschedulable is True
+        assert not [t for t in raw.spec.taints or [] if t.key == QUARANTINE_TAINT]
+
+
+class TestControllerDegrade:
+    async def _deployment(self, rig: Rig, name: str, replicas: int) -> None:
+        apps = client.AppsV1Api(rig.admin)
+        await apps.create_namespaced_deployment(rig.ns, {
+            "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": name},
+            "spec": {"replicas": replicas, "selector": {"matchLabels": {"app": name}},
+                     "template": {"metadata": {"labels": {"app": name}},
+                                  "spec": {"containers": [{"name": "c", "image": "x"}]}}}})
+
+    async def _become_ready(self, rig: Rig, name: str, replicas: int) -> None:
+        """Play the Deployment controller: report the pods ready once scaled up."""
+        apps = client.AppsV1Api(rig.admin)
+        for _ in range(100):
+            dep = await apps.read_namespaced_deployment(name, rig.ns)
+            if dep.spec.replicas == replicas:
+                await apps.patch_namespaced_deployment_status(name, rig.ns, {"status": {
+                    "replicas": replicas, "readyReplicas": replicas,
+                    "availableReplicas": replicas}})
+                return
+            await asyncio.sleep(0.05)
+        raise AssertionError("fallback was never scaled")
+
+    async def test_degrade_scales_waits_and_shifts_httproute_then_restores(
+            self, rig: Rig) -> None:
+        """Degrade: fallback scaled 0→2, traffic moves only once it is ready (weights 0/100);
+        restore puts the weights back and scales the fallback to 0."""
+        await self._deployment(rig, "llama-8b", 0)
+        co = client.CustomObjectsApi(rig.admin)
+        route = {"apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+                 "metadata": {"name": "llm"},
+                 "spec": {"parentRefs": [{"name": "gw"}], "rules": [{"backendRefs": [
+                     {"name": "llama-70b", "port": 8000, "weight": 100},
+                     {"name": "llama-8b", "port": 8000, "weight": 0}]}]}}
+        await co.create_namespaced_custom_object("gateway.networking.k8s.io", "v1", rig.ns,
+                                                 "httproutes", route)
+        rig.executor._degrade = {"llama-70b": DegradeTarget(
+            "llama-70b", Workload("Deployment", rig.ns, "llama-8b", 2),
+            Traffic("HTTPRoute", rig.ns, "llm", "llama-70b", "llama-8b"), ready_timeout=30)}
+
+        async def weights() -> dict[str, int]:
+            obj = await co.get_namespaced_custom_object("gateway.networking.k8s.io", "v1",
+                                                        rig.ns, "httproutes", "llm")
+            return {r["name"]: r["weight"] for r in obj["spec"]["rules"][0]["backendRefs"]}
+
+        d = Decision(incident="degrade/llama-70b", rule="degrade", step=-1,
+                     action=Action.DEGRADE, target="llama-70b", reason="2 of 4 groups healthy",
+                     dry_run=False)
+        task = asyncio.create_task(rig.executor.execute(d))
+        await asyncio.sleep(1.5)
+        assert await weights() == {"llama-70b": 100, "llama-8b": 0}  # not ready: no shift yet
+        await self._become_ready(rig, "llama-8b", 2)
+        assert await task
+        assert await weights() == {"llama-70b": 0, "llama-8b": 100}
+        apps = client.AppsV1Api(rig.admin)
+        assert (await apps.read_namespaced_deployment("llama-8b", rig.ns)).spec.replicas == 2
+
+        restore = Decision(incident="degrade/llama-70b", rule="degrade", step=-1,
+                           action=Action.RESTORE, target="llama-70b",
+                           reason="primary healthy", dry_run=False)
+        assert await rig.executor.execute(restore)
+        assert await weights() == {"llama-70b": 100, "llama-8b": 0}
+        assert (await apps.read_namespaced_deployment("llama-8b", rig.ns)).spec.replicas == 0
+
+    async def test_degrade_switches_service_selector_without_gateway(self, rig: Rig) -> None:
+        """Without Gateway API the Service's selector moves to the fallback and back."""
+        await self._deployment(rig, "small", 1)
+        core = client.CoreV1Api(rig.admin)
+        await core.create_namespaced_service(rig.ns, {
+            "apiVersion": "v1", "kind": "Service", "metadata": {"name": "llm"},
+            "spec": {"selector": {"model": "big", "tier": "serving"},
+                     "ports": [{"port": 8000}]}})
+        rig.executor._degrade = {"big": DegradeTarget(
+            "big", Workload("Deployment", rig.ns, "small", 1),
+            Traffic("Service", rig.ns, "llm", "model=big,tier=serving",
+                    "model=small,tier=serving"), ready_timeout=30)}
+        await self._become_ready(rig, "small", 1)
+        d = Decision(incident="degrade/big", rule="degrade", step=-1, action=Action.DEGRADE,
+                     target="big", reason="capacity", dry_run=False)
+        assert await rig.executor.execute(d)
+        svc = await core.read_namespaced_service("llm", rig.ns)
+        assert svc.spec.selector == {"model": "small", "tier": "serving"}
+        assert await rig.executor.execute(Decision(
+            incident="degrade/big", rule="degrade", step=-1, action=Action.RESTORE,
+            target="big", reason="back", dry_run=False))
+        svc = await core.read_namespaced_service("llm", rig.ns)
+        assert svc.spec.selector == {"model": "big", "tier": "serving"}
