@@ -137,7 +137,6 @@ class Controller:
         self._inflight: dict[tuple[str, int, str, str], asyncio.Task[None]] = {}
         self._sem = asyncio.Semaphore(c.max_concurrent_actions)
         self._persist_lock = asyncio.Lock()
-        self._takeover: asyncio.Task[None] | None = None
         self._refused: set[tuple[str, str, str]] = set()
         self.elector.listeners.append(self._on_leadership)
         self.evaluations = 0
@@ -179,10 +178,9 @@ class Controller:
         return self.state_loaded and self.elector.is_leader()
 
     def _on_leadership(self, leading: bool) -> None:
-        if leading:
-            self._takeover = asyncio.create_task(self._take_over(), name="takeover")
-        else:
+        if not leading:
             self.state_loaded = False
+        self.model.changed.set()  # the decision loop takes over (or stands down) at once
 
     async def _take_over(self) -> None:
         try:
@@ -190,7 +188,8 @@ class Controller:
         except KubeError as exc:
             log.error("cannot load incident state; not acting", error=str(exc))
             return
-        self.engine.restore(state.get("engine") or {})
+        if state.get("engine"):  # a fresh cluster has no state yet
+            self.engine.restore(state["engine"])
         self.executor.intents = state.get("intents") or {}
         self.state_loaded = True
         log.info("took over", incidents=len(self.engine.incidents()),
@@ -232,6 +231,8 @@ class Controller:
             except TimeoutError:
                 pass
             self.model.changed.clear()
+            if self.elector.is_leader() and not self.state_loaded:
+                await self._take_over()
             if not self.may_act():
                 continue
             self.suspect = self.quorum_problem()
@@ -283,8 +284,6 @@ class Controller:
     async def stop(self) -> None:
         for task in list(self._inflight.values()):
             task.cancel()
-        if self._takeover is not None:
-            self._takeover.cancel()
         await self.elector.release()
 
     def ready(self) -> dict[str, bool]:
