@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import structlog
@@ -32,6 +34,11 @@ class Reporter:
                  clock: Clock, heartbeat: float, timeout: float,
                  path: str = NODE_REPORT_PATH) -> None:
         self._endpoint = url.rstrip("/") + path
+        parts = urlsplit(self._endpoint)
+        self._scheme = parts.scheme
+        self._host = parts.hostname or ""
+        self._port = parts.port or (443 if parts.scheme == "https" else 80)
+        self._path = parts.path
         self._token_file = token_file
         self._snapshot = snapshot
         self._clock = clock
@@ -76,24 +83,52 @@ class Reporter:
             self.last_error = f"cannot read token file {self._token_file}: {exc.strerror}"
         if token:
             headers["Authorization"] = f"Bearer {token}"
+        data = json.dumps(body)
         try:
-            await with_deadline(f"report to {self._endpoint}",
-                                self._post(session, json.dumps(body), headers), self._timeout)
-        except (aiohttp.ClientError, OSError, DeadlineExceeded, ReportRejected) as exc:
-            self.failed += 1
-            self.last_error = str(exc)
-            log.warning("report failed", endpoint=self._endpoint, error=str(exc))
-            return False
+            addresses = await with_deadline(f"resolve {self._host}", self._resolve(),
+                                            self._timeout)
+        except (OSError, DeadlineExceeded) as exc:
+            return self._failed(exc)
+        results = await asyncio.gather(*(
+            with_deadline(f"report to {address}", self._post(session, address, data, headers),
+                          self._timeout) for address in addresses), return_exceptions=True)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        for error in errors:
+            if not isinstance(error, aiohttp.ClientError | OSError | DeadlineExceeded
+                              | ReportRejected):
+                raise error
+        if len(errors) == len(results):
+            return self._failed(errors[0])
         self.sent += 1
         self.last_sent_wall = self._clock.wall()
+        self.last_error = str(errors[0]) if errors else None
         return True
 
-    async def _post(self, session: aiohttp.ClientSession, body: str,
+    def _failed(self, exc: BaseException) -> bool:
+        self.failed += 1
+        self.last_error = str(exc)
+        log.warning("report failed", endpoint=self._endpoint, error=str(exc))
+        return False
+
+    async def _resolve(self) -> list[str]:
+        infos = await asyncio.get_running_loop().getaddrinfo(
+            self._host, self._port, type=socket.SOCK_STREAM)
+        return sorted({str(info[4][0]) for info in infos})
+
+    async def _post(self, session: aiohttp.ClientSession, address: str, body: str,
                     headers: dict[str, str]) -> None:
-        async with session.post(self._endpoint, data=body, headers=headers) as resp:
+        host = f"[{address}]" if ":" in address else address
+        url = f"{self._scheme}://{host}:{self._port}{self._path}"
+        # Keep the Host header and TLS server name of the configured URL: we only chose
+        # which replica's address to connect to.
+        extra: dict[str, Any] = {}
+        if self._scheme == "https":
+            extra["server_hostname"] = self._host
+        async with session.post(url, data=body, headers={**headers, "Host": self._host},
+                                **extra) as resp:
             if resp.status >= 300:
                 text = (await resp.text())[:200]
-                raise ReportRejected(f"controller answered {resp.status}: {text}")
+                raise ReportRejected(f"{address} answered {resp.status}: {text}")
 
 
 class ReportRejected(SupervisorError):

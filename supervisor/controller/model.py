@@ -216,15 +216,22 @@ class HealthModel:
 
     def accept_report(self, report: NodeReport, received: float) -> None:
         info = self._node(report.node)
+        was_silent = info.last_report is None or received - info.last_report > \
+            self.silence_seconds
         info.last_report = received
         actionable = any(f.severity != "info" for f in report.findings)
         if actionable and info.became_bad_at is None:
             info.became_bad_at = received
         elif not actionable:
             info.became_bad_at = None
+        before = _finding_keys(info.report)
         info.report = report
         self.reports_accepted += 1
-        self.changed.set()
+        # Most reports are heartbeats repeating what we know; only a change in what a node
+        # reports (or a node coming back) needs a policy evaluation now. Timers (for:,
+        # after:) are served by the decision loop's periodic pass.
+        if was_silent or _finding_keys(report) != before:
+            self.changed.set()
 
     # --- derived ---------------------------------------------------------------------------
 
@@ -280,6 +287,13 @@ class HealthModel:
             info = self.nodes.get(target)
             times = [info.became_bad_at] if info and info.became_bad_at is not None else []
         return min((t for t in times if t is not None), default=None)
+
+
+def _finding_keys(report: NodeReport | None) -> frozenset[tuple[str, str, str, str]]:
+    if report is None:
+        return frozenset()
+    return frozenset((f.fault_class, f.subject_id, f.detail, f.severity)
+                     for f in report.findings)
 
 
 def _matches(labels: dict[str, str], selector: str) -> bool:

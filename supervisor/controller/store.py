@@ -7,6 +7,10 @@ UIDs — and only then does it. A leader killed between the two leaves the inten
 its successor replays it with the same UID preconditions, so the pods are deleted at most
 once however the hand-over falls.
 
+The circuit breaker is reset by a person, through Kubernetes RBAC like any other change:
+``kubectl -n gpu-supervisor annotate configmap gpu-supervisor-state
+gpu-supervisor.io/reset-breaker=true`` — the leader sees it, resets and removes it.
+
 Every write carries the ``resourceVersion`` last read. A 409 means another controller has
 written since: we are no longer the one in charge, and ``Fenced`` stops us acting.
 """
@@ -20,6 +24,7 @@ from supervisor.errors import SupervisorError
 from supervisor.kube import KubeClient
 
 STATE_KEY = "state.json"
+RESET_BREAKER_ANNOTATION = "gpu-supervisor.io/reset-breaker"
 
 
 class Fenced(SupervisorError):
@@ -65,3 +70,19 @@ class StateStore:
             raise Fenced(f"ConfigMap {self.namespace}/{self.name} changed under us")
         self._resource_version = result["metadata"]["resourceVersion"]
         self.writes += 1
+
+    async def take_breaker_reset(self) -> bool:
+        """True once if someone annotated the ConfigMap asking for a breaker reset."""
+        cm = await self._kube.request("GET", self._path, ok_statuses=frozenset({404}))
+        annotations = (cm.get("metadata", {}).get("annotations") or {}) if cm else {}
+        if annotations.get(RESET_BREAKER_ANNOTATION) != "true":
+            return False
+        body = {"metadata": {"resourceVersion": cm["metadata"]["resourceVersion"],
+                             "annotations": {RESET_BREAKER_ANNOTATION: None}}}
+        result = await self._kube.request(
+            "PATCH", self._path, body=body, content_type="application/merge-patch+json",
+            ok_statuses=frozenset({409}), retry=False)
+        if not result:
+            return False  # changed under us; the next pass sees it again
+        self._resource_version = result["metadata"]["resourceVersion"]
+        return True

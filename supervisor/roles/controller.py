@@ -189,7 +189,14 @@ class Controller:
             log.error("cannot load incident state; not acting", error=str(exc))
             return
         if state.get("engine"):  # a fresh cluster has no state yet
-            self.engine.restore(state["engine"])
+            try:
+                self.engine.restore(state["engine"])
+            except ValueError as exc:
+                # Acting without knowing what was already done could repeat a restart:
+                # stay hands-off and say so, until a person repairs or clears the state.
+                self.policy_error = f"stored incident state unreadable: {exc}"
+                log.error("cannot restore incident state; not acting", error=str(exc))
+                return
         self.executor.intents = state.get("intents") or {}
         self.state_loaded = True
         log.info("took over", incidents=len(self.engine.incidents()),
@@ -238,6 +245,8 @@ class Controller:
             self.suspect = self.quorum_problem()
             if self.suspect is not None:
                 continue
+            if self.engine.breaker_open:
+                await self._maybe_reset_breaker()
             evaluation = self.engine.evaluate(self.model.signals(), self.model.view())
             self.evaluations += 1
             refused_now = set()
@@ -256,6 +265,15 @@ class Controller:
                     continue
                 self._inflight[key] = asyncio.create_task(self._carry_out(key, decision),
                                                           name=f"action {key}")
+
+    async def _maybe_reset_breaker(self) -> None:
+        try:
+            if await self.store.take_breaker_reset():
+                self.engine.reset_breaker()
+                log.warning("circuit breaker reset by annotation")
+                await self.persist()
+        except (Fenced, KubeError) as exc:
+            log.warning("breaker reset check failed", error=str(exc))
 
     async def _carry_out(self, key: tuple[str, int, str, str], decision: Decision) -> None:
         try:
