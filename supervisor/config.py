@@ -173,7 +173,9 @@ class ControllerSettings:
         3, "the silent-fraction guard applies from this many reporting nodes", "nodes", ge=1)
     evaluation_interval_seconds: float = setting(
         1.0, "re-evaluate policy at least this often (for: and after: timers)", "s", gt=0)
-    max_concurrent_actions: int = setting(32, "actions carried out at once", "", ge=1)
+    max_concurrent_actions: int = setting(
+        256, "actions carried out at once; a burst of failed groups should all leave traffic "
+        "now, the circuit breaker is what limits a storm", "", ge=1)
 
 
 @dataclass

@@ -21,6 +21,7 @@ and every action ends in an Event on the object, a counter and a structured log 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import datetime as dt
 import json
 from collections import Counter
@@ -44,6 +45,11 @@ QUARANTINE_ANNOTATION = "gpu-supervisor.io/quarantine"
 QUARANTINE_CONDITION = "GPUSupervisorQuarantined"
 TRAFFIC_ANNOTATION = "gpu-supervisor.io/traffic-before-degrade"
 COMPONENT = "gpu-supervisor-controller"
+
+# When the current action's first request was answered (None: not yet). Task-local: every
+# decision runs in its own task, so concurrent actions never see each other's value.
+_FIRST_WRITE: contextvars.ContextVar[float | None] = contextvars.ContextVar(
+    "first_write", default=None)
 STRATEGIC = "application/strategic-merge-patch+json"
 MERGE = "application/merge-patch+json"
 
@@ -99,7 +105,8 @@ class ActionExecutor:
     def __init__(self, kube: KubeClient, model: HealthModel, clock: Clock, *,
                  may_act: Callable[[], bool], intents: dict[str, Any],
                  save: Callable[[], Awaitable[None]],
-                 degrade_targets: dict[str, DegradeTarget] | None = None) -> None:
+                 degrade_targets: dict[str, DegradeTarget] | None = None,
+                 follow_up_concurrency: int = 4) -> None:
         self._kube = kube
         self._model = model
         self._clock = clock
@@ -109,7 +116,10 @@ class ActionExecutor:
         self._degrade = degrade_targets or {}
         self.outcomes: Counter[tuple[str, str]] = Counter()
         self.latencies: list[float] = []  # detection → first API write, seconds
-        self._first_write: float | None = None
+        # Follow-up requests (the other pods of a group, Events) queue here so that in a
+        # burst every action's *first* request — the one that takes a group out of
+        # traffic — reaches the API server ahead of them.
+        self._followups = asyncio.Semaphore(follow_up_concurrency)
 
     async def execute(self, decision: Decision) -> bool:
         """Carry out ``decision``; True when its effect is in place."""
@@ -118,7 +128,7 @@ class ActionExecutor:
                      target=decision.target, incident=decision.incident, reason=decision.reason)
             self.outcomes[(str(decision.action), "dry_run")] += 1
             return True
-        self._first_write = None
+        _FIRST_WRITE.set(None)
         handler = {
             Action.FAIL_OVER: self._fail_over, Action.RECOVER: self._recover,
             Action.RESTART_GROUP: self._restart_group, Action.QUARANTINE: self._quarantine,
@@ -144,17 +154,28 @@ class ActionExecutor:
         return True
 
     async def _write(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
-        """Every mutating request goes through here: fencing check, latency bookkeeping."""
+        """Every mutating request goes through here: fencing check, latency bookkeeping.
+
+        The decision latency is taken when the action's first request has been *answered*
+        by the API server — an upper bound on when it was sent, so connection-pool waits
+        and the round trip count against us, not for us.
+        """
         if not self._may_act():
             raise Fenced("not the leader")
-        if self._first_write is None:
-            self._first_write = self._clock.monotonic()
-        return await self._kube.request(method, path, **kwargs)
+        if _FIRST_WRITE.get() is None:
+            result = await self._kube.request(method, path, **kwargs)
+            _FIRST_WRITE.set(self._clock.monotonic())
+            return result
+        async with self._followups:
+            if not self._may_act():
+                raise Fenced("not the leader")
+            return await self._kube.request(method, path, **kwargs)
 
     def _record_latency(self, target: str) -> None:
         detected = self._model.detection_time(target)
-        if detected is not None and self._first_write is not None:
-            self.latencies.append(max(0.0, self._first_write - detected))
+        first = _FIRST_WRITE.get()
+        if detected is not None and first is not None:
+            self.latencies.append(max(0.0, first - detected))
             del self.latencies[:-10_000]
 
     async def _event(self, obj: dict[str, str], decision: Decision, reason: str,
@@ -193,9 +214,18 @@ class ActionExecutor:
         body = {"status": {"conditions": [cond]}}
         pods = sorted(group.pods.values(), key=lambda p: (p.worker_index is None,
                                                           p.worker_index, p.name))
-        await asyncio.gather(*(self._write(
-            "PATCH", f"/api/v1/namespaces/{p.namespace}/pods/{p.name}/status", body=body,
-            content_type=STRATEGIC, ok_statuses=frozenset({404})) for p in pods))
+
+        async def patch(pod: Any) -> None:
+            await self._write("PATCH", f"/api/v1/namespaces/{pod.namespace}/pods/{pod.name}"
+                              "/status", body=body, content_type=STRATEGIC,
+                              ok_statuses=frozenset({404}))
+
+        # The leader first: in LWS serving set-ups it is the pod the Service and routers
+        # send traffic to, so gating it takes the replica out of traffic; in a burst, every
+        # group's leader patch is queued before any group's worker patches.
+        if pods:
+            await patch(pods[0])
+        await asyncio.gather(*(patch(p) for p in pods[1:]))
         self._record_latency(decision.target)
         if pods:
             await self._event({"kind": "Pod", "apiVersion": "v1", "namespace": pods[0].namespace,

@@ -120,6 +120,9 @@ class HealthModel:
         self._groups_by_node: dict[str, set[str]] = {}
         self.changed = asyncio.Event()
         self.reports_accepted = 0
+        # Nodes that may produce a signal (findings reported, or not Ready): signals() and
+        # view() look only at these, not at every node of a 4,096-node fleet.
+        self._attention: set[str] = set()
 
     # --- pods ------------------------------------------------------------------------------
 
@@ -158,6 +161,13 @@ class HealthModel:
         old_key = self._pod_group.get(uid)
         if old_key is not None and old_key != key:
             self.delete_pod(obj)
+        elif old_key is not None:
+            old = self.groups[old_key].pods.get(uid)
+            if old is not None and (old.node, old.capable, old.terminating, old.model) == \
+                    (pod.node, pod.capable, pod.terminating, pod.model):
+                # Only our own gate (or fields we ignore) moved: nothing to re-decide.
+                self.groups[old_key].pods[uid] = pod
+                return
         group = self.groups.get(key)
         if group is None:
             group = self.groups[key] = GroupInfo(key=key, kind=kind, namespace=pod.namespace,
@@ -199,6 +209,7 @@ class HealthModel:
         info = self._node(obj["metadata"]["name"])
         ready = _condition(obj, "Ready")
         was = info.ready
+        before = (info.ready, info.unschedulable, info.quarantined)
         info.ready = None if ready is None else ready == "True"
         if info.ready is False and was is not False:
             info.not_ready_since = self._clock.monotonic()
@@ -208,7 +219,10 @@ class HealthModel:
         info.unschedulable = bool(spec.get("unschedulable"))
         info.quarantined = any(t.get("key") == self.quarantine_taint
                                for t in spec.get("taints") or [])
-        self.changed.set()
+        if (info.ready, info.unschedulable, info.quarantined) != before:
+            self.changed.set()
+        if info.ready is False:
+            self._attention.add(info.name)
 
     def delete_node(self, obj: dict[str, Any]) -> None:
         self.nodes.pop(obj["metadata"]["name"], None)
@@ -226,6 +240,8 @@ class HealthModel:
             info.became_bad_at = None
         before = _finding_keys(info.report)
         info.report = report
+        if report.findings:
+            self._attention.add(report.node)
         self.reports_accepted += 1
         # Most reports are heartbeats repeating what we know; only a change in what a node
         # reports (or a node coming back) needs a policy evaluation now. Timers (for:,
@@ -243,7 +259,12 @@ class HealthModel:
     def signals(self) -> list[Signal]:
         now = self._clock.monotonic()
         out: list[Signal] = []
-        for info in self.nodes.values():
+        for name in list(self._attention):
+            info = self.nodes.get(name)
+            if info is None or (info.ready is not False and not (
+                    info.report and info.report.findings)):
+                self._attention.discard(name)
+                continue
             groups = self.groups_on(info.name)
             report = info.report
             if report is not None and info.last_report is not None:
@@ -264,7 +285,10 @@ class HealthModel:
 
     def view(self) -> View:
         sick: set[str] = set()
-        for info in self.nodes.values():
+        for name in self._attention:
+            info = self.nodes.get(name)
+            if info is None:
+                continue
             if info.report is not None and any(f.severity != "info"
                                                for f in info.report.findings):
                 sick.update(self.groups_on(info.name))
