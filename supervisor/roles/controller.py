@@ -143,6 +143,7 @@ class Controller:
         self._refused: set[tuple[str, str, str]] = set()
         self.elector.listeners.append(self._on_leadership)
         self.evaluations = 0
+        self.refusals: list[dict[str, str]] = []
 
     # --- policy ----------------------------------------------------------------------------
 
@@ -283,6 +284,9 @@ class Controller:
                                 target=refusal.decision.target,
                                 incident=refusal.decision.incident)
             self._refused = refused_now
+            self.refusals = [{"incident": r.decision.incident, "action": str(r.decision.action),
+                              "target": r.decision.target, "why": r.why, "detail": r.detail}
+                             for r in evaluation.refusals]
             for decision in evaluation.decisions:
                 key = (decision.incident, decision.step, str(decision.action), decision.target)
                 if key in self._inflight:
@@ -348,6 +352,7 @@ class Controller:
             "token_reviews": self.ingest._tokens.reviews,
             "evaluations": self.evaluations,
             "incidents": self.engine.incidents(),
+            "refusals": self.refusals,
             "actions": {f"{a}/{o}": n for (a, o), n in sorted(self.executor.outcomes.items())},
             "decision_latency_ms": {
                 "count": len(lat),

@@ -75,7 +75,9 @@ async def _env(kube_cluster: KubeTestCluster, tmp_path: Path) -> AsyncIterator[E
 def controller(env: Env, identity: str, policy: str = POLICY) -> ControllerProcess:
     return ControllerProcess(env.workdir, env.controller_kubeconfig, identity, policy=policy,
                              settings={"controller": {"lease_name": f"lease-{env.ns}",
-                                                      "state_configmap": f"state-{env.ns}"}})
+                                                      "state_configmap": f"state-{env.ns}",
+                                                      "silence_seconds": 3.0,
+                                                      "quorum_min_nodes": 3}})
 
 
 async def until(predicate: Callable[[], Any], timeout: float = 20.0, what: str = "") -> Any:
@@ -193,3 +195,188 @@ class TestControllerFailover:
         finally:
             a.stop()
             b.stop()
+
+
+def restart_only(extra: str) -> str:
+    return f"""
+{extra}
+rules:
+  - name: gpu-lost
+    when: {{fault_classes: [gpu_lost], min_severity: critical, scope: group, for: 0s}}
+    then:
+      - action: restart_group
+"""
+
+
+async def leader_with_groups(env: Env, groups: int, policy: str,
+                             name: str = "solo") -> tuple[ControllerProcess, list[str]]:
+    nodes = await make_nodes(env.admin, groups)
+    for i, node in enumerate(nodes):
+        await make_lws_group(env.admin, env.ns, "llama", i, [node], model="llama-70b")
+    ctl = controller(env, name, policy=policy).start()
+
+    async def ready() -> bool:
+        status = await asyncio.to_thread(ctl.status)
+        return bool(status["leader"] and status["state_loaded"] and status["groups"] >= groups)
+    await until(ready, what="controller leading with the groups discovered")
+    return ctl, nodes
+
+
+async def terminating(env: Env) -> list[str]:
+    pods = await list_pods(env.admin, env.ns)
+    return sorted(n for n, p in pods.items() if p["metadata"].get("deletionTimestamp"))
+
+
+class TestControllerSafety:
+    async def test_budget_limits_groups_disrupted_at_once(self, env: Env) -> None:
+        """Three groups lose a GPU; with max_groups_disrupted 1 exactly one is restarted and
+        the other two are refused for budget."""
+        ctl, nodes = await leader_with_groups(env, 3, restart_only(
+            "budgets: {max_groups_disrupted: 1, min_healthy_groups: 0}"))
+        try:
+            for i, node in enumerate(nodes):
+                assert ctl.post_report(env.agent_token, node_report(
+                    node, [gpu_finding(node, 0)], sequence=i))[0] == 202
+
+            async def refused_two() -> bool:
+                status = await asyncio.to_thread(ctl.status)
+                return sum(r["why"] == "budget" for r in status["refusals"]) == 2
+            await until(refused_two, what="two budget refusals")
+            assert len(await terminating(env)) == 1
+        finally:
+            ctl.stop()
+
+    async def test_circuit_breaker_opens_and_is_reset_by_annotation(self, env: Env) -> None:
+        """With max_actions 2, the third restart trips the breaker: nothing more happens until
+        someone annotates the state ConfigMap; then the held restart goes ahead."""
+        ctl, nodes = await leader_with_groups(env, 3, restart_only(
+            "budgets: {max_groups_disrupted: 10, min_healthy_groups: 0}\n"
+            "circuit_breaker: {max_actions: 2, window: 10m}"))
+        try:
+            for i, node in enumerate(nodes):
+                ctl.post_report(env.agent_token, node_report(node, [gpu_finding(node, 0)],
+                                                             sequence=i))
+
+            async def tripped() -> bool:
+                status = await asyncio.to_thread(ctl.status)
+                return bool(status["breaker_open"])
+            await until(tripped, what="breaker open")
+            await asyncio.sleep(2)
+            assert len(await terminating(env)) == 2
+            metrics = await asyncio.to_thread(_get, ctl.url + "/metrics")
+            assert "gpusupervisor_policy_breaker_open 1.0" in metrics
+            core = client.CoreV1Api(env.admin)
+            await core.patch_namespaced_config_map(
+                f"state-{env.ns}", "gpu-supervisor",
+                {"metadata": {"annotations": {"gpu-supervisor.io/reset-breaker": "true"}}})
+
+            async def all_three() -> bool:
+                for i, node in enumerate(nodes):  # the agents keep reporting
+                    ctl.post_report(env.agent_token, node_report(
+                        node, [gpu_finding(node, 0)], sequence=10 + i))
+                return len(await terminating(env)) == 3
+            await until(all_three, what="third restart after reset")
+            cm = await core.read_namespaced_config_map(f"state-{env.ns}", "gpu-supervisor")
+            assert "gpu-supervisor.io/reset-breaker" not in (cm.metadata.annotations or {})
+        finally:
+            ctl.stop()
+
+    async def test_cooldown_holds_back_a_repeat_quarantine(self, env: Env) -> None:
+        """A node quarantined, lifted when healthy, then faulty again within the cooldown is
+        not quarantined a second time until the cooldown ends."""
+        policy = """
+cooldown: 10m
+rules:
+  - name: hot
+    when: {fault_classes: [thermal], min_severity: warning, scope: node, for: 0s}
+    then: [{action: quarantine}]
+    lift_quarantine: true
+"""
+        ctl, nodes = await leader_with_groups(env, 1, policy)
+        node = nodes[0]
+        core = client.CoreV1Api(env.admin)
+
+        async def quarantined() -> bool:
+            raw = await core.read_node(node)
+            return any(t.key == QUARANTINE_TAINT for t in raw.spec.taints or [])
+        try:
+            hot = [gpu_finding(node, 0, "thermal", "warning")]
+            ctl.post_report(env.agent_token, node_report(node, hot, 1))
+            await until(quarantined, what="quarantine")
+            ctl.post_report(env.agent_token, node_report(node, [], 2))
+
+            async def lifted() -> bool:
+                return not await quarantined()
+            await until(lifted, what="quarantine lifted")
+            ctl.post_report(env.agent_token, node_report(node, hot, 3))
+
+            async def cooldown_refusal() -> bool:
+                status = await asyncio.to_thread(ctl.status)
+                return any(r["why"] == "cooldown" for r in status["refusals"])
+            await until(cooldown_refusal, what="cooldown refusal")
+            assert not await quarantined()
+        finally:
+            ctl.stop()
+
+    async def test_dry_run_acts_on_nothing(self, env: Env) -> None:
+        """In dry-run the controller logs what it would do and changes nothing."""
+        ctl, nodes = await leader_with_groups(env, 1, restart_only("dry_run: true"))
+        try:
+            ctl.post_report(env.agent_token, node_report(nodes[0], [gpu_finding(nodes[0], 0)]))
+
+            async def logged() -> bool:
+                return "dry-run: would act" in ctl.log()
+            await until(logged, what="dry-run log line")
+            assert await terminating(env) == []
+        finally:
+            ctl.stop()
+
+    async def test_bad_policy_reload_keeps_the_last_good_policy(self, env: Env) -> None:
+        """Rewriting the policy file with an invalid one is reported and ignored: the old
+        policy still acts."""
+        ctl, nodes = await leader_with_groups(env, 1, restart_only(""))
+        try:
+            path = env.workdir / "policy-solo.yaml"
+            path.write_text("rules: [{name: x, when: {fault_classes: [gpu_lost]}, "
+                            "then: [{action: explode}]}]\n")
+
+            async def rejected() -> bool:
+                status = await asyncio.to_thread(ctl.status)
+                return bool(status["policy_error"])
+            await until(rejected, what="reload rejected")
+            status = await asyncio.to_thread(ctl.status)
+            assert "rules[0].then[0].action" in status["policy_error"]
+            ctl.post_report(env.agent_token, node_report(nodes[0], [gpu_finding(nodes[0], 0)]))
+
+            async def restarted() -> bool:
+                return len(await terminating(env)) == 1
+            await until(restarted, what="restart under the last good policy")
+        finally:
+            ctl.stop()
+
+    async def test_quorum_guard_stops_a_leader_that_lost_most_agents(self, env: Env) -> None:
+        """When most reporting agents go silent at once the leader suspects itself: a new
+        fault is not acted on."""
+        ctl, nodes = await leader_with_groups(env, 4, restart_only(
+            "budgets: {max_groups_disrupted: 10, min_healthy_groups: 0}"),)
+        try:
+            for i, node in enumerate(nodes):
+                ctl.post_report(env.agent_token, node_report(node, [], i))
+            # silence_seconds is 3 here: three agents fall silent, one reports a fault.
+            await asyncio.sleep(4)
+            ctl.post_report(env.agent_token, node_report(nodes[0], [gpu_finding(nodes[0], 0)]))
+
+            async def suspect() -> bool:
+                status = await asyncio.to_thread(ctl.status)
+                return bool(status["suspect"])
+            await until(suspect, what="quorum guard")
+            await asyncio.sleep(2)
+            assert await terminating(env) == []
+        finally:
+            ctl.stop()
+
+
+def _get(url: str) -> str:
+    import urllib.request
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        return str(resp.read().decode())
