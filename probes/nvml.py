@@ -31,12 +31,14 @@ T = TypeVar("T")
 _NOT_A_VALUE = (pynvml.NVML_ERROR_NOT_SUPPORTED, pynvml.NVML_ERROR_FUNCTION_NOT_FOUND)
 
 
-_ECC_COUNTERS = (
+_ECC_VOLATILE = (
     ("ecc_corrected_volatile", pynvml.NVML_MEMORY_ERROR_TYPE_CORRECTED, pynvml.NVML_VOLATILE_ECC),
-    ("ecc_corrected_aggregate", pynvml.NVML_MEMORY_ERROR_TYPE_CORRECTED,
-     pynvml.NVML_AGGREGATE_ECC),
     ("ecc_uncorrected_volatile", pynvml.NVML_MEMORY_ERROR_TYPE_UNCORRECTED,
      pynvml.NVML_VOLATILE_ECC),
+)
+_ECC_AGGREGATE = (
+    ("ecc_corrected_aggregate", pynvml.NVML_MEMORY_ERROR_TYPE_CORRECTED,
+     pynvml.NVML_AGGREGATE_ECC),
     ("ecc_uncorrected_aggregate", pynvml.NVML_MEMORY_ERROR_TYPE_UNCORRECTED,
      pynvml.NVML_AGGREGATE_ECC),
 )
@@ -129,11 +131,12 @@ class Nvml:
     def sample(self, index: int, detail: bool = True) -> GpuSample:
         """Read the health fields of GPU ``index``. Blocks; run it under a deadline.
 
-        With ``detail=False`` the slow-moving fields — NVLink error counters (4 calls per
-        link, 72 on an 18-link H100), retired pages, temperature thresholds, power limit
-        and the rated PCIe limits — are taken from the last detailed sample of this GPU.
-        They change over minutes, and reading them every second is most of the agent's
-        CPU; the caller decides how often a detailed sample is due.
+        With ``detail=False`` the slow-moving fields — NVLink state and error counters (5
+        calls per link, 90 on an 18-link H100), lifetime ECC counts, retired pages,
+        temperature thresholds, power limit and the rated PCIe limits — are taken from the
+        last detailed sample of this GPU. Reading them every second was most of the
+        agent's CPU; the caller decides how often a detailed sample is due. (A link that
+        goes down also raises XID 74, which arrives at once through the event set.)
         """
         handle = self._handles[index]
         started = time.monotonic()
@@ -156,7 +159,7 @@ class Nvml:
                 slow = self._read_slow(handle, read)
                 self._slow[index] = slow
             values: dict[str, Any] = dict(slow)
-            for key, err, cnt in _ECC_COUNTERS:
+            for key, err, cnt in _ECC_VOLATILE:
                 values[key] = read(key, functools.partial(_ecc_count, handle, err, cnt))
             remap = read("remapped_rows", lambda: pynvml.nvmlDeviceGetRemappedRows(handle))
             if remap is not None:
@@ -172,8 +175,6 @@ class Nvml:
             energy = read("energy",
                           lambda: int(pynvml.nvmlDeviceGetTotalEnergyConsumption(handle)))
             values["energy_joules"] = None if energy is None else energy / 1000
-            values["nvlink"] = read("nvlink", lambda: self._nvlink_state(
-                handle, slow.get("nvlink")))
             values["pcie_generation"] = read("pcie_generation", lambda: int(
                 pynvml.nvmlDeviceGetCurrPcieLinkGeneration(handle)))
             values["pcie_width"] = read("pcie_width", lambda: int(
@@ -190,6 +191,8 @@ class Nvml:
     def _read_slow(self, handle: Any, read: Callable[[str, Callable[[], Any]], Any]
                    ) -> dict[str, Any]:
         slow: dict[str, Any] = {}
+        for key, err, cnt in _ECC_AGGREGATE:
+            slow[key] = read(key, functools.partial(_ecc_count, handle, err, cnt))
         slow["retired_pages_sbe"] = read("retired_pages_sbe", lambda: len(
             pynvml.nvmlDeviceGetRetiredPages(
                 handle, pynvml.NVML_PAGE_RETIREMENT_CAUSE_MULTIPLE_SINGLE_BIT_ECC_ERRORS)))
@@ -245,19 +248,6 @@ class Nvml:
         return NvLinkSample(links=len(states), active=sum(states), replay_errors=totals[0],
                             recovery_errors=totals[1], crc_flit_errors=totals[2],
                             crc_data_errors=totals[3])
-
-    def _nvlink_state(self, handle: Any, last: NvLinkSample | None) -> NvLinkSample | None:
-        """Link states now, error counters from the last detailed read."""
-        if last is None:
-            return None
-        states = self._link_count_and_states(handle)
-        if not states:
-            return None
-        return NvLinkSample(links=len(states), active=sum(states),
-                            replay_errors=last.replay_errors,
-                            recovery_errors=last.recovery_errors,
-                            crc_flit_errors=last.crc_flit_errors,
-                            crc_data_errors=last.crc_data_errors)
 
     def open_xid_events(self, indices: list[int]) -> XidEventSet:
         """Register every GPU in ``indices`` for XID events. GPUs that refuse are skipped."""

@@ -52,8 +52,8 @@ class NvmlSettings:
     call_timeout_seconds: float = setting(
         5.0, "deadline for one GPU's sample; a miss is a GPUUnresponsive finding", "s", gt=0)
     detail_every: int = setting(
-        5, "read slow-moving fields (NVLink error counters, retired pages, thresholds, rated "
-        "PCIe limits) every Nth sample; NVLink counters alone are 72 calls per H100",
+        5, "read slow-moving fields (NVLink state and counters, lifetime ECC, retired pages, "
+        "thresholds, rated PCIe limits) every Nth sample; NVLink alone is 90 calls per H100",
         "samples", ge=1)
     event_wait_ms: int = setting(
         500, "how long one XID event wait blocks; bounds how fast the event thread stops",

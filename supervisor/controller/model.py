@@ -5,7 +5,8 @@ Fed from three sources and nothing else:
 - node reports (``accept_report``): each agent's active findings, replaced wholesale by
   every report, so a cleared finding disappears with the next report;
 - the Node watch: Ready condition and cordon state;
-- the Pod watch: group membership from labels, readiness of each member.
+- the Pod watch: group membership from labels, readiness of each member;
+- the LeaderWorkerSet watch: how many pods make a complete group, and the model label.
 
 Groups are discovered from labels. A LeaderWorkerSet group is every pod with the same
 ``leaderworkerset.sigs.k8s.io/name`` and ``group-index`` in one namespace; its leader has
@@ -118,6 +119,8 @@ class HealthModel:
         self.groups: dict[str, GroupInfo] = {}
         self._pod_group: dict[str, str] = {}  # uid → group key
         self._groups_by_node: dict[str, set[str]] = {}
+        # LeaderWorkerSet objects: (namespace, name) → (group size, model label)
+        self.lws: dict[tuple[str, str], tuple[int, str]] = {}
         self.changed = asyncio.Event()
         self.reports_accepted = 0
         # Nodes that may produce a signal (findings reported, or not Ready): signals() and
@@ -193,6 +196,37 @@ class HealthModel:
                 if not still:
                     self._groups_by_node.get(pod.node, set()).discard(key)
         self.changed.set()
+
+    # --- LeaderWorkerSets ------------------------------------------------------------------
+
+    def upsert_lws(self, obj: dict[str, Any]) -> None:
+        """An LWS tells what a complete group is (``size`` pods) and may name the model."""
+        meta = obj.get("metadata", {})
+        template = obj.get("spec", {}).get("leaderWorkerTemplate", {})
+        size = int(template.get("size") or 1)
+        model = (meta.get("labels") or {}).get(MODEL_LABEL, "")
+        key = (meta.get("namespace", ""), meta.get("name", ""))
+        if self.lws.get(key) != (size, model):
+            self.lws[key] = (size, model)
+            self.changed.set()
+
+    def delete_lws(self, obj: dict[str, Any]) -> None:
+        meta = obj.get("metadata", {})
+        self.lws.pop((meta.get("namespace", ""), meta.get("name", "")), None)
+        self.changed.set()
+
+    def expected_size(self, group: GroupInfo) -> int | None:
+        if group.kind != "lws":
+            return None
+        known = self.lws.get((group.namespace, group.owner))
+        return known[0] if known else None
+
+    def model_of(self, group: GroupInfo) -> str:
+        if group.kind == "lws":
+            known = self.lws.get((group.namespace, group.owner))
+            if known and known[1]:
+                return known[1]
+        return group.model
 
     def groups_on(self, node: str) -> tuple[str, ...]:
         return tuple(sorted(self._groups_by_node.get(node, ())))
@@ -296,9 +330,11 @@ class HealthModel:
                 sick.update(self.groups_on(info.name))
         groups = {}
         for key, group in self.groups.items():
-            healthy = key not in sick and bool(group.pods) and all(
+            size = self.expected_size(group)
+            complete = size is None or len(group.pods) >= size  # a missing member stops it
+            healthy = key not in sick and bool(group.pods) and complete and all(
                 p.capable and not p.terminating for p in group.pods.values())
-            groups[key] = GroupView(key=key, model=group.model, healthy=healthy,
+            groups[key] = GroupView(key=key, model=self.model_of(group), healthy=healthy,
                                     nodes=group.nodes)
         return View(groups=groups)
 

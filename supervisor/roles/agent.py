@@ -47,6 +47,9 @@ from supervisor.runtime.tasks import TaskGroup
 log = structlog.get_logger(__name__)
 
 
+STAGGER_SECONDS = 0.001
+
+
 class ProbeObserver(Protocol):
     """Receives probe timings as they happen (the metrics layer implements it)."""
 
@@ -180,7 +183,12 @@ class Agent:
         gpu = self.gpus[index]
         interval = self.settings.nvml.probe_interval_seconds
         timeout = self.settings.nvml.call_timeout_seconds
+        # GPUs share one tick grid but start a millisecond apart. Started together, eight
+        # worker threads fight over the GIL at every NVML call (each call releases and
+        # re-takes it), and the hand-offs cost more CPU than the sampling itself.
+        offset = index * min(STAGGER_SECONDS, interval / (4 * max(len(self.gpus), 1)))
         k = 0
+        await asyncio.sleep(offset)
         while True:
             tick = self._epoch + k * interval
             gpu.last_tick = self.clock.monotonic()
@@ -193,7 +201,7 @@ class Agent:
             # Next tick on the shared grid; skip ticks we overran rather than bunching up.
             now = self.clock.monotonic()
             k = max(k + 1, int((now - self._epoch) // interval) + 1)
-            await asyncio.sleep(max(0.0, self._epoch + k * interval - now))
+            await asyncio.sleep(max(0.0, self._epoch + k * interval + offset - now))
 
     async def _sample_once(self, gpu: GpuState, timeout: float,
                            detail: bool) -> list[Verdict]:

@@ -54,8 +54,11 @@ class Reflector:
 
     def __init__(self, kube: KubeClient, path: str, selector: str,
                  upsert: Callable[[dict[str, Any]], None],
-                 delete: Callable[[dict[str, Any]], None]) -> None:
+                 delete: Callable[[dict[str, Any]], None], *, optional: bool = False) -> None:
         self._kube = kube
+        # optional: the resource may not exist in this cluster (no LWS CRD installed); a 404
+        # then means "none of them", not an outage that should stop the leader acting.
+        self.optional = optional
         self.path = path
         self.selector = selector
         self._upsert = upsert
@@ -94,6 +97,13 @@ class Reflector:
                             self._known[uid] = obj
                             self._upsert(obj)
             except KubeError as exc:
+                if self.optional and exc.status == 404:
+                    for obj in self._known.values():
+                        self._delete(obj)
+                    self._known = {}
+                    self.synced = True
+                    await asyncio.sleep(60.0)
+                    continue
                 self.errors += 1
                 gone = isinstance(exc, KubeTemporaryError) and exc.status == 410
                 if not gone:
@@ -130,6 +140,8 @@ class Controller:
             Reflector(kube, "/api/v1/nodes", "", self.model.upsert_node, self.model.delete_node),
             Reflector(kube, "/api/v1/pods", LWS_NAME, self.model.upsert_pod,
                       self.model.delete_pod),
+            Reflector(kube, "/apis/leaderworkerset.x-k8s.io/v1/leaderworkersets", "",
+                      self.model.upsert_lws, self.model.delete_lws, optional=True),
             *(Reflector(kube, "/api/v1/pods", k.selector, self.model.upsert_pod,
                         self.model.delete_pod) for k in topology.kinds),
         ]

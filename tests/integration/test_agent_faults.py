@@ -140,10 +140,9 @@ def test_unsupported_fields_are_not_faults(agent: AgentProcess) -> None:
     """A GPU without row remapping or NVLink shows those fields as null and no finding."""
     gpu = 6
     agent.control.unsupported(gpu, ["nvmlDeviceGetRemappedRows", "nvmlDeviceGetNvLinkState"])
-    agent.wait_for(lambda: agent.status()["gpus"][gpu]["sample"]["remap_failure"] is None,
-                   what="remap field unsupported")
-    sample = agent.status()["gpus"][gpu]["sample"]
-    assert sample["nvlink"] is None
+    # NVLink is among the detailed fields, read every nvml.detail_every samples.
+    agent.wait_for(lambda: (s := agent.status()["gpus"][gpu]["sample"])["remap_failure"] is None
+                   and s["nvlink"] is None, what="remap and NVLink unsupported")
     assert not agent.findings("row_remap", gpu) and not agent.findings("nvlink_down", gpu)
     agent.control.unsupported(gpu, [])
 

@@ -380,3 +380,44 @@ def _get(url: str) -> str:
     import urllib.request
     with urllib.request.urlopen(url, timeout=5) as resp:
         return str(resp.read().decode())
+
+
+class TestControllerWithAgent:
+    async def test_xid_on_a_simulated_gpu_fails_the_group_over_end_to_end(
+            self, env: Env) -> None:
+        """Stand-in GPU → real agent process → report with its SA token → controller →
+        readiness gates of the group's pods False on the API server."""
+        from bench.harness import AgentProcess
+
+        nodes = await make_nodes(env.admin, 2)
+        await make_lws_group(env.admin, env.ns, "llama", 0, nodes, model="llama-70b")
+        ctl = controller(env, "with-agent", policy=POLICY.replace(
+            "fault_classes: [gpu_lost]", "fault_classes: [gpu_lost, xid]")).start()
+        token_file = env.workdir / "agent-token"
+        token_file.write_text(env.agent_token)
+        agent = AgentProcess(env.workdir / "agent", gpus=2, node_name=nodes[0], settings={
+            "reporting": {"controller_url": ctl.url, "token_file": str(token_file),
+                          "heartbeat_seconds": 1.0, "timeout_seconds": 1.0}})
+        (env.workdir / "agent").mkdir(exist_ok=True)
+        try:
+            await asyncio.to_thread(agent.start)
+
+            async def leading() -> bool:
+                status = await asyncio.to_thread(ctl.status)
+                return bool(status["leader"] and status["state_loaded"])
+            await until(leading, what="controller leading")
+            agent.control.inject_xid(1, 79)
+
+            async def gated() -> bool:
+                pods = await list_pods(env.admin, env.ns)
+                return all(any(c["type"] == "gpu-supervisor.io/serving" and
+                               c["status"] == "False" for c in p["status"]["conditions"])
+                           for p in pods.values())
+            await until(gated, what="group failed over")
+            status = await asyncio.to_thread(ctl.status)
+            assert status["reports"]["accepted"] >= 1
+            (incident,) = [i for i in status["incidents"] if "llama" in str(i)]
+            assert "gpu-lost" in str(incident)
+        finally:
+            await asyncio.to_thread(agent.stop)
+            ctl.stop()
