@@ -16,7 +16,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -127,25 +127,7 @@ class AgentProcess:
                       f"{fault_class} on GPU {gpu} to clear")
 
     def stop(self, timeout: float = 20.0) -> int:
-        if self.proc is None:
-            return 0
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
-
-
-@contextlib.contextmanager
-def running_agent(workdir: Path, **kwargs: Any) -> Iterator[AgentProcess]:
-    agent = AgentProcess(workdir, **kwargs)
-    try:
-        yield agent.start()
-    finally:
-        agent.stop()
+        return _terminate(self.proc, timeout)
 
 
 def metric_value(text: str, name: str, **labels: str) -> float | None:
@@ -227,16 +209,21 @@ class ControllerProcess:
             self.proc.wait()
 
     def stop(self, timeout: float = 20.0) -> int:
-        if self.proc is None:
-            return 0
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
+        return _terminate(self.proc, timeout)
+
+
+def _terminate(proc: subprocess.Popen[bytes] | None, timeout: float) -> int:
+    """SIGTERM, wait ``timeout`` seconds, then SIGKILL; the exit code."""
+    if proc is None:
+        return 0
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
 
 
 def _port_from_log(proc: subprocess.Popen[bytes], log_path: Path, timeout: float = 60) -> int:

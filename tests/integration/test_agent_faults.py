@@ -26,6 +26,11 @@ def _agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentProcess]:
         assert agent.stop() == 0, agent.log()[-3000:]
 
 
+def finding_metric(agent: AgentProcess, gpu: int, fault_class: str) -> float | None:
+    return metric_value(agent.metrics(), "gpusupervisor_gpu_finding_active", gpu=str(gpu),
+                        fault_class=fault_class)
+
+
 # (id, gpu, fault injection, fault class, condition type, condition reason)
 STATE_FAULTS: list[tuple[str, int, dict[str, int], str, str, str]] = [
     ("uncorrectable-ecc", 0, {"ecc.uncorrected.volatile": 3, "ecc.uncorrected.aggregate": 3},
@@ -80,6 +85,7 @@ def test_correctable_ecc_storm(agent: AgentProcess) -> None:
     assert finding["severity"] == "warning"
     assert finding["evidence"]["per_minute"] >= 100
     assert agent.status()["conditions"]["GPUMemoryError"]["status"] is True
+    assert finding_metric(agent, gpu, "ecc_correctable_storm") == 1
 
 
 def test_nvlink_error_storm(agent: AgentProcess) -> None:
@@ -91,6 +97,8 @@ def test_nvlink_error_storm(agent: AgentProcess) -> None:
                        ["crc_flit_errors"] == s * 1000, what="NVLink counter")
     finding = agent.wait_finding("nvlink_errors", gpu)
     assert finding["reason"] == "NVLinkErrorStorm"
+    assert finding_metric(agent, gpu, "nvlink_errors") == 1
+    assert agent.status()["conditions"]["GPUNVLinkProblem"]["status"] is True
     assert metric_value(agent.metrics(), "gpusupervisor_gpu_nvlink_errors_total", gpu=str(gpu),
                         counter="crc_flit") == 7000
 
@@ -102,6 +110,7 @@ def test_pcie_replay_storm(agent: AgentProcess) -> None:
     finding = agent.wait_finding("pcie_replays", gpu)
     assert finding["reason"] == "PCIeReplayStorm"
     assert agent.status()["conditions"]["GPUPCIeProblem"]["status"] is True
+    assert finding_metric(agent, gpu, "pcie_replays") == 1
 
 
 def test_xid_79_is_critical_and_recommends_reboot(agent: AgentProcess) -> None:
@@ -113,6 +122,7 @@ def test_xid_79_is_critical_and_recommends_reboot(agent: AgentProcess) -> None:
     assert finding["action"] == "reboot_node"
     cond = agent.status()["conditions"]["GPUXidError"]
     assert cond["status"] is True and cond["reason"] == "XidCriticalDetected"
+    assert finding_metric(agent, 3, "xid") == 1
 
 
 def test_ten_thousand_identical_xids_are_one_finding(agent: AgentProcess) -> None:
@@ -156,6 +166,7 @@ def test_lost_gpu_is_reported_and_others_keep_answering(agent: AgentProcess) -> 
     status = agent.status()
     assert status["gpus"][gpu]["lost"] is True
     assert status["conditions"]["GPULost"]["status"] is True
+    assert finding_metric(agent, gpu, "gpu_lost") == 1
     assert metric_value(agent.metrics(), "gpusupervisor_gpu_lost", gpu=str(gpu)) == 1
     before = status["gpus"][0]["probe"]["samples"]
     agent.wait_for(lambda: agent.status()["gpus"][0]["probe"]["samples"] > before + 2,

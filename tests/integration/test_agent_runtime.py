@@ -22,6 +22,8 @@ def test_nvml_call_hanging_30s_is_a_finding_and_livez_keeps_answering(tmp_path: 
         assert "probe stuck" in finding["message"]
         assert agent.status()["conditions"]["GPUUnresponsive"]["status"] is True
         assert metric_value(agent.metrics(), "gpusupervisor_probe_stuck", gpu="3") == 1
+        assert metric_value(agent.metrics(), "gpusupervisor_gpu_finding_active", gpu="3",
+                            fault_class="gpu_unresponsive") == 1
         samples_before = agent.status()["gpus"][0]["probe"]["samples"]
         livez_answers = 0
         # Keep asking for the whole hang: the daemon must never be wedged by it.

@@ -90,6 +90,13 @@ async def until(predicate: Callable[[], Any], timeout: float = 20.0, what: str =
         await asyncio.sleep(0.1)
 
 
+async def all_gated(env: Env) -> bool:
+    """Every pod of the namespace has our readiness gate False: the group is out of traffic."""
+    pods = await list_pods(env.admin, env.ns)
+    return all(any(c["type"] == "gpu-supervisor.io/serving" and c["status"] == "False"
+                   for c in p["status"]["conditions"]) for p in pods.values())
+
+
 async def leader_of(*controllers: ControllerProcess) -> ControllerProcess:
     async def find() -> ControllerProcess | None:
         leaders = []
@@ -160,12 +167,7 @@ class TestControllerFailover:
             for c in (leader, standby):  # the Service may route to either
                 assert c.post_report(env.agent_token, report)[0] == 202
 
-            async def gated() -> bool:
-                pods = await list_pods(env.admin, env.ns)
-                return all(any(c["type"] == "gpu-supervisor.io/serving" and
-                               c["status"] == "False" for c in p["status"]["conditions"])
-                           for p in pods.values())
-            await until(gated, what="group failed over")
+            await until(lambda: all_gated(env), what="group failed over")
             leader.kill()  # mid-incident: restart_group is still 4 s away
 
             async def restarted() -> bool:
@@ -408,12 +410,7 @@ class TestControllerWithAgent:
             await until(leading, what="controller leading")
             agent.control.inject_xid(1, 79)
 
-            async def gated() -> bool:
-                pods = await list_pods(env.admin, env.ns)
-                return all(any(c["type"] == "gpu-supervisor.io/serving" and
-                               c["status"] == "False" for c in p["status"]["conditions"])
-                           for p in pods.values())
-            await until(gated, what="group failed over")
+            await until(lambda: all_gated(env), what="group failed over")
             status = await asyncio.to_thread(ctl.status)
             assert status["reports"]["accepted"] >= 1
             (incident,) = [i for i in status["incidents"] if "llama" in str(i)]
