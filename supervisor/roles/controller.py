@@ -318,7 +318,12 @@ class Controller:
     async def _carry_out(self, key: tuple[str, int, str, str], decision: Decision) -> None:
         try:
             async with self._sem:
-                ok = await self.executor.execute(decision)
+                try:
+                    ok = await self.executor.execute(decision)
+                except Exception:  # a bug must not leave the decision in flight forever
+                    log.exception("action crashed", action=str(decision.action),
+                                  target=decision.target, incident=decision.incident)
+                    ok = False
             if not self.elector.is_leader():
                 return
             self.engine.confirm(decision, ok)
