@@ -226,8 +226,12 @@ class KubeClient:
     # --- authentication -------------------------------------------------------------------
 
     async def review_token(self, token: str, audiences: Sequence[str] = ()) -> tuple[
-            bool, str, list[str]]:
-        """TokenReview: (authenticated, username, groups) for a bearer token."""
+            bool, str, dict[str, list[str]]]:
+        """TokenReview: (authenticated, username, extra) for a bearer token.
+
+        ``extra`` carries what the token is bound to; for a pod-bound ServiceAccount token
+        that includes ``authentication.kubernetes.io/node-name``.
+        """
         spec: dict[str, Any] = {"token": token}
         if audiences:
             spec["audiences"] = list(audiences)
@@ -236,8 +240,8 @@ class KubeClient:
                                     body=body)
         status = result.get("status", {})
         user = status.get("user", {})
-        return bool(status.get("authenticated")), user.get("username", ""), \
-            list(user.get("groups", []))
+        extra = {str(k): [str(v) for v in vs] for k, vs in (user.get("extra") or {}).items()}
+        return bool(status.get("authenticated")), user.get("username", ""), extra
 
 
 def _status_reason(data: bytes) -> str:

@@ -6,9 +6,10 @@ Hostile or broken input never takes the controller down and never poisons the mo
   (checked through the TokenReview API, answers cached for ``token_cache_seconds`` so 4,096
   agents reporting every 10 s cost a review per token per minute, not 400 per second);
 - body over ``max_bytes`` → 413, not JSON → 400, not a NodeReport → 422 naming the field;
-- a report for a node other than the one its ServiceAccount token is bound to is not
-  something a token tells us here (agents share one ServiceAccount), so node names are
-  taken as reported — RBAC on who may hold the agent's token is the boundary.
+- agents share one ServiceAccount, so the identity alone cannot tell one node's agent from
+  another's; but a pod-bound token (what the kubelet mounts) names the node its pod runs
+  on, and a report about any other node is refused with 403 — a compromised agent cannot
+  get healthy nodes quarantined. Tokens without that binding are taken at their word.
 
 Every outcome is counted; only accepted reports reach the health model.
 """
@@ -32,6 +33,7 @@ from supervisor.runtime.clock import Clock
 log = structlog.get_logger(__name__)
 
 SEVERITIES = ("info", "warning", "critical")
+NODE_NAME_EXTRA = "authentication.kubernetes.io/node-name"
 
 
 class ReportInvalid(ValueError):
@@ -118,18 +120,20 @@ class TokenCache:
         self._clock = clock
         self._ttl = ttl
         self._audiences = tuple(audiences)
-        self._cache: dict[bytes, tuple[float, str | None]] = {}
+        self._cache: dict[bytes, tuple[float, tuple[str, str | None] | None]] = {}
         self.reviews = 0
 
-    async def identity(self, token: str) -> str | None:
+    async def identity(self, token: str) -> tuple[str, str | None] | None:
+        """(username, node the token is bound to or None), or None if not authenticated."""
         key = hashlib.sha256(token.encode()).digest()
         now = self._clock.monotonic()
         hit = self._cache.get(key)
         if hit is not None and hit[0] > now:
             return hit[1]
         self.reviews += 1
-        ok, user, _groups = await self._kube.review_token(token, self._audiences)
-        ident = user if ok else None
+        ok, user, extra = await self._kube.review_token(token, self._audiences)
+        nodes = extra.get(NODE_NAME_EXTRA) or []
+        ident = (user, nodes[0] if nodes else None) if ok else None
         self._cache[key] = (now + (self._ttl if ok else self._ttl / 6), ident)
         if len(self._cache) > 100_000:  # bounded: drop expired entries
             self._cache = {k: v for k, v in self._cache.items() if v[0] > now}
@@ -173,8 +177,9 @@ class Ingest:
             return web.json_response({"error": "cannot verify token now"}, status=503)
         if identity is None:
             return self._reject(401, "unauthenticated", "token not accepted", peer)
-        if identity not in self._allowed:
-            return self._reject(403, "forbidden", f"{identity} may not report", peer)
+        user, bound_node = identity
+        if user not in self._allowed:
+            return self._reject(403, "forbidden", f"{user} may not report", peer)
         if request.content_type != "application/json":
             return self._reject(415, "bad_content_type", "expected application/json", peer)
         try:
@@ -191,6 +196,10 @@ class Ingest:
             report = parse_node_report(body)
         except ReportInvalid as exc:
             return self._reject(422, "invalid", str(exc), peer)
+        if bound_node is not None and bound_node != report.node:
+            return self._reject(403, "forbidden",
+                                f"token bound to node {bound_node} may not report for "
+                                f"{report.node}", peer)
         self.outcomes["accepted"] += 1
         self._accept(report, received)
         return web.json_response({"accepted": True}, status=202)

@@ -418,3 +418,31 @@ class TestControllerWithAgent:
         finally:
             await asyncio.to_thread(agent.stop)
             ctl.stop()
+
+
+class TestControllerNodeBinding:
+    async def test_pod_bound_token_may_only_report_for_its_own_node(self, env: Env) -> None:
+        """An agent token bound to a pod on node A is refused (403) when it reports for node
+        B, and accepted for A: one compromised agent cannot get other nodes quarantined."""
+        node_a, node_b = await make_nodes(env.admin, 2)
+        core = client.CoreV1Api(env.admin)
+        pod = await core.create_namespaced_pod("gpu-supervisor", {
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": unique("agent")},
+            "spec": {"nodeName": node_a, "serviceAccountName": "gpu-supervisor-agent",
+                     "automountServiceAccountToken": False,
+                     "containers": [{"name": "agent", "image": "gpu-supervisor:0.1.0"}]}})
+        request = await core.create_namespaced_service_account_token(
+            "gpu-supervisor-agent", "gpu-supervisor", {
+                "spec": {"audiences": [env.cluster.audience], "expirationSeconds": 3600,
+                         "boundObjectRef": {"kind": "Pod", "apiVersion": "v1",
+                                            "name": pod.metadata.name,
+                                            "uid": pod.metadata.uid}}})
+        token = request.status.token
+        ctl = controller(env, "binding").start()
+        try:
+            code, body = ctl.post_report(token, node_report(node_b, []))
+            assert code == 403 and f"bound to node {node_a}" in body
+            assert ctl.post_report(token, node_report(node_a, []))[0] == 202
+        finally:
+            ctl.stop()
