@@ -92,11 +92,11 @@ def main(argv: list[str] | None = None) -> int:
     logsetup.configure(settings.log_level, json=args.log_format == "json")
     log = structlog.get_logger("supervisor.cli")
 
-    from supervisor.daemon import run, run_role  # heavy imports only after validation
+    from supervisor.daemon import run, run_controller_role  # heavy imports after validation
 
     try:
         if args.command == "controller":
-            return run_role("controller", settings)
+            return run_controller_role(settings)
         return run(settings, simulate_gpus=args.simulate_gpus, simulate_dir=args.simulate_dir)
     except SupervisorError as exc:
         log.error("fatal", error=str(exc), error_type=type(exc).__name__)

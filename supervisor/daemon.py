@@ -174,8 +174,6 @@ async def run_controller(settings: Settings) -> None:
         log.info("stopped", reason=group.stop_reason)
 
 
-def run_role(role: str, settings: Settings) -> int:
-    if role == "controller":
-        asyncio.run(run_controller(settings))
-        return 0
-    raise ValueError(role)
+def run_controller_role(settings: Settings) -> int:
+    asyncio.run(run_controller(settings))
+    return 0

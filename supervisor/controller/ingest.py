@@ -152,6 +152,10 @@ class Ingest:
         self._clock = clock
         self.outcomes: Counter[str] = Counter()
 
+    @property
+    def token_reviews(self) -> int:
+        return self._tokens.reviews
+
     def routes(self) -> list[web.RouteDef]:
         return [web.post("/v1/reports/node", self.node_report)]
 

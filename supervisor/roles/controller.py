@@ -366,7 +366,7 @@ class Controller:
             "groups": len(self.model.groups),
             "silent_nodes": len(self.model.silent_nodes()),
             "reports": dict(self.ingest.outcomes),
-            "token_reviews": self.ingest._tokens.reviews,
+            "token_reviews": self.ingest.token_reviews,
             "evaluations": self.evaluations,
             "incidents": self.engine.incidents(),
             "refusals": self.refusals,
