@@ -92,11 +92,6 @@ class KubeClient:
         result: dict[str, Any] = self._api.sanitize_for_serialization(node)
         return result
 
-    async def node_conditions(self, name: str) -> list[dict[str, Any]]:
-        node = await self.read_node(name)
-        conditions: list[dict[str, Any]] = node.get("status", {}).get("conditions") or []
-        return conditions
-
     async def patch_node_conditions(self, name: str,
                                     conditions: Sequence[Mapping[str, Any]]) -> None:
         """Strategic-merge our conditions into ``status.conditions`` (merged by ``type``)."""

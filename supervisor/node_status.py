@@ -53,10 +53,6 @@ class NodeConditionPublisher:
         """Findings changed; publish soon. Safe to call from any finding listener."""
         self._wake.set()
 
-    @property
-    def published(self) -> dict[str, NodeCondition]:
-        return dict(self._published)
-
     async def run(self) -> None:
         full = True
         while True:

@@ -68,7 +68,6 @@ class PodInfo:
     model: str
     capable: bool  # containers ready: able to serve if traffic were sent
     terminating: bool
-    gate: str | None  # status of our readiness-gate condition
 
 
 @dataclass
@@ -122,7 +121,6 @@ class HealthModel:
         # LeaderWorkerSet objects: (namespace, name) → (group size, model label)
         self.lws: dict[tuple[str, str], tuple[int, str]] = {}
         self.changed = asyncio.Event()
-        self.reports_accepted = 0
         # Nodes that may produce a signal (findings reported, or not Ready): signals() and
         # view() look only at these, not at every node of a 4,096-node fleet.
         self._attention: set[str] = set()
@@ -159,8 +157,7 @@ class HealthModel:
         pod = PodInfo(namespace=meta.get("namespace", ""), name=meta.get("name", ""), uid=uid,
                       node=node, group=key, kind=kind, worker_index=worker, model=model,
                       capable=_condition(obj, "ContainersReady") == "True",
-                      terminating=bool(meta.get("deletionTimestamp")),
-                      gate=_condition(obj, READINESS_GATE))
+                      terminating=bool(meta.get("deletionTimestamp")))
         old_key = self._pod_group.get(uid)
         if old_key is not None and old_key != key:
             self.delete_pod(obj)
@@ -276,7 +273,6 @@ class HealthModel:
         info.report = report
         if report.findings:
             self._attention.add(report.node)
-        self.reports_accepted += 1
         # Most reports are heartbeats repeating what we know; only a change in what a node
         # reports (or a node coming back) needs a policy evaluation now. Timers (for:,
         # after:) are served by the decision loop's periodic pass.

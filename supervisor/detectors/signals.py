@@ -29,9 +29,6 @@ class Sustained:
             self.since = now
         return now - self.since >= self.for_seconds
 
-    def held_for(self, now: float) -> float:
-        return 0.0 if self.since is None else now - self.since
-
 
 class Hysteresis:
     __slots__ = ("active",)

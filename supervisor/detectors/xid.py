@@ -75,7 +75,6 @@ class XidDetector:
     def __init__(self, gpus: dict[int, GpuIdentity], node: str,
                  settings: DetectorSettings) -> None:
         self._subjects = {i: gpu_subject(ident, node) for i, ident in gpus.items()}
-        self._identities = gpus
         self._settings = settings
         self._ignore = frozenset(settings.xid_ignore)
         # key → (last_seen monotonic, occurrences in the current finding)

@@ -1,12 +1,11 @@
 """Injected time.
 
 Detectors and policies take a ``Clock`` instead of calling ``time`` directly so tests can
-drive them with a fake clock (or looptime's fake loop time) instead of sleeping.
+drive them with a fake clock instead of sleeping.
 """
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import Protocol, runtime_checkable
 
@@ -30,22 +29,6 @@ class SystemClock:
 
     def wall(self) -> float:
         return time.time()
-
-
-class LoopClock:
-    """Monotonic time from the running event loop, so looptime can fake it in tests."""
-
-    __slots__ = ("_offset",)
-
-    def __init__(self) -> None:
-        # Wall time is derived from loop time so both advance together under a fake loop.
-        self._offset = time.time() - asyncio.get_running_loop().time()
-
-    def monotonic(self) -> float:
-        return asyncio.get_running_loop().time()
-
-    def wall(self) -> float:
-        return self.monotonic() + self._offset
 
 
 class ManualClock:
