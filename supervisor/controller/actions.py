@@ -233,6 +233,18 @@ class ActionExecutor:
                               "GroupRecovered" if serving else "GroupFailedOver",
                               warning=not serving)
 
+    async def admit(self, group_key: str, pod: Any, serving: bool) -> None:
+        """Set the readiness gate of a pod that has none yet (a new or recreated member):
+        True, or False when the rest of its group is failed over. Without this a pod that
+        lists our gate in ``spec.readinessGates`` would never become Ready."""
+        cond = {"type": READINESS_GATE, "status": "True" if serving else "False",
+                "reason": "GroupHealthy" if serving else "GroupFailedOver",
+                "message": f"admitted by the controller (group {group_key})",
+                "lastTransitionTime": _now(self._clock.wall())}
+        await self._write("PATCH", f"/api/v1/namespaces/{pod.namespace}/pods/{pod.name}/status",
+                          body={"status": {"conditions": [cond]}}, content_type=STRATEGIC,
+                          ok_statuses=frozenset({404}))
+
     async def _fail_over(self, decision: Decision) -> None:
         await self._set_gate(decision, serving=False)
 

@@ -68,6 +68,7 @@ class PodInfo:
     model: str
     capable: bool  # containers ready: able to serve if traffic were sent
     terminating: bool
+    gate: str | None  # our readiness-gate condition: "True", "False", or None (not set yet)
 
 
 @dataclass
@@ -157,7 +158,8 @@ class HealthModel:
         pod = PodInfo(namespace=meta.get("namespace", ""), name=meta.get("name", ""), uid=uid,
                       node=node, group=key, kind=kind, worker_index=worker, model=model,
                       capable=_condition(obj, "ContainersReady") == "True",
-                      terminating=bool(meta.get("deletionTimestamp")))
+                      terminating=bool(meta.get("deletionTimestamp")),
+                      gate=_condition(obj, READINESS_GATE))
         old_key = self._pod_group.get(uid)
         if old_key is not None and old_key != key:
             self.delete_pod(obj)

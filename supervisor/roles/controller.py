@@ -156,6 +156,8 @@ class Controller:
         self.elector.listeners.append(self._on_leadership)
         self.evaluations = 0
         self.refusals: list[dict[str, str]] = []
+        self._admitting: set[str] = set()  # pod UIDs whose gate we set (or are setting)
+        self._admit_tasks: set[asyncio.Task[None]] = set()
 
     # --- policy ----------------------------------------------------------------------------
 
@@ -296,6 +298,7 @@ class Controller:
                                 target=refusal.decision.target,
                                 incident=refusal.decision.incident)
             self._refused = refused_now
+            self._admit_new_pods()
             self.refusals = [{"incident": r.decision.incident, "action": str(r.decision.action),
                               "target": r.decision.target, "why": r.why, "detail": r.detail}
                              for r in evaluation.refusals]
@@ -305,6 +308,32 @@ class Controller:
                     continue
                 self._inflight[key] = asyncio.create_task(self._carry_out(key, decision),
                                                           name=f"action {key}")
+
+    def _admit_new_pods(self) -> None:
+        """Give every pod without our readiness-gate condition one: the group's state."""
+        waiting = {p.uid for g in self.model.groups.values() for p in g.pods.values()
+                   if p.gate is None}
+        self._admitting &= waiting  # done (or gone): forget them, the set stays bounded
+        for key, group in self.model.groups.items():
+            fresh = [p for p in group.pods.values()
+                     if p.gate is None and not p.terminating and p.uid not in self._admitting]
+            if not fresh:
+                continue
+            failed_over = any(p.gate == "False" for p in group.pods.values())
+            for pod in fresh:
+                self._admitting.add(pod.uid)
+                task = asyncio.create_task(self._admit(key, pod, not failed_over),
+                                           name=f"admit {pod.namespace}/{pod.name}")
+                self._admit_tasks.add(task)
+                task.add_done_callback(self._admit_tasks.discard)
+
+    async def _admit(self, key: str, pod: Any, serving: bool) -> None:
+        try:
+            await self.executor.admit(key, pod, serving)
+        except (Fenced, KubeError) as exc:
+            log.warning("readiness gate not set", pod=f"{pod.namespace}/{pod.name}",
+                        error=str(exc))
+            self._admitting.discard(pod.uid)  # try again on a later pass
 
     async def _maybe_reset_breaker(self) -> None:
         try:
@@ -343,7 +372,7 @@ class Controller:
         group.start("policy-watch", self._policy_watch())
 
     async def stop(self) -> None:
-        for task in list(self._inflight.values()):
+        for task in [*self._inflight.values(), *self._admit_tasks]:
             task.cancel()
         await self.elector.release()
 

@@ -36,15 +36,17 @@ def pod_body(name: str, node: str, labels: dict[str, str]) -> dict[str, Any]:
                      "containers": [{"name": "vllm", "image": "vllm/vllm-openai:test"}]}}
 
 
-async def mark_running(core: client.CoreV1Api, ns: str, name: str) -> None:
+async def mark_running(core: client.CoreV1Api, ns: str, name: str, gate: bool = True) -> None:
+    conditions = [{"type": "ContainersReady", "status": "True"}]
+    if gate:  # as the controller would have admitted it
+        conditions.append({"type": READINESS_GATE, "status": "True", "reason": "GroupHealthy"})
     await core.patch_namespaced_pod_status(name, ns, {"status": {
-        "phase": "Running",
-        "conditions": [{"type": "ContainersReady", "status": "True"},
-                       {"type": READINESS_GATE, "status": "True", "reason": "GroupHealthy"}]}})
+        "phase": "Running", "conditions": conditions}})
 
 
 async def make_lws_group(api: client.ApiClient, ns: str, lws: str, index: int,
-                         nodes: list[str], model: str = "") -> list[dict[str, Any]]:
+                         nodes: list[str], model: str = "", gate: bool = True
+                         ) -> list[dict[str, Any]]:
     """Pods of one LWS group: worker 0 is the leader, one pod per node."""
     core = client.CoreV1Api(api)
     pods = []
@@ -54,7 +56,7 @@ async def make_lws_group(api: client.ApiClient, ns: str, lws: str, index: int,
             labels["gpu-supervisor.io/model"] = model
         name = f"{lws}-{index}" if worker == 0 else f"{lws}-{index}-{worker}"
         created = await core.create_namespaced_pod(ns, pod_body(name, node, labels))
-        await mark_running(core, ns, name)
+        await mark_running(core, ns, name, gate)
         pods.append(api.sanitize_for_serialization(created))
     return pods
 

@@ -23,6 +23,8 @@ from tests.integration.cluster_objects import (
     list_pods,
     make_lws_group,
     make_nodes,
+    mark_running,
+    pod_body,
     unique,
 )
 from tests.kubeenv import manifests
@@ -444,5 +446,39 @@ class TestControllerNodeBinding:
             code, body = ctl.post_report(token, node_report(node_b, []))
             assert code == 403 and f"bound to node {node_a}" in body
             assert ctl.post_report(token, node_report(node_a, []))[0] == 202
+        finally:
+            ctl.stop()
+
+
+class TestControllerAdmission:
+    async def test_new_pods_get_the_readiness_gate_of_their_group(self, env: Env) -> None:
+        """Pods listing our readiness gate would never turn Ready on their own: the leader
+        sets it True on a healthy group's new pods, False on a failed-over group's."""
+        nodes = await make_nodes(env.admin, 3)
+        await make_lws_group(env.admin, env.ns, "llama", 0, nodes[:2], gate=False)
+        ctl = controller(env, "admit").start()
+        try:
+            async def gates() -> dict[str, str | None]:
+                pods = await list_pods(env.admin, env.ns)
+                return {n: next((c["status"] for c in p["status"].get("conditions") or []
+                                 if c["type"] == "gpu-supervisor.io/serving"), None)
+                        for n, p in pods.items()}
+
+            async def admitted() -> bool:
+                return await gates() == {"llama-0": "True", "llama-0-1": "True"}
+            await until(admitted, what="new pods admitted")
+            # Fail the group over, then a replacement member appears: it joins gated False.
+            ctl.post_report(env.agent_token, node_report(nodes[0], [gpu_finding(nodes[0], 0)]))
+            await until(lambda: all_gated(env), what="group failed over")
+            core = client.CoreV1Api(env.admin)
+            await core.create_namespaced_pod(env.ns, pod_body(
+                "llama-0-2", nodes[2], {"leaderworkerset.sigs.k8s.io/name": "llama",
+                                        "leaderworkerset.sigs.k8s.io/group-index": "0",
+                                        "leaderworkerset.sigs.k8s.io/worker-index": "2"}))
+            await mark_running(core, env.ns, "llama-0-2", gate=False)
+
+            async def joined_gated() -> bool:
+                return (await gates()).get("llama-0-2") == "False"
+            await until(joined_gated, what="replacement gated like its group")
         finally:
             ctl.stop()
