@@ -47,6 +47,7 @@ from supervisor.runtime.tasks import TaskGroup
 log = structlog.get_logger(__name__)
 
 MIN_EVALUATION_GAP = 0.02  # seconds between two policy evaluations at most
+INTENT_RETENTION_SECONDS = 86400.0
 
 
 class Reflector:
@@ -239,6 +240,12 @@ class Controller:
         async with self._persist_lock:
             if not self.elector.is_leader():
                 raise Fenced("not the leader")
+            # A restart's intent matters only until a successor could replay it; a day
+            # later it is history, and the ConfigMap must stay far below its 1 MiB cap.
+            horizon = self.clock.wall() - INTENT_RETENTION_SECONDS
+            for key in [k for k, v in self.executor.intents.items()
+                        if v.get("recorded_at", horizon) < horizon]:
+                del self.executor.intents[key]
             try:
                 await self.store.save({"engine": self.engine.snapshot(),
                                        "intents": self.executor.intents})
