@@ -100,8 +100,7 @@ async def run_agent(settings: Settings, *, simulate_dir: Path | None = None) -> 
         with stop_on_signals(group):
             await agent.start(group)
             if kube_enabled(settings):
-                # Imported only when used: kubernetes_asyncio loads every API model on
-                # import (~40 MiB), which an agent without a cluster should not carry.
+                # Imported only when used: an agent without a cluster needs no client.
                 from supervisor.kube import KubeClient
                 from supervisor.node_status import NodeConditionPublisher
 

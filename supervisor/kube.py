@@ -1,9 +1,19 @@
-"""The Kubernetes adapter — the only module that imports ``kubernetes_asyncio``.
+"""The Kubernetes adapter — the only module that touches the Kubernetes API.
 
 Everything the supervisor does to a cluster goes through ``KubeClient``: each request runs
-under the one deadline helper and the one retry policy, and the library's exceptions come
-out as ``KubeTemporaryError`` (unreachable, 5xx, 409, 429: worth retrying) or
-``KubePermanentError`` (any other 4xx) with the original chained as the cause.
+under the one deadline helper and the one retry policy, and failures come out as
+``KubeTemporaryError`` (unreachable, 5xx, 409, 429: worth retrying) or
+``KubePermanentError`` (any other 4xx) with the cause chained.
+
+The daemons speak JSON to the API server over their own aiohttp session (``_Transport``)
+instead of through kubernetes_asyncio's generated client. Importing that client loads a
+model class for every API type — about 35 MiB, which alone would put the node agent over
+its memory budget — and its per-request machinery (model sanitising, proxy and netrc
+look-ups in executor threads) costs CPU the controller needs at 400 reports per second.
+The agent and the controller read a handful of fields; plain JSON is all they need.
+kubernetes_asyncio (imported lazily, only here) still loads kubeconfigs whose user entry
+needs an exec or auth-provider plugin; in-cluster credentials and plain token or
+certificate kubeconfigs are read directly.
 
 Node conditions are written with a strategic-merge patch on ``nodes/{name}/status``: the
 API server merges ``status.conditions`` by ``type``, so only the types we send change and
@@ -12,17 +22,22 @@ conditions owned by the kubelet, NPD or anyone else are left alone.
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import json
+import os
+import ssl
+import tempfile
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import aiohttp
-from kubernetes_asyncio import client, config
-from kubernetes_asyncio.client.exceptions import ApiException
-from kubernetes_asyncio.config.config_exception import ConfigException
+import yaml
 
-from supervisor.errors import KubeError, KubePermanentError, KubeTemporaryError
+from supervisor.errors import DeadlineExceeded, KubeError, KubePermanentError, KubeTemporaryError
 from supervisor.runtime.deadline import with_deadline
 from supervisor.runtime.retry import call_with_retry
 
@@ -30,49 +45,185 @@ T = TypeVar("T")
 
 _TEMPORARY_STATUSES = {409, 429, 500, 502, 503, 504}
 STRATEGIC_MERGE = "application/strategic-merge-patch+json"
+SA_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
+TOKEN_REREAD_SECONDS = 60.0  # the kubelet rotates bound tokens well before they expire
 
 
 def _rfc3339(ts: float) -> str:
     return dt.datetime.fromtimestamp(ts, tz=dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-class KubeClient:
-    """A thin, typed, deadline-bound wrapper over the calls the supervisor makes."""
+class _HttpStatus(Exception):
+    """A non-2xx answer; mapped to a Kube error by ``KubeClient._call``."""
 
-    def __init__(self, api: client.ApiClient, timeout: float = 10.0) -> None:
-        self._api = api
-        # Typed as Any on purpose: the package's stubs omit documented keyword arguments
-        # such as ``_content_type``; this adapter is where its loose typing stops.
-        self._core: Any = client.CoreV1Api(api)
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"{status} {message}")
+        self.status = status
+
+
+@dataclass
+class _Credentials:
+    server: str
+    ca_file: str | None = None
+    ca_data: str | None = None
+    insecure: bool = False
+    token: str | None = None
+    token_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+
+
+def _in_cluster() -> _Credentials:
+    host, port = os.environ.get("KUBERNETES_SERVICE_HOST"), os.environ.get(
+        "KUBERNETES_SERVICE_PORT", "443")
+    if not host:
+        raise KubePermanentError("not in a cluster (KUBERNETES_SERVICE_HOST unset) and no "
+                                 "kubeconfig given")
+    host = f"[{host}]" if ":" in host else host
+    return _Credentials(server=f"https://{host}:{port}", ca_file=str(SA_DIR / "ca.crt"),
+                        token_file=str(SA_DIR / "token"))
+
+
+def _data_file(data: str, suffix: str) -> str:
+    """ssl wants certificate and key *files*; keep inline ones in a private temp file."""
+    with tempfile.NamedTemporaryFile(prefix="gpusup-", suffix=suffix, delete=False) as handle:
+        handle.write(base64.b64decode(data))
+    os.chmod(handle.name, 0o600)
+    return handle.name
+
+
+async def _from_kubeconfig(path: str) -> _Credentials:
+    try:
+        # A small local file read once at start-up: blocking is fine here.
+        raw = yaml.safe_load(Path(path).read_text())  # noqa: ASYNC240
+        contexts = {c["name"]: c["context"] for c in raw.get("contexts") or []}
+        context = contexts[raw["current-context"]]
+        cluster = {c["name"]: c["cluster"] for c in raw["clusters"]}[context["cluster"]]
+        user = {u["name"]: u.get("user") or {} for u in raw.get("users") or []}.get(
+            context.get("user", ""), {})
+    except (OSError, yaml.YAMLError, KeyError, TypeError, AttributeError) as exc:
+        raise KubePermanentError(f"cannot read kubeconfig {path}: {exc!r}") from exc
+    base = Path(path).parent
+
+    def rel(value: str | None) -> str | None:
+        return None if value is None else str(base / value)
+
+    if "exec" in user or "auth-provider" in user:
+        return await _from_plugin_kubeconfig(path, cluster)
+    return _Credentials(
+        server=cluster["server"], ca_file=rel(cluster.get("certificate-authority")),
+        ca_data=cluster.get("certificate-authority-data"),
+        insecure=bool(cluster.get("insecure-skip-tls-verify")),
+        token=user.get("token"), token_file=rel(user.get("tokenFile")),
+        cert_file=rel(user.get("client-certificate")) or (
+            _data_file(user["client-certificate-data"], ".crt")
+            if "client-certificate-data" in user else None),
+        key_file=rel(user.get("client-key")) or (
+            _data_file(user["client-key-data"], ".key") if "client-key-data" in user
+            else None))
+
+
+async def _from_plugin_kubeconfig(path: str, cluster: Mapping[str, Any]) -> _Credentials:
+    """Credential plugins (exec, auth-provider) are kubernetes_asyncio's job: let it run
+    them once and hand us the token. (Imported here only: see the module docstring.)"""
+    from kubernetes_asyncio import client, config
+
+    cfg = client.Configuration()
+    await config.load_kube_config(config_file=path, client_configuration=cfg)
+    header = (cfg.api_key or {}).get("authorization") or (cfg.api_key or {}).get(
+        "BearerToken", "")
+    token = str(header).removeprefix("Bearer ").strip() or None
+    return _Credentials(server=str(cfg.host), ca_file=cfg.ssl_ca_cert,
+                        insecure=not cfg.verify_ssl, token=token,
+                        cert_file=cfg.cert_file, key_file=cfg.key_file,
+                        ca_data=cluster.get("certificate-authority-data"))
+
+
+class _Transport:
+    """One aiohttp session to the API server with the credentials applied."""
+
+    def __init__(self, creds: _Credentials) -> None:
+        self._creds = creds
+        self.server = creds.server.rstrip("/")
+        if creds.insecure:
+            ctx: ssl.SSLContext | bool = False
+        else:
+            ctx = ssl.create_default_context(
+                cafile=creds.ca_file,
+                cadata=base64.b64decode(creds.ca_data).decode() if creds.ca_data else None)
+            if creds.cert_file and creds.key_file:
+                ctx.load_cert_chain(creds.cert_file, creds.key_file)
+        # trust_env=False: no proxy or netrc look-ups per request (they run in threads).
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(ssl=ctx, limit=100), trust_env=False)
+        self._token: str | None = creds.token
+        self._token_read_at = 0.0
+
+    def _bearer(self) -> str | None:
+        if self._creds.token_file and time.monotonic() - self._token_read_at > \
+                TOKEN_REREAD_SECONDS:
+            try:
+                self._token = Path(self._creds.token_file).read_text().strip()
+                self._token_read_at = time.monotonic()
+            except OSError as exc:
+                raise KubePermanentError(f"cannot read token {self._creds.token_file}: "
+                                         f"{exc.strerror}") from exc
+        return self._token
+
+    def headers(self, content_type: str | None) -> dict[str, str]:
+        headers = {"Accept": "application/json"}
+        token = self._bearer()
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        if content_type:
+            headers["Content-Type"] = content_type
+        return headers
+
+    async def request(self, method: str, path: str, query: Sequence[tuple[str, str]],
+                      body: Any, content_type: str) -> tuple[int, bytes]:
+        data = None if body is None else json.dumps(body).encode()
+        async with self._session.request(
+                method, self.server + path, params=list(query), data=data,
+                headers=self.headers(content_type if data is not None else None)) as resp:
+            return resp.status, await resp.read()
+
+    def stream(self, path: str, query: Sequence[tuple[str, str]], read_timeout: float
+               ) -> Any:
+        return self._session.get(self.server + path, params=list(query),
+                                 headers=self.headers(None),
+                                 timeout=aiohttp.ClientTimeout(total=None,
+                                                               sock_read=read_timeout))
+
+    async def close(self) -> None:
+        await self._session.close()
+
+
+class KubeClient:
+    """A thin, typed, deadline-bound JSON client for the calls the supervisor makes."""
+
+    def __init__(self, transport: _Transport, timeout: float = 10.0) -> None:
+        self._transport = transport
         self.timeout = timeout
 
     @classmethod
     async def connect(cls, kubeconfig: str = "", timeout: float = 10.0) -> KubeClient:
         """From a kubeconfig file, or the pod's in-cluster ServiceAccount when empty."""
+        creds = await _from_kubeconfig(kubeconfig) if kubeconfig else _in_cluster()
         try:
-            if kubeconfig:
-                api = await config.new_client_from_config(config_file=kubeconfig)
-            else:
-                cfg = client.Configuration()
-                config.load_incluster_config(client_configuration=cfg)  # type: ignore[no-untyped-call]
-                api = client.ApiClient(configuration=cfg)
-        except (ConfigException, OSError) as exc:
-            raise KubePermanentError(f"cannot load Kubernetes client config: {exc}") from exc
-        return cls(api, timeout)
+            return cls(_Transport(creds), timeout)
+        except (OSError, ssl.SSLError, ValueError) as exc:
+            raise KubePermanentError(f"cannot set up TLS to {creds.server}: {exc}") from exc
 
     async def close(self) -> None:
-        await self._api.close()
+        await self._transport.close()
 
     async def _call(self, what: str, fn: Callable[[], Awaitable[T]], *,
                     retry: bool = True) -> T:
         async def once() -> T:
             try:
                 return await with_deadline(f"kubernetes {what}", fn(), self.timeout)
-            except ApiException as exc:
-                msg = f"kubernetes {what}: {exc.status} {exc.reason}"
-                if exc.status in _TEMPORARY_STATUSES:
-                    raise KubeTemporaryError(msg, status=exc.status) from exc
-                raise KubePermanentError(msg, status=exc.status) from exc
+            except _HttpStatus as exc:
+                raise _classify(exc.status, f"kubernetes {what}: {exc}") from exc
             except (aiohttp.ClientError, OSError) as exc:
                 raise KubeTemporaryError(f"kubernetes {what}: {exc!r}") from exc
 
@@ -88,18 +239,14 @@ class KubeClient:
     # --- nodes ----------------------------------------------------------------------------
 
     async def read_node(self, name: str) -> dict[str, Any]:
-        node = await self._call(f"get node {name}", lambda: self._core.read_node(name))
-        result: dict[str, Any] = self._api.sanitize_for_serialization(node)
-        return result
+        return await self.request("GET", f"/api/v1/nodes/{name}")
 
     async def patch_node_conditions(self, name: str,
                                     conditions: Sequence[Mapping[str, Any]]) -> None:
         """Strategic-merge our conditions into ``status.conditions`` (merged by ``type``)."""
         body = {"status": {"conditions": [dict(c) for c in conditions]}}
-        await self._call(
-            f"patch node {name} status",
-            lambda: self._core.patch_node_status(name, body, _content_type=STRATEGIC_MERGE),
-        )
+        await self.request("PATCH", f"/api/v1/nodes/{name}/status", body=body,
+                           content_type=STRATEGIC_MERGE)
 
     @staticmethod
     def condition(ctype: str, status: bool, reason: str, message: str,
@@ -138,14 +285,10 @@ class KubeClient:
         }
         # Events are best effort and not idempotent: no retry, so a slow API server never
         # turns one transition into several identical events.
-        await self._call(f"create event on node {node}",
-                         lambda: self._core.create_namespaced_event(namespace, body),
-                         retry=False)
+        await self.request("POST", f"/api/v1/namespaces/{namespace}/events", body=body,
+                           retry=False)
 
-    # --- raw JSON requests (the controller's path) ------------------------------------------
-    #
-    # The controller handles thousands of objects; the generated models cost CPU and memory
-    # for fields it never reads, so it talks JSON through the same authenticated client.
+    # --- JSON requests ---------------------------------------------------------------------
 
     async def request(self, method: str, path: str, *, query: Mapping[str, str] | None = None,
                       body: Any = None, content_type: str = "application/json",
@@ -153,21 +296,14 @@ class KubeClient:
                       ) -> dict[str, Any]:
         """One API request with JSON in and out. Statuses in ``ok_statuses`` return {}."""
         async def call() -> dict[str, Any]:
-            resp = await self._api.call_api(
-                path, method, query_params=list((query or {}).items()),
-                header_params={"Accept": "application/json", "Content-Type": content_type},
-                body=body, auth_settings=["BearerToken"], _preload_content=False,
-                _return_http_data_only=True)
-            try:
-                data = await resp.read()
-                if resp.status in ok_statuses:
-                    return {}
-                if not 200 <= resp.status < 300:
-                    raise ApiException(status=resp.status, reason=_status_reason(data))
-                result: dict[str, Any] = json.loads(data) if data else {}
-                return result
-            finally:
-                resp.release()
+            status, data = await self._transport.request(
+                method, path, list((query or {}).items()), body, content_type)
+            if status in ok_statuses:
+                return {}
+            if not 200 <= status < 300:
+                raise _HttpStatus(status, _status_reason(data))
+            result: dict[str, Any] = json.loads(data) if data else {}
+            return result
 
         return await self._call(f"{method} {path}", call, retry=retry)
 
@@ -183,15 +319,12 @@ class KubeClient:
         if selector:
             query.append(("labelSelector", selector))
         try:
-            resp = await with_deadline(
-                f"watch {path}",
-                self._api.call_api(path, "GET", query_params=query,
-                                   header_params={"Accept": "application/json"},
-                                   auth_settings=["BearerToken"], _preload_content=False,
-                                   _return_http_data_only=True,
-                                   _request_timeout=timeout_seconds + 30),
-                self.timeout)
-        except (aiohttp.ClientError, OSError) as exc:
+            # The deadline covers opening the watch; the stream itself may stay quiet for
+            # up to timeout_seconds (sock_read covers that).
+            resp = await with_deadline(f"watch {path}",
+                                       self._transport.stream(path, query, timeout_seconds + 30),
+                                       self.timeout)
+        except (aiohttp.ClientError, OSError, DeadlineExceeded) as exc:
             raise KubeTemporaryError(f"watch {path}: {exc!r}") from exc
         try:
             if resp.status != 200:
@@ -203,7 +336,7 @@ class KubeClient:
             while True:
                 try:
                     line = await resp.content.readline()
-                except (aiohttp.ClientError, OSError) as exc:
+                except (aiohttp.ClientError, OSError, TimeoutError) as exc:
                     raise KubeTemporaryError(f"watch {path}: {exc!r}") from exc
                 if not line:
                     return
