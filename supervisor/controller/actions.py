@@ -120,6 +120,10 @@ class ActionExecutor:
         # burst every action's *first* request — the one that takes a group out of
         # traffic — reaches the API server ahead of them.
         self._followups = asyncio.Semaphore(follow_up_concurrency)
+        # First requests run 32 at a time: enough to keep the API server busy, few enough
+        # that a burst does not open a hundred new TLS connections at once and slow every
+        # one of them down.
+        self._first_writes = asyncio.Semaphore(32)
 
     async def execute(self, decision: Decision) -> bool:
         """Carry out ``decision``; True when its effect is in place."""
@@ -163,7 +167,8 @@ class ActionExecutor:
         if not self._may_act():
             raise Fenced("not the leader")
         if _FIRST_WRITE.get() is None:
-            result = await self._kube.request(method, path, **kwargs)
+            async with self._first_writes:
+                result = await self._kube.request(method, path, **kwargs)
             _FIRST_WRITE.set(self._clock.monotonic())
             return result
         async with self._followups:
