@@ -10,23 +10,22 @@ from __future__ import annotations
 import asyncio
 import os
 import tempfile
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import structlog
+from aiohttp import web
 
 from probes.nvml import Nvml
 from supervisor.config import Settings
 from supervisor.http import HttpServer, build_app
+from supervisor.kube import KubeClient
 from supervisor.metrics import AgentCollector, ProbeHistograms, new_registry
+from supervisor.node_status import NodeConditionPublisher
 from supervisor.reporting import Reporter
-from supervisor.roles.agent import Agent, token_path
+from supervisor.roles.agent import Agent
 from supervisor.runtime.clock import SystemClock
 from supervisor.runtime.tasks import TaskGroup, stop_on_signals
-
-if TYPE_CHECKING:
-    from supervisor.kube import KubeClient
-    from supervisor.node_status import NodeConditionPublisher
 
 log = structlog.get_logger(__name__)
 
@@ -92,37 +91,48 @@ async def run_agent(settings: Settings, *, simulate_dir: Path | None = None) -> 
             "last_sent_at": reporter.last_sent_wall, "last_error": reporter.last_error}
         return body
 
-    server = HttpServer(build_app(liveness=liveness, readiness=readiness, status=status,
-                                  registry=registry), settings.http.listen)
+    async def start() -> None:
+        nonlocal kube, publisher, reporter
+        await agent.start(group)
+        if kube_enabled(settings):
+            kube = await KubeClient.connect(settings.kubernetes.kubeconfig,
+                                            settings.kubernetes.request_timeout_seconds)
+            publisher = NodeConditionPublisher(kube, agent.node, agent.book.active, clock,
+                                               settings.kubernetes.condition_resync_seconds)
+            agent.listeners.append(publisher.poke)
+            group.start("node-conditions", publisher.run())
+        if settings.reporting.controller_url:
+            reporter = Reporter(settings.reporting.controller_url,
+                                Path(settings.reporting.token_file), agent.report, clock,
+                                settings.reporting.heartbeat_seconds,
+                                settings.reporting.timeout_seconds)
+            agent.listeners.append(reporter.poke)
+            group.start("reporter", reporter.run())
+
+    async def cleanup() -> None:
+        agent.stop()
+        if kube is not None:
+            await kube.close()
+
+    app = build_app(liveness=liveness, readiness=readiness, status=status, registry=registry)
+    await _serve(settings, group, app, start, cleanup)
+
+
+async def _serve(settings: Settings, group: TaskGroup, app: web.Application,
+                 start: Callable[[], Awaitable[None]],
+                 cleanup: Callable[[], Awaitable[None]]) -> None:
+    """The life of every role: endpoints up first, run until stopped, staged shutdown,
+    endpoints down last — so /livez answers until the very end."""
+    server = HttpServer(app, settings.http.listen)
     await server.start()
     log.info("http listening", address=server.bound)
     try:
         with stop_on_signals(group):
-            await agent.start(group)
-            if kube_enabled(settings):
-                # Imported only when used: an agent without a cluster needs no client.
-                from supervisor.kube import KubeClient
-                from supervisor.node_status import NodeConditionPublisher
-
-                kube = await KubeClient.connect(settings.kubernetes.kubeconfig,
-                                                settings.kubernetes.request_timeout_seconds)
-                publisher = NodeConditionPublisher(
-                    kube, agent.node, agent.book.active, clock,
-                    settings.kubernetes.condition_resync_seconds)
-                agent.listeners.append(publisher.poke)
-                group.start("node-conditions", publisher.run())
-            if settings.reporting.controller_url:
-                reporter = Reporter(settings.reporting.controller_url, token_path(settings),
-                                    agent.report, clock, settings.reporting.heartbeat_seconds,
-                                    settings.reporting.timeout_seconds)
-                agent.listeners.append(reporter.poke)
-                group.start("reporter", reporter.run())
+            await start()
             await group.run_until_stopped(settings.shutdown_grace_seconds)
     finally:
-        agent.stop()
         await group.shutdown(settings.shutdown_grace_seconds)
-        if kube is not None:
-            await kube.close()
+        await cleanup()
         await server.stop()
         log.info("stopped", reason=group.stop_reason)
 
@@ -140,11 +150,8 @@ def run(settings: Settings, *, simulate_gpus: int | None, simulate_dir: str | No
 
 async def run_controller(settings: Settings) -> None:
     """The controller role: needs a cluster (kubeconfig or in-cluster)."""
-    from prometheus_client import CollectorRegistry
-
     from supervisor.controller.topology import load_topology
-    from supervisor.kube import KubeClient
-    from supervisor.metrics import ControllerCollector, new_registry
+    from supervisor.metrics import ControllerCollector
     from supervisor.roles.controller import Controller
 
     clock = SystemClock()
@@ -153,24 +160,19 @@ async def run_controller(settings: Settings) -> None:
     kube = await KubeClient.connect(settings.kubernetes.kubeconfig,
                                     settings.kubernetes.request_timeout_seconds)
     controller = Controller(settings, kube, clock, topology)
-    registry: CollectorRegistry = new_registry()
+    registry = new_registry()
     registry.register(ControllerCollector(controller))
-    server = HttpServer(build_app(liveness=group.alive, readiness=controller.ready,
-                                  status=controller.status, registry=registry,
-                                  extra_routes=controller.ingest.routes()),
-                        settings.http.listen)
-    await server.start()
-    log.info("http listening", address=server.bound)
-    try:
-        with stop_on_signals(group):
-            controller.start(group)
-            await group.run_until_stopped(settings.shutdown_grace_seconds)
-    finally:
+    app = build_app(liveness=group.alive, readiness=controller.ready, status=controller.status,
+                    registry=registry, extra_routes=controller.ingest.routes())
+
+    async def start() -> None:
+        controller.start(group)
+
+    async def cleanup() -> None:
         await controller.stop()
-        await group.shutdown(settings.shutdown_grace_seconds)
         await kube.close()
-        await server.stop()
-        log.info("stopped", reason=group.stop_reason)
+
+    await _serve(settings, group, app, start, cleanup)
 
 
 def run_controller_role(settings: Settings) -> int:

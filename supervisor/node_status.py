@@ -83,13 +83,15 @@ class NodeConditionPublisher:
         to_write = list(desired.values()) if full else changed
         if not to_write:
             return
-        flips = [c for c in changed
-                 if ((prev := self._published.get(c.type)) is None and c.status)
-                 or (prev is not None and prev.status != c.status)]
+        # A status flip moves lastTransitionTime and deserves an Event; a condition seen
+        # for the first time is a flip only if it starts out as a problem.
+        flips = []
         for cond in changed:
             prev = self._published.get(cond.type)
             if prev is None or prev.status != cond.status:
                 self._transitions[cond.type] = now
+                if prev is not None or cond.status:
+                    flips.append(cond)
         body = [KubeClient.condition(c.type, c.status, c.reason, c.message,
                                      self._transitions.get(c.type, now), now)
                 for c in to_write]

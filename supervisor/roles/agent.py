@@ -26,7 +26,6 @@ import threading
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Protocol
 
 import structlog
@@ -39,7 +38,7 @@ from supervisor.config import Settings
 from supervisor.detectors.gpu import GpuDetectors
 from supervisor.detectors.xid import XidDetector
 from supervisor.errors import DeadlineExceeded, SupervisorError
-from supervisor.findings import FindingBook, Transition, Verdict
+from supervisor.findings import Finding, FindingBook, Transition, Verdict
 from supervisor.runtime.clock import Clock
 from supervisor.runtime.deadline import BlockingWorker, WorkerBusy
 from supervisor.runtime.tasks import TaskGroup
@@ -295,7 +294,7 @@ class Agent:
 
     # --- state for the outside world ------------------------------------------------------
 
-    def _on_transition(self, transition: Transition, finding: Any) -> None:
+    def _on_transition(self, transition: Transition, finding: Finding) -> None:
         log.info("finding " + str(transition), fault_class=str(finding.fault_class),
                  severity=str(finding.severity), reason=finding.reason,
                  subject=finding.subject.id, message=finding.message)
@@ -364,8 +363,16 @@ class Agent:
             out["sample"] = values
         return out
 
+    def _findings(self) -> list[Finding]:
+        return sorted(self.book.active(), key=lambda f: (-f.severity.rank, f.first_seen))
+
+    @staticmethod
+    def _conditions(findings: list[Finding]) -> dict[str, dict[str, Any]]:
+        return {t: {"status": c.status, "reason": c.reason, "message": c.message}
+                for t, c in evaluate(findings).items()}
+
     def status(self) -> dict[str, Any]:
-        findings = sorted(self.book.active(), key=lambda f: (-f.severity.rank, f.first_seen))
+        findings = self._findings()
         return {
             "role": "agent",
             "version": __version__,
@@ -378,8 +385,7 @@ class Agent:
             "gpus": [self.gpu_status(g) for g in self.gpus.values()],
             "findings": [f.as_dict() for f in findings],
             "recently_cleared": [f.as_dict() for f in self.book.recently_cleared],
-            "conditions": {t: {"status": c.status, "reason": c.reason, "message": c.message}
-                           for t, c in evaluate(findings).items()},
+            "conditions": self._conditions(findings),
             "probe": self.probe_timings(),
             "xid": {"events_total": self.xid.events_total if self.xid else 0,
                     "ignored_total": self.xid.ignored_total if self.xid else 0},
@@ -387,18 +393,16 @@ class Agent:
 
     def report(self) -> dict[str, Any]:
         """The body pushed to the controller: identity, GPUs and findings, nothing local."""
-        status = self.status()
+        findings = self._findings()
         return {
             "apiVersion": "gpu-supervisor/v1",
             "kind": "NodeReport",
             "node": self.node,
             "agent_version": __version__,
-            "gpus": [{k: g[k] for k in ("index", "uuid", "pci_bus_id", "name", "lost")}
-                     for g in status["gpus"]],
-            "findings": status["findings"],
-            "conditions": status["conditions"],
+            "gpus": [{"index": g.identity.index, "uuid": g.identity.uuid,
+                      "pci_bus_id": g.identity.pci_bus_id, "name": g.identity.name,
+                      "lost": bool(g.last_sample and g.last_sample.lost)}
+                     for g in self.gpus.values()],
+            "findings": [f.as_dict() for f in findings],
+            "conditions": self._conditions(findings),
         }
-
-
-def token_path(settings: Settings) -> Path:
-    return Path(settings.reporting.token_file)
