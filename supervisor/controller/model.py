@@ -121,6 +121,9 @@ class HealthModel:
         self._groups_by_node: dict[str, set[str]] = {}
         # LeaderWorkerSet objects: (namespace, name) → (group size, model label)
         self.lws: dict[tuple[str, str], tuple[int, str]] = {}
+        # Pods still without our readiness-gate condition (uid → group key): the
+        # controller admits them, and looks only here rather than at every pod.
+        self.ungated: dict[str, str] = {}
         self.changed = asyncio.Event()
         # Nodes that may produce a signal (findings reported, or not Ready): signals() and
         # view() look only at these, not at every node of a 4,096-node fleet.
@@ -169,19 +172,28 @@ class HealthModel:
                     (pod.node, pod.capable, pod.terminating, pod.model):
                 # Only our own gate (or fields we ignore) moved: nothing to re-decide.
                 self.groups[old_key].pods[uid] = pod
+                self._track_gate(pod)
                 return
         group = self.groups.get(key)
         if group is None:
             group = self.groups[key] = GroupInfo(key=key, kind=kind, namespace=pod.namespace,
                                                  owner=owner, model=model)
         group.pods[uid] = pod
+        self._track_gate(pod)
         self._pod_group[uid] = key
         if node:
             self._groups_by_node.setdefault(node, set()).add(key)
         self.changed.set()
 
+    def _track_gate(self, pod: PodInfo) -> None:
+        if pod.gate is None and not pod.terminating:
+            self.ungated[pod.uid] = pod.group
+        else:
+            self.ungated.pop(pod.uid, None)
+
     def delete_pod(self, obj: dict[str, Any]) -> None:
         uid = obj.get("metadata", {}).get("uid", "")
+        self.ungated.pop(uid, None)
         key = self._pod_group.pop(uid, None)
         if key is None:
             return

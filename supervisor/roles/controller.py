@@ -318,21 +318,19 @@ class Controller:
 
     def _admit_new_pods(self) -> None:
         """Give every pod without our readiness-gate condition one: the group's state."""
-        waiting = {p.uid for g in self.model.groups.values() for p in g.pods.values()
-                   if p.gate is None}
-        self._admitting &= waiting  # done (or gone): forget them, the set stays bounded
-        for key, group in self.model.groups.items():
-            fresh = [p for p in group.pods.values()
-                     if p.gate is None and not p.terminating and p.uid not in self._admitting]
-            if not fresh:
+        ungated = self.model.ungated
+        self._admitting &= ungated.keys()  # admitted (or gone): the set stays bounded
+        for uid, key in list(ungated.items()):
+            group = self.model.groups.get(key)
+            pod = group.pods.get(uid) if group is not None else None
+            if group is None or pod is None or uid in self._admitting:
                 continue
             failed_over = any(p.gate == "False" for p in group.pods.values())
-            for pod in fresh:
-                self._admitting.add(pod.uid)
-                task = asyncio.create_task(self._admit(key, pod, not failed_over),
-                                           name=f"admit {pod.namespace}/{pod.name}")
-                self._admit_tasks.add(task)
-                task.add_done_callback(self._admit_tasks.discard)
+            self._admitting.add(uid)
+            task = asyncio.create_task(self._admit(key, pod, not failed_over),
+                                       name=f"admit {pod.namespace}/{pod.name}")
+            self._admit_tasks.add(task)
+            task.add_done_callback(self._admit_tasks.discard)
 
     async def _admit(self, key: str, pod: Any, serving: bool) -> None:
         try:
