@@ -49,7 +49,8 @@ SA_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 TOKEN_REREAD_SECONDS = 60.0  # the kubelet rotates bound tokens well before they expire
 
 
-def _rfc3339(ts: float) -> str:
+def rfc3339(ts: float) -> str:
+    """A wall-clock time as Kubernetes writes it in conditions and Events."""
     return dt.datetime.fromtimestamp(ts, tz=dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
@@ -256,8 +257,8 @@ class KubeClient:
             "status": "True" if status else "False",
             "reason": reason,
             "message": message,
-            "lastTransitionTime": _rfc3339(transition),
-            "lastHeartbeatTime": _rfc3339(heartbeat),
+            "lastTransitionTime": rfc3339(transition),
+            "lastHeartbeatTime": rfc3339(heartbeat),
         }
 
     # --- events ---------------------------------------------------------------------------
@@ -266,7 +267,7 @@ class KubeClient:
                          reason: str, message: str, component: str, now: float,
                          namespace: str = "default") -> None:
         """Record a core/v1 Event on the Node, as NPD and the kubelet do."""
-        stamp = _rfc3339(now)
+        stamp = rfc3339(now)
         body = {
             "apiVersion": "v1",
             "kind": "Event",

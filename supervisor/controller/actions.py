@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import datetime as dt
 import json
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -35,7 +34,7 @@ from policies.model import Action, Decision
 from supervisor.controller.model import READINESS_GATE, HealthModel
 from supervisor.controller.store import Fenced
 from supervisor.errors import KubeError, KubeTemporaryError
-from supervisor.kube import KubeClient
+from supervisor.kube import STRATEGIC_MERGE, KubeClient, rfc3339
 from supervisor.runtime.clock import Clock
 
 log = structlog.get_logger(__name__)
@@ -50,7 +49,6 @@ COMPONENT = "gpu-supervisor-controller"
 # decision runs in its own task, so concurrent actions never see each other's value.
 _FIRST_WRITE: contextvars.ContextVar[float | None] = contextvars.ContextVar(
     "first_write", default=None)
-STRATEGIC = "application/strategic-merge-patch+json"
 MERGE = "application/merge-patch+json"
 
 
@@ -91,10 +89,6 @@ class DegradeTarget:
     workload: Workload
     traffic: Traffic
     ready_timeout: float = 600.0
-
-
-def _now(ts: float) -> str:
-    return dt.datetime.fromtimestamp(ts, tz=dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _selector(text: str) -> dict[str, str]:
@@ -185,7 +179,7 @@ class ActionExecutor:
 
     async def _event(self, obj: dict[str, str], decision: Decision, reason: str,
                      warning: bool = True) -> None:
-        now = _now(self._clock.wall())
+        now = rfc3339(self._clock.wall())
         # Events about cluster-scoped objects (Nodes) live in "default", as the kubelet's do.
         ns = obj.get("namespace") or "default"
         body = {
@@ -212,17 +206,13 @@ class ActionExecutor:
         if group is None:
             log.info("group vanished before action", group=decision.target)
             return
-        cond = {"type": READINESS_GATE, "status": "True" if serving else "False",
-                "reason": "GroupHealthy" if serving else "GroupFailedOver",
-                "message": decision.reason[:500],
-                "lastTransitionTime": _now(self._clock.wall())}
-        body = {"status": {"conditions": [cond]}}
+        body = self._gate_body(serving, decision.reason)
         pods = sorted(group.pods.values(), key=lambda p: (p.worker_index is None,
                                                           p.worker_index, p.name))
 
         async def patch(pod: Any) -> None:
             await self._write("PATCH", f"/api/v1/namespaces/{pod.namespace}/pods/{pod.name}"
-                              "/status", body=body, content_type=STRATEGIC,
+                              "/status", body=body, content_type=STRATEGIC_MERGE,
                               ok_statuses=frozenset({404}))
 
         # The leader first: in LWS serving set-ups it is the pod the Service and routers
@@ -242,13 +232,17 @@ class ActionExecutor:
         """Set the readiness gate of a pod that has none yet (a new or recreated member):
         True, or False when the rest of its group is failed over. Without this a pod that
         lists our gate in ``spec.readinessGates`` would never become Ready."""
-        cond = {"type": READINESS_GATE, "status": "True" if serving else "False",
-                "reason": "GroupHealthy" if serving else "GroupFailedOver",
-                "message": f"admitted by the controller (group {group_key})",
-                "lastTransitionTime": _now(self._clock.wall())}
         await self._write("PATCH", f"/api/v1/namespaces/{pod.namespace}/pods/{pod.name}/status",
-                          body={"status": {"conditions": [cond]}}, content_type=STRATEGIC,
-                          ok_statuses=frozenset({404}))
+                          body=self._gate_body(serving, f"admitted by the controller "
+                                                        f"(group {group_key})"),
+                          content_type=STRATEGIC_MERGE, ok_statuses=frozenset({404}))
+
+    def _gate_body(self, serving: bool, message: str) -> dict[str, Any]:
+        """Pod status patch setting our readiness-gate condition."""
+        return {"status": {"conditions": [{
+            "type": READINESS_GATE, "status": "True" if serving else "False",
+            "reason": "GroupHealthy" if serving else "GroupFailedOver",
+            "message": message[:500], "lastTransitionTime": rfc3339(self._clock.wall())}]}}
 
     async def _fail_over(self, decision: Decision) -> None:
         await self._set_gate(decision, serving=False)
@@ -320,12 +314,11 @@ class ActionExecutor:
 
     async def _node_condition(self, name: str, status: bool, reason: str, message: str
                               ) -> None:
-        now = _now(self._clock.wall())
-        cond = {"type": QUARANTINE_CONDITION, "status": "True" if status else "False",
-                "reason": reason, "message": message[:1000], "lastTransitionTime": now,
-                "lastHeartbeatTime": now}
+        now = self._clock.wall()
+        cond = KubeClient.condition(QUARANTINE_CONDITION, status, reason, message[:1000], now,
+                                    now)
         await self._write("PATCH", f"/api/v1/nodes/{name}/status",
-                          body={"status": {"conditions": [cond]}}, content_type=STRATEGIC)
+                          body={"status": {"conditions": [cond]}}, content_type=STRATEGIC_MERGE)
 
     async def _quarantine(self, decision: Decision) -> None:
         changed = False
@@ -339,7 +332,7 @@ class ActionExecutor:
             changed = True
             record = {"cordoned_by_us": not spec.get("unschedulable", False),
                       "incident": decision.incident, "reason": decision.reason[:300],
-                      "at": _now(self._clock.wall())}
+                      "at": rfc3339(self._clock.wall())}
             return {"metadata": {"annotations": {QUARANTINE_ANNOTATION: json.dumps(record)}},
                     "spec": {"unschedulable": True, "taints": [
                         *taints, {"key": QUARANTINE_TAINT, "value": decision.rule,
