@@ -44,6 +44,12 @@ GPU_LABELS = ["gpu", "UUID", "pci_bus_id", "device", "Hostname"]
 P = "gpusupervisor_"
 
 
+def _build_info(role: str) -> InfoMetricFamily:
+    family = InfoMetricFamily(f"{P}build", "Build information")
+    family.add_metric([], {"version": __version__, "role": role})
+    return family
+
+
 def new_registry() -> CollectorRegistry:
     """A registry per daemon (not the global one), with process and runtime metrics."""
     registry = CollectorRegistry(auto_describe=True)
@@ -88,9 +94,7 @@ class AgentCollector:
 
     def collect(self) -> Iterator[Metric]:
         agent = self.agent
-        build = InfoMetricFamily(f"{P}build", "Build information", labels=["version", "role"])
-        build.add_metric([__version__, "agent"], {"version": __version__, "role": "agent"})
-        yield build
+        yield _build_info("agent")
         if agent.driver is not None:
             driver = InfoMetricFamily(f"{P}nvml_driver", "NVIDIA driver seen through NVML")
             driver.add_metric([], {"driver_version": agent.driver.driver_version,
@@ -251,10 +255,7 @@ class ControllerCollector:
 
     def collect(self) -> Iterator[Metric]:
         c = self.c
-        build = InfoMetricFamily(f"{P}build", "Build information", labels=["version", "role"])
-        build.add_metric([__version__, "controller"], {"version": __version__,
-                                                       "role": "controller"})
-        yield build
+        yield _build_info("controller")
 
         def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
             return GaugeMetricFamily(P + name, doc, value=value)
