@@ -7,8 +7,8 @@ under the one deadline helper and the one retry policy, and failures come out as
 
 The daemons speak JSON to the API server over their own aiohttp session (``_Transport``)
 instead of through kubernetes_asyncio's generated client. Importing that client loads a
-model class for every API type — about 35 MiB, which alone would put the node agent over
-its memory budget — and its per-request machinery (model sanitising, proxy and netrc
+model class for every API type — enough on its own to put the node agent over its memory
+budget — and its per-request machinery (model sanitising, proxy and netrc
 look-ups in executor threads) costs CPU the controller needs at 400 reports per second.
 The agent and the controller read a handful of fields; plain JSON is all they need.
 kubernetes_asyncio (imported lazily, only here) still loads kubeconfigs whose user entry
