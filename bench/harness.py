@@ -8,14 +8,17 @@ state directory while it runs, exactly as a person would from the README.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -84,7 +87,8 @@ class AgentProcess:
             with urllib.request.urlopen(self.url + path, timeout=timeout) as resp:
                 return resp.status, resp.read().decode()
         except urllib.error.HTTPError as exc:
-            return exc.code, exc.read().decode()
+            with exc:  # closes the connection (TLS sockets warn when left to the GC)
+                return exc.code, exc.read().decode()
 
     def status(self) -> dict[str, Any]:
         code, body = self.get("/status")
@@ -141,21 +145,43 @@ def metric_value(text: str, name: str, **labels: str) -> float | None:
     return None
 
 
+MAKE_REPORT_CERT = Path(__file__).resolve().parents[1] / "deploy" / "tls" / \
+    "make-report-cert.sh"
+
+
+def report_tls(directory: Path) -> Path:
+    """The report endpoint's CA and certificate for loopback, made by the same script the
+    README documents (deploy/tls/make-report-cert.sh); reused if already there."""
+    if not (directory / "tls.crt").exists():
+        subprocess.run(["bash", str(MAKE_REPORT_CERT), str(directory), "127.0.0.1",
+                        "localhost"], check=True, capture_output=True)
+    return directory
+
+
+def tls_client(ca: Path) -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=str(ca / "ca.crt"))
+
+
 class ControllerProcess:
-    """A real controller process against a cluster given by a kubeconfig."""
+    """A real controller process against a cluster given by a kubeconfig, its report
+    endpoint on TLS with a certificate for 127.0.0.1 (``report_url``, CA in ``tls_dir``)."""
 
     def __init__(self, workdir: Path, kubeconfig: Path, identity: str,
                  settings: dict[str, Any] | None = None, policy: str | None = None,
-                 topology: dict[str, Any] | None = None) -> None:
+                 topology: dict[str, Any] | None = None, tls_dir: Path | None = None) -> None:
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.identity = identity
         self.log_path = workdir / f"controller-{identity}.log"
+        self.tls_dir = report_tls(tls_dir or workdir / "report-tls")
         base: dict[str, Any] = {
             "kubernetes": {"kubeconfig": str(kubeconfig), "request_timeout_seconds": 5.0},
             "controller": {"lease_duration_seconds": 3.0, "renew_deadline_seconds": 2.0,
                            "retry_period_seconds": 0.5, "evaluation_interval_seconds": 0.5,
-                           "policy_reload_seconds": 0.5},
+                           "policy_reload_seconds": 0.5, "state_save_seconds": 0.5,
+                           "report_listen": "127.0.0.1:0",
+                           "tls_cert_file": str(self.tls_dir / "tls.crt"),
+                           "tls_key_file": str(self.tls_dir / "tls.key")},
             "shutdown_grace_seconds": 3.0,
         }
         if policy is not None:
@@ -169,6 +195,13 @@ class ControllerProcess:
         self.settings = _merge(base, settings or {})
         self.proc: subprocess.Popen[bytes] | None = None
         self.url = ""
+        self.report_url = ""
+
+    @property
+    def tls(self) -> ssl.SSLContext | None:
+        """What a reporter verifies the controller with; None when TLS is off."""
+        return tls_client(self.tls_dir) if self.settings["controller"]["tls_cert_file"] \
+            else None
 
     def start(self) -> ControllerProcess:
         config = self.workdir / f"controller-{self.identity}.yaml"
@@ -179,6 +212,9 @@ class ControllerProcess:
                  "--identity", self.identity, "--listen", "127.0.0.1:0"],
                 stdout=log, stderr=subprocess.STDOUT)
         self.url = f"http://127.0.0.1:{_port_from_log(self.proc, self.log_path)}"
+        scheme = "https" if self.tls is not None else "http"
+        port = _port_from_log(self.proc, self.log_path, event="reports listening")
+        self.report_url = f"{scheme}://127.0.0.1:{port}"
         return self
 
     def log(self) -> str:
@@ -190,18 +226,20 @@ class ControllerProcess:
             return result
 
     def post_report(self, token: str, body: Any, *, raw: bytes | None = None,
-                    content_type: str = "application/json") -> tuple[int, str]:
+                    content_type: str = "application/json",
+                    path: str = "/v1/reports/node") -> tuple[int, str]:
         data = raw if raw is not None else json.dumps(body).encode()
         headers = {"Content-Type": content_type}
         if token:
             headers["Authorization"] = f"Bearer {token}"
-        req = urllib.request.Request(self.url + "/v1/reports/node", data=data, headers=headers,
+        req = urllib.request.Request(self.report_url + path, data=data, headers=headers,
                                      method="POST")
         try:
-            with urllib.request.urlopen(req, timeout=10) as resp:
+            with urllib.request.urlopen(req, timeout=10, context=self.tls) as resp:
                 return resp.status, resp.read().decode()
         except urllib.error.HTTPError as exc:
-            return exc.code, exc.read().decode()
+            with exc:  # closes the connection (TLS sockets warn when left to the GC)
+                return exc.code, exc.read().decode()
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -226,7 +264,8 @@ def _terminate(proc: subprocess.Popen[bytes] | None, timeout: float) -> int:
     return proc.returncode
 
 
-def _port_from_log(proc: subprocess.Popen[bytes], log_path: Path, timeout: float = 60) -> int:
+def _port_from_log(proc: subprocess.Popen[bytes], log_path: Path, timeout: float = 60,
+                   event: str = "http listening") -> int:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -236,18 +275,24 @@ def _port_from_log(proc: subprocess.Popen[bytes], log_path: Path, timeout: float
             for line in log_path.read_text(errors="replace").splitlines():
                 with contextlib.suppress(ValueError):
                     entry = json.loads(line)
-                    if entry.get("event") == "http listening" and entry.get("address"):
+                    if entry.get("event") == event and entry.get("address"):
                         return int(entry["address"][1])
         time.sleep(0.05)
     raise TimeoutError(f"no port reported:\n{log_path.read_text(errors='replace')}")
 
 
-def node_report(node: str, findings: list[dict[str, Any]], sequence: int = 1,
-                gpus: int = 8) -> dict[str, Any]:
-    """A NodeReport as the agent sends it (see Agent.report)."""
+_SEQUENCE = itertools.count(1)
+BOOT = {"id": uuid.uuid4().hex, "started_at": time.time()}  # this process, as one "agent"
+
+
+def node_report(node: str, findings: list[dict[str, Any]], sequence: int | None = None,
+                gpus: int = 8, boot: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A NodeReport as the agent sends it (see Agent.report). Each call gets a higher
+    sequence than the last (so reports are fresh) unless ``sequence`` is given."""
     now = time.time()
     return {"apiVersion": "gpu-supervisor/v1", "kind": "NodeReport", "node": node,
-            "agent_version": "bench", "sequence": sequence, "sent_at": now,
+            "agent_version": "bench", "boot": boot or BOOT,
+            "sequence": next(_SEQUENCE) if sequence is None else sequence, "sent_at": now,
             "gpus": [{"index": i, "uuid": f"GPU-{node}-{i}", "pci_bus_id": f"0:{i}",
                       "name": "H100", "lost": False} for i in range(gpus)],
             "findings": findings, "conditions": {}}

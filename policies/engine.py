@@ -47,8 +47,11 @@ Safety, checked for every decision in this order (first reason wins)
       one evaluation's storm through whole, since a batch is returned before any of it is
       confirmed — and then everything except notify is refused until ``reset_breaker``.
 
-Time is injected (``clock`` returns monotonic seconds); snapshots store ages, not times, so
-they mean the same to a process whose monotonic clock started elsewhere. ``evaluate`` is
+Time is injected: ``clock`` returns monotonic seconds, which all timers run on, and
+``wall`` wall-clock seconds. Snapshots store every time as wall-clock time — a monotonic
+clock means nothing in another process, and an age means nothing once the snapshot has
+been lying in the ConfigMap for an hour — so a new leader's ``for:``, ``after:``, cooldown
+and breaker windows end when they would have ended under the old one. ``evaluate`` is
 linear in signals, incidents and groups: it runs on every report batch.
 """
 
@@ -74,7 +77,8 @@ from policies.schema import DEGRADE_RULE, Policy, Rule
 
 __all__ = ["SNAPSHOT_VERSION", "Evaluation", "PolicyEngine"]
 
-SNAPSHOT_VERSION = 1
+SNAPSHOT_VERSION = 2  # 1 stored ages (relative to the save); 2 stores wall-clock times
+WALL_STEP_TOLERANCE = 0.5  # seconds the wall clock may move against the monotonic one
 
 _TRAFFIC, _CORDON, _RESTART, _DEGRADE = "traffic", "cordon", "restart", "degrade"
 _LANE: Mapping[Action, str | None] = {
@@ -201,8 +205,11 @@ class _Pass:
 class PolicyEngine:
     """Decides what to do about signals under a ``Policy``; see the module docstring."""
 
-    def __init__(self, policy: Policy, clock: Callable[[], float]) -> None:
+    def __init__(self, policy: Policy, clock: Callable[[], float],
+                 wall: Callable[[], float] | None = None) -> None:
         self._clock = clock
+        self._wall = wall or clock
+        self._wall_offset: float | None = None
         self.policy = policy
         self._rules: dict[str, Rule] = {}
         self._by_class: dict[str, list[tuple[Rule, int]]] = {}
@@ -654,25 +661,38 @@ class PolicyEngine:
 
     # --- persistence and status ------------------------------------------------------------
 
+    def _offset(self) -> float:
+        """wall - monotonic, held steady so that an unchanged state snapshots to the same
+        JSON (the controller saves only what changed); re-read when the wall clock was
+        stepped (NTP) by more than ``WALL_STEP_TOLERANCE``."""
+        offset = self._wall() - self._clock()
+        if self._wall_offset is None or abs(offset - self._wall_offset) > WALL_STEP_TOLERANCE:
+            self._wall_offset = offset
+        return self._wall_offset
+
     def snapshot(self) -> dict[str, Any]:
-        """Everything needed to continue elsewhere, JSON-serialisable, times as ages."""
+        """Everything needed to continue elsewhere, JSON-serialisable, times as wall-clock
+        seconds (rounded to the millisecond)."""
         now = self._clock()
+        offset = self._offset()
+
+        def w(t: float | None) -> float | None:
+            return None if t is None else round(t + offset, 3)
+
         breaker = self._breaker
         return {
             "version": SNAPSHOT_VERSION,
-            "incidents": [_incident_to_json(inc, now) for inc in self._incidents.values()],
-            "cooldowns": [{"action": str(a), "target": t, "remaining": until - now}
+            "incidents": [_incident_to_json(inc, w) for inc in self._incidents.values()],
+            "cooldowns": [{"action": str(a), "target": t, "until": w(until)}
                           for (a, t), until in self._cooldowns.items() if until > now],
             "breaker": {
                 "open": breaker.opened_at is not None,
-                "opened_age": None if breaker.opened_at is None else now - breaker.opened_at,
+                "opened_at": w(breaker.opened_at),
                 "detail": breaker.detail,
-                "action_ages": [now - t for t in breaker.times],
+                "action_times": [w(t) for t in breaker.times],
             },
             "degrade": [{"model": model, "degraded": s.degraded,
-                         "changed_age": None if s.changed_at is None else now - s.changed_at,
-                         "healthy_age": (None if s.healthy_since is None
-                                         else now - s.healthy_since)}
+                         "changed_at": w(s.changed_at), "healthy_since": w(s.healthy_since)}
                         for model, s in self._degrade.items()],
         }
 
@@ -681,15 +701,25 @@ class PolicyEngine:
         in flight there are pending here: nobody can tell whether they were carried out, so
         they are decided again and the action layer's own idempotence covers a repeat.
         Incidents of rules this policy no longer has are dropped. All or nothing: a
-        malformed snapshot raises ``ValueError`` and leaves the state as it was."""
+        malformed snapshot raises ``ValueError`` and leaves the state as it was.
+
+        A version-1 snapshot (ages) is read as if it had been saved just now: its age is
+        unknown, so its timers restart — the behaviour of the controllers that wrote it."""
         try:
-            if snapshot.get("version") != SNAPSHOT_VERSION:
-                raise ValueError(f"version {snapshot.get('version')!r}, "
-                                 f"expected {SNAPSHOT_VERSION}")
+            version = snapshot.get("version")
+            if version not in (1, SNAPSHOT_VERSION):
+                raise ValueError(f"version {version!r}, expected {SNAPSHOT_VERSION}")
             now = self._clock()
+            if version == 1:
+                snapshot = _from_ages(snapshot, self._wall())
+            offset = self._offset()
+
+            def m(t: Any) -> float | None:
+                return None if t is None else float(t) - offset
+
             incidents: dict[str, _Incident] = {}
             for raw in snapshot["incidents"]:
-                inc, was_in_flight = _incident_from_json(raw, now)
+                inc, was_in_flight = _incident_from_json(raw, m)
                 rule = self._rules.get(inc.rule)
                 if rule is None or rule.when.scope != inc.scope:
                     continue
@@ -703,19 +733,17 @@ class PolicyEngine:
                         inc.quarantined.update(was_in_flight)
                 inc.step = min(inc.step, len(rule.then))
                 incidents[inc.id] = inc
-            cooldowns = {(Action(c["action"]), str(c["target"])): now + float(c["remaining"])
+            cooldowns = {(Action(c["action"]), str(c["target"])): float(c["until"]) - offset
                          for c in snapshot["cooldowns"]}
+            cooldowns = {k: v for k, v in cooldowns.items() if v > now}
             raw_breaker = snapshot["breaker"]
             breaker = _Breaker(
-                times=deque(sorted(now - float(a) for a in raw_breaker["action_ages"])),
-                opened_at=(None if raw_breaker["opened_age"] is None
-                           else now - float(raw_breaker["opened_age"])),
-                detail=str(raw_breaker["detail"]))
+                times=deque(sorted(float(t) - offset for t in raw_breaker["action_times"])),
+                opened_at=m(raw_breaker["opened_at"]), detail=str(raw_breaker["detail"]))
             degrade = {
                 str(d["model"]): _DegradeState(
-                    degraded=bool(d["degraded"]),
-                    changed_at=_time(now, d["changed_age"]),
-                    healthy_since=_time(now, d["healthy_age"]))
+                    degraded=bool(d["degraded"]), changed_at=m(d["changed_at"]),
+                    healthy_since=m(d["healthy_since"]))
                 for d in snapshot["degrade"] if self.policy.degrade_for(str(d["model"]))}
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ValueError(f"not a policy engine snapshot: {exc}") from exc
@@ -774,47 +802,77 @@ class PolicyEngine:
         return out
 
 
-def _time(now: float, age: Any) -> float | None:
-    return None if age is None else now - float(age)
-
-
-def _incident_to_json(inc: _Incident, now: float) -> dict[str, Any]:
+def _incident_to_json(inc: _Incident, w: Callable[[float | None], float | None]
+                      ) -> dict[str, Any]:
     return {
         "id": inc.id, "rule": inc.rule, "scope": inc.scope, "scope_id": inc.scope_id,
-        "opened_age": now - inc.opened_at, "ready_age": now - inc.ready_from,
-        "closed_age": None if inc.closed_at is None else now - inc.closed_at,
-        "step": inc.step,
+        "opened_at": w(inc.opened_at), "ready_from": w(inc.ready_from),
+        "closed_at": w(inc.closed_at), "step": inc.step,
         "targets": (None if inc.targets is None
                     else {t: s.value for t, s in inc.targets.items()}),
-        "step_done_age": None if inc.step_done_at is None else now - inc.step_done_at,
+        "step_done_at": w(inc.step_done_at),
         "node_local": inc.node_local, "released_any": inc.released_any,
         "failed_over": sorted(inc.failed_over), "quarantined": sorted(inc.quarantined),
         "restarted": sorted(inc.restarted),
         "history": [{"step": d.step, "action": str(d.action), "target": d.target,
-                     "age": now - d.at, "shared": d.shared} for d in inc.history],
+                     "at": w(d.at), "shared": d.shared} for d in inc.history],
     }
 
 
-def _incident_from_json(raw: Mapping[str, Any], now: float) -> tuple[_Incident, list[str]]:
+def _incident_from_json(raw: Mapping[str, Any], m: Callable[[Any], float | None]
+                        ) -> tuple[_Incident, list[str]]:
     """The incident, and the current step's targets that were in flight."""
     targets = raw["targets"]
     in_flight = [] if targets is None else [str(t) for t, s in targets.items()
                                             if s == _Status.IN_FLIGHT.value]
+
+    def required(t: Any) -> float:
+        value = m(t)
+        if value is None:
+            raise ValueError("a required time is null")
+        return value
+
     return _Incident(
         id=str(raw["id"]), rule=str(raw["rule"]), scope=str(raw["scope"]),
-        scope_id=str(raw["scope_id"]), opened_at=now - float(raw["opened_age"]),
-        ready_from=now - float(raw["ready_age"]), step=int(raw["step"]),
+        scope_id=str(raw["scope_id"]), opened_at=required(raw["opened_at"]),
+        ready_from=required(raw["ready_from"]), step=int(raw["step"]),
         # In flight there means undecided here (see ``PolicyEngine.restore``).
         targets=(None if targets is None else
                  {str(t): _Status.DONE if s == _Status.DONE.value else _Status.PENDING
                   for t, s in targets.items()}),
-        step_done_at=_time(now, raw["step_done_age"]),
+        step_done_at=m(raw["step_done_at"]),
         node_local=bool(raw["node_local"]),
-        closed_at=_time(now, raw["closed_age"]),
+        closed_at=m(raw["closed_at"]),
         released_any=bool(raw["released_any"]),
         failed_over={str(g) for g in raw["failed_over"]},
         quarantined={str(n) for n in raw["quarantined"]},
         restarted={str(g) for g in raw["restarted"]},
         history=[_Done(int(d["step"]), Action(d["action"]), str(d["target"]),
-                       now - float(d["age"]), bool(d["shared"])) for d in raw["history"]],
+                       required(d["at"]), bool(d["shared"])) for d in raw["history"]],
     ), in_flight
+
+
+def _from_ages(old: Mapping[str, Any], wall_now: float) -> dict[str, Any]:
+    """A version-1 snapshot (ages relative to its save) as version 2, taking the save to
+    have been now."""
+    def at(age: Any) -> float | None:
+        return None if age is None else wall_now - float(age)
+
+    return {
+        "version": SNAPSHOT_VERSION,
+        "incidents": [{**{k: v for k, v in inc.items() if not k.endswith("_age")},
+                       "opened_at": at(inc["opened_age"]), "ready_from": at(inc["ready_age"]),
+                       "closed_at": at(inc["closed_age"]),
+                       "step_done_at": at(inc["step_done_age"]),
+                       "history": [{**{k: v for k, v in d.items() if k != "age"},
+                                    "at": at(d["age"])} for d in inc["history"]]}
+                      for inc in old["incidents"]],
+        "cooldowns": [{"action": c["action"], "target": c["target"],
+                       "until": wall_now + float(c["remaining"])} for c in old["cooldowns"]],
+        "breaker": {"opened_at": at(old["breaker"]["opened_age"]),
+                    "detail": old["breaker"]["detail"],
+                    "action_times": [at(a) for a in old["breaker"]["action_ages"]]},
+        "degrade": [{"model": d["model"], "degraded": d["degraded"],
+                     "changed_at": at(d["changed_age"]), "healthy_since": at(d["healthy_age"])}
+                    for d in old["degrade"]],
+    }

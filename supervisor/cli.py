@@ -62,6 +62,19 @@ def _check_controller(settings: Settings) -> None:
         except OSError as exc:
             raise ConfigError("controller.policy_file", f"cannot read {path}: {exc}") from exc
     load_topology(settings.controller.topology_file)
+    c = settings.controller
+    if c.tls_cert_file:
+        from supervisor.tls import ServerCertificate
+
+        ServerCertificate(c.tls_cert_file, c.tls_key_file)
+
+
+def _check_agent(settings: Settings) -> None:
+    url = settings.reporting.controller_url
+    if url.startswith("https://"):
+        from supervisor.tls import client_context
+
+        client_context(settings.reporting.ca_file)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,8 +97,10 @@ def main(argv: list[str] | None = None) -> int:
         settings = load(args.config, overrides)
         if args.command == "controller":
             _check_controller(settings)
-        elif args.simulate_gpus is not None and not 0 <= args.simulate_gpus <= 64:
-            raise ConfigError("--simulate-gpus", "must be between 0 and 64")
+        else:
+            _check_agent(settings)
+            if args.simulate_gpus is not None and not 0 <= args.simulate_gpus <= 64:
+                raise ConfigError("--simulate-gpus", "must be between 0 and 64")
     except ConfigError as exc:
         print(f"gpu-supervisor: invalid configuration: {exc}", file=sys.stderr)
         return EXIT_CONFIG

@@ -125,9 +125,13 @@ class KubernetesSettings:
 class ReportingSettings:
     controller_url: str = setting("", "controller base URL; empty = do not report", "URL")
     token_file: str = setting(
-        "/var/run/secrets/kubernetes.io/serviceaccount/token",
-        "ServiceAccount token sent as the bearer token; re-read on every report (it rotates)",
-        "path")
+        "/var/run/secrets/gpu-supervisor/token",
+        "projected ServiceAccount token with the controller's audience, sent as the bearer "
+        "token; re-read on every report (the kubelet rotates it)", "path")
+    ca_file: str = setting(
+        "/etc/gpu-supervisor/report-ca/ca.crt",
+        "CA bundle the controller's report certificate is verified with (https URLs); empty "
+        "= the system's trust store", "path")
     heartbeat_seconds: float = setting(
         10.0, "send the full state at least this often even without a change", "s", gt=0)
     timeout_seconds: float = setting(5.0, "deadline for one report", "s", gt=0)
@@ -148,6 +152,9 @@ class ControllerSettings:
                                           gt=0)
     state_configmap: str = setting("gpu-supervisor-state",
                                    "ConfigMap holding incidents and action intents")
+    state_save_seconds: float = setting(
+        5.0, "save the incident state this often when it changed (and at once after an "
+        "action), so a new leader's timers continue where the old one's stood", "s", gt=0)
     policy_file: str = setting("", "policy YAML; empty = the shipped policies/default.yaml",
                                "path")
     policy_reload_seconds: float = setting(
@@ -155,14 +162,36 @@ class ControllerSettings:
         "policy", "s", gt=0)
     topology_file: str = setting(
         "", "generic group kinds and degrade targets (YAML); empty = LWS groups only", "path")
+    report_listen: str = setting(
+        "0.0.0.0:8443", "address of the report endpoint (/v1/reports/*), TLS unless "
+        "tls_cert_file is empty", "host:port")
+    tls_cert_file: str = setting(
+        "/etc/gpu-supervisor/tls/tls.crt", "report endpoint certificate (PEM, from a Secret; "
+        "re-read when it changes); empty = plain HTTP, for local experiments only", "path")
+    tls_key_file: str = setting("/etc/gpu-supervisor/tls/tls.key",
+                                "private key of tls_cert_file (PEM)", "path")
+    tls_reload_seconds: float = setting(
+        30.0, "check the certificate files for a change (a rotated Secret) this often", "s",
+        gt=0)
     allowed_reporters: list[str] = setting(
         ["system:serviceaccount:gpu-supervisor:gpu-supervisor-agent"],
         "identities (from TokenReview) allowed to POST reports")
-    token_audiences: list[str] = setting([], "audiences asked of TokenReview; empty = the "
-                                         "API server's")
+    token_audiences: list[str] = setting(
+        ["gpu-supervisor"], "audiences a report token must carry, checked through "
+        "TokenReview; a token for the API server's own audience is refused. Empty = the API "
+        "server's audience (not recommended: a stolen report token would then open the API)")
     token_cache_seconds: float = setting(
-        60.0, "how long a TokenReview answer is reused", "s", gt=0)
+        300.0, "how long a TokenReview answer is reused (±10 % jitter): 16,384 agents cost "
+        "~55 reviews/s", "s", gt=0)
+    token_reviews_per_second: float = setting(
+        100.0, "TokenReviews of tokens not in the cache, per second (bursts of twice that); "
+        "over it a report gets 429 and its sender retries later", "1/s", gt=0)
     report_max_bytes: int = setting(1048576, "largest report body accepted", "bytes", gt=0)
+    report_read_timeout_seconds: float = setting(
+        10.0, "a report body must arrive within this long (408 else)", "s", gt=0)
+    report_max_skew_seconds: float = setting(
+        30.0, "a report whose sent_at is further than this from the controller's clock is "
+        "refused (409): bounds how old a replayed report can be", "s", gt=0)
     silence_seconds: float = setting(
         35.0, "an agent is silent after this long without a report (3 heartbeats + slack)",
         "s", gt=0)
@@ -194,9 +223,14 @@ class Settings:
 
     def validate(self) -> None:
         """Cross-field rules; single-field bounds are checked while loading."""
-        host, sep, port = self.http.listen.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-            raise ConfigError("http.listen", f"must be host:port, got {self.http.listen!r}")
+        for name, value in (("http.listen", self.http.listen),
+                            ("controller.report_listen", self.controller.report_listen)):
+            host, sep, port = value.rpartition(":")
+            if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+                raise ConfigError(name, f"must be host:port, got {value!r}")
+        if bool(self.controller.tls_cert_file) != bool(self.controller.tls_key_file):
+            raise ConfigError("controller.tls_key_file",
+                              "tls_cert_file and tls_key_file are set together or not at all")
         if self.nvml.call_timeout_seconds > 60:
             raise ConfigError("nvml.call_timeout_seconds", "must be at most 60")
         if self.nvml.event_wait_ms / 1000 > self.shutdown_grace_seconds:

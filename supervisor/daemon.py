@@ -18,7 +18,7 @@ from aiohttp import web
 
 from probes.nvml import Nvml
 from supervisor.config import Settings
-from supervisor.http import HttpServer, build_app
+from supervisor.http import HttpServer, build_app, report_app
 from supervisor.kube import KubeClient
 from supervisor.metrics import AgentCollector, ProbeHistograms, new_registry
 from supervisor.node_status import NodeConditionPublisher
@@ -26,6 +26,7 @@ from supervisor.reporting import Reporter
 from supervisor.roles.agent import Agent
 from supervisor.runtime.clock import SystemClock
 from supervisor.runtime.tasks import TaskGroup, stop_on_signals
+from supervisor.tls import ServerCertificate, client_context
 
 log = structlog.get_logger(__name__)
 
@@ -102,10 +103,14 @@ async def run_agent(settings: Settings, *, simulate_dir: Path | None = None) -> 
             agent.listeners.append(publisher.poke)
             group.start("node-conditions", publisher.run())
         if settings.reporting.controller_url:
-            reporter = Reporter(settings.reporting.controller_url,
-                                Path(settings.reporting.token_file), agent.report, clock,
-                                settings.reporting.heartbeat_seconds,
-                                settings.reporting.timeout_seconds)
+            r = settings.reporting
+            tls = client_context(r.ca_file) if r.controller_url.startswith("https://") \
+                else None
+            if tls is None:
+                log.warning("reporting without TLS: the report token travels in clear text",
+                            url=r.controller_url)
+            reporter = Reporter(r.controller_url, Path(r.token_file), agent.report, clock,
+                                r.heartbeat_seconds, r.timeout_seconds, tls=tls)
             agent.listeners.append(reporter.poke)
             group.start("reporter", reporter.run())
 
@@ -163,12 +168,25 @@ async def run_controller(settings: Settings) -> None:
     registry = new_registry()
     registry.register(ControllerCollector(controller))
     app = build_app(liveness=group.alive, readiness=controller.ready, status=controller.status,
-                    registry=registry, extra_routes=controller.ingest.routes())
+                    registry=registry)
+    c = settings.controller
+    certificate = ServerCertificate(c.tls_cert_file, c.tls_key_file) if c.tls_cert_file \
+        else None
+    reports = HttpServer(report_app(controller.ingest.routes(), c.report_max_bytes),
+                         c.report_listen, certificate.context if certificate else None)
 
     async def start() -> None:
+        await reports.start()
+        log.info("reports listening", address=reports.bound, tls=certificate is not None)
+        if certificate is None:
+            log.warning("report endpoint without TLS: report tokens travel in clear text "
+                        "(set controller.tls_cert_file outside local experiments)")
+        else:
+            group.start("tls-reload", certificate.follow(c.tls_reload_seconds))
         controller.start(group)
 
     async def cleanup() -> None:
+        await reports.stop()
         await controller.stop()
         await kube.close()
 

@@ -61,3 +61,8 @@ class KubeTemporaryError(KubeError, TemporaryError):
 
 class KubePermanentError(KubeError, PermanentError):
     """The API server refused the request for a reason a retry will not change."""
+
+
+class Fenced(SupervisorError):
+    """This replica may no longer write: its Lease is gone or about to be, or another
+    controller wrote the state since we read it. Never retried; the caller stops acting."""

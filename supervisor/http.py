@@ -14,6 +14,7 @@ The server runs with ``handle_signals=False``: signals belong to the task superv
 from __future__ import annotations
 
 import json
+import ssl
 from collections.abc import Callable
 from typing import Any
 
@@ -30,8 +31,7 @@ def _json(body: Any, status: int = 200) -> web.Response:
 
 
 def build_app(*, liveness: Checks, readiness: Checks, status: Callable[[], dict[str, Any]],
-              registry: CollectorRegistry,
-              extra_routes: list[web.RouteDef] | None = None) -> web.Application:
+              registry: CollectorRegistry) -> web.Application:
     async def livez(_: web.Request) -> web.Response:
         checks = liveness()
         ok = all(checks.values())
@@ -50,25 +50,34 @@ def build_app(*, liveness: Checks, readiness: Checks, status: Callable[[], dict[
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/status", status_handler)
     app.router.add_get("/metrics", make_aiohttp_handler(registry))
-    if extra_routes:
-        app.router.add_routes(extra_routes)
+    return app
+
+
+def report_app(routes: list[web.RouteDef], max_bytes: int) -> web.Application:
+    """The controller's report listener: the report routes and nothing else."""
+    app = web.Application(client_max_size=max_bytes)
+    app.router.add_routes(routes)
     return app
 
 
 class HttpServer:
-    """An aiohttp site on ``host:port``; ``port`` 0 picks a free one (see ``bound``)."""
+    """An aiohttp site on ``host:port`` (HTTPS with ``ssl_context``); ``port`` 0 picks a
+    free one (see ``bound``)."""
 
-    def __init__(self, app: web.Application, listen: str) -> None:
+    def __init__(self, app: web.Application, listen: str,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
         host, _, port = listen.rpartition(":")
         self._host = host.strip("[]")
         self._port = int(port)
+        self._ssl = ssl_context
         self._runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=1.0,
                                      access_log=None)
         self.bound: tuple[str, int] | None = None
 
     async def start(self) -> None:
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self._host, self._port, reuse_address=True)
+        site = web.TCPSite(self._runner, self._host, self._port, reuse_address=True,
+                           ssl_context=self._ssl)
         await site.start()
         server = site._server  # aiohttp exposes the asyncio server only privately
         sockets = getattr(server, "sockets", None) or []

@@ -276,9 +276,16 @@ class ControllerCollector:
         reports = CounterMetricFamily(f"{P}reports", "Reports received, by outcome",
                                       labels=["outcome"])
         for outcome in ("accepted", "unauthenticated", "forbidden", "malformed", "invalid",
-                        "too_large", "bad_content_type", "auth_unavailable"):
+                        "too_large", "bad_content_type", "auth_unavailable", "throttled",
+                        "stale", "skewed"):
             reports.add_metric([outcome], c.ingest.outcomes.get(outcome, 0))
         yield reports
+        reviews = CounterMetricFamily(f"{P}token_reviews", "TokenReviews of report tokens "
+                                      "not in the cache, by outcome", labels=["outcome"])
+        reviews.add_metric(["reviewed"], c.tokens.reviews)
+        reviews.add_metric(["not_plausible"], c.tokens.prefiltered)
+        reviews.add_metric(["throttled"], c.tokens.throttled)
+        yield reviews
         actions = CounterMetricFamily(f"{P}actions", "Actions carried out, by outcome",
                                       labels=["action", "outcome"])
         for (action, outcome), n in sorted(c.executor.outcomes.items()):

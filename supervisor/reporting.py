@@ -3,8 +3,14 @@
 The hand-off is a mailbox of one: ``poke()`` only marks the state dirty, and the sender
 takes a fresh snapshot when it is ready to send. So a slow, absent or failing controller
 costs the probes nothing — there is no queue to fill — and when it comes back it gets the
-*latest* state, never a backlog of stale ones. Each report carries a sequence number and
-the ServiceAccount token read from disk at send time (kubelet rotates it).
+*latest* state, never a backlog of stale ones.
+
+Each report travels over TLS (the controller's certificate verified against
+``reporting.ca_file``) with the projected ServiceAccount token read from disk at send time
+(the kubelet rotates it), and carries this process's boot identity (random per start), a
+sequence and ``sent_at``, so the controller can tell a replayed or stale report from a new
+one. The controller Service is headless: every replica gets every report, so a new leader
+has a warm model.
 """
 
 from __future__ import annotations
@@ -12,6 +18,8 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import ssl
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -32,7 +40,7 @@ NODE_REPORT_PATH = "/v1/reports/node"
 class Reporter:
     def __init__(self, url: str, token_file: Path, snapshot: Callable[[], dict[str, Any]],
                  clock: Clock, heartbeat: float, timeout: float,
-                 path: str = NODE_REPORT_PATH) -> None:
+                 path: str = NODE_REPORT_PATH, tls: ssl.SSLContext | None = None) -> None:
         self._endpoint = url.rstrip("/") + path
         parts = urlsplit(self._endpoint)
         self._scheme = parts.scheme
@@ -44,7 +52,10 @@ class Reporter:
         self._clock = clock
         self._heartbeat = heartbeat
         self._timeout = timeout
+        self._tls = tls
         self._dirty = asyncio.Event()
+        self.boot = {"id": uuid.uuid4().hex, "started_at": clock.wall()}
+        self.retry_after = 0.0  # seconds the controller asked us to wait (429)
         self.sequence = 0
         self.sent = 0
         self.failed = 0
@@ -62,8 +73,10 @@ class Reporter:
                 # After a failure, wait before trying again (doubling up to the heartbeat)
                 # even if the state keeps changing: a down controller must not be hammered.
                 backoff = 0.0 if ok else min(max(backoff * 2, 0.5), self._heartbeat)
-                if backoff:
-                    await asyncio.sleep(backoff)
+                wait = max(backoff, self.retry_after)
+                self.retry_after = 0.0
+                if wait:
+                    await asyncio.sleep(wait)
                 try:
                     await asyncio.wait_for(self._dirty.wait(), timeout=self._heartbeat)
                 except TimeoutError:
@@ -73,6 +86,7 @@ class Reporter:
         self._dirty.clear()
         self.sequence += 1
         body = self._snapshot()
+        body["boot"] = self.boot
         body["sequence"] = self.sequence
         body["sent_at"] = self._clock.wall()
         headers = {"Content-Type": "application/json"}
@@ -124,9 +138,16 @@ class Reporter:
         extra: dict[str, Any] = {}
         if self._scheme == "https":
             extra["server_hostname"] = self._host
+            extra["ssl"] = self._tls if self._tls is not None else True
         async with session.post(url, data=body, headers={**headers, "Host": self._host},
                                 **extra) as resp:
             if resp.status >= 300:
+                if resp.status == 429:  # the controller is rate-limiting token reviews
+                    try:
+                        after = float(resp.headers.get("Retry-After", "1"))
+                    except ValueError:
+                        after = 1.0
+                    self.retry_after = min(max(self.retry_after, after), self._heartbeat)
                 text = (await resp.text())[:200]
                 raise ReportRejected(f"{address} answered {resp.status}: {text}")
 

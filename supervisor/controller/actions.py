@@ -9,13 +9,20 @@
 - quarantine: cordon, add our NoSchedule taint, NodeCondition ``GPUSupervisorQuarantined``
   True; remember whether the node was already cordoned;
 - unquarantine: remove our taint, uncordon only if we cordoned, condition False;
-- degrade: scale the fallback workload up, wait until it is ready, then shift traffic
-  (HTTPRoute backendRef weights, or a Service's selector);
-- restore: shift traffic back, then scale the fallback back to what it was;
+- degrade: check that the route (or Service) can carry the fallback, record the fallback
+  workload's replicas, scale it up, wait until it is ready, then shift traffic (HTTPRoute
+  backendRef weights, or a Service's selector) — refused, with an Event, when the route
+  has no place for the fallback, so a misconfiguration never drops traffic;
+- restore: shift back only what degrade changed (and only where nobody changed it since),
+  then scale the fallback back to the recorded replicas;
 - notify: nothing but the Event, metric and log every action gets.
 
-Before its first write every action checks the fencing callback (are we still the leader?),
-and every action ends in an Event on the object, a counter and a structured log line.
+Fencing: every request carries the controller's ``Fence``, so no attempt — first or
+retried — is sent once this replica's Lease is gone or about to be, and none outlives it.
+A request already on its way can still arrive late (a slow network, a stopped process);
+readiness-gate writes therefore carry the pod's ``resourceVersion`` as a precondition, so a
+write decided on a stale view fails with 409 instead of landing on top of whatever a newer
+leader wrote since. Every action ends in an Event, a counter and a structured log line.
 """
 
 from __future__ import annotations
@@ -31,10 +38,9 @@ from typing import Any
 import structlog
 
 from policies.model import Action, Decision
-from supervisor.controller.model import READINESS_GATE, HealthModel
-from supervisor.controller.store import Fenced
-from supervisor.errors import KubeError, KubeTemporaryError
-from supervisor.kube import STRATEGIC_MERGE, KubeClient, rfc3339
+from supervisor.controller.model import READINESS_GATE, HealthModel, PodInfo
+from supervisor.errors import Fenced, KubeError, KubeTemporaryError, SupervisorError
+from supervisor.kube import STRATEGIC_MERGE, Fence, KubeClient, rfc3339
 from supervisor.runtime.clock import Clock
 
 log = structlog.get_logger(__name__)
@@ -44,6 +50,8 @@ QUARANTINE_ANNOTATION = "gpu-supervisor.io/quarantine"
 QUARANTINE_CONDITION = "GPUSupervisorQuarantined"
 TRAFFIC_ANNOTATION = "gpu-supervisor.io/traffic-before-degrade"
 COMPONENT = "gpu-supervisor-controller"
+GATE_WRITE_ATTEMPTS = 3  # precondition conflicts re-read the pod and try again
+REFUSAL_EVENT_EVERY_SECONDS = 600.0  # a refusal repeats every evaluation; its Event does not
 
 # When the current action's first request was answered (None: not yet). Task-local: every
 # decision runs in its own task, so concurrent actions never see each other's value.
@@ -95,16 +103,54 @@ def _selector(text: str) -> dict[str, str]:
     return dict(term.split("=", 1) for term in text.split(",") if "=" in term)
 
 
+class DegradeRefused(SupervisorError):
+    """The traffic object cannot carry the fallback: shifting would drop traffic."""
+
+    def __init__(self, traffic: Traffic, why: str) -> None:
+        super().__init__(f"{traffic.kind} {traffic.namespace}/{traffic.name}: {why}")
+        self.traffic = traffic
+        self.why = why
+
+
+def _weight(ref: dict[str, Any]) -> int:
+    """A backendRef's weight; Gateway API's default is 1."""
+    return int(ref.get("weight", 1))
+
+
+def _route_plan(route: dict[str, Any], traffic: Traffic) -> list[dict[str, Any]]:
+    """Where degrade moves weight: per rule with the primary, its index and the weights of
+    the primary and fallback refs before and after. Refused if any such rule lacks the
+    fallback (its share of traffic would go nowhere) or no rule has the primary."""
+    plan = []
+    for index, rule in enumerate(route.get("spec", {}).get("rules") or []):
+        refs = rule.get("backendRefs") or []
+        primary = [r for r in refs if r.get("name") == traffic.primary]
+        if not primary:
+            continue
+        fallback = [r for r in refs if r.get("name") == traffic.fallback]
+        if not fallback:
+            raise DegradeRefused(traffic, f"rule {index} sends traffic to {traffic.primary} "
+                                          f"but has no backendRef {traffic.fallback}")
+        before = {"primary": _weight(primary[0]), "fallback": _weight(fallback[0])}
+        plan.append({"rule": index, "before": before,
+                     "after": {"primary": 0,
+                               "fallback": before["primary"] + before["fallback"]}})
+    if not plan:
+        raise DegradeRefused(traffic, f"no rule has a backendRef {traffic.primary}")
+    return plan
+
+
 class ActionExecutor:
     def __init__(self, kube: KubeClient, model: HealthModel, clock: Clock, *,
-                 may_act: Callable[[], bool], intents: dict[str, Any],
+                 fence: Fence, intents: dict[str, Any],
                  save: Callable[[], Awaitable[None]],
                  degrade_targets: dict[str, DegradeTarget] | None = None,
                  follow_up_concurrency: int = 4) -> None:
         self._kube = kube
         self._model = model
         self._clock = clock
-        self._may_act = may_act
+        self._fence = fence
+        self._refusals_told: dict[tuple[str, str], float] = {}  # (target, why) → last Event
         self.intents = intents
         self._save = save
         self._degrade = degrade_targets or {}
@@ -140,6 +186,10 @@ class ActionExecutor:
             log.warning("not acting: lost leadership", action=str(decision.action),
                         target=decision.target)
             return False
+        except DegradeRefused as exc:
+            self.outcomes[(str(decision.action), "refused")] += 1
+            await self._tell_refusal(exc, decision)
+            return False
         except (KubeError, TimeoutError) as exc:
             self.outcomes[(str(decision.action), "failed")] += 1
             log.error("action failed", action=str(decision.action), target=decision.target,
@@ -158,17 +208,16 @@ class ActionExecutor:
         by the API server — an upper bound on when it was sent, so connection-pool waits
         and the round trip count against us, not for us.
         """
-        if not self._may_act():
-            raise Fenced("not the leader")
         if _FIRST_WRITE.get() is None:
             async with self._first_writes:
-                result = await self._kube.request(method, path, **kwargs)
+                result = await self._kube.request(method, path, fence=self._fence, **kwargs)
             _FIRST_WRITE.set(self._clock.monotonic())
             return result
         async with self._followups:
-            if not self._may_act():
-                raise Fenced("not the leader")
-            return await self._kube.request(method, path, **kwargs)
+            return await self._kube.request(method, path, fence=self._fence, **kwargs)
+
+    def _may_act(self) -> bool:
+        return self._fence.remaining() > 0
 
     def _record_latency(self, target: str) -> None:
         detected = self._model.detection_time(target)
@@ -178,7 +227,7 @@ class ActionExecutor:
             del self.latencies[:-10_000]
 
     async def _event(self, obj: dict[str, str], decision: Decision, reason: str,
-                     warning: bool = True) -> None:
+                     warning: bool = True, note: str = "") -> None:
         now = rfc3339(self._clock.wall())
         # Events about cluster-scoped objects (Nodes) live in "default", as the kubelet's do.
         ns = obj.get("namespace") or "default"
@@ -187,8 +236,8 @@ class ActionExecutor:
             "metadata": {"generateName": f"{obj['name']}.", "namespace": ns},
             "involvedObject": obj, "type": "Warning" if warning else "Normal",
             "reason": reason,
-            "message": f"{decision.action} ({decision.rule}, step {decision.step}): "
-                       f"{decision.reason}"[:1024],
+            "message": (note or f"{decision.action} ({decision.rule}, step {decision.step}): "
+                                f"{decision.reason}")[:1024],
             "source": {"component": COMPONENT}, "reportingComponent": COMPONENT,
             "reportingInstance": COMPONENT, "firstTimestamp": now, "lastTimestamp": now,
             "count": 1,
@@ -206,14 +255,11 @@ class ActionExecutor:
         if group is None:
             log.info("group vanished before action", group=decision.target)
             return
-        body = self._gate_body(serving, decision.reason)
         pods = sorted(group.pods.values(), key=lambda p: (p.worker_index is None,
                                                           p.worker_index, p.name))
 
-        async def patch(pod: Any) -> None:
-            await self._write("PATCH", f"/api/v1/namespaces/{pod.namespace}/pods/{pod.name}"
-                              "/status", body=body, content_type=STRATEGIC_MERGE,
-                              ok_statuses=frozenset({404}))
+        async def patch(pod: PodInfo) -> None:
+            await self._patch_gate(pod, serving, decision.reason)
 
         # The leader first: in LWS serving set-ups it is the pod the Service and routers
         # send traffic to, so gating it takes the replica out of traffic; in a burst, every
@@ -228,14 +274,41 @@ class ActionExecutor:
                               "GroupRecovered" if serving else "GroupFailedOver",
                               warning=not serving)
 
-    async def admit(self, group_key: str, pod: Any, serving: bool) -> None:
+    async def admit(self, group_key: str, pod: PodInfo, serving: bool) -> None:
         """Set the readiness gate of a pod that has none yet (a new or recreated member):
         True, or False when the rest of its group is failed over. Without this a pod that
         lists our gate in ``spec.readinessGates`` would never become Ready."""
-        await self._write("PATCH", f"/api/v1/namespaces/{pod.namespace}/pods/{pod.name}/status",
-                          body=self._gate_body(serving, f"admitted by the controller "
-                                                        f"(group {group_key})"),
-                          content_type=STRATEGIC_MERGE, ok_statuses=frozenset({404}))
+        await self._patch_gate(pod, serving,
+                               f"admitted by the controller (group {group_key})")
+
+    async def _patch_gate(self, pod: PodInfo, serving: bool, message: str) -> None:
+        """Our readiness-gate condition on one pod, with the pod's resourceVersion as a
+        precondition: a 409 means the pod changed since we looked (the kubelet, or a newer
+        leader); it is read again and, if still needed, written again — fenced like every
+        write, so a deposed leader stops here."""
+        path = f"/api/v1/namespaces/{pod.namespace}/pods/{pod.name}"
+        version = pod.resource_version
+        for _ in range(GATE_WRITE_ATTEMPTS):
+            body = self._gate_body(serving, message)
+            if version:
+                body["metadata"] = {"resourceVersion": version}
+            if await self._write("PATCH", path + "/status", body=body,
+                                 content_type=STRATEGIC_MERGE,
+                                 ok_statuses=frozenset({404, 409})):
+                return
+            # Gone (404) or changed under us (409): look again.
+            current = await self._kube.request("GET", path, ok_statuses=frozenset({404}),
+                                               fence=self._fence)
+            meta = current.get("metadata", {})
+            if not current or meta.get("uid") != pod.uid or meta.get("deletionTimestamp"):
+                return  # that pod is gone; its replacement is admitted like any new pod
+            wanted = "True" if serving else "False"
+            if any(c.get("type") == READINESS_GATE and c.get("status") == wanted
+                   for c in current.get("status", {}).get("conditions") or []):
+                return
+            version = str(meta.get("resourceVersion", ""))
+        raise KubeTemporaryError(f"pod {pod.namespace}/{pod.name} kept changing under us",
+                                 status=409)
 
     def _gate_body(self, serving: bool, message: str) -> dict[str, Any]:
         """Pod status patch setting our readiness-gate condition."""
@@ -373,18 +446,20 @@ class ActionExecutor:
 
     # --- degrade and restore ---------------------------------------------------------------
 
-    async def _scale(self, workload: Workload, replicas: int) -> int:
-        """Set replicas through the scale subresource; return what it was before."""
-        current = await self._kube.request("GET", f"{workload.path}/scale")
-        before = int(current.get("spec", {}).get("replicas") or 0)
+    async def _replicas(self, workload: Workload) -> int:
+        current = await self._kube.request("GET", f"{workload.path}/scale", fence=self._fence)
+        return int(current.get("spec", {}).get("replicas") or 0)
+
+    async def _scale(self, workload: Workload, replicas: int) -> None:
+        """Set replicas through the scale subresource — the only write the controller's
+        RBAC allows on a workload, so it can never rewrite the pod template."""
         await self._write("PATCH", f"{workload.path}/scale",
                           body={"spec": {"replicas": replicas}}, content_type=MERGE)
-        return before
 
     async def _wait_ready(self, workload: Workload, replicas: int, timeout: float) -> None:
         deadline = self._clock.monotonic() + timeout
         while True:
-            obj = await self._kube.request("GET", workload.path)
+            obj = await self._kube.request("GET", workload.path, fence=self._fence)
             ready = int(obj.get("status", {}).get("readyReplicas") or 0)
             if ready >= replicas:
                 return
@@ -393,67 +468,144 @@ class ActionExecutor:
                                    f"{ready}/{replicas} ready after {timeout:g}s")
             await asyncio.sleep(1.0)
 
-    async def _shift(self, traffic: Traffic, to_fallback: bool, decision: Decision) -> None:
-        obj = await self._kube.request("GET", traffic.path)
-        annotations = obj.get("metadata", {}).get("annotations") or {}
+    async def _traffic(self, traffic: Traffic) -> dict[str, Any]:
+        obj = await self._kube.request("GET", traffic.path, ok_statuses=frozenset({404}),
+                                       fence=self._fence)
+        if not obj:
+            raise DegradeRefused(traffic, "does not exist")
+        return obj
+
+    @staticmethod
+    def _check_shift(obj: dict[str, Any], traffic: Traffic) -> Any:
+        """What shifting would change; ``DegradeRefused`` if it would drop traffic."""
         if traffic.kind == "HTTPRoute":
-            rules = obj.get("spec", {}).get("rules") or []
-            if to_fallback:
-                saved = annotations.get(TRAFFIC_ANNOTATION) or json.dumps(rules)
-                for rule in rules:
-                    for ref in rule.get("backendRefs") or []:
-                        if ref.get("name") == traffic.primary:
-                            ref["weight"] = 0
-                        elif ref.get("name") == traffic.fallback:
-                            ref["weight"] = 100
-                annotations[TRAFFIC_ANNOTATION] = saved
-            else:
-                saved = annotations.pop(TRAFFIC_ANNOTATION, None)
-                if saved is None:
-                    return
-                obj["spec"]["rules"] = json.loads(saved)
-            obj["metadata"]["annotations"] = annotations
-            await self._write("PUT", traffic.path, body=obj)
+            return _route_plan(obj, traffic)
+        selector = obj.get("spec", {}).get("selector") or {}
+        fallback = _selector(traffic.fallback)
+        if not fallback:
+            raise DegradeRefused(traffic, f"fallback selector {traffic.fallback!r} is empty")
+        if selector not in (_selector(traffic.primary), fallback):
+            raise DegradeRefused(traffic, f"selector {selector} is neither the primary's "
+                                          f"({traffic.primary}) nor the fallback's")
+        return {"before": selector, "after": fallback}
+
+    async def _shift(self, traffic: Traffic, decision: Decision) -> None:
+        """Primary → fallback. The plan (what was there, what we set) is kept in an
+        annotation on the object itself, so restore — by this leader or the next — knows
+        exactly what to put back."""
+        obj = await self._traffic(traffic)
+        annotations = obj.get("metadata", {}).get("annotations") or {}
+        if TRAFFIC_ANNOTATION in annotations:
+            return  # shifted already (by us, maybe by a predecessor)
+        plan = self._check_shift(obj, traffic)
+        if traffic.kind == "HTTPRoute":
+            rules = obj["spec"]["rules"]
+            for step in plan:
+                self._set_weights(rules[step["rule"]], traffic, step["after"])
         else:
-            selector = obj.get("spec", {}).get("selector") or {}
-            if to_fallback:
-                saved = annotations.get(TRAFFIC_ANNOTATION) or json.dumps(selector)
-                new = _selector(traffic.fallback)
-                annotations[TRAFFIC_ANNOTATION] = saved
-            else:
-                saved_raw = annotations.pop(TRAFFIC_ANNOTATION, None)
-                if saved_raw is None:
-                    return
-                new = json.loads(saved_raw)
-            obj["spec"]["selector"] = new
-            obj["metadata"]["annotations"] = annotations
-            await self._write("PUT", traffic.path, body=obj)
+            obj["spec"]["selector"] = plan["after"]
+        annotations[TRAFFIC_ANNOTATION] = json.dumps(plan)
+        obj["metadata"]["annotations"] = annotations
+        # The object keeps the resourceVersion we read: a concurrent edit makes this 409.
+        await self._write("PUT", traffic.path, body=obj)
         await self._event({"kind": traffic.kind, "apiVersion": obj.get("apiVersion", "v1"),
                            "namespace": traffic.namespace, "name": traffic.name}, decision,
-                          "TrafficShiftedToFallback" if to_fallback
-                          else "TrafficRestoredToPrimary")
+                          "TrafficShiftedToFallback")
+
+    async def _unshift(self, traffic: Traffic, decision: Decision) -> None:
+        """Fallback → primary: put back only what ``_shift`` changed, and only where it is
+        still what we set — a weight or selector someone edited since is theirs."""
+        obj = await self._traffic(traffic)
+        annotations = obj.get("metadata", {}).get("annotations") or {}
+        raw = annotations.pop(TRAFFIC_ANNOTATION, None)
+        if raw is None:
+            return
+        plan = json.loads(raw)
+        kept: list[str] = []
+        if traffic.kind == "HTTPRoute":
+            rules = obj.get("spec", {}).get("rules") or []
+            for step in plan:
+                rule = rules[step["rule"]] if step["rule"] < len(rules) else {}
+                kept += self._set_weights(rule, traffic, step["before"], only_if=step["after"])
+        elif obj.get("spec", {}).get("selector") == plan["after"]:
+            obj["spec"]["selector"] = plan["before"]
+        else:
+            kept.append("selector")
+        if kept:
+            log.warning("restore left edited traffic settings alone", kind=traffic.kind,
+                        name=f"{traffic.namespace}/{traffic.name}", kept=kept)
+        obj["metadata"]["annotations"] = annotations
+        await self._write("PUT", traffic.path, body=obj)
+        await self._event({"kind": traffic.kind, "apiVersion": obj.get("apiVersion", "v1"),
+                           "namespace": traffic.namespace, "name": traffic.name}, decision,
+                          "TrafficRestoredToPrimary", warning=False)
+
+    @staticmethod
+    def _set_weights(rule: dict[str, Any], traffic: Traffic, weights: dict[str, int],
+                     only_if: dict[str, int] | None = None) -> list[str]:
+        """Set the primary's and fallback's weights in one rule; with ``only_if``, only
+        where the weight is still that. Returns the refs left alone."""
+        left = []
+        for ref in rule.get("backendRefs") or []:
+            for role, name in (("primary", traffic.primary), ("fallback", traffic.fallback)):
+                if ref.get("name") != name:
+                    continue
+                if only_if is not None and _weight(ref) != only_if[role]:
+                    left.append(name)
+                else:
+                    ref["weight"] = weights[role]
+        return left
 
     async def _degrade_model(self, decision: Decision) -> None:
         target = self._degrade.get(decision.target)
         if target is None:
             raise KubeTemporaryError(f"no degrade target configured for {decision.target}")
+        # Refuse before touching anything if the route cannot carry the fallback.
+        self._check_shift(await self._traffic(target.traffic), target.traffic)
         key = f"degrade/{decision.target}"
-        intent = self.intents.setdefault(key, {})
-        before = await self._scale(target.workload, target.workload.replicas)
-        intent.setdefault("replicas_before", before)
-        await self._save()
+        if "replicas_before" not in self.intents.get(key, {}):
+            # Recorded (and saved) before scaling: a leader that dies after the scale
+            # leaves the original behind, never the scaled-up count.
+            before = await self._replicas(target.workload)
+            # No recorded_at: unlike a restart's, this intent lives as long as the degrade.
+            self.intents[key] = {"replicas_before": before}
+            await self._save()
+        await self._scale(target.workload, target.workload.replicas)
         self._record_latency(decision.target)
         await self._wait_ready(target.workload, target.workload.replicas, target.ready_timeout)
-        await self._shift(target.traffic, True, decision)
+        await self._shift(target.traffic, decision)
 
     async def _restore_model(self, decision: Decision) -> None:
         target = self._degrade.get(decision.target)
         if target is None:
             raise KubeTemporaryError(f"no degrade target configured for {decision.target}")
-        await self._shift(target.traffic, False, decision)
-        intent = self.intents.pop(f"degrade/{decision.target}", {})
-        await self._scale(target.workload, int(intent.get("replicas_before", 0)))
-        await self._save()
+        await self._unshift(target.traffic, decision)
+        key = f"degrade/{decision.target}"
+        intent = self.intents.get(key)
+        if intent is not None:
+            await self._scale(target.workload, int(intent["replicas_before"]))
+            del self.intents[key]
+            await self._save()
+
+    async def _tell_refusal(self, refusal: DegradeRefused, decision: Decision) -> None:
+        """An Event and an error line per refusal reason — again only after a while, since
+        the engine decides a refused degrade again on every evaluation."""
+        told = (decision.target, refusal.why)
+        now = self._clock.monotonic()
+        last = self._refusals_told.get(told)
+        if last is not None and now - last < REFUSAL_EVENT_EVERY_SECONDS:
+            return
+        self._refusals_told[told] = now
+        log.error("degrade refused: it would drop traffic", model=decision.target,
+                  error=str(refusal))
+        traffic = refusal.traffic
+        api = ("gateway.networking.k8s.io/v1" if traffic.kind == "HTTPRoute" else "v1")
+        await self._event({"kind": traffic.kind, "apiVersion": api,
+                           "namespace": traffic.namespace, "name": traffic.name},
+                          decision, "DegradeRefused",
+                          note=f"Not degrading {decision.target} to {traffic.fallback}: "
+                               f"{refusal.why}. Nothing was scaled or shifted; fix the "
+                               f"{traffic.kind} or the controller's topology file.")
 
     async def _notify(self, decision: Decision) -> None:
         group = self._model.groups.get(decision.target)

@@ -58,10 +58,18 @@ class LeaseElector:
         self.listeners: list[Callable[[bool], None]] = []
         self._was_leader = False
 
+    def remaining(self) -> float:
+        """Seconds we may still act: ``renew_deadline`` after the start of our last
+        successful renewal, 0 when we are not the leader. Another replica can take over
+        only ``lease_duration`` after it last saw the record change, so whatever we do
+        within this time is over before anyone else may act."""
+        if self._last_renew is None:
+            return 0.0
+        return max(0.0, self.renew_deadline - (self._clock.monotonic() - self._last_renew))
+
     def is_leader(self) -> bool:
         """Safe to act: we renewed the Lease less than ``renew_deadline`` seconds ago."""
-        return (self._last_renew is not None
-                and self._clock.monotonic() - self._last_renew < self.renew_deadline)
+        return self.remaining() > 0
 
     async def run(self) -> None:
         """Acquire and renew forever; listeners hear every change of leadership."""

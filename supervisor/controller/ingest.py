@@ -1,23 +1,42 @@
-"""Report ingest: agents (and later sidecars) POST their state here.
+"""Report ingest: agents (and sidecars) POST their state here, over TLS.
 
-Hostile or broken input never takes the controller down and never poisons the model:
+Hostile or broken input never takes the controller down, never poisons the model and never
+costs more than a bounded amount of work. Each request passes, in order:
 
-- no or bad bearer token → 401; a valid token of an identity not allowed to report → 403
-  (checked through the TokenReview API, answers cached for ``token_cache_seconds`` so 4,096
-  agents reporting every 10 s cost a review per token per minute, not 400 per second);
-- body over ``max_bytes`` → 413, not JSON → 400, not a NodeReport → 422 naming the field;
-- agents share one ServiceAccount, so the identity alone cannot tell one node's agent from
-  another's; but a pod-bound token (what the kubelet mounts) names the node its pod runs
-  on, and a report about any other node is refused with 403 — a compromised agent cannot
-  get healthy nodes quarantined. Tokens without that binding are taken at their word.
+1. **a bearer token** (401 without): a projected ServiceAccount token whose audience is
+   ours (``controller.token_audiences``), so a token stolen from a report is useless
+   against the API server. Before any API call the token must *look* like one: a JWT that
+   has not expired and names our audience — random garbage costs no TokenReview;
+2. **TokenReview**, answered from a cache for ``token_cache_seconds`` (with jitter, so
+   tokens reviewed together do not expire together). Reviews of tokens not in the cache
+   are rate-limited (``token_reviews_per_second``); over the limit a request gets 429 with
+   Retry-After, so a flood of distinct bogus tokens costs the API server a bounded rate of
+   reviews and leaves cached reporters untouched. The review must confirm our audience;
+3. **the identity** may report (403 else), and **the body** is read whole — however many
+   TCP segments it arrives in — within ``report_read_timeout_seconds`` and
+   ``report_max_bytes`` (408, 413); it is JSON (400) of the right shape (422, naming the
+   field);
+4. **the binding**: a pod-bound token (what the kubelet mounts) names the node its pod runs
+   on, and a report about any other node is refused (403) — one compromised agent cannot
+   get healthy nodes quarantined;
+5. **freshness** (409): each sender stamps its reports with a boot identity (random per
+   process start), a sequence and ``sent_at``. Within one boot a report must carry a
+   higher sequence than the last one accepted; a report of another boot must be newer
+   (``sent_at``) than the last one accepted; and ``sent_at`` must lie within
+   ``report_max_skew_seconds`` of our clock. So an old report replayed — after a newer
+   one, or after a controller restart — has no effect.
 
 Every outcome is counted; only accepted reports reach the health model.
 """
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import binascii
 import hashlib
 import json
+import random
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -26,14 +45,18 @@ from typing import Any
 import structlog
 from aiohttp import web
 
-from supervisor.errors import KubeError
+from supervisor.errors import DeadlineExceeded, KubeError, SupervisorError
 from supervisor.kube import KubeClient
 from supervisor.runtime.clock import Clock
+from supervisor.runtime.deadline import with_deadline
+from supervisor.runtime.logging import Throttled
 
 log = structlog.get_logger(__name__)
 
 SEVERITIES = ("info", "warning", "critical")
 NODE_NAME_EXTRA = "authentication.kubernetes.io/node-name"
+NODE_REPORT_PATH = "/v1/reports/node"
+JWT_EXPIRY_LEEWAY_SECONDS = 60.0  # our clock and the API server's may differ a little
 
 
 class ReportInvalid(ValueError):
@@ -57,6 +80,7 @@ class ReportedFinding:
 @dataclass(frozen=True, slots=True)
 class NodeReport:
     node: str
+    boot_id: str
     sequence: int
     sent_at: float
     gpus: int
@@ -73,16 +97,25 @@ def _field(obj: dict[str, Any], key: str, kind: type | tuple[type, ...], where: 
     return value
 
 
-def parse_node_report(body: Any, max_findings: int = 10_000) -> NodeReport:
-    """Validate a NodeReport; ``ReportInvalid`` names the first bad field."""
+def _envelope(body: Any, kind: str) -> tuple[str, int, float]:
+    """Check ``kind`` and read the freshness stamp every report carries:
+    (boot id, sequence, sent_at)."""
     if not isinstance(body, dict):
         raise ReportInvalid("<body>", "must be a JSON object")
-    if body.get("kind") != "NodeReport":
-        raise ReportInvalid("kind", "must be NodeReport")
-    node = _field(body, "node", str, "")
-    if not node or len(node) > 253:
-        raise ReportInvalid("node", "must be a node name")
-    gpus = _field(body, "gpus", list, "")
+    if body.get("kind") != kind:
+        raise ReportInvalid("kind", f"must be {kind}")
+    boot = _field(body, "boot", dict, "")
+    boot_id = _field(boot, "id", str, "boot.")
+    if not boot_id or len(boot_id) > 64:
+        raise ReportInvalid("boot.id", "must be 1 to 64 characters")
+    sequence = _field(body, "sequence", int, "")
+    if sequence < 0:
+        raise ReportInvalid("sequence", "must not be negative")
+    return boot_id, sequence, float(_field(body, "sent_at", (int, float), ""))
+
+
+def parse_findings(body: dict[str, Any], max_findings: int = 10_000
+                   ) -> tuple[ReportedFinding, ...]:
     findings_raw = _field(body, "findings", list, "")
     if len(findings_raw) > max_findings:
         raise ReportInvalid("findings", f"at most {max_findings} entries")
@@ -106,104 +139,332 @@ def parse_node_report(body: Any, max_findings: int = 10_000) -> NodeReport:
             first_seen=float(_field(raw, "first_seen", (int, float), where)),
             last_seen=float(_field(raw, "last_seen", (int, float), where)),
         ))
-    return NodeReport(node=node, sequence=int(_field(body, "sequence", int, "")),
-                      sent_at=float(_field(body, "sent_at", (int, float), "")),
-                      gpus=len(gpus), findings=tuple(findings))
+    return tuple(findings)
+
+
+def parse_node_report(body: Any) -> NodeReport:
+    """Validate a NodeReport; ``ReportInvalid`` names the first bad field."""
+    boot_id, sequence, sent_at = _envelope(body, "NodeReport")
+    node = _field(body, "node", str, "")
+    if not node or len(node) > 253:
+        raise ReportInvalid("node", "must be a node name")
+    gpus = _field(body, "gpus", list, "")
+    return NodeReport(node=node, boot_id=boot_id, sequence=sequence, sent_at=sent_at,
+                      gpus=len(gpus), findings=parse_findings(body))
+
+
+# --- tokens --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """Who a token belongs to, from TokenReview."""
+
+    user: str
+    node: str | None  # the node its pod runs on, for a pod-bound token
+    extra: dict[str, list[str]]
+
+
+class ReviewThrottled(SupervisorError):
+    """Too many tokens to review right now; the sender should come back later."""
+
+    def __init__(self, retry_after: float) -> None:
+        super().__init__(f"token reviews are rate-limited; retry in {retry_after:.1f}s")
+        self.retry_after = retry_after
+
+
+class TokenBucket:
+    """``rate`` per second, up to ``burst`` at once."""
+
+    __slots__ = ("_clock", "_level", "_stamp", "burst", "rate")
+
+    def __init__(self, clock: Clock, rate: float, burst: float) -> None:
+        self._clock = clock
+        self.rate = rate
+        self.burst = burst
+        self._level = burst
+        self._stamp = clock.monotonic()
+
+    def take(self) -> float:
+        """0 if a token was taken, else the seconds until one will be there."""
+        now = self._clock.monotonic()
+        self._level = min(self.burst, self._level + (now - self._stamp) * self.rate)
+        self._stamp = now
+        if self._level >= 1:
+            self._level -= 1
+            return 0.0
+        return (1 - self._level) / self.rate
+
+
+def jwt_plausible(token: str, audiences: Sequence[str], now_wall: float) -> str | None:
+    """Why ``token`` cannot be a valid ServiceAccount token for us, or None if it might be.
+
+    Reads the JWT's claims without checking the signature — the TokenReview that follows
+    does that; this only keeps tokens that cannot pass it from costing one."""
+    parts = token.split(".")
+    if len(parts) != 3:
+        return "not a JWT"
+    try:
+        payload = parts[1] + "=" * (-len(parts[1]) % 4)
+        claims = json.loads(base64.urlsafe_b64decode(payload))
+    except (ValueError, binascii.Error):
+        return "not a JWT"
+    if not isinstance(claims, dict):
+        return "not a JWT"
+    exp = claims.get("exp")
+    if not isinstance(exp, int | float) or exp + JWT_EXPIRY_LEEWAY_SECONDS < now_wall:
+        return "expired"
+    if audiences:
+        aud = claims.get("aud")
+        names = {aud} if isinstance(aud, str) else set(aud) if isinstance(aud, list) else set()
+        if not names & set(audiences):
+            return f"audience is not one of {list(audiences)}"
+    return None
 
 
 class TokenCache:
-    """TokenReview answers by token hash, positive for ``ttl`` s, negative for ``ttl/6``."""
+    """TokenReview answers by token hash, with a rate limit on reviews of new tokens.
+
+    Positive answers are kept ``ttl`` seconds (±10 %), negative ones ``ttl/6``. Concurrent
+    requests with the same uncached token share one review.
+    """
 
     def __init__(self, kube: KubeClient, clock: Clock, ttl: float,
-                 audiences: Sequence[str] = ()) -> None:
+                 audiences: Sequence[str] = (), reviews_per_second: float = 100.0) -> None:
         self._kube = kube
         self._clock = clock
         self._ttl = ttl
         self._audiences = tuple(audiences)
-        self._cache: dict[bytes, tuple[float, tuple[str, str | None] | None]] = {}
+        self._cache: dict[bytes, tuple[float, Identity | None]] = {}
+        self._pending: dict[bytes, asyncio.Future[Identity | None]] = {}
+        self._bucket = TokenBucket(clock, reviews_per_second, 2 * reviews_per_second)
         self.reviews = 0
+        self.prefiltered = 0
+        self.throttled = 0
 
-    async def identity(self, token: str) -> tuple[str, str | None] | None:
-        """(username, node the token is bound to or None), or None if not authenticated."""
+    async def identity(self, token: str) -> Identity | None:
+        """Who ``token`` is, or None if it is not a valid token for us.
+
+        Raises ``ReviewThrottled`` over the review rate, ``KubeError`` when the API server
+        cannot answer."""
         key = hashlib.sha256(token.encode()).digest()
         now = self._clock.monotonic()
         hit = self._cache.get(key)
         if hit is not None and hit[0] > now:
             return hit[1]
-        self.reviews += 1
-        ok, user, extra = await self._kube.review_token(token, self._audiences)
-        nodes = extra.get(NODE_NAME_EXTRA) or []
-        ident = (user, nodes[0] if nodes else None) if ok else None
-        self._cache[key] = (now + (self._ttl if ok else self._ttl / 6), ident)
+        pending = self._pending.get(key)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        why = jwt_plausible(token, self._audiences, self._clock.wall())
+        if why is not None:
+            self.prefiltered += 1
+            return None
+        wait = self._bucket.take()
+        if wait > 0:
+            self.throttled += 1
+            raise ReviewThrottled(wait)
+        future: asyncio.Future[Identity | None] = asyncio.get_running_loop().create_future()
+        self._pending[key] = future
+        try:
+            ident = await self._review(token)
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # retrieved: waiters (if any) get it through the shield
+            raise
+        finally:
+            del self._pending[key]
+        if not future.done():
+            future.set_result(ident)
+        ttl = self._ttl * random.uniform(0.9, 1.1) if ident else self._ttl / 6
+        self._cache[key] = (now + ttl, ident)
         if len(self._cache) > 100_000:  # bounded: drop expired entries
             self._cache = {k: v for k, v in self._cache.items() if v[0] > now}
         return ident
 
+    async def _review(self, token: str) -> Identity | None:
+        self.reviews += 1
+        ok, user, extra, audiences = await self._kube.review_token(token, self._audiences)
+        if not ok:
+            return None
+        # An API server that ignores audiences answers with none: then the token was
+        # checked against the API server's own audience, not ours (TokenReview docs).
+        if self._audiences and not set(audiences) & set(self._audiences):
+            log.warning("token authenticated without our audience; refusing it",
+                        user=user, audiences=audiences)
+            return None
+        nodes = extra.get(NODE_NAME_EXTRA) or []
+        return Identity(user=user, node=nodes[0] if nodes else None, extra=extra)
+
+
+# --- freshness -----------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Last:
+    boot_id: str
+    sequence: int
+    sent_at: float
+
+
+class ReplayGuard:
+    """The freshness rule of the module docstring, per sender."""
+
+    def __init__(self, clock: Clock, max_skew: float) -> None:
+        self._clock = clock
+        self._max_skew = max_skew
+        self._last: dict[str, _Last] = {}
+
+    def check(self, sender: str, boot_id: str, sequence: int, sent_at: float
+              ) -> tuple[str, str] | None:
+        """(outcome, message) when the report must be refused, else None."""
+        skew = sent_at - self._clock.wall()
+        if abs(skew) > self._max_skew:
+            return ("skewed", f"sent_at is {skew:+.1f}s from the controller's clock; at most "
+                              f"±{self._max_skew:g}s is accepted (check the sender's clock)")
+        last = self._last.get(sender)
+        if last is None:
+            return None
+        if boot_id == last.boot_id:
+            if sequence <= last.sequence:
+                return ("stale", f"sequence {sequence} of boot {boot_id} is not newer than "
+                                 f"{last.sequence}, already accepted")
+        elif sent_at <= last.sent_at:
+            return ("stale", f"boot {boot_id} report sent at {sent_at:.3f} is older than the "
+                             f"last accepted one (boot {last.boot_id}, {last.sent_at:.3f})")
+        return None
+
+    def accepted(self, sender: str, boot_id: str, sequence: int, sent_at: float) -> None:
+        self._last[sender] = _Last(boot_id, sequence, sent_at)
+
+    def forget(self, sender: str) -> None:
+        self._last.pop(sender, None)
+
+
+# --- the endpoint --------------------------------------------------------------------------
+
+
+class Refused(Exception):
+    """A request refused with an HTTP status; ``outcome`` is what the counters say."""
+
+    def __init__(self, status: int, outcome: str, message: str,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.outcome = outcome
+        self.headers = headers or {}
+
 
 class Ingest:
-    """The aiohttp handler for ``POST /v1/reports/node``."""
+    """The aiohttp handlers for reports."""
 
     def __init__(self, tokens: TokenCache, allowed: Sequence[str], max_bytes: int,
-                 accept: Callable[[NodeReport, float], None], clock: Clock) -> None:
+                 accept: Callable[[NodeReport, float], None], clock: Clock, *,
+                 max_skew: float = 30.0, read_timeout: float = 10.0) -> None:
         self._tokens = tokens
         self._allowed = frozenset(allowed)
         self._max_bytes = max_bytes
         self._accept = accept
         self._clock = clock
+        self._read_timeout = read_timeout
+        self.replay = ReplayGuard(clock, max_skew)
         self.outcomes: Counter[str] = Counter()
+        self._log_gate = Throttled(clock.monotonic)
 
     @property
     def token_reviews(self) -> int:
         return self._tokens.reviews
 
     def routes(self) -> list[web.RouteDef]:
-        return [web.post("/v1/reports/node", self.node_report)]
-
-    def _reject(self, status: int, outcome: str, message: str, peer: str | None
-                ) -> web.Response:
-        self.outcomes[outcome] += 1
-        log.warning("report rejected", outcome=outcome, status=status, error=message, peer=peer)
-        return web.json_response({"error": message}, status=status)
+        return [web.post(NODE_REPORT_PATH, self.node_report)]
 
     async def node_report(self, request: web.Request) -> web.Response:
         received = self._clock.monotonic()
-        peer = request.remote
-        auth = request.headers.get("Authorization", "")
-        if not auth.startswith("Bearer ") or not auth[7:].strip():
-            return self._reject(401, "unauthenticated", "bearer token required", peer)
-        if request.content_length is not None and request.content_length > self._max_bytes:
-            return self._reject(413, "too_large", f"body over {self._max_bytes} bytes", peer)
         try:
-            identity = await self._tokens.identity(auth[7:].strip())
-        except KubeError as exc:
-            self.outcomes["auth_unavailable"] += 1
-            log.warning("token review failed", error=str(exc))
-            return web.json_response({"error": "cannot verify token now"}, status=503)
-        if identity is None:
-            return self._reject(401, "unauthenticated", "token not accepted", peer)
-        user, bound_node = identity
-        if user not in self._allowed:
-            return self._reject(403, "forbidden", f"{user} may not report", peer)
-        if request.content_type != "application/json":
-            return self._reject(415, "bad_content_type", "expected application/json", peer)
-        try:
-            raw = await request.content.read(self._max_bytes + 1)
-        except (OSError, ValueError) as exc:
-            return self._reject(400, "malformed", f"cannot read body: {exc}", peer)
-        if len(raw) > self._max_bytes:
-            return self._reject(413, "too_large", f"body over {self._max_bytes} bytes", peer)
-        try:
-            body = json.loads(raw)
-        except ValueError as exc:
-            return self._reject(400, "malformed", f"not JSON: {exc}", peer)
-        try:
-            report = parse_node_report(body)
-        except ReportInvalid as exc:
-            return self._reject(422, "invalid", str(exc), peer)
-        if bound_node is not None and bound_node != report.node:
-            return self._reject(403, "forbidden",
-                                f"token bound to node {bound_node} may not report for "
-                                f"{report.node}", peer)
+            identity, body = await self._authenticated_body(request)
+            report = self._parse(parse_node_report, body)
+            if identity.node is not None and identity.node != report.node:
+                raise Refused(403, "forbidden", f"token bound to node {identity.node} may "
+                                                f"not report for {report.node}")
+            self._fresh(f"node/{report.node}", report.boot_id, report.sequence,
+                        report.sent_at)
+        except Refused as refused:
+            return self._refuse(refused, request.remote)
         self.outcomes["accepted"] += 1
         self._accept(report, received)
         return web.json_response({"accepted": True}, status=202)
+
+    # --- steps shared by every report kind ---------------------------------------------------
+
+    async def _authenticated_body(self, request: web.Request) -> tuple[Identity, Any]:
+        """Steps 1 to 3 of the module docstring: who is asking, and the body as JSON."""
+        auth = request.headers.get("Authorization", "")
+        token = auth[7:].strip() if auth.startswith("Bearer ") else ""
+        if not token:
+            raise Refused(401, "unauthenticated", "bearer token required")
+        if request.content_length is not None and request.content_length > self._max_bytes:
+            raise Refused(413, "too_large", f"body over {self._max_bytes} bytes")
+        try:
+            identity = await self._tokens.identity(token)
+        except ReviewThrottled as exc:
+            raise Refused(429, "throttled", str(exc),
+                          {"Retry-After": str(max(1, round(exc.retry_after)))}) from exc
+        except KubeError as exc:
+            log.warning("token review failed", error=str(exc))
+            raise Refused(503, "auth_unavailable", "cannot verify token now") from exc
+        if identity is None:
+            raise Refused(401, "unauthenticated", "token not accepted")
+        if identity.user not in self._allowed:
+            raise Refused(403, "forbidden", f"{identity.user} may not report")
+        if request.content_type != "application/json":
+            raise Refused(415, "bad_content_type", "expected application/json")
+        raw = await self._read_body(request)
+        try:
+            return identity, json.loads(raw)
+        except ValueError as exc:
+            raise Refused(400, "malformed", f"not JSON: {exc}") from exc
+
+    async def _read_body(self, request: web.Request) -> bytes:
+        """The whole body, however many segments it arrives in, bounded in size and time."""
+        async def read() -> bytes:
+            chunks: list[bytes] = []
+            size = 0
+            while size <= self._max_bytes:
+                chunk = await request.content.read(self._max_bytes + 1 - size)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                size += len(chunk)
+            return b"".join(chunks)
+
+        try:
+            raw = await with_deadline("read report body", read(), self._read_timeout)
+        except DeadlineExceeded as exc:
+            raise Refused(408, "malformed", f"body not received within "
+                                            f"{self._read_timeout:g}s") from exc
+        except (OSError, ValueError) as exc:
+            raise Refused(400, "malformed", f"cannot read body: {exc}") from exc
+        if len(raw) > self._max_bytes:
+            raise Refused(413, "too_large", f"body over {self._max_bytes} bytes")
+        return raw
+
+    @staticmethod
+    def _parse(parse: Callable[[Any], Any], body: Any) -> Any:
+        try:
+            return parse(body)
+        except ReportInvalid as exc:
+            raise Refused(422, "invalid", str(exc)) from exc
+
+    def _fresh(self, sender: str, boot_id: str, sequence: int, sent_at: float) -> None:
+        stale = self.replay.check(sender, boot_id, sequence, sent_at)
+        if stale is not None:
+            raise Refused(409, *stale)
+        self.replay.accepted(sender, boot_id, sequence, sent_at)
+
+    def _refuse(self, refused: Refused, peer: str | None) -> web.Response:
+        self.outcomes[refused.outcome] += 1
+        held = self._log_gate.allow(refused.outcome)
+        if held is not None:  # one line per outcome per 10 s: a flood must not fill the log
+            log.warning("report rejected", outcome=refused.outcome, status=refused.status,
+                        error=str(refused), peer=peer, similar_not_logged=held)
+        return web.json_response({"error": str(refused)}, status=refused.status,
+                                 headers=refused.headers)

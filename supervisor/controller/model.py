@@ -69,6 +69,7 @@ class PodInfo:
     capable: bool  # containers ready: able to serve if traffic were sent
     terminating: bool
     gate: str | None  # our readiness-gate condition: "True", "False", or None (not set yet)
+    resource_version: str = ""  # as last seen by the watch: the precondition of our writes
 
 
 @dataclass
@@ -162,7 +163,8 @@ class HealthModel:
                       node=node, group=key, kind=kind, worker_index=worker, model=model,
                       capable=_condition(obj, "ContainersReady") == "True",
                       terminating=bool(meta.get("deletionTimestamp")),
-                      gate=_condition(obj, READINESS_GATE))
+                      gate=_condition(obj, READINESS_GATE),
+                      resource_version=str(meta.get("resourceVersion", "")))
         old_key = self._pod_group.get(uid)
         if old_key is not None and old_key != key:
             self.delete_pod(obj)

@@ -20,15 +20,12 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from supervisor.errors import SupervisorError
-from supervisor.kube import KubeClient
+from supervisor.errors import Fenced
+from supervisor.kube import Fence, KubeClient
 
 STATE_KEY = "state.json"
 RESET_BREAKER_ANNOTATION = "gpu-supervisor.io/reset-breaker"
 
-
-class Fenced(SupervisorError):
-    """Another controller wrote the state since we last read it: stop acting."""
 
 
 class StateStore:
@@ -57,14 +54,14 @@ class StateStore:
         state: dict[str, Any] = json.loads(cm.get("data", {}).get(STATE_KEY) or "{}")
         return state
 
-    async def save(self, state: dict[str, Any]) -> None:
+    async def save(self, state: dict[str, Any], fence: Fence | None = None) -> None:
         if self._resource_version is None:
             raise Fenced("state was never loaded by this controller")
         body = {"metadata": {"resourceVersion": self._resource_version},
                 "data": {STATE_KEY: json.dumps(state, sort_keys=True)}}
         result = await self._kube.request(
             "PATCH", self._path, body=body, content_type="application/merge-patch+json",
-            ok_statuses=frozenset({409}), retry=False)
+            ok_statuses=frozenset({409}), retry=False, fence=fence)
         if not result:
             self._resource_version = None
             raise Fenced(f"ConfigMap {self.namespace}/{self.name} changed under us")

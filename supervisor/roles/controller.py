@@ -5,8 +5,8 @@
                                                              │    signals(), view()
                           decision loop (leader only) ◄──────┘
                  PolicyEngine.evaluate ─► ActionExecutor ─► Kubernetes API
-                          ▲        confirm                 │
-                          └──── StateStore (ConfigMap) ◄───┘ snapshot after every action
+                          ▲        confirm                 │ (every write fenced)
+                          └──── StateStore (ConfigMap) ◄───┘ snapshot on change
 
 Every replica ingests, watches and keeps its model warm; only the Lease holder evaluates
 and acts. On taking the Lease a replica first loads the persisted incident state and
@@ -21,6 +21,7 @@ likelier a network problem on our side than half the fleet failing together.
 from __future__ import annotations
 
 import asyncio
+import json
 import statistics
 from collections.abc import Callable
 from pathlib import Path
@@ -37,9 +38,9 @@ from supervisor.controller.actions import ActionExecutor
 from supervisor.controller.election import LeaseElector
 from supervisor.controller.ingest import Ingest, NodeReport, TokenCache
 from supervisor.controller.model import LWS_NAME, HealthModel
-from supervisor.controller.store import Fenced, StateStore
+from supervisor.controller.store import StateStore
 from supervisor.controller.topology import Topology
-from supervisor.errors import KubeError, KubeTemporaryError
+from supervisor.errors import Fenced, KubeError, KubeTemporaryError
 from supervisor.kube import KubeClient
 from supervisor.runtime.clock import Clock
 from supervisor.runtime.tasks import TaskGroup
@@ -130,13 +131,16 @@ class Controller:
                                     retry_period=c.retry_period_seconds)
         self.store = StateStore(kube, c.namespace, c.state_configmap)
         self.policy_path = c.policy_file
-        self.engine = PolicyEngine(self._load_policy(), clock.monotonic)
+        self.engine = PolicyEngine(self._load_policy(), clock.monotonic, clock.wall)
         self._policy_mtime = self._mtime()
-        self.executor = ActionExecutor(kube, self.model, clock, may_act=self.may_act,
+        self.executor = ActionExecutor(kube, self.model, clock, fence=self,
                                        intents={}, save=self.persist,
                                        degrade_targets=topology.degrade)
-        self.ingest = Ingest(TokenCache(kube, clock, c.token_cache_seconds, c.token_audiences),
-                             c.allowed_reporters, c.report_max_bytes, self._accept, clock)
+        self.tokens = TokenCache(kube, clock, c.token_cache_seconds, c.token_audiences,
+                                 c.token_reviews_per_second)
+        self.ingest = Ingest(self.tokens, c.allowed_reporters, c.report_max_bytes,
+                             self._accept, clock, max_skew=c.report_max_skew_seconds,
+                             read_timeout=c.report_read_timeout_seconds)
         self.reflectors = [
             Reflector(kube, "/api/v1/nodes", "", self.model.upsert_node, self.model.delete_node),
             Reflector(kube, "/api/v1/pods", LWS_NAME, self.model.upsert_pod,
@@ -153,6 +157,7 @@ class Controller:
         self._sem = asyncio.Semaphore(c.max_concurrent_actions)
         self._persist_lock = asyncio.Lock()
         self._persist_due = asyncio.Event()
+        self._saved: str | None = None  # the state as last written, to skip unchanged saves
         self._refused: set[tuple[str, str, str]] = set()
         self.elector.listeners.append(self._on_leadership)
         self.evaluations = 0
@@ -193,8 +198,13 @@ class Controller:
 
     # --- leadership and state --------------------------------------------------------------
 
+    def remaining(self) -> float:
+        """The fence of every write (``supervisor.kube.Fence``): how long this replica may
+        still act — the time left on its Lease, once it has loaded the incident state."""
+        return self.elector.remaining() if self.state_loaded else 0.0
+
     def may_act(self) -> bool:
-        return self.state_loaded and self.elector.is_leader()
+        return self.remaining() > 0
 
     def _on_leadership(self, leading: bool) -> None:
         if not leading:
@@ -223,19 +233,29 @@ class Controller:
         self.model.changed.set()
 
     async def _persister(self) -> None:
-        """Confirmations are saved in batches: one ConfigMap write covers every action
-        confirmed since the last one. Safe because every action is idempotent or carries a
-        synchronous write-ahead intent (restart), so a successor re-deciding a confirmed
-        but unsaved step does no harm."""
+        """Saves the incident state when it changed: at once after a confirmation, and
+        every ``state_save_seconds`` otherwise — an incident opening, or a ``for:`` turning
+        into an open incident, is state a successor must not start again from scratch.
+        The snapshot holds wall-clock times, so an unchanged state is the same JSON and
+        costs no write. Confirmations are saved in batches: one ConfigMap write covers
+        every action confirmed since the last one. Safe because every action is idempotent
+        or carries a synchronous write-ahead intent (restart), so a successor re-deciding a
+        confirmed but unsaved step does no harm."""
+        period = self.settings.controller.state_save_seconds
         while True:
-            await self._persist_due.wait()
-            self._persist_due.clear()
             try:
-                await self.persist()
+                await asyncio.wait_for(self._persist_due.wait(), timeout=period)
+            except TimeoutError:
+                pass
+            self._persist_due.clear()
+            if not self.may_act():
+                continue
+            try:
+                await self.persist(only_if_changed=True)
             except (Fenced, KubeError) as exc:
                 log.error("incident state not saved", error=str(exc))
 
-    async def persist(self) -> None:
+    async def persist(self, *, only_if_changed: bool = False) -> None:
         """Save now (the write-ahead path before a restart uses this directly)."""
         async with self._persist_lock:
             if not self.elector.is_leader():
@@ -246,12 +266,16 @@ class Controller:
             for key in [k for k, v in self.executor.intents.items()
                         if v.get("recorded_at", horizon) < horizon]:
                 del self.executor.intents[key]
+            state = {"engine": self.engine.snapshot(), "intents": self.executor.intents}
+            text = json.dumps(state, sort_keys=True)
+            if only_if_changed and text == self._saved:
+                return
             try:
-                await self.store.save({"engine": self.engine.snapshot(),
-                                       "intents": self.executor.intents})
+                await self.store.save(state, fence=self)
             except Fenced:
                 self.state_loaded = False
                 raise
+            self._saved = text
 
     # --- decisions -------------------------------------------------------------------------
 
@@ -317,9 +341,14 @@ class Controller:
                                                           name=f"action {key}")
 
     def _admit_new_pods(self) -> None:
-        """Give every pod without our readiness-gate condition one: the group's state."""
+        """Give every pod without our readiness-gate condition one: the group's state.
+
+        Not in dry-run: dry-run writes nothing at all. Pods that list our gate then stay
+        unready until the policy leaves dry-run — which is why the README says to add the
+        gate to pod templates only once the controller acts."""
         ungated = self.model.ungated
         self._admitting &= ungated.keys()  # admitted (or gone): the set stays bounded
+        dry_run = self.engine.policy.dry_run
         for uid, key in list(ungated.items()):
             group = self.model.groups.get(key)
             pod = group.pods.get(uid) if group is not None else None
@@ -327,6 +356,11 @@ class Controller:
                 continue
             failed_over = any(p.gate == "False" for p in group.pods.values())
             self._admitting.add(uid)
+            if dry_run:
+                log.info("dry-run: would admit pod", pod=f"{pod.namespace}/{pod.name}",
+                         group=key, serving=not failed_over)
+                self.executor.outcomes[("admit", "dry_run")] += 1
+                continue
             task = asyncio.create_task(self._admit(key, pod, not failed_over),
                                        name=f"admit {pod.namespace}/{pod.name}")
             self._admit_tasks.add(task)
@@ -400,7 +434,9 @@ class Controller:
             "groups": len(self.model.groups),
             "silent_nodes": len(self.model.silent_nodes()),
             "reports": dict(self.ingest.outcomes),
-            "token_reviews": self.ingest.token_reviews,
+            "token_reviews": self.tokens.reviews,
+            "tokens_prefiltered": self.tokens.prefiltered,
+            "token_reviews_throttled": self.tokens.throttled,
             "evaluations": self.evaluations,
             "incidents": self.engine.incidents(),
             "refusals": self.refusals,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Callable
 
 import structlog
 
@@ -49,3 +50,27 @@ def configure(level: str = "info", *, json: bool = True) -> None:
     root.setLevel(_LEVELS.get(level, logging.INFO))
     # aiohttp logs every request at INFO; /metrics scrapes would drown the useful lines.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+class Throttled:
+    """At most one log line per kind every ``every`` seconds; the lines held back are
+    counted and reported with the next one. For lines anyone who can reach a port can
+    cause (rejected requests, malformed HTTP): they must not be able to fill the logs."""
+
+    __slots__ = ("_clock", "_every", "_held", "_last")
+
+    def __init__(self, clock: Callable[[], float], every: float = 10.0) -> None:
+        self._clock = clock
+        self._every = every
+        self._last: dict[str, float] = {}
+        self._held: dict[str, int] = {}
+
+    def allow(self, kind: str) -> int | None:
+        """None to hold this line back; else how many lines of its kind were held back."""
+        now = self._clock()
+        last = self._last.get(kind)
+        if last is not None and now - last < self._every:
+            self._held[kind] = self._held.get(kind, 0) + 1
+            return None
+        self._last[kind] = now
+        return self._held.pop(kind, 0)

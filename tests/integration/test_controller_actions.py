@@ -51,6 +51,10 @@ class Rig:
     saved: list[dict[str, Any]] = field(default_factory=list)
     leader: bool = True
 
+    def remaining(self) -> float:
+        """The executor's fence: a comfortable Lease while ``leader``, none otherwise."""
+        return 30.0 if self.leader else 0.0
+
     async def refresh(self) -> None:
         """Feed the model from the API server, as the Pod and Node watches would."""
         pods = await self.kube.request("GET", f"/api/v1/namespaces/{self.ns}/pods")
@@ -87,8 +91,7 @@ async def _rig(kube_cluster: KubeTestCluster, tmp_path: Any) -> AsyncIterator[Ri
         async def save() -> None:
             rig.saved.append(json.loads(json.dumps(rig.executor.intents)))
 
-        rig.executor = ActionExecutor(kube, model, clock, may_act=lambda: rig.leader,
-                                      intents={}, save=save)
+        rig.executor = ActionExecutor(kube, model, clock, fence=rig, intents={}, save=save)
         try:
             yield rig
         finally:
@@ -131,6 +134,40 @@ class TestControllerFailOver:
         assert all(gate(p) == "True" for p in pods.values())
 
 
+class TestControllerFencing:
+    async def test_gate_write_on_a_stale_view_does_not_land_over_a_newer_one(
+            self, rig: Rig) -> None:
+        """The executor saw the pods at one resourceVersion; a newer leader has since put
+        the group back in traffic. The stale fail-over's write fails its precondition, and
+        with the Lease gone it is not tried again: the newer leader's True stays."""
+        nodes = await make_nodes(rig.admin, 2)
+        await make_lws_group(rig.admin, rig.ns, "llama", 0, nodes)
+        await rig.refresh()
+        core = client.CoreV1Api(rig.admin)
+        for name in ("llama-0", "llama-0-1"):  # the newer leader's write
+            await core.patch_namespaced_pod_status(name, rig.ns, {"status": {"conditions": [
+                {"type": READINESS_GATE, "status": "True", "reason": "GroupHealthy",
+                 "message": "recovered by the new leader"}]}})
+        stale = ActionExecutor(rig.kube, rig.model, SystemClock(), fence=LeaseRunsOut(2),
+                               intents={}, save=_noop)
+        assert not await stale.execute(decision(Action.FAIL_OVER, f"{rig.ns}/llama/0"))
+        assert stale.outcomes[("fail_over", "fenced")] == 1
+        pods = await list_pods(rig.admin, rig.ns)
+        assert all(gate(p) == "True" for p in pods.values())
+
+    async def test_gate_conflict_with_a_kubelet_update_is_retried_while_leading(
+            self, rig: Rig) -> None:
+        """A 409 because the kubelet touched the pod's status is not a fence: the leader
+        reads the pod again and its fail-over lands."""
+        nodes = await make_nodes(rig.admin, 1)
+        await make_lws_group(rig.admin, rig.ns, "llama", 0, nodes)
+        await rig.refresh()
+        await client.CoreV1Api(rig.admin).patch_namespaced_pod_status(
+            "llama-0", rig.ns, {"status": {"podIP": "10.0.0.7"}})
+        assert await rig.executor.execute(decision(Action.FAIL_OVER, f"{rig.ns}/llama/0"))
+        assert gate((await list_pods(rig.admin, rig.ns))["llama-0"]) == "False"
+
+
 class TestControllerRestartGroup:
     async def test_lws_restart_deletes_only_the_leader_foreground(self, rig: Rig) -> None:
         """LWS: the leader pod is deleted with Foreground propagation; workers are left to
@@ -164,7 +201,7 @@ class TestControllerRestartGroup:
         await finish_deletion(rig.admin, rig.ns, "llama-0")
         recreated = await make_lws_group(rig.admin, rig.ns, "llama", 0, nodes[:1])
         new_uid = recreated[0]["metadata"]["uid"]
-        successor = ActionExecutor(rig.kube, rig.model, SystemClock(), may_act=lambda: True,
+        successor = ActionExecutor(rig.kube, rig.model, SystemClock(), fence=Leading(),
                                    intents=dict(rig.executor.intents), save=_noop)
         assert await successor.execute(d)
         pod = (await list_pods(rig.admin, rig.ns))["llama-0"]
@@ -200,6 +237,25 @@ class TestControllerRestartGroup:
 
 async def _noop() -> None:
     return None
+
+
+class Leading:
+    """A fence that always allows: a leader with a fresh Lease."""
+
+    def remaining(self) -> float:
+        return 30.0
+
+
+class LeaseRunsOut:
+    """A fence that allows ``writes`` calls, then never again: the Lease expired while the
+    action was under way."""
+
+    def __init__(self, writes: int) -> None:
+        self.left = writes
+
+    def remaining(self) -> float:
+        self.left -= 1
+        return 30.0 if self.left >= 0 else 0.0
 
 
 class TestControllerQuarantine:
@@ -334,3 +390,108 @@ class TestControllerDegrade:
             target="big", reason="back", dry_run=False))
         svc = await core.read_namespaced_service("llm", rig.ns)
         assert svc.spec.selector == {"model": "big", "tier": "serving"}
+
+    async def _route(self, rig: Rig, rules: list[dict[str, Any]]) -> None:
+        await client.CustomObjectsApi(rig.admin).create_namespaced_custom_object(
+            "gateway.networking.k8s.io", "v1", rig.ns, "httproutes", {
+                "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+                "metadata": {"name": "llm"},
+                "spec": {"parentRefs": [{"name": "gw"}], "rules": rules}})
+
+    async def _rules(self, rig: Rig) -> list[dict[str, Any]]:
+        obj = await client.CustomObjectsApi(rig.admin).get_namespaced_custom_object(
+            "gateway.networking.k8s.io", "v1", rig.ns, "httproutes", "llm")
+        rules: list[dict[str, Any]] = obj["spec"]["rules"]
+        return rules
+
+    def _target(self, rig: Rig, replicas: int = 2) -> None:
+        rig.executor._degrade = {"llama-70b": DegradeTarget(
+            "llama-70b", Workload("Deployment", rig.ns, "llama-8b", replicas),
+            Traffic("HTTPRoute", rig.ns, "llm", "llama-70b", "llama-8b"), ready_timeout=30)}
+
+    DEGRADE = Decision(incident="degrade/llama-70b", rule="degrade", step=-1,
+                       action=Action.DEGRADE, target="llama-70b", reason="capacity",
+                       dry_run=False)
+    RESTORE = Decision(incident="degrade/llama-70b", rule="degrade", step=-1,
+                       action=Action.RESTORE, target="llama-70b", reason="back",
+                       dry_run=False)
+
+    async def test_degrade_is_refused_when_the_route_has_no_fallback(self, rig: Rig) -> None:
+        """A route without the fallback's backendRef would send the primary's share
+        nowhere: degrade is refused with an Event and counted, nothing is scaled or
+        shifted."""
+        await self._deployment(rig, "llama-8b", 0)
+        await self._route(rig, [{"backendRefs": [{"name": "llama-70b", "port": 8000}]}])
+        self._target(rig)
+        assert not await rig.executor.execute(self.DEGRADE)
+        assert rig.executor.outcomes[("degrade", "refused")] == 1
+        assert [r.get("weight", 1) for r in (await self._rules(rig))[0]["backendRefs"]] == [1]
+        apps = client.AppsV1Api(rig.admin)
+        assert (await apps.read_namespaced_deployment("llama-8b", rig.ns)).spec.replicas == 0
+        events = await events_for(rig, "llm")
+        assert [(e.type, e.reason) for e in events] == [("Warning", "DegradeRefused")]
+        assert "no backendRef llama-8b" in events[0].message
+        assert rig.executor.intents == {}
+
+    async def test_restore_changes_only_the_weights_degrade_changed(self, rig: Rig) -> None:
+        """Restore puts back the two weights degrade moved, in the rules it moved them in;
+        a rule added meanwhile and a canary's weight edited meanwhile stay as edited."""
+        await self._deployment(rig, "llama-8b", 0)
+        await self._route(rig, [
+            {"backendRefs": [{"name": "llama-70b", "port": 8000, "weight": 90},
+                             {"name": "llama-8b", "port": 8000, "weight": 0},
+                             {"name": "canary", "port": 8000, "weight": 10}]}])
+        self._target(rig)
+        task = asyncio.create_task(rig.executor.execute(self.DEGRADE))
+        await self._become_ready(rig, "llama-8b", 2)
+        assert await task
+        rules = await self._rules(rig)
+        assert {r["name"]: r["weight"] for r in rules[0]["backendRefs"]} == {
+            "llama-70b": 0, "llama-8b": 90, "canary": 10}
+        # Someone edits the route while degraded.
+        rules[0]["backendRefs"][2]["weight"] = 5
+        rules.append({"matches": [{"path": {"type": "PathPrefix", "value": "/admin"}}],
+                      "backendRefs": [{"name": "admin", "port": 80}]})
+        co = client.CustomObjectsApi(rig.admin)
+        await co.patch_namespaced_custom_object(
+            "gateway.networking.k8s.io", "v1", rig.ns, "httproutes", "llm",
+            [{"op": "replace", "path": "/spec/rules", "value": rules}])
+        assert await rig.executor.execute(self.RESTORE)
+        rules = await self._rules(rig)
+        assert {r["name"]: r["weight"] for r in rules[0]["backendRefs"]} == {
+            "llama-70b": 90, "llama-8b": 0, "canary": 5}
+        assert rules[1]["backendRefs"][0]["name"] == "admin"
+
+    async def test_replicas_are_recorded_before_the_fallback_is_scaled(
+            self, rig: Rig) -> None:
+        """The original replica count is saved while it is still the original, and a
+        successor finding a half-done degrade (already scaled up) keeps that record: the
+        restore scales back to it, not to the scaled-up count."""
+        await self._deployment(rig, "llama-8b", 1)
+        await self._route(rig, [{"backendRefs": [{"name": "llama-70b", "port": 8000},
+                                                 {"name": "llama-8b", "port": 8000,
+                                                  "weight": 0}]}])
+        self._target(rig, replicas=3)
+        apps = client.AppsV1Api(rig.admin)
+        seen_at_save: list[int] = []
+
+        async def save() -> None:
+            dep = await apps.read_namespaced_deployment("llama-8b", rig.ns)
+            seen_at_save.append(dep.spec.replicas)
+
+        first = ActionExecutor(rig.kube, rig.model, SystemClock(), fence=Leading(),
+                               intents={}, save=save,
+                               degrade_targets=rig.executor._degrade)
+        task = asyncio.create_task(first.execute(self.DEGRADE))
+        await self._become_ready(rig, "llama-8b", 3)
+        assert await task
+        assert seen_at_save == [1]
+        assert first.intents == {"degrade/llama-70b": {"replicas_before": 1}}
+        # A successor replays the degrade from the saved intents: the record stays 1.
+        successor = ActionExecutor(rig.kube, rig.model, SystemClock(), fence=Leading(),
+                                   intents=json.loads(json.dumps(first.intents)), save=_noop,
+                                   degrade_targets=rig.executor._degrade)
+        assert await successor.execute(self.DEGRADE)
+        assert successor.intents["degrade/llama-70b"] == {"replicas_before": 1}
+        assert await successor.execute(self.RESTORE)
+        assert (await apps.read_namespaced_deployment("llama-8b", rig.ns)).spec.replicas == 1

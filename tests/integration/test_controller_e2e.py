@@ -7,6 +7,7 @@ agent ServiceAccount's token; the controller acts as its own ServiceAccount.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ from tests.integration.cluster_objects import (
     unique,
 )
 from tests.kubeenv import manifests
-from tests.kubeenv.cluster import KubeTestCluster
+from tests.kubeenv.cluster import REPORT_AUDIENCE, KubeTestCluster
 
 pytestmark = pytest.mark.kube
 
@@ -65,8 +66,8 @@ async def _env(kube_cluster: KubeTestCluster, tmp_path: Path) -> AsyncIterator[E
                               "controller-rbac.yaml")
         token = await kube_cluster.service_account_token("gpu-supervisor",
                                                          "gpu-supervisor-controller")
-        agent_token = await kube_cluster.service_account_token("gpu-supervisor",
-                                                               "gpu-supervisor-agent")
+        agent_token = await kube_cluster.service_account_token(
+            "gpu-supervisor", "gpu-supervisor-agent", audiences=[REPORT_AUDIENCE])
         ns = unique("serving")
         await kube_cluster.ensure_namespace(ns)
         # Each test gets its own Lease and state, so tests cannot see each other's leader.
@@ -121,7 +122,8 @@ class TestControllerIngest:
             good = node_report("node-x", [])
             assert ctl.post_report("", good)[0] == 401
             assert ctl.post_report("not-a-token", good)[0] == 401
-            other = await env.cluster.service_account_token(env.ns, "someone-else")
+            other = await env.cluster.service_account_token(env.ns, "someone-else",
+                                                            audiences=[REPORT_AUDIENCE])
             assert ctl.post_report(other, good)[0] == 403
             assert ctl.post_report(env.agent_token, None, raw=b"{nope")[0] == 400
             code, body = ctl.post_report(env.agent_token, {**good, "findings": [{"x": 1}]})
@@ -179,7 +181,7 @@ class TestControllerFailover:
             # Keep the agent's report fresh for the survivor while it takes over.
             async def refresh_and_check() -> bool:
                 standby.post_report(env.agent_token, node_report(nodes[1], [
-                    gpu_finding(nodes[1], 3, age=10)], sequence=2))
+                    gpu_finding(nodes[1], 3, age=10)]))
                 return await restarted()
             await until(refresh_and_check, timeout=30, what="restart by the new leader")
             assert (await asyncio.to_thread(standby.status))["leader"]
@@ -238,9 +240,9 @@ class TestControllerSafety:
         ctl, nodes = await leader_with_groups(env, 3, restart_only(
             "budgets: {max_groups_disrupted: 1, min_healthy_groups: 0}"))
         try:
-            for i, node in enumerate(nodes):
+            for node in nodes:
                 assert ctl.post_report(env.agent_token, node_report(
-                    node, [gpu_finding(node, 0)], sequence=i))[0] == 202
+                    node, [gpu_finding(node, 0)]))[0] == 202
 
             async def refused_two() -> bool:
                 status = await asyncio.to_thread(ctl.status)
@@ -257,9 +259,8 @@ class TestControllerSafety:
             "budgets: {max_groups_disrupted: 10, min_healthy_groups: 0}\n"
             "circuit_breaker: {max_actions: 2, window: 10m}"))
         try:
-            for i, node in enumerate(nodes):
-                ctl.post_report(env.agent_token, node_report(node, [gpu_finding(node, 0)],
-                                                             sequence=i))
+            for node in nodes:
+                ctl.post_report(env.agent_token, node_report(node, [gpu_finding(node, 0)]))
 
             async def tripped() -> bool:
                 status = await asyncio.to_thread(ctl.status)
@@ -275,9 +276,8 @@ class TestControllerSafety:
                 {"metadata": {"annotations": {"gpu-supervisor.io/reset-breaker": "true"}}})
 
             async def all_three() -> bool:
-                for i, node in enumerate(nodes):  # the agents keep reporting
-                    ctl.post_report(env.agent_token, node_report(
-                        node, [gpu_finding(node, 0)], sequence=10 + i))
+                for node in nodes:  # the agents keep reporting
+                    ctl.post_report(env.agent_token, node_report(node, [gpu_finding(node, 0)]))
                 return len(await terminating(env)) == 3
             await until(all_three, what="third restart after reset")
             cm = await core.read_namespaced_config_map(f"state-{env.ns}", "gpu-supervisor")
@@ -305,14 +305,14 @@ rules:
             return any(t.key == QUARANTINE_TAINT for t in raw.spec.taints or [])
         try:
             hot = [gpu_finding(node, 0, "thermal", "warning")]
-            ctl.post_report(env.agent_token, node_report(node, hot, 1))
+            ctl.post_report(env.agent_token, node_report(node, hot))
             await until(quarantined, what="quarantine")
-            ctl.post_report(env.agent_token, node_report(node, [], 2))
+            ctl.post_report(env.agent_token, node_report(node, []))
 
             async def lifted() -> bool:
                 return not await quarantined()
             await until(lifted, what="quarantine lifted")
-            ctl.post_report(env.agent_token, node_report(node, hot, 3))
+            ctl.post_report(env.agent_token, node_report(node, hot))
 
             async def cooldown_refusal() -> bool:
                 status = await asyncio.to_thread(ctl.status)
@@ -364,8 +364,8 @@ rules:
         ctl, nodes = await leader_with_groups(env, 4, restart_only(
             "budgets: {max_groups_disrupted: 10, min_healthy_groups: 0}"),)
         try:
-            for i, node in enumerate(nodes):
-                ctl.post_report(env.agent_token, node_report(node, [], i))
+            for node in nodes:
+                ctl.post_report(env.agent_token, node_report(node, []))
             # silence_seconds is 3 here: three agents fall silent, one reports a fault.
             await asyncio.sleep(4)
             ctl.post_report(env.agent_token, node_report(nodes[0], [gpu_finding(nodes[0], 0)]))
@@ -400,7 +400,8 @@ class TestControllerWithAgent:
         token_file = env.workdir / "agent-token"
         token_file.write_text(env.agent_token)
         agent = AgentProcess(env.workdir / "agent", gpus=2, node_name=nodes[0], settings={
-            "reporting": {"controller_url": ctl.url, "token_file": str(token_file),
+            "reporting": {"controller_url": ctl.report_url, "token_file": str(token_file),
+                          "ca_file": str(ctl.tls_dir / "ca.crt"),
                           "heartbeat_seconds": 1.0, "timeout_seconds": 1.0}})
         (env.workdir / "agent").mkdir(exist_ok=True)
         try:
@@ -436,7 +437,7 @@ class TestControllerNodeBinding:
                      "containers": [{"name": "agent", "image": "gpu-supervisor:0.1.0"}]}})
         request = await core.create_namespaced_service_account_token(
             "gpu-supervisor-agent", "gpu-supervisor", {
-                "spec": {"audiences": [env.cluster.audience], "expirationSeconds": 3600,
+                "spec": {"audiences": [REPORT_AUDIENCE], "expirationSeconds": 3600,
                          "boundObjectRef": {"kind": "Pod", "apiVersion": "v1",
                                             "name": pod.metadata.name,
                                             "uid": pod.metadata.uid}}})
@@ -482,3 +483,226 @@ class TestControllerAdmission:
             await until(joined_gated, what="replacement gated like its group")
         finally:
             ctl.stop()
+
+
+class ApiProxy:
+    """A real HTTP proxy between one controller and the API server that can hold every
+    request — a network path (or an API server) gone slow for that controller only.
+
+    Held requests are forwarded on release whether or not their client is still waiting,
+    as a request stuck in a queue somewhere would be: the question is what the API server
+    does with a write that arrives late."""
+
+    def __init__(self, cluster: KubeTestCluster) -> None:
+        self.cluster = cluster
+        self.holding = False
+        self._released = asyncio.Event()
+        self._released.set()
+        self.held = 0
+        self.late_statuses: list[tuple[str, str, int]] = []
+        self._runner: Any = None
+        self._session: Any = None
+        self._handlers: set[asyncio.Task[Any]] = set()
+        self.url = ""
+
+    async def start(self) -> ApiProxy:
+        import ssl as ssl_mod
+
+        import aiohttp
+        from aiohttp import web
+
+        ctx = ssl_mod.create_default_context(cafile=str(self.cluster.ca_file))
+        self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx),
+                                              timeout=aiohttp.ClientTimeout(total=None))
+
+        async def forward(request: web.Request, body: bytes, late: bool) -> Any:
+            headers = {k: v for k, v in request.headers.items()
+                       if k.lower() not in ("host", "content-length", "transfer-encoding")}
+            upstream = await self._session.request(
+                request.method, self.cluster.url + request.path_qs, data=body or None,
+                headers=headers)
+            if late:
+                self.late_statuses.append((request.method, request.path, upstream.status))
+            return upstream
+
+        async def handle(request: web.Request) -> web.StreamResponse:
+            task = asyncio.current_task()
+            assert task is not None
+            self._handlers.add(task)
+            try:
+                return await proxied(request)
+            finally:
+                self._handlers.discard(task)
+
+        async def proxied(request: web.Request) -> web.StreamResponse:
+            body = await request.read()
+            late = False
+            if self.holding:
+                self.held += 1
+                late = True
+                # Shielded: the client giving up must not cancel the forward.
+                await asyncio.shield(self._released.wait())
+            upstream = await asyncio.shield(forward(request, body, late))
+            resp = web.StreamResponse(status=upstream.status)
+            resp.content_type = upstream.content_type
+            try:
+                await resp.prepare(request)
+                async for chunk in upstream.content.iter_any():
+                    await resp.write(chunk)
+            except (ConnectionError, RuntimeError):
+                pass  # the client went away (it timed out waiting for us)
+            finally:
+                upstream.release()
+            return resp
+
+        app = web.Application(client_max_size=16 << 20)
+        app.router.add_route("*", "/{tail:.*}", handle)
+        self._runner = web.AppRunner(app, handle_signals=False, access_log=None,
+                                     shutdown_timeout=1.0)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.url = f"http://127.0.0.1:{port}"
+        return self
+
+    def hold(self) -> None:
+        self.holding = True
+        self._released.clear()
+
+    def release(self) -> None:
+        self.holding = False
+        self._released.set()
+
+    async def close(self) -> None:
+        self.release()
+        handlers = list(self._handlers)
+        for task in handlers:  # the streams (watches) still being copied
+            task.cancel()
+        await asyncio.gather(*handlers, return_exceptions=True)
+        await self._runner.cleanup()
+        await self._session.close()
+
+
+class TestFencingAcrossLeaderChanges:
+    async def test_a_deposed_leaders_late_write_never_lands_after_the_new_leaders(
+            self, env: Env) -> None:
+        """Leader A's API server path goes slow just as it fails a group over: its gate
+        write and its Lease renewals are held. B takes over, fails the group over itself,
+        then puts it back once the fault clears. When A's held write finally reaches the
+        API server it fails its precondition: the group stays in traffic."""
+        nodes = await make_nodes(env.admin, 2)
+        await make_lws_group(env.admin, env.ns, "llama", 0, nodes, model="llama-70b")
+        proxy = await ApiProxy(env.cluster).start()
+        token = (await asyncio.to_thread(env.controller_kubeconfig.read_text))
+        kc = json.loads(token)
+        kc["clusters"][0]["cluster"] = {"server": proxy.url}
+        slow_kubeconfig = env.workdir / "kc-through-proxy"
+        slow_kubeconfig.write_text(json.dumps(kc))
+        fail_over_only = POLICY.replace("""      - action: quarantine
+      - action: restart_group
+        after: 4s
+""", "")
+        a = ControllerProcess(env.workdir, slow_kubeconfig, "fence-a", policy=fail_over_only,
+                              settings={"controller": {"lease_name": f"lease-{env.ns}",
+                                                       "state_configmap": f"state-{env.ns}",
+                                                       "silence_seconds": 30.0}})
+        await asyncio.to_thread(a.start)
+        b = None
+        try:
+            assert await leader_of(a) is a
+            b = controller(env, "fence-b", policy=fail_over_only)
+            await asyncio.to_thread(b.start)
+            # A has reviewed the agent's token before its path goes slow. (Every blocking
+            # call runs in a thread here: the proxy lives on this test's event loop.)
+            post = asyncio.to_thread
+            assert (await post(a.post_report, env.agent_token,
+                               node_report(nodes[1], [])))[0] == 202
+            proxy.hold()
+            fault = [gpu_finding(nodes[1], 3)]
+            assert (await post(a.post_report, env.agent_token,
+                               node_report(nodes[1], fault)))[0] == 202
+
+            async def a_wrote_something() -> bool:
+                return proxy.held >= 2  # a Lease renewal and the gate write, at least
+            await until(a_wrote_something, what="A's writes held")
+
+            async def b_leads_and_failed_over() -> bool:
+                assert b is not None
+                await post(b.post_report, env.agent_token, node_report(nodes[1], fault))
+                status = await asyncio.to_thread(b.status)
+                return bool(status["leader"]) and await all_gated(env)
+            await until(b_leads_and_failed_over, timeout=30, what="B failed the group over")
+
+            async def b_recovered() -> bool:
+                assert b is not None
+                await post(b.post_report, env.agent_token, node_report(nodes[1], []))
+                return await gates(env) == {"True"}
+            await until(b_recovered, timeout=30, what="B put the group back")
+
+            proxy.release()
+
+            async def late_writes_arrived() -> bool:
+                return any(m == "PATCH" for m, _, _ in proxy.late_statuses)
+            await until(late_writes_arrived, what="A's held writes forwarded")
+            await asyncio.sleep(2)  # A, its Lease gone, must not try again either
+            assert await gates(env) == {"True"}
+            patches = [s for m, path, s in proxy.late_statuses if m == "PATCH"
+                       and path.endswith("/status") and "/pods/" in path]
+            assert patches and all(s == 409 for s in patches), proxy.late_statuses
+        finally:
+            await asyncio.to_thread(a.stop)
+            if b is not None:
+                await asyncio.to_thread(b.stop)
+            await proxy.close()
+
+
+async def gates(env: Env) -> set[str]:
+    """The distinct values of our readiness gate over the namespace's pods."""
+    pods = await list_pods(env.admin, env.ns)
+    return {c["status"] for p in pods.values() for c in p["status"].get("conditions") or []
+            if c["type"] == "gpu-supervisor.io/serving"}
+
+
+class TestTimersAcrossLeaderChanges:
+    async def test_after_fires_on_time_when_the_leader_dies_long_after_its_last_action(
+            self, env: Env) -> None:
+        """A fails the group over and 12 s later (no action since) is SIGKILLed. B takes
+        over and restarts the group when the ladder's ``after: 20s`` ends — about 20 s
+        after the fail-over — not 20 s after its own take-over."""
+        nodes = await make_nodes(env.admin, 2)
+        await make_lws_group(env.admin, env.ns, "llama", 0, nodes, model="llama-70b")
+        policy = POLICY.replace("""      - action: quarantine
+      - action: restart_group
+        after: 4s""", """      - action: restart_group
+        after: 20s""")
+        a = controller(env, "timer-a", policy=policy).start()
+        b = controller(env, "timer-b", policy=policy).start()
+        try:
+            leader = await leader_of(a, b)
+            standby = b if leader is a else a
+            fault = [gpu_finding(nodes[1], 3)]
+
+            async def report_and_gated() -> bool:
+                for c in (leader, standby):
+                    c.post_report(env.agent_token, node_report(nodes[1], fault))
+                return await all_gated(env)
+            await until(report_and_gated, what="group failed over")
+            failed_over_at = time.monotonic()
+            while time.monotonic() - failed_over_at < 12:
+                standby.post_report(env.agent_token, node_report(nodes[1], fault))
+                await asyncio.sleep(1)
+            leader.kill()
+
+            async def restarted() -> bool:
+                standby.post_report(env.agent_token, node_report(nodes[1], fault))
+                pods = await list_pods(env.admin, env.ns)
+                return bool(pods["llama-0"]["metadata"].get("deletionTimestamp"))
+            await until(restarted, timeout=40, what="restart by the new leader")
+            after = time.monotonic() - failed_over_at
+            # On time: 20 s after the fail-over (+ take-over and polling slack), where
+            # timers restarted from the take-over would give 12 + 3 + 20 = 35 s.
+            assert 19 <= after <= 28, f"restarted {after:.1f}s after the fail-over"
+        finally:
+            a.stop()
+            b.stop()

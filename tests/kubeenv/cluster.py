@@ -66,6 +66,7 @@ STARTUP_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 15.0
 ISSUER = "https://kubernetes.default.svc.cluster.local"
 ADMIN_USER = "kube-testenv-admin"
+REPORT_AUDIENCE = "gpu-supervisor"  # what the controller asks of report tokens by default
 LOG_TAIL_LINES = 40
 
 
@@ -450,13 +451,16 @@ class KubeTestCluster:
                 )
 
     async def service_account_token(
-        self, namespace: str, name: str, expiration_seconds: int = 3600
+        self, namespace: str, name: str, expiration_seconds: int = 3600,
+        audiences: list[str] | None = None, bound_to: dict[str, str] | None = None,
     ) -> str:
         """A bound token for ServiceAccount ``namespace/name`` from the TokenRequest API.
 
         Creates the namespace and the ServiceAccount first if missing (as admin). The
-        token's audience is :attr:`audience`; the apiserver requires
-        ``expiration_seconds`` >= 600.
+        token's audience is :attr:`audience` (the API server's) unless ``audiences`` says
+        otherwise — a report token has ``REPORT_AUDIENCE``, as the kubelet projects it.
+        ``bound_to`` is a ``boundObjectRef`` (kind, name, uid; a Pod or a Secret): the
+        token dies with that object. The apiserver requires ``expiration_seconds`` >= 600.
         """
         from kubernetes_asyncio import client
 
@@ -468,15 +472,14 @@ class KubeTestCluster:
                     namespace, client.V1ServiceAccount(metadata=client.V1ObjectMeta(name=name))
                 )
             )
-            resp = await core.create_namespaced_service_account_token(
-                name,
-                namespace,
-                client.AuthenticationV1TokenRequest(
-                    spec=client.V1TokenRequestSpec(
-                        audiences=[self.audience], expiration_seconds=expiration_seconds
-                    )
-                ),
-            )
+            spec: dict[str, Any] = {
+                "audiences": audiences or [self.audience],
+                "expirationSeconds": expiration_seconds,
+            }
+            if bound_to is not None:
+                spec["boundObjectRef"] = {"apiVersion": "v1", **bound_to}
+            body: Any = {"spec": spec}  # a plain dict is sent as it is
+            resp = await core.create_namespaced_service_account_token(name, namespace, body)
             token: str = resp.status.token
             return token
 

@@ -31,7 +31,7 @@ def lws_pod(group: int, worker: int, node: str, **kw: Any) -> dict[str, Any]:
 
 
 def report(node: str, *classes: str, severity: str = "critical") -> NodeReport:
-    return NodeReport(node=node, sequence=1, sent_at=1000.0, gpus=8, findings=tuple(
+    return NodeReport(node=node, boot_id="b", sequence=1, sent_at=1000.0, gpus=8, findings=tuple(
         ReportedFinding(fault_class=c, severity=severity, subject_kind="gpu",
                         subject_id=f"GPU-{node}", detail="", reason="", message="",
                         first_seen=990.0, last_seen=1000.0) for c in classes))
@@ -139,11 +139,13 @@ class TestReports:
         assert model.changed.is_set()
 
     def test_parse_node_report_accepts_the_agents_body(self) -> None:
-        """The body the agent sends (Agent.report + sequence, sent_at) parses."""
-        body = {"kind": "NodeReport", "node": "n1", "sequence": 3, "sent_at": 5.0,
+        """The body the agent sends (Agent.report + boot, sequence, sent_at) parses."""
+        body = {"kind": "NodeReport", "node": "n1", "boot": {"id": "b1", "started_at": 1.0},
+                "sequence": 3, "sent_at": 5.0,
                 "gpus": [{"index": 0}], "findings": [{
                     "fault_class": "xid", "severity": "critical", "detail": "79",
                     "subject": {"kind": "gpu", "id": "GPU-1"}, "first_seen": 1.0,
                     "last_seen": 2.0}]}
         parsed = parse_node_report(body)
         assert (parsed.node, parsed.gpus, parsed.findings[0].detail) == ("n1", 1, "79")
+        assert (parsed.boot_id, parsed.sequence) == ("b1", 3)

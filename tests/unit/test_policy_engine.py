@@ -30,14 +30,22 @@ GPU_LOST = """
 """
 
 
-class Clock:
-    """Monotonic seconds that only move when a test says so."""
+WALL0 = 1.8e9  # the wall clock when the monotonic test clock reads T0
 
-    def __init__(self, t: float = T0) -> None:
+
+class Clock:
+    """Monotonic seconds that only move when a test says so, and the wall clock with them
+    (``wall_offset`` apart: another process's monotonic clock starts elsewhere)."""
+
+    def __init__(self, t: float = T0, wall_offset: float = WALL0 - T0) -> None:
         self.t = t
+        self.wall_offset = wall_offset
 
     def __call__(self) -> float:
         return self.t
+
+    def wall(self) -> float:
+        return self.t + self.wall_offset
 
     def advance(self, seconds: float) -> None:
         self.t += seconds
@@ -95,7 +103,7 @@ def clock() -> Clock:
 
 @pytest.fixture
 def engine(clock: Clock) -> PolicyEngine:
-    return PolicyEngine(make_policy(), clock)
+    return PolicyEngine(make_policy(), clock, clock.wall)
 
 
 class TestOpening:
@@ -1092,15 +1100,15 @@ class TestReload:
 
 
 class TestPersistence:
-    def moved(self, engine: PolicyEngine, policy: Policy | None = None,
-              offset: float = -900.0) -> tuple[PolicyEngine, Clock]:
+    def moved(self, engine: PolicyEngine, clock: Clock, policy: Policy | None = None,
+              gap: float = 0.0) -> tuple[PolicyEngine, Clock]:
         """The state through JSON into a fresh engine whose monotonic clock started
-        elsewhere (another process)."""
+        elsewhere (another process), ``gap`` seconds of wall-clock time after the save."""
         text = json.dumps(engine.snapshot())
-        clock = Clock(T0 + offset)
-        fresh = PolicyEngine(policy or engine.policy, clock)
+        fresh_clock = Clock(T0 - 900.0, wall_offset=clock.wall() + gap - (T0 - 900.0))
+        fresh = PolicyEngine(policy or engine.policy, fresh_clock, fresh_clock.wall)
         fresh.restore(json.loads(text))
-        return fresh, clock
+        return fresh, fresh_clock
 
     def test_new_leader_continues_the_ladder(self, engine: PolicyEngine,
                                              clock: Clock) -> None:
@@ -1110,7 +1118,7 @@ class TestPersistence:
         step(engine, s)
         step(engine, s)
         clock.advance(10)
-        fresh, fresh_clock = self.moved(engine)
+        fresh, fresh_clock = self.moved(engine, clock)
         s2 = [sig(since=fresh_clock.t - 10)]
         assert brief(step(fresh, s2)) == []
         fresh_clock.advance(19)
@@ -1119,29 +1127,57 @@ class TestPersistence:
         assert brief(step(fresh, s2)) == [("restart_group", "g1", 2)]
         assert brief(step(fresh, [])) == [("recover", "g1", -1), ("unquarantine", "n1", -1)]
 
+    def test_timers_run_on_across_a_long_gap_since_the_save(self, engine: PolicyEngine,
+                                                           clock: Clock) -> None:
+        """A snapshot saved 10 s after step 1 and restored 15 s later: step 2's 30 s
+        ``after`` ends 5 s after the restore, not 30 s (timers are times, not ages)."""
+        s = [sig()]
+        step(engine, s)
+        step(engine, s)
+        clock.advance(10)
+        fresh, fresh_clock = self.moved(engine, clock, gap=15)
+        s2 = [sig(since=fresh_clock.t - 25)]
+        fresh_clock.advance(4)
+        assert brief(step(fresh, s2)) == []
+        fresh_clock.advance(1)
+        assert brief(step(fresh, s2)) == [("restart_group", "g1", 2)]
+
+    def test_cooldown_ends_on_time_after_a_long_gap(self, engine: PolicyEngine,
+                                                    clock: Clock) -> None:
+        """A 10-minute cooldown restored 9 minutes after its save has one minute left."""
+        step(engine, [sig()])
+        step(engine, [], VIEW)  # recovered: the next fail-over of g1 is a healthy group's
+        fresh, fresh_clock = self.moved(engine, clock, gap=540)
+        healthy = view(("g1", "m", True, ("n1",)), ("g2", "m", True, ("n1",)))
+        assert refused(fresh.evaluate([sig(since=fresh_clock.t)], healthy)) == [
+            ("fail_over", "g1", "cooldown")]
+        fresh_clock.advance(60)
+        assert brief(fresh.evaluate([sig(since=fresh_clock.t)], healthy)) == [
+            ("fail_over", "g1", 0)]
+
     def test_in_flight_decision_is_decided_again_after_restore(
-            self, engine: PolicyEngine) -> None:
+            self, engine: PolicyEngine, clock: Clock) -> None:
         """A decision out but unconfirmed when the snapshot was taken is pending for the
         new leader (the action layer's idempotence covers a repeat)."""
         assert brief(engine.evaluate([sig()], VIEW)) == [("fail_over", "g1", 0)]
-        fresh, fresh_clock = self.moved(engine)
+        fresh, fresh_clock = self.moved(engine, clock)
         assert brief(fresh.evaluate([sig(since=fresh_clock.t)], VIEW)) == [
             ("fail_over", "g1", 0)]
 
     def test_closing_incident_with_a_fail_over_in_flight_recovers(
-            self, engine: PolicyEngine) -> None:
+            self, engine: PolicyEngine, clock: Clock) -> None:
         """If the old leader may have failed a group over just as the incident closed, the
         new one puts it back rather than leaving it out of traffic."""
         engine.evaluate([sig()], VIEW)
         engine.evaluate([], VIEW)
-        fresh, _ = self.moved(engine)
+        fresh, _ = self.moved(engine, clock)
         assert brief(fresh.evaluate([], VIEW)) == [("recover", "g1", -1)]
 
     def test_cooldowns_breaker_and_degrade_survive(self, clock: Clock) -> None:
         """Cooldown remaining, the breaker's state and degrade state move across."""
         policy = make_policy(GPU_LOST, breaker="{max_actions: 2, window: 5m}",
                              extra="cooldown: 10m\n" + TestDegrade.DEGRADE)
-        engine = PolicyEngine(policy, clock)
+        engine = PolicyEngine(policy, clock, clock.wall)
         v = view(("g1", "m", False, ("n1",)), ("g2", "m", False, ("n2",)),
                  ("b0", "big", False, ("n9",)))
         ev = step(engine, [sig()], v)
@@ -1150,7 +1186,7 @@ class TestPersistence:
         assert refused(step(engine, [sig(groups=("g2",), node="n2")], v)) == [
             ("fail_over", "g2", "breaker")]
         clock.advance(60)
-        fresh, fresh_clock = self.moved(engine)
+        fresh, fresh_clock = self.moved(engine, clock)
         assert fresh.breaker_open
         assert refused(fresh.evaluate([sig(since=fresh_clock.t)], v)) == [
             ("fail_over", "g1", "breaker")]
@@ -1163,25 +1199,46 @@ class TestPersistence:
         ev = fresh.evaluate([sig(since=fresh_clock.t)], v)
         assert brief(ev) == [("fail_over", "g1", 0)]  # degraded already: no second degrade
 
-    def test_snapshot_is_plain_json_with_ages(self, engine: PolicyEngine,
-                                              clock: Clock) -> None:
-        """The snapshot holds ages, not this process's monotonic times."""
+    def test_snapshot_is_plain_json_with_wall_clock_times(self, engine: PolicyEngine,
+                                                          clock: Clock) -> None:
+        """The snapshot holds wall-clock times, not this process's monotonic times, and an
+        unchanged state snapshots to the same JSON (so the controller saves only changes)."""
         step(engine, [sig()])
         clock.advance(42)
         snap = engine.snapshot()
         assert json.loads(json.dumps(snap)) == snap
         (inc,) = snap["incidents"]
         assert inc["id"] == "gpu-lost/group/g1"
-        assert inc["opened_age"] == 42
+        assert inc["opened_at"] == WALL0
         assert inc["history"] == [{"step": 0, "action": "fail_over", "target": "g1",
-                                   "age": 42, "shared": False}]
+                                   "at": WALL0, "shared": False}]
         assert snap["cooldowns"] == [{"action": "fail_over", "target": "g1",
-                                      "remaining": 558}]
+                                      "until": WALL0 + 600}]
+        clock.advance(1)
+        assert engine.snapshot() == snap
 
-    def test_restore_drops_incidents_of_unknown_rules(self, engine: PolicyEngine) -> None:
+    def test_version_1_snapshot_reads_as_saved_now(self, clock: Clock) -> None:
+        """Snapshots of earlier controllers (ages) still load; their timers restart."""
+        engine = PolicyEngine(make_policy(), clock, clock.wall)
+        engine.restore({"version": 1, "incidents": [{
+            "id": "gpu-lost/group/g1", "rule": "gpu-lost", "scope": "group", "scope_id": "g1",
+            "opened_age": 5.0, "ready_age": 5.0, "closed_age": None, "step": 2,
+            "targets": None, "step_done_age": None, "node_local": True,
+            "released_any": False, "failed_over": ["g1"], "quarantined": ["n1"],
+            "restarted": [], "history": []}],
+            "cooldowns": [], "breaker": {"opened_age": None, "detail": "",
+                                         "action_ages": []}, "degrade": []})
+        s = [sig(since=clock.t - 5)]
+        clock.advance(24)
+        assert brief(step(engine, s)) == []
+        clock.advance(1)
+        assert brief(step(engine, s)) == [("restart_group", "g1", 2)]
+
+    def test_restore_drops_incidents_of_unknown_rules(self, engine: PolicyEngine,
+                                                      clock: Clock) -> None:
         """A new leader with a different policy forgets incidents it has no rule for."""
         step(engine, [sig()])
-        fresh, _ = self.moved(engine, make_policy("""
+        fresh, _ = self.moved(engine, clock, make_policy("""
             - name: other
               when: {fault_classes: [thermal]}
               then: [{action: notify}]

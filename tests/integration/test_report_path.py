@@ -1,0 +1,326 @@
+"""The report path as an attacker or an unlucky network would try it, on real processes:
+a real controller process (its report endpoint on TLS) against the real API server.
+
+Encryption and trust, audience-bound tokens, bodies in pieces, replays, token floods.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import socket
+import ssl
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from bench.harness import ControllerProcess, gpu_finding, node_report, report_tls
+from tests.kubeenv import manifests
+from tests.kubeenv.cluster import REPORT_AUDIENCE, KubeTestCluster
+
+pytestmark = pytest.mark.kube
+
+
+@dataclass
+class Env:
+    cluster: KubeTestCluster
+    kubeconfig: Path
+    token: str  # the agent's report token (our audience)
+    workdir: Path
+
+
+@pytest.fixture(name="env")
+async def _env(kube_cluster: KubeTestCluster, tmp_path: Path) -> Env:
+    async with await kube_cluster.api_client() as admin:
+        await manifests.apply(admin, "namespace.yaml", "agent-rbac.yaml",
+                              "controller-rbac.yaml")
+    token = await kube_cluster.service_account_token("gpu-supervisor",
+                                                     "gpu-supervisor-controller")
+    agent = await kube_cluster.service_account_token(
+        "gpu-supervisor", "gpu-supervisor-agent", audiences=[REPORT_AUDIENCE])
+    return Env(kube_cluster, kube_cluster.write_kubeconfig(tmp_path / "kc", token), agent,
+               tmp_path)
+
+
+def controller(env: Env, name: str, **settings: Any) -> ControllerProcess:
+    return ControllerProcess(env.workdir, env.kubeconfig, name, settings={
+        "controller": {"lease_name": f"lease-{name}-{id(env)}",
+                       "state_configmap": f"state-{name}-{id(env)}", **settings}})
+
+
+def http_get(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        return str(resp.read().decode())
+
+
+def fake_jwt(audience: str, serial: int) -> str:
+    """Shaped like a ServiceAccount token for us (audience, expiry), signed by nobody."""
+    def part(obj: dict[str, Any]) -> str:
+        return base64.urlsafe_b64encode(json.dumps(obj).encode()).decode().rstrip("=")
+    claims = {"aud": [audience], "exp": int(time.time()) + 3600, "iss": "attacker",
+              "sub": f"system:serviceaccount:x:bogus-{serial}"}
+    return f"{part({'alg': 'RS256', 'kid': 'x'})}.{part(claims)}.{part({'sig': serial})}"
+
+
+class TestEncryptionAndTrust:
+    async def test_reports_are_served_over_tls_only(self, env: Env) -> None:
+        """The report route answers over TLS with the configured certificate; the plain
+        listener (probes, metrics) does not serve it at all."""
+        ctl = controller(env, "tls").start()
+        try:
+            assert ctl.report_url.startswith("https://")
+            assert ctl.post_report(env.token, node_report("n1", []))[0] == 202
+            req = urllib.request.Request(ctl.url + "/v1/reports/node", method="POST",
+                                         data=b"{}", headers={
+                                             "Authorization": f"Bearer {env.token}",
+                                             "Content-Type": "application/json"})
+            with pytest.raises(urllib.error.HTTPError) as info:
+                await asyncio.to_thread(urllib.request.urlopen, req, timeout=5)
+            info.value.close()
+            assert info.value.code in (404, 405)
+        finally:
+            ctl.stop()
+
+    async def test_agent_refuses_a_controller_it_cannot_verify(self, env: Env) -> None:
+        """An agent whose CA bundle did not sign the controller's certificate sends
+        nothing (so its token never leaves); with the right bundle its reports arrive."""
+        from bench.harness import AgentProcess
+
+        token_file = env.workdir / "token"
+        token_file.write_text(env.token)
+        other_ca = report_tls(env.workdir / "other-ca")
+        ctl = controller(env, "verify").start()
+        agent = AgentProcess(env.workdir / "agent", gpus=1, node_name="n-verify", settings={
+            "reporting": {"controller_url": ctl.report_url, "token_file": str(token_file),
+                          "ca_file": str(other_ca / "ca.crt"), "heartbeat_seconds": 1.0,
+                          "timeout_seconds": 1.0}})
+        try:
+            agent.start()
+            agent.wait_for(lambda: agent.status()["reporting"]["failed"] >= 2,
+                           what="failed reports")
+            assert "CERTIFICATE_VERIFY_FAILED" in agent.status()["reporting"]["last_error"]
+            assert ctl.status()["reports"].get("accepted", 0) == 0
+        finally:
+            agent.stop()
+        good = AgentProcess(env.workdir / "agent2", gpus=1, node_name="n-verify", settings={
+            "reporting": {"controller_url": ctl.report_url, "token_file": str(token_file),
+                          "ca_file": str(ctl.tls_dir / "ca.crt"), "heartbeat_seconds": 1.0,
+                          "timeout_seconds": 1.0}})
+        try:
+            good.start()
+            good.wait_for(lambda: ctl.status()["reports"].get("accepted", 0) >= 1,
+                          what="accepted report")
+        finally:
+            good.stop()
+            ctl.stop()
+
+    async def test_a_rotated_certificate_is_served_to_new_connections(
+            self, env: Env) -> None:
+        """Replacing the Secret's files (a new certificate from a new CA) takes effect
+        without a restart: a client trusting only the new CA gets through."""
+        tls_dir = report_tls(env.workdir / "rotating")
+        ctl = ControllerProcess(env.workdir, env.kubeconfig, "rotate", tls_dir=tls_dir,
+                                settings={"controller": {"lease_name": "lease-rotate",
+                                                         "state_configmap": "state-rotate",
+                                                         "tls_reload_seconds": 0.5}})
+        ctl.start()
+        try:
+            fresh = report_tls(env.workdir / "fresh")
+            for name in ("tls.key", "tls.crt"):
+                (tls_dir / name).write_bytes((fresh / name).read_bytes())
+            ctx = ssl.create_default_context(cafile=str(fresh / "ca.crt"))
+            port = int(ctl.report_url.rsplit(":", 1)[1])
+
+            def handshake() -> bool:
+                try:
+                    with socket.create_connection(("127.0.0.1", port), timeout=2) as raw, \
+                            ctx.wrap_socket(raw, server_hostname="127.0.0.1"):
+                        return True
+                except ssl.SSLError:
+                    return False
+            deadline = time.monotonic() + 20
+            while not await asyncio.to_thread(handshake):
+                assert time.monotonic() < deadline, ctl.log()[-2000:]
+                await asyncio.sleep(0.5)
+        finally:
+            ctl.stop()
+
+
+class TestTokens:
+    async def test_only_tokens_for_our_audience_may_report(self, env: Env) -> None:
+        """A token for the API server's own audience is refused (401) even though it is the
+        agent's; the report token (our audience) is accepted."""
+        ctl = controller(env, "aud").start()
+        try:
+            api_token = await env.cluster.service_account_token("gpu-supervisor",
+                                                                "gpu-supervisor-agent")
+            code, body = ctl.post_report(api_token, node_report("n1", []))
+            assert code == 401, body
+            assert ctl.post_report(env.token, node_report("n1", []))[0] == 202
+            assert ctl.status()["token_reviews"] == 1  # the API-audience token cost none
+        finally:
+            ctl.stop()
+
+    async def test_a_stolen_report_token_cannot_call_the_api_server(self, env: Env) -> None:
+        """The report token's audience is ours, so the API server itself rejects it."""
+        req = urllib.request.Request(env.cluster.url + "/api/v1/namespaces",
+                                     headers={"Authorization": f"Bearer {env.token}"})
+        ctx = ssl.create_default_context(cafile=str(env.cluster.ca_file))
+        with pytest.raises(urllib.error.HTTPError) as info:
+            await asyncio.to_thread(urllib.request.urlopen, req, timeout=5, context=ctx)
+        info.value.close()
+        assert info.value.code == 401
+
+    async def test_flood_of_bogus_tokens_is_capped_and_valid_reports_still_answer(
+            self, env: Env) -> None:
+        """300 reports with distinct tokens shaped like ours (valid-looking JWTs, bad
+        signatures) cost at most the review burst in TokenReviews — the rest get 429 —
+        and a valid report sent in the middle of the flood is accepted within a second."""
+        ctl = controller(env, "flood", token_reviews_per_second=10).start()
+        try:
+            assert ctl.post_report(env.token, node_report("n1", []))[0] == 202  # cached
+            tls = ctl.tls
+            url = ctl.report_url + "/v1/reports/node"
+            body = json.dumps(node_report("n1", []))
+            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(
+                    ssl=tls, limit=100)) as session:
+
+                async def post(token: str) -> int:
+                    async with session.post(url, data=body, headers={
+                            "Authorization": f"Bearer {token}",
+                            "Content-Type": "application/json"}) as resp:
+                        return resp.status
+
+                flood_started = time.monotonic()
+                flood = [asyncio.create_task(post(fake_jwt(REPORT_AUDIENCE, i)))
+                         for i in range(300)]
+                await asyncio.sleep(0.05)
+                valid = json.dumps(node_report("n1", []))
+                started = time.monotonic()
+                async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(
+                        ssl=tls)) as own, own.post(url, data=valid, headers={
+                            "Authorization": f"Bearer {env.token}",
+                            "Content-Type": "application/json"}) as resp:
+                    assert resp.status == 202
+                elapsed = time.monotonic() - started
+                statuses = await asyncio.gather(*flood)
+                flood_seconds = time.monotonic() - flood_started
+            assert elapsed < 1.0, f"valid report took {elapsed:.2f}s under the flood"
+            assert set(statuses) <= {401, 429}
+            assert statuses.count(429) >= 250
+            status = ctl.status()
+            # The valid token, the burst (twice the rate), and what the rate refilled.
+            assert status["token_reviews"] <= 1 + 20 + 10 * flood_seconds + 1
+            assert status["reports"]["throttled"] == statuses.count(429)
+            # The log holds one line per kind of rejection, not one per request.
+            assert ctl.log().count('"outcome": "throttled"') <= 2
+        finally:
+            ctl.stop()
+
+    async def test_garbage_tokens_cost_no_review_at_all(self, env: Env) -> None:
+        """Tokens that are not JWTs for our audience are refused before any API call."""
+        ctl = controller(env, "garbage").start()
+        try:
+            for i in range(20):
+                assert ctl.post_report(f"garbage-{i}", node_report("n1", []))[0] == 401
+            assert ctl.status()["token_reviews"] == 0
+        finally:
+            ctl.stop()
+
+
+class TestBodies:
+    async def test_body_arriving_in_several_segments_with_pauses_is_accepted(
+            self, env: Env) -> None:
+        """Headers, then the body in four TLS records 50 ms apart: one report, 202."""
+        ctl = controller(env, "pieces").start()
+        try:
+            body = json.dumps(node_report("n1", [gpu_finding("n1", 0)])).encode()
+            port = int(ctl.report_url.rsplit(":", 1)[1])
+            head = (f"POST /v1/reports/node HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                    f"Authorization: Bearer {env.token}\r\n"
+                    f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+                    f"Connection: close\r\n\r\n").encode()
+            ctx = ctl.tls
+            assert ctx is not None
+
+            def send() -> bytes:
+                with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, \
+                        ctx.wrap_socket(raw, server_hostname="127.0.0.1") as sock:
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    sock.sendall(head)
+                    quarter = len(body) // 4 + 1
+                    for i in range(0, len(body), quarter):
+                        time.sleep(0.05)
+                        sock.sendall(body[i:i + quarter])
+                    answer = b""
+                    while chunk := sock.recv(4096):
+                        answer += chunk
+                    return answer
+
+            answer = await asyncio.to_thread(send)
+            assert answer.startswith(b"HTTP/1.1 202"), answer[:200]
+            assert ctl.status()["reports"]["accepted"] == 1
+        finally:
+            ctl.stop()
+
+    async def test_a_body_that_never_finishes_gets_408_and_the_controller_goes_on(
+            self, env: Env) -> None:
+        """A client that announces a body and stops sending is cut off after the read
+        deadline; the controller keeps serving."""
+        ctl = controller(env, "slowloris", report_read_timeout_seconds=1.0).start()
+        try:
+            port = int(ctl.report_url.rsplit(":", 1)[1])
+            ctx = ctl.tls
+            assert ctx is not None
+
+            def stall() -> bytes:
+                with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, \
+                        ctx.wrap_socket(raw, server_hostname="127.0.0.1") as sock:
+                    sock.sendall((f"POST /v1/reports/node HTTP/1.1\r\nHost: x\r\n"
+                                  f"Authorization: Bearer {env.token}\r\n"
+                                  "Content-Type: application/json\r\n"
+                                  "Content-Length: 500\r\n\r\n{\"kind\"").encode())
+                    return sock.recv(4096)
+
+            assert (await asyncio.to_thread(stall)).startswith(b"HTTP/1.1 408")
+            assert ctl.post_report(env.token, node_report("n1", []))[0] == 202
+        finally:
+            ctl.stop()
+
+
+class TestFreshness:
+    async def test_exact_replay_of_an_older_report_has_no_effect(self, env: Env) -> None:
+        """A report with a fault, then a newer one without: replaying the first is refused
+        (409) and the node stays healthy in the controller's model."""
+        ctl = controller(env, "replay").start()
+        try:
+            faulty = node_report("n1", [gpu_finding("n1", 0)])
+            healthy = node_report("n1", [])
+            assert ctl.post_report(env.token, faulty)[0] == 202
+            assert ctl.post_report(env.token, healthy)[0] == 202
+            code, body = ctl.post_report(env.token, faulty)
+            assert code == 409 and "not newer" in body
+            status = ctl.status()
+            assert status["reports"]["stale"] == 1
+            metrics = await asyncio.to_thread(http_get, ctl.url + "/metrics")
+            assert 'gpusupervisor_reports_total{outcome="stale"} 1.0' in metrics
+        finally:
+            ctl.stop()
+
+    async def test_a_report_far_outside_the_clock_skew_is_refused(self, env: Env) -> None:
+        """sent_at ten minutes ago: refused with the measured skew, whatever its sequence."""
+        ctl = controller(env, "skew").start()
+        try:
+            old = node_report("n1", [])
+            old["sent_at"] -= 600
+            code, body = ctl.post_report(env.token, old)
+            assert code == 409 and "sender's clock" in body
+        finally:
+            ctl.stop()
