@@ -323,15 +323,26 @@ rules:
             ctl.stop()
 
     async def test_dry_run_acts_on_nothing(self, env: Env) -> None:
-        """In dry-run the controller logs what it would do and changes nothing."""
+        """In dry-run the controller logs what it would do and changes nothing — not even
+        the readiness gate of a new pod, which it would otherwise admit."""
         ctl, nodes = await leader_with_groups(env, 1, restart_only("dry_run: true"))
         try:
+            core = client.CoreV1Api(env.admin)
+            await core.create_namespaced_pod(env.ns, pod_body(
+                "llama-0-1", nodes[0], {"leaderworkerset.sigs.k8s.io/name": "llama",
+                                        "leaderworkerset.sigs.k8s.io/group-index": "0",
+                                        "leaderworkerset.sigs.k8s.io/worker-index": "1"}))
+            await mark_running(core, env.ns, "llama-0-1", gate=False)
             ctl.post_report(env.agent_token, node_report(nodes[0], [gpu_finding(nodes[0], 0)]))
 
             async def logged() -> bool:
-                return "dry-run: would act" in ctl.log()
-            await until(logged, what="dry-run log line")
+                log = ctl.log()
+                return "dry-run: would act" in log and "dry-run: would admit pod" in log
+            await until(logged, what="dry-run log lines")
             assert await terminating(env) == []
+            pod = (await list_pods(env.admin, env.ns))["llama-0-1"]
+            assert not [c for c in pod["status"].get("conditions") or []
+                        if c["type"] == "gpu-supervisor.io/serving"]
         finally:
             ctl.stop()
 
