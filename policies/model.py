@@ -24,7 +24,7 @@ FAULT_CLASSES: frozenset[str] = frozenset({
     # Found on one node by the agent (supervisor.findings.FaultClass).
     "gpu_lost", "gpu_unresponsive", "xid", "ecc_uncorrectable", "ecc_correctable_storm",
     "retired_pages", "row_remap", "thermal", "clock_throttle", "nvlink_down", "nvlink_errors",
-    "pcie_degraded", "pcie_replays",
+    "pcie_degraded", "pcie_replays", "driver_error", "gpu_missing",
     # Found across a group by the sidecars, or by the controller itself.
     "collective_hang", "fail_slow", "partition", "node_down", "engine_crash", "engine_hang",
 })

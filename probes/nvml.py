@@ -61,6 +61,14 @@ class GpuLost(Exception):
 
 
 @dataclass(frozen=True, slots=True)
+class Enumeration:
+    """What ``Nvml.enumerate`` found: the GPUs it can probe, and those it could not open."""
+
+    gpus: list[GpuIdentity]
+    refused: dict[int, str]  # GPU index → why NVML gave no handle for it
+
+
+@dataclass(frozen=True, slots=True)
 class DriverInfo:
     driver_version: str
     nvml_version: str
@@ -94,9 +102,12 @@ class Nvml:
         except pynvml.NVMLError:
             pass  # shutting down anyway; nothing useful to do with the error
 
-    def identities(self) -> list[GpuIdentity]:
-        """Every GPU the driver sees. A GPU already lost here keeps its index, unknown UUID."""
+    def enumerate(self) -> Enumeration:
+        """Every GPU the driver counts. A GPU already lost here keeps its index, unknown
+        UUID; a GPU NVML cannot open at all is in ``refused`` with the reason, and the
+        others are still returned — one broken GPU must not blind the agent to the rest."""
         result = []
+        refused: dict[int, str] = {}
         try:
             count = pynvml.nvmlDeviceGetCount()
         except pynvml.NVMLError as exc:
@@ -105,7 +116,8 @@ class Nvml:
             try:
                 handle = pynvml.nvmlDeviceGetHandleByIndex(index)
             except pynvml.NVMLError as exc:
-                raise NvmlCallFailed(f"cannot get a handle for GPU {index}: {exc}") from exc
+                refused[index] = f"cannot get a handle: {exc}"
+                continue
             self._handles[index] = handle
             try:
                 ident = GpuIdentity(
@@ -119,7 +131,7 @@ class Nvml:
                 ident = GpuIdentity(index=index, uuid=f"unknown-{index}", pci_bus_id="unknown",
                                     name="unknown")
             result.append(ident)
-        return result
+        return Enumeration(result, refused)
 
     @staticmethod
     def _minor(handle: Any) -> int | None:

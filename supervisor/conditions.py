@@ -25,6 +25,10 @@ class ConditionType:
 
 
 CONDITION_TYPES: tuple[ConditionType, ...] = (
+    ConditionType("GPUDriverProblem", "GPUDriverReady", "NVML is initialised and answers",
+                  frozenset({FaultClass.DRIVER_ERROR})),
+    ConditionType("GPUMissing", "AllGPUsVisible", "every expected GPU is visible to NVML",
+                  frozenset({FaultClass.GPU_MISSING})),
     ConditionType("GPULost", "AllGPUsPresent", "every GPU answers NVML",
                   frozenset({FaultClass.GPU_LOST})),
     ConditionType("GPUUnresponsive", "GPUsResponsive", "every NVML probe meets its deadline",

@@ -58,6 +58,12 @@ class NvmlSettings:
     event_wait_ms: int = setting(
         500, "how long one XID event wait blocks; bounds how fast the event thread stops",
         "ms", gt=0)
+    expected_gpus: int = setting(
+        0, "GPUs this node should have; fewer visible is a critical gpu_missing finding. "
+        "0 = the Node's nvidia.com/gpu capacity when the agent can read it", "GPUs", ge=0)
+    init_retry_max_seconds: float = setting(
+        60.0, "NVML initialisation is retried with doubling waits up to this long while the "
+        "driver is down (the agent stays up and reports it)", "s", gt=0)
 
 
 @dataclass

@@ -18,6 +18,7 @@ from aiohttp import web
 
 from probes.nvml import Nvml
 from supervisor.config import Settings
+from supervisor.errors import SupervisorError
 from supervisor.http import HttpServer, build_app, report_app
 from supervisor.kube import KubeClient
 from supervisor.metrics import AgentCollector, ProbeHistograms, new_registry
@@ -102,6 +103,9 @@ async def run_agent(settings: Settings, *, simulate_dir: Path | None = None) -> 
                                                settings.kubernetes.condition_resync_seconds)
             agent.listeners.append(publisher.poke)
             group.start("node-conditions", publisher.run())
+            if not settings.nvml.expected_gpus:
+                group.start("expected-gpus", _expect_node_capacity(kube, agent),
+                            finishable=True)
         if settings.reporting.controller_url:
             r = settings.reporting
             tls = client_context(r.ca_file) if r.controller_url.startswith("https://") \
@@ -121,6 +125,19 @@ async def run_agent(settings: Settings, *, simulate_dir: Path | None = None) -> 
 
     app = build_app(liveness=liveness, readiness=readiness, status=status, registry=registry)
     await _serve(settings, group, app, start, cleanup)
+
+
+async def _expect_node_capacity(kube: KubeClient, agent: Agent) -> None:
+    """The Node's ``nvidia.com/gpu`` capacity is how many GPUs the agent should see."""
+    try:
+        node = await kube.read_node(agent.node)
+    except SupervisorError as exc:
+        log.warning("cannot read the Node's GPU capacity; no expected GPU count",
+                    error=str(exc))
+        return
+    capacity = str(node.get("status", {}).get("capacity", {}).get("nvidia.com/gpu", ""))
+    if capacity.isdigit() and int(capacity) > 0:
+        agent.expect_gpus(int(capacity), "Node capacity nvidia.com/gpu")
 
 
 async def _serve(settings: Settings, group: TaskGroup, app: web.Application,

@@ -46,6 +46,12 @@ class FaultClass(enum.StrEnum):
     NVLINK_ERRORS = "nvlink_errors"
     PCIE_DEGRADED = "pcie_degraded"
     PCIE_REPLAYS = "pcie_replays"
+    DRIVER_ERROR = "driver_error"  # NVML cannot be initialised or cannot count the GPUs
+    GPU_MISSING = "gpu_missing"  # fewer GPUs usable than the node should have
+
+
+NODE_FAULT_CLASSES = frozenset({FaultClass.DRIVER_ERROR, FaultClass.GPU_MISSING})
+"""Found about the node as a whole (no GPU to hang them on)."""
 
 
 @dataclass(frozen=True, slots=True)

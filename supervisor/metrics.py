@@ -34,13 +34,14 @@ from prometheus_client.process_collector import ProcessCollector
 from probes.observations import CLOCKS_EVENT_REASON_BITS
 from supervisor import __version__
 from supervisor.conditions import evaluate
-from supervisor.findings import FaultClass, Severity
+from supervisor.findings import NODE_FAULT_CLASSES, FaultClass, Severity
 from supervisor.roles.agent import Agent, GpuState
 
 if TYPE_CHECKING:
     from supervisor.roles.controller import Controller
 
 GPU_LABELS = ["gpu", "UUID", "pci_bus_id", "device", "Hostname"]
+GPU_FAULT_CLASSES = [fc for fc in FaultClass if fc not in NODE_FAULT_CLASSES]
 P = "gpusupervisor_"
 
 
@@ -162,7 +163,7 @@ class AgentCollector:
             stuck.add_metric(lb, 0 if gpu.stuck_since is None else 1)
             if gpu.last_sample_wall is not None:
                 age.add_metric(lb, gpu.last_sample_wall)
-            for fc in FaultClass:
+            for fc in GPU_FAULT_CLASSES:
                 sev = active_by_gpu.get((gpu.identity.uuid, fc))
                 active.add_metric(lb + [str(fc)], 0 if sev is None else 1)
             if s is None or s.lost:

@@ -120,6 +120,10 @@ Fault knobs (per GPU):
     means all handle-taking calls.  A name matches with or without its
     ``_vN`` suffix (``nvmlDeviceGetPciInfo`` covers ``..._v3``).
     ``nvmlDeviceGetHandleByIndex`` hangs only when named explicitly.
+``handle_error``
+    Nonzero: ``nvmlDeviceGetHandleByIndex(_v2)`` of that GPU returns this NVML
+    code (e.g. 999 ``NVML_ERROR_UNKNOWN``), as for a GPU the driver enumerates but
+    cannot open.
 ``unsupported``
     Comma list of function names (same matching; ``*`` = all handle-taking
     calls) that return ``NVML_ERROR_NOT_SUPPORTED`` (3) for that GPU.

@@ -148,6 +148,7 @@ typedef struct {
     unsigned int hang_ms;
     char hang_calls[LIST_LEN];
     char unsupported[LIST_LEN];
+    unsigned int handle_error;  /* nonzero: nvmlDeviceGetHandleByIndex returns this code */
     unsigned int nvlink_count;
     link_t links[MAX_LINKS];
 } gpu_t;
@@ -212,6 +213,7 @@ static const field_t gpu_fields[] = {
     GF("hang_ms", F_U32, hang_ms),
     GF("hang_calls", F_STR, hang_calls),
     GF("unsupported", F_STR, unsupported),
+    GF("handle_error", F_U32, handle_error),
     GF("nvlink.count", F_U32, nvlink_count),
 };
 
@@ -878,6 +880,8 @@ static nvmlReturn_t handle_by_index(const char *fn, unsigned int index, nvmlDevi
     *g = g_cfg->gpus[index];
     pthread_mutex_unlock(&g_lock);
     rc = apply_hang(fn, index, g, 1);
+    if (rc == NVML_SUCCESS && g->handle_error != 0)
+        rc = (nvmlReturn_t)g->handle_error;
     if (rc == NVML_SUCCESS && list_matches(g->unsupported, fn, 0, 0))
         rc = NVML_ERROR_NOT_SUPPORTED;
     free(g);

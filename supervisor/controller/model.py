@@ -42,7 +42,8 @@ READINESS_GATE = "gpu-supervisor.io/serving"
 NODE_LOCAL = frozenset({
     "gpu_lost", "gpu_unresponsive", "xid", "ecc_uncorrectable", "ecc_correctable_storm",
     "retired_pages", "row_remap", "thermal", "clock_throttle", "nvlink_down",
-    "nvlink_errors", "pcie_degraded", "pcie_replays", "node_down",
+    "nvlink_errors", "pcie_degraded", "pcie_replays", "node_down", "driver_error",
+    "gpu_missing",
 })
 
 

@@ -38,7 +38,16 @@ from supervisor.config import Settings
 from supervisor.detectors.gpu import GpuDetectors
 from supervisor.detectors.xid import XidDetector
 from supervisor.errors import DeadlineExceeded, SupervisorError
-from supervisor.findings import Finding, FindingBook, Transition, Verdict
+from supervisor.findings import (
+    FaultClass,
+    Finding,
+    FindingBook,
+    FindingKey,
+    Severity,
+    Subject,
+    Transition,
+    Verdict,
+)
 from supervisor.runtime.clock import Clock
 from supervisor.runtime.deadline import BlockingWorker, WorkerBusy
 from supervisor.runtime.tasks import TaskGroup
@@ -58,7 +67,7 @@ class ProbeObserver(Protocol):
 
 
 class NvmlStartupError(SupervisorError):
-    """NVML could not be initialised or enumerated within its deadline."""
+    """NVML could not be initialised or enumerated within its deadline (retried)."""
 
 
 @dataclass
@@ -118,6 +127,13 @@ class Agent:
         self.rounds = RoundTracker(1)
         self.started_wall = clock.wall()
         self._control = BlockingWorker("nvml-control")
+        self._group: TaskGroup | None = None
+        self.init_attempts = 0
+        self.init_error: str | None = None
+        self.refused_gpus: dict[int, str] = {}
+        self.expected_gpus: tuple[int, str] | None = (
+            (settings.nvml.expected_gpus, "nvml.expected_gpus")
+            if settings.nvml.expected_gpus else None)
         self._epoch = 0.0
         self._xid_thread: threading.Thread | None = None
         self._xid_stop = threading.Event()
@@ -132,30 +148,66 @@ class Agent:
     # --- start-up -------------------------------------------------------------------------
 
     async def start(self, group: TaskGroup) -> None:
-        """Initialise NVML, enumerate GPUs, register XID events, start the probe loops."""
+        """Start bringing NVML up (retried until the driver answers), then the probes.
+
+        Never fails on a broken driver: an agent that exits when NVML is down crash-loops
+        before it can publish anything, and the node looks healthy. It stays up, serves
+        ``/livez``, and reports a ``driver_error`` finding until NVML answers."""
         self._loop = asyncio.get_running_loop()
+        self._group = group
+        group.start("nvml-init", self._init_until_up(), finishable=True)
+        group.start("xid-expiry", self._housekeeping())
+
+    async def _init_until_up(self) -> None:
+        """Initialise NVML, retrying with doubling waits; then start the probe loops."""
+        wait = 1.0
+        while True:
+            try:
+                await self._init_once()
+            except NvmlStartupError as exc:
+                self.init_attempts += 1
+                first = self.init_error is None
+                self.init_error = str(exc)
+                if first:
+                    log.error("NVML not available; retrying", error=str(exc))
+                self.book.apply([self._driver_verdict(str(exc))], self.clock.wall())
+                await asyncio.sleep(wait)
+                wait = min(wait * 2, self.settings.nvml.init_retry_max_seconds)
+                continue
+            if self.init_error is not None:
+                log.info("NVML available again", attempts=self.init_attempts + 1)
+            self.init_attempts += 1
+            self.init_error = None
+            self.book.apply([Verdict.clear(self._node_key(FaultClass.DRIVER_ERROR))],
+                            self.clock.wall())
+            return
+
+    async def _init_once(self) -> None:
         timeout = self.settings.nvml.call_timeout_seconds
         try:
-            self.driver = await self._control.call("NVML init", self.nvml.init, timeout)
-            identities = await self._control.call("NVML enumerate", self.nvml.identities,
-                                                  timeout)
-        except (DeadlineExceeded, NvmlCallFailed, NvmlUnavailable) as exc:
+            driver = await self._control.call("NVML init", self.nvml.init, timeout)
+            found = await self._control.call("NVML enumerate", self.nvml.enumerate, timeout)
+            events = await self._control.call(
+                "NVML event registration",
+                lambda: self.nvml.open_xid_events([g.index for g in found.gpus]), timeout)
+        except (DeadlineExceeded, WorkerBusy, NvmlCallFailed, NvmlUnavailable) as exc:
+            if isinstance(exc, NvmlCallFailed):
+                # Initialised but unusable: start from scratch next time.
+                await self._control.call("NVML shutdown", self.nvml.shutdown, timeout)
             raise NvmlStartupError(str(exc)) from exc
-        for ident in identities:
+        self.driver = driver
+        for ident in found.gpus:
             self.gpus[ident.index] = GpuState(
                 identity=ident,
                 detectors=GpuDetectors(ident, self.node, self.settings.detectors),
                 worker=BlockingWorker(f"nvml-gpu{ident.index}"),
             )
+        self.refused_gpus = found.refused
+        for index, why in found.refused.items():
+            log.error("GPU cannot be opened", gpu=index, error=why)
         self.rounds = RoundTracker(max(len(self.gpus), 1))
         self.xid = XidDetector({i: g.identity for i, g in self.gpus.items()}, self.node,
                                self.settings.detectors)
-        try:
-            events = await self._control.call(
-                "NVML event registration", lambda: self.nvml.open_xid_events(list(self.gpus)),
-                timeout)
-        except (DeadlineExceeded, NvmlCallFailed) as exc:
-            raise NvmlStartupError(f"cannot register for XID events: {exc}") from exc
         self.xid_refused = events.refused
         for index, why in events.refused.items():
             log.warning("GPU refused XID event registration", gpu=index, error=why)
@@ -165,9 +217,53 @@ class Agent:
         log.info("agent started", node=self.node, gpus=len(self.gpus),
                  driver=self.driver.driver_version)
         self._epoch = self.clock.monotonic()
+        assert self._group is not None
         for index in self.gpus:
-            group.start(f"probe-gpu-{index}", self._gpu_loop(index))
-        group.start("xid-expiry", self._housekeeping())
+            self._group.start(f"probe-gpu-{index}", self._gpu_loop(index))
+        self._check_gpu_count()
+
+    def expect_gpus(self, count: int, source: str) -> None:
+        """How many GPUs this node should have (config, else the Node's capacity)."""
+        if self.settings.nvml.expected_gpus:
+            count, source = self.settings.nvml.expected_gpus, "nvml.expected_gpus"
+        self.expected_gpus = (count, source)
+        self._check_gpu_count()
+
+    def _check_gpu_count(self) -> None:
+        """``gpu_missing`` while fewer GPUs are usable than expected, or NVML could not
+        open one it counts. Judged only once NVML is up: before that, driver_error says
+        more."""
+        if self.driver is None:
+            return
+        expected, source = self.expected_gpus or (0, "")
+        usable = len(self.gpus)
+        problems = [f"GPU {i}: {why}" for i, why in sorted(self.refused_gpus.items())]
+        if expected > usable:
+            problems.insert(0, f"{usable} of {expected} GPUs visible (expected from {source})")
+        key = self._node_key(FaultClass.GPU_MISSING)
+        if not problems:
+            self.book.apply([Verdict.clear(key)], self.clock.wall())
+            return
+        self.book.apply([Verdict(
+            key=key, active=True, subject=self._node_subject(), severity=Severity.CRITICAL,
+            reason="GPUMissing", message="; ".join(problems),
+            evidence={"expected": expected, "usable": usable, "expected_from": source,
+                      "unopened": sorted(self.refused_gpus)},
+            action="reset_gpu")], self.clock.wall())
+
+    def _node_subject(self) -> Subject:
+        return Subject(kind="node", id=self.node, node=self.node)
+
+    def _node_key(self, fault_class: FaultClass) -> FindingKey:
+        return FindingKey(fault_class, self.node)
+
+    def _driver_verdict(self, error: str) -> Verdict:
+        return Verdict(
+            key=self._node_key(FaultClass.DRIVER_ERROR), active=True,
+            subject=self._node_subject(), severity=Severity.CRITICAL,
+            reason="NVMLUnavailable", message=f"NVML is not available: {error}",
+            evidence={"error": error, "attempts": self.init_attempts},
+            action="check_driver")
 
     def stop(self) -> None:
         """Release threads; never blocks (a wedged NVML call is simply abandoned)."""
@@ -303,7 +399,10 @@ class Agent:
 
     @property
     def ready(self) -> bool:
-        """Every GPU has been sampled (or found stuck) once and XID events are registered."""
+        """What we report is real: every GPU has been sampled (or found stuck) once and XID
+        events are registered — or NVML is down and that is what we report."""
+        if self.init_error is not None:
+            return True
         if self._xid_thread is None:
             return False
         return all(g.samples > 0 or g.stuck_since is not None for g in self.gpus.values())
@@ -314,7 +413,8 @@ class Agent:
         interval = self.settings.nvml.probe_interval_seconds
         budget = 3 * interval + self.settings.nvml.call_timeout_seconds + 5
         checks = {f"probe-gpu-{i}": now - g.last_tick < budget for i, g in self.gpus.items()}
-        checks["xid-thread"] = self._xid_thread is not None and self._xid_thread.is_alive()
+        if self.driver is not None:  # before NVML is up there is no XID thread to check
+            checks["xid-thread"] = self._xid_thread is not None and self._xid_thread.is_alive()
         return checks
 
     def probe_timings(self) -> dict[str, Any]:
@@ -379,9 +479,14 @@ class Agent:
             "node": self.node,
             "started_at": self.started_wall,
             "ready": self.ready,
-            "driver": None if self.driver is None else {
-                "driver_version": self.driver.driver_version,
-                "nvml_version": self.driver.nvml_version},
+            "driver": {
+                "state": "up" if self.driver is not None else "down",
+                "driver_version": self.driver.driver_version if self.driver else None,
+                "nvml_version": self.driver.nvml_version if self.driver else None,
+                "init_attempts": self.init_attempts, "init_error": self.init_error,
+                "expected_gpus": None if self.expected_gpus is None else {
+                    "count": self.expected_gpus[0], "from": self.expected_gpus[1]},
+                "unopened_gpus": {str(i): why for i, why in self.refused_gpus.items()}},
             "gpus": [self.gpu_status(g) for g in self.gpus.values()],
             "findings": [f.as_dict() for f in findings],
             "recently_cleared": [f.as_dict() for f in self.book.recently_cleared],

@@ -211,3 +211,35 @@ async def test_agent_process_publishes_xid_condition_to_apiserver(
         assert ("Warning", "XidCriticalDetected") in events
     finally:
         assert await asyncio.to_thread(agent.stop) == 0
+
+
+async def test_driver_down_and_missing_gpu_reach_the_node(
+        admin: client.ApiClient, agent_kubeconfig: Path, tmp_path: Path) -> None:
+    """With the driver down the agent still publishes: GPUDriverProblem True on the Node.
+    Once NVML answers with 7 GPUs on a Node whose capacity says 8, GPUMissing is True
+    ("7 of 8 GPUs visible", expected from the Node's nvidia.com/gpu capacity)."""
+    node = await make_node(admin)
+    await client.CoreV1Api(admin).patch_node_status(node, {"status": {
+        "capacity": {"nvidia.com/gpu": "8"}, "allocatable": {"nvidia.com/gpu": "8"}}})
+    agent = AgentProcess(tmp_path, gpus=7, node_name=node, settings={
+        "nvml": {"init_retry_max_seconds": 1.0},
+        "kubernetes": {"enabled": "true", "kubeconfig": str(agent_kubeconfig)}})
+    agent.control.update({"init_error": 9})
+    await asyncio.to_thread(agent.start)
+    try:
+        async def condition(ctype: str) -> dict[str, Any]:
+            deadline = time.monotonic() + 15
+            while (cond := (await conditions(admin, node)).get(ctype, {})).get(
+                    "status") != "True":
+                assert time.monotonic() < deadline, agent.log()[-3000:]
+                await asyncio.sleep(0.1)
+            return cond
+
+        assert (await condition("GPUDriverProblem"))["reason"] == "NVMLUnavailable"
+        agent.control.update({"init_error": 0})
+        missing = await condition("GPUMissing")
+        assert missing["message"].startswith("7 of 8 GPUs visible (expected from Node "
+                                             "capacity nvidia.com/gpu)")
+        assert (await conditions(admin, node))["GPUDriverProblem"]["status"] == "False"
+    finally:
+        assert await asyncio.to_thread(agent.stop) == 0
