@@ -108,9 +108,15 @@ class DetectorSettings:
         "replays/min", gt=0)
     xid_clear_after_seconds: float = setting(
         600.0, "an XID finding clears after this long without a repeat", "s", gt=0)
-    xid_repeat_escalation_count: int = setting(
-        5, "a restart-application XID seen this many times within the clear window escalates "
-        "to critical (NVSentinel's RepeatedXIDErrorOnSameGPU idea)", "events", ge=2)
+    xid_escalation_incidents: int = setting(
+        3, "an application-class XID (restart the application, or not in the catalog) that "
+        "recurs on one GPU in this many separate incidents within the clear window is the "
+        "GPU's problem and escalates to critical; one burst, however many events, is one "
+        "incident", "incidents", ge=2)
+    xid_incident_gap_seconds: float = setting(
+        30.0, "XIDs of one code on one GPU closer together than this belong to one incident "
+        "(one crashing application emits a burst within a second; restarting it takes "
+        "longer)", "s", gt=0)
     xid_ignore: list[int] = setting(
         [], "extra XID codes to ignore on top of NVIDIA's catalog 'ignore' rows", "")
 

@@ -4,15 +4,22 @@ The catalog (shared/reference/anchors_gpu_health.md §3, "Immediate Action" for 
 XIDs by what to do about them; that action sets the severity here:
 
 - ignore (14, 37, 38, 43, 44, 63, 66, 67, 92, 137, 141): counted, logged, no finding;
-- restart the application (8, 11, 13, 25, 31, 32, 39-41, 68-72, 80, 94): warning — and
-  critical once the same XID repeats ``xid_repeat_escalation_count`` times on one GPU
-  inside the clear window, since a GPU that keeps faulting apps is the GPU's problem;
+- restart the application (8, 11, 13, 25, 31, 32, 39-41, 68-72, 80, 94): warning. One
+  crashing application emits a burst of them within a second, and that is the
+  application's problem, not the GPU's: the catalog's workflow for 13 and 31 is to restart
+  the application and look again. So escalation counts *incidents*, not events: XIDs of
+  one code on one GPU less than ``xid_incident_gap_seconds`` apart are one incident, and
+  only when the XID recurs in ``xid_escalation_incidents`` separate incidents within the
+  clear window (after the application was restarted, or in the next one) is it critical —
+  a GPU that keeps faulting applications is the GPU's problem;
 - reset the GPU (46, 62, 64, 95, 109, 110, 119, 120, 136, 140, 143, 156, 158): critical;
 - reboot the node (79, fallen off the bus): critical;
 - decision workflows: 48 (DBE) critical / reset; 74 and 144-150 (NVLink) critical;
-  154 (follow the driver's recovery action) critical; 45 on its own warning
-  (preemptive cleanup; NVSentinel flagging it fatal cordoned 77 nodes after one crash);
-- anything not in the catalog: warning, investigate.
+  154 (follow the driver's recovery action) critical; 45 warning and never escalated by
+  itself (preemptive cleanup after other errors — NVSentinel flagging it fatal cordoned 77
+  nodes after one crash);
+- anything not in the catalog: warning, investigate; escalated by incidents like the
+  application class.
 
 Dedup: one finding per (GPU, XID code). Identical XIDs while the finding is active only
 refresh ``last_seen`` and ``count`` — 10,000 identical XIDs are one finding with count
@@ -21,7 +28,8 @@ refresh ``last_seen`` and ``count`` — 10,000 identical XIDs are one finding wi
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 
 from probes.observations import GpuIdentity, XidEvent
 from supervisor.config import DetectorSettings
@@ -37,6 +45,7 @@ class XidRule:
 
 
 _IGNORE = {14, 37, 38, 43, 44, 63, 66, 67, 92, 137, 141}
+XID_PREEMPTIVE_CLEANUP = 45
 _RESTART_APP = {8, 11, 13, 25, 31, 32, 39, 40, 41, 68, 69, 70, 71, 72, 80, 94}
 _RESET_GPU = {46, 62, 64, 95, 109, 110, 119, 120, 136, 140, 143, 156, 158}
 _NVLINK = {74, *range(144, 151)}
@@ -69,6 +78,15 @@ def classify(xid: int, extra_ignore: frozenset[int] = frozenset()) -> XidRule:
     return XidRule("investigate", Severity.WARNING, "XID not in the catalog")
 
 
+@dataclass(slots=True)
+class _History:
+    """One (GPU, XID) while its finding is active."""
+
+    last: float  # monotonic time of the latest event
+    events: int = 0
+    incidents: deque[float] = field(default_factory=deque)  # start times, within the window
+
+
 class XidDetector:
     """Dedup, burst escalation and expiry of XID findings for one node."""
 
@@ -77,8 +95,7 @@ class XidDetector:
         self._subjects = {i: gpu_subject(ident, node) for i, ident in gpus.items()}
         self._settings = settings
         self._ignore = frozenset(settings.xid_ignore)
-        # key → (last_seen monotonic, occurrences in the current finding)
-        self._seen: dict[FindingKey, tuple[float, int]] = {}
+        self._seen: dict[FindingKey, _History] = {}
         self.events_total = 0
         self.ignored_total = 0
 
@@ -91,27 +108,40 @@ class XidDetector:
             self.ignored_total += repeat
             return None
         key = FindingKey(FaultClass.XID, subject.id, str(event.xid))
-        _, count = self._seen.get(key, (0.0, 0))
-        count += repeat
-        self._seen[key] = (event.received_at, count)
+        history = self._seen.get(key)
+        if history is None:
+            history = self._seen[key] = _History(last=event.received_at)
+            history.incidents.append(event.received_at)
+        elif event.received_at - history.last >= self._settings.xid_incident_gap_seconds:
+            history.incidents.append(event.received_at)
+        history.last = event.received_at
+        history.events += repeat
+        window = self._settings.xid_clear_after_seconds
+        while history.incidents and event.received_at - history.incidents[0] > window:
+            history.incidents.popleft()
+        incidents = len(history.incidents)
         severity, reason = rule.severity, "XidCriticalDetected"
+        message = (f"XID {event.xid}, {rule.description}; catalog action: {rule.action}")
         if severity is Severity.WARNING:
             reason = "XidDetected"
-            if count >= self._settings.xid_repeat_escalation_count:
+            if event.xid != XID_PREEMPTIVE_CLEANUP and \
+                    incidents >= self._settings.xid_escalation_incidents:
                 severity, reason = Severity.CRITICAL, "XidRepeated"
+                message = (f"XID {event.xid} recurred in {incidents} separate incidents "
+                           f"within {window:g}s ({rule.description}): the GPU, not the "
+                           f"application; catalog action: {rule.action}")
         return Verdict(
             key=key, active=True, subject=subject, severity=severity, reason=reason,
-            message=f"GPU {event.gpu_index} ({subject.id}): XID {event.xid}, "
-                    f"{rule.description}; catalog action: {rule.action}",
-            evidence={"xid": event.xid, "occurrences": count,
-                      "last_event_wall": event.received_wall},
+            message=message,
+            evidence={"xid": event.xid, "occurrences": history.events,
+                      "incidents": incidents, "last_event_wall": event.received_wall},
             action=rule.action, repeat=repeat,
         )
 
     def expire(self, now: float) -> list[Verdict]:
         """Clear XID findings that have not repeated within the clear window."""
-        expired = [k for k, (last, _) in self._seen.items()
-                   if now - last >= self._settings.xid_clear_after_seconds]
+        expired = [k for k, h in self._seen.items()
+                   if now - h.last >= self._settings.xid_clear_after_seconds]
         for key in expired:
             del self._seen[key]
         return [Verdict.clear(key) for key in expired]

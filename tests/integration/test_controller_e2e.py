@@ -717,3 +717,58 @@ class TestTimersAcrossLeaderChanges:
         finally:
             a.stop()
             b.stop()
+
+
+class TestXidIncidentsEndToEnd:
+    async def test_one_application_crash_is_not_quarantined_but_recurrence_is(
+            self, env: Env) -> None:
+        """Stand-in → agent → controller with the shipped default policy. A burst of six
+        XID 13 on one GPU (one crashing application) fails nothing over and quarantines
+        nothing. The same XID recurring in separate incidents (the application restarted
+        and crashed again, twice) is the GPU: the node is quarantined."""
+        from bench.harness import AgentProcess
+
+        nodes = await make_nodes(env.admin, 1)
+        await make_lws_group(env.admin, env.ns, "llama", 0, nodes, model="llama-70b")
+        ctl = ControllerProcess(env.workdir, env.controller_kubeconfig, "xid-default",
+                                settings={"controller": {"lease_name": f"lease-{env.ns}",
+                                                         "state_configmap": f"state-{env.ns}"}})
+        await asyncio.to_thread(ctl.start)
+        token_file = env.workdir / "agent-token"
+        token_file.write_text(env.agent_token)
+        agent = AgentProcess(env.workdir / "agent", gpus=2, node_name=nodes[0], settings={
+            "detectors": {"xid_incident_gap_seconds": 1.0},
+            "reporting": {"controller_url": ctl.report_url, "token_file": str(token_file),
+                          "ca_file": str(ctl.tls_dir / "ca.crt"),
+                          "heartbeat_seconds": 1.0, "timeout_seconds": 1.0}})
+        core = client.CoreV1Api(env.admin)
+
+        async def quarantined() -> bool:
+            node = await core.read_node(nodes[0])
+            return any(t.key == QUARANTINE_TAINT for t in node.spec.taints or [])
+        try:
+            await asyncio.to_thread(agent.start)
+            await until(lambda: leader_of(ctl), what="leader")
+            agent.control.inject_xid(1, 13, count=6)
+            finding = await asyncio.to_thread(agent.wait_finding, "xid", 1)
+            assert (finding["severity"], finding["evidence"]["incidents"]) == ("warning", 1)
+            evaluations = (await asyncio.to_thread(ctl.status))["evaluations"]
+
+            async def evaluated_since() -> bool:  # the report with the finding was weighed
+                status = await asyncio.to_thread(ctl.status)
+                return bool(status["evaluations"] >= evaluations + 5)
+            await until(evaluated_since, what="evaluations after the burst")
+            status = await asyncio.to_thread(ctl.status)
+            assert status["incidents"] == [] and status["actions"] == {}
+            assert not await quarantined()
+            assert await gates(env) == {"True"}
+
+            for _ in range(2):  # restarted, crashed again: two more incidents
+                await asyncio.sleep(1.5)
+                agent.control.inject_xid(1, 13, count=6)
+            await until(quarantined, what="quarantine after recurring incidents")
+            finding = (await asyncio.to_thread(agent.findings, "xid", 1))[0]
+            assert (finding["severity"], finding["reason"]) == ("critical", "XidRepeated")
+        finally:
+            await asyncio.to_thread(agent.stop)
+            await asyncio.to_thread(ctl.stop)

@@ -92,16 +92,49 @@ class TestDedup:
         assert det.observe(event(0, 43, 0)) is None
         assert det.ignored_total == 1
 
-    def test_repeated_restart_app_xid_escalates(self) -> None:
-        """A restart-application XID repeating on one GPU escalates to critical."""
-        det = XidDetector(GPUS, "n", DetectorSettings(xid_repeat_escalation_count=3))
-        severities = []
-        for i in range(3):
-            v = det.observe(event(0, 13, i))
-            assert v is not None
-            severities.append((v.severity, v.reason))
-        assert severities[0] == (Severity.WARNING, "XidDetected")
-        assert severities[-1] == (Severity.CRITICAL, "XidRepeated")
+
+
+class TestIncidents:
+    """Escalation counts separate incidents, not events within one burst."""
+
+    def severity_after(self, det: XidDetector, xid: int, times: list[float],
+                       repeat: int = 1) -> tuple[Severity, str, dict[str, object]]:
+        verdict = None
+        for t in times:
+            verdict = det.observe(event(0, xid, t), repeat=repeat)
+        assert verdict is not None
+        return verdict.severity, verdict.reason, verdict.evidence
+
+    def test_one_crashing_application_is_not_a_hardware_verdict(self) -> None:
+        """Six XID 13 within one second — what one crashing application emits — stay a
+        warning: one incident, six occurrences."""
+        det = XidDetector(GPUS, "n", DetectorSettings())
+        severity, reason, evidence = self.severity_after(det, 13, [0.1 * i for i in range(6)])
+        assert (severity, reason) == (Severity.WARNING, "XidDetected")
+        assert (evidence["occurrences"], evidence["incidents"]) == (6, 1)
+
+    def test_a_burst_of_xid_45_stays_a_warning(self) -> None:
+        """Twenty XID 45 at once, and XID 45 again in later incidents: 45 is cleanup after
+        other errors and never escalates on its own."""
+        det = XidDetector(GPUS, "n", DetectorSettings())
+        assert self.severity_after(det, 45, [0.0], repeat=20)[0] is Severity.WARNING
+        assert self.severity_after(det, 45, [60.0, 120.0, 180.0])[0] is Severity.WARNING
+
+    def test_recurring_in_separate_incidents_escalates(self) -> None:
+        """The same application-class XID in three incidents 60 s apart on one GPU is the
+        GPU's problem: critical, XidRepeated, with the incident count as evidence."""
+        det = XidDetector(GPUS, "n", DetectorSettings())
+        assert self.severity_after(det, 13, [0.0, 0.2])[0] is Severity.WARNING
+        assert self.severity_after(det, 13, [60.0, 60.3])[0] is Severity.WARNING
+        severity, reason, evidence = self.severity_after(det, 13, [120.0])
+        assert (severity, reason, evidence["incidents"]) == (
+            Severity.CRITICAL, "XidRepeated", 3)
+
+    def test_incidents_older_than_the_window_do_not_count(self) -> None:
+        """Incidents at 0, 400 and 800 s with a 600 s window: only two are recent."""
+        det = XidDetector(GPUS, "n", DetectorSettings())
+        severity, _, evidence = self.severity_after(det, 31, [0.0, 400.0, 800.0])
+        assert (severity, evidence["incidents"]) == (Severity.WARNING, 2)
 
 
 class TestExpiry:
