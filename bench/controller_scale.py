@@ -4,7 +4,8 @@ Set-up on the test cluster (real kube-apiserver + etcd): 4,096 Node objects, 512
 LeaderWorkerSet groups of 8 pods (one pod per node), the deploy/ RBAC, and a real
 controller process acting as its own ServiceAccount. A load generator then plays every
 agent: each node reports at the agents' default heartbeat (10 s) with the agent
-ServiceAccount's token, spread evenly over the period. After a warm-up, 5 % of the nodes
+ServiceAccount's report token (audience gpu-supervisor) over TLS, spread evenly over the
+period. After a warm-up, 5 % of the nodes
 report a lost GPU in the same second; the policy (no ``for:`` delay) fails over every
 group they belong to.
 
@@ -37,7 +38,7 @@ from bench.agent_footprint import _rss_mib
 from bench.harness import ControllerProcess, gpu_finding, node_report
 from supervisor.controller.model import LWS_GROUP, LWS_NAME, LWS_WORKER, READINESS_GATE
 from tests.kubeenv import manifests
-from tests.kubeenv.cluster import KubeTestCluster, build_binary
+from tests.kubeenv.cluster import REPORT_AUDIENCE, KubeTestCluster, build_binary
 
 POLICY = """
 budgets: {max_groups_disrupted: 512, min_healthy_groups: 0}
@@ -90,6 +91,7 @@ async def _populate(api: client.ApiClient, nodes: int, group_size: int) -> list[
 class LoadGenerator:
     def __init__(self, url: str, token: str, nodes: list[str]) -> None:
         self.url = url + "/v1/reports/node"
+        self.boot = {"id": "load-generator", "started_at": time.time()}
         self.headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
         self.nodes = nodes
         self.faulty: dict[str, list[dict[str, Any]]] = {}
@@ -99,7 +101,8 @@ class LoadGenerator:
 
     async def _post(self, session: aiohttp.ClientSession, node: str) -> None:
         self.sequence += 1
-        body = json.dumps(node_report(node, self.faulty.get(node, []), self.sequence))
+        body = json.dumps(node_report(node, self.faulty.get(node, []), self.sequence,
+                                      boot=self.boot))
         try:
             async with session.post(self.url, data=body, headers=self.headers,
                                     timeout=aiohttp.ClientTimeout(total=5)) as resp:
@@ -147,7 +150,8 @@ async def _scenario(cluster: KubeTestCluster, workdir: Path, nodes: int, group_s
         names = await _populate(admin, nodes, group_size)
     ctl_token = await cluster.service_account_token("gpu-supervisor",
                                                     "gpu-supervisor-controller")
-    agent_token = await cluster.service_account_token("gpu-supervisor", "gpu-supervisor-agent")
+    agent_token = await cluster.service_account_token("gpu-supervisor", "gpu-supervisor-agent",
+                                                      audiences=[REPORT_AUDIENCE])
     kubeconfig = cluster.write_kubeconfig(workdir / "kc", ctl_token)
     ctl = ControllerProcess(workdir, kubeconfig, "bench", policy=POLICY,
                             settings={"controller": {
@@ -163,9 +167,9 @@ async def _scenario(cluster: KubeTestCluster, workdir: Path, nodes: int, group_s
                     nodes // group_size:
                 break
             await asyncio.sleep(0.2)
-        gen = LoadGenerator(ctl.url, agent_token, names)
+        gen = LoadGenerator(ctl.report_url, agent_token, names)
         burst_nodes = random.Random(7).sample(names, max(1, nodes * 5 // 100))
-        conn = aiohttp.TCPConnector(limit=256)
+        conn = aiohttp.TCPConnector(limit=256, ssl=ctl.tls or True)
         async with aiohttp.ClientSession(connector=conn) as session:
             steady = asyncio.create_task(gen.heartbeat(session, warmup + settle))
             await asyncio.sleep(warmup)
