@@ -7,6 +7,7 @@ state directory while it runs, exactly as a person would from the README.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import itertools
 import json
@@ -36,6 +37,26 @@ FAST_SETTINGS: dict[str, Any] = {
     },
     "kubernetes": {"enabled": "false"},
 }
+
+
+_started: list[subprocess.Popen[bytes]] = []
+
+
+@atexit.register
+def _kill_leftovers() -> None:
+    """A daemon a test or benchmark forgot to stop (it failed half-way) must not outlive
+    it: a stray controller keeps loading the machine the next benchmark measures."""
+    for proc in _started:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _spawn(args: list[str], log: Any, env: dict[str, str] | None = None
+           ) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
+    _started.append(proc)
+    return proc
 
 
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -68,11 +89,10 @@ class AgentProcess:
         config.write_text(yaml.safe_dump(self.settings))
         env = {**os.environ, **self.env}
         with self.log_path.open("wb") as log:
-            self.proc = subprocess.Popen(
+            self.proc = _spawn(
                 [sys.executable, "-m", "supervisor", "agent", "--config", str(config),
                  "--simulate-gpus", str(self.gpus), "--simulate-dir", str(self.sim_dir),
-                 "--listen", "127.0.0.1:0", "--node-name", self.node_name],
-                stdout=log, stderr=subprocess.STDOUT, env=env)
+                 "--listen", "127.0.0.1:0", "--node-name", self.node_name], log, env)
         assert self.proc is not None
         self.url = f"http://127.0.0.1:{_port_from_log(self.proc, self.log_path)}"
         if wait_ready:
@@ -207,10 +227,9 @@ class ControllerProcess:
         config = self.workdir / f"controller-{self.identity}.yaml"
         config.write_text(yaml.safe_dump(self.settings))
         with self.log_path.open("wb") as log:
-            self.proc = subprocess.Popen(
+            self.proc = _spawn(
                 [sys.executable, "-m", "supervisor", "controller", "--config", str(config),
-                 "--identity", self.identity, "--listen", "127.0.0.1:0"],
-                stdout=log, stderr=subprocess.STDOUT)
+                 "--identity", self.identity, "--listen", "127.0.0.1:0"], log)
         self.url = f"http://127.0.0.1:{_port_from_log(self.proc, self.log_path)}"
         scheme = "https" if self.tls is not None else "http"
         port = _port_from_log(self.proc, self.log_path, event="reports listening")
