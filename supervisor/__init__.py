@@ -1,17 +1,20 @@
 """gpu-supervisor: health and fault tolerance for multi-node GPU model serving.
 
-The package is split by role of the code, not by role of the daemon:
+Where things live — one rule for every role:
 
-- ``supervisor.runtime``  task supervision, deadlines, retries, logging, shutdown
-- ``supervisor.config``   settings, validated before anything starts
-- ``supervisor.findings`` the one data model every layer speaks: a finding
-- ``supervisor.detectors`` observations → findings (thresholds, rates, XID catalog)
-- ``supervisor.kube``     the only module that talks to the Kubernetes API
-- ``supervisor.http``     /livez, /readyz, /metrics, /status
-- ``supervisor.roles``    the daemons (agent today; sidecar and controller next)
+- ``probes/`` (a sibling package) reads the world — NVML, an inference engine's HTTP
+  surface, the peers of a group — and decides nothing;
+- ``supervisor.detectors`` turns those observations into findings (thresholds, rates, the
+  XID catalog, engine stalls, peer reachability);
+- one package per role — ``supervisor.agent``, ``supervisor.sidecar``,
+  ``supervisor.controller`` — holds that role's ``role`` (the daemon object), its ``run``
+  (assembly from settings) and the parts only it uses;
+- what two roles share sits at the top: ``runtime`` (task supervision, deadlines,
+  retries, logging), ``config``, ``findings``, ``kube`` (the only module that talks to the
+  Kubernetes API), ``http``, ``tls``, ``reporting``, ``metrics``, ``daemon`` (the life of
+  every role), ``cli``.
 
-``probes`` reads hardware and peers and knows nothing of this package; ``policies`` decides
-what to do about findings. ``supervisor`` wires them together.
+``policies`` (also a sibling) decides what to do about findings; ``supervisor`` wires it all.
 """
 
 from importlib.metadata import PackageNotFoundError, version

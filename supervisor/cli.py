@@ -107,12 +107,17 @@ def main(argv: list[str] | None = None) -> int:
     logsetup.configure(settings.log_level, json=args.log_format == "json")
     log = structlog.get_logger("supervisor.cli")
 
-    from supervisor.daemon import run, run_controller_role  # heavy imports after validation
-
     try:
+        # Each role's modules are imported only now: NVML, aiohttp and the rest stay out of
+        # config validation and out of the other roles' processes.
         if args.command == "controller":
-            return run_controller_role(settings)
-        return run(settings, simulate_gpus=args.simulate_gpus, simulate_dir=args.simulate_dir)
+            from supervisor.controller import run as controller
+
+            return controller.run(settings)
+        from supervisor.agent import run as agent
+
+        return agent.run(settings, simulate_gpus=args.simulate_gpus,
+                         simulate_dir=args.simulate_dir)
     except SupervisorError as exc:
         log.error("fatal", error=str(exc), error_type=type(exc).__name__)
         return 1

@@ -28,9 +28,11 @@ from urllib.parse import urlsplit
 import aiohttp
 import structlog
 
+from supervisor.config import ReportingSettings
 from supervisor.errors import DeadlineExceeded, SupervisorError
 from supervisor.runtime.clock import Clock
 from supervisor.runtime.deadline import with_deadline
+from supervisor.tls import client_context
 
 log = structlog.get_logger(__name__)
 
@@ -61,6 +63,18 @@ class Reporter:
         self.failed = 0
         self.last_sent_wall: float | None = None
         self.last_error: str | None = None
+
+    @classmethod
+    def from_settings(cls, settings: ReportingSettings, snapshot: Callable[[], dict[str, Any]],
+                      clock: Clock, path: str = NODE_REPORT_PATH) -> Reporter:
+        """A reporter as configured: TLS verified against ``ca_file`` for https URLs."""
+        url = settings.controller_url
+        tls = client_context(settings.ca_file) if url.startswith("https://") else None
+        if tls is None:
+            log.warning("reporting without TLS: the report token travels in clear text",
+                        url=url)
+        return cls(url, Path(settings.token_file), snapshot, clock, settings.heartbeat_seconds,
+                   settings.timeout_seconds, path=path, tls=tls)
 
     def poke(self) -> None:
         self._dirty.set()

@@ -19,10 +19,10 @@ from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from bench.harness import AgentProcess
-from supervisor.conditions import CONDITION_TYPES, OUR_TYPES
+from supervisor.agent.conditions import CONDITION_TYPES, OUR_TYPES
+from supervisor.agent.node_status import NodeConditionPublisher
 from supervisor.findings import FaultClass, FindingBook, FindingKey, Severity, Subject, Verdict
 from supervisor.kube import KubeClient
-from supervisor.node_status import NodeConditionPublisher
 from supervisor.runtime.clock import SystemClock
 from tests.kubeenv import manifests
 from tests.kubeenv.cluster import KubeTestCluster

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from supervisor.conditions import CONDITION_TYPES, OUR_TYPES, evaluate
+from supervisor.agent.conditions import CONDITION_TYPES, OUR_TYPES, evaluate
 from supervisor.findings import (
     FaultClass,
     FindingBook,

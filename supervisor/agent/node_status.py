@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 import structlog
 
-from supervisor.conditions import OUR_TYPES, NodeCondition, evaluate
+from supervisor.agent.conditions import OUR_TYPES, NodeCondition, evaluate
 from supervisor.errors import SupervisorError
 from supervisor.findings import Finding
 from supervisor.kube import KubeClient

@@ -33,7 +33,7 @@ import structlog
 from probes.nvml import DriverInfo, Nvml, NvmlCallFailed, NvmlUnavailable, XidEventSet
 from probes.observations import GpuIdentity, GpuSample, XidEvent
 from supervisor import __version__
-from supervisor.conditions import evaluate
+from supervisor.agent.conditions import evaluate
 from supervisor.config import Settings
 from supervisor.detectors.gpu import GpuDetectors
 from supervisor.detectors.xid import XidDetector

@@ -1,0 +1,89 @@
+"""Prometheus metrics of the controller, read at scrape time: leadership, guards,
+reports, token reviews, actions, capacity per model."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    Metric,
+    SummaryMetricFamily,
+)
+
+from supervisor.metrics import P, build_info
+
+if TYPE_CHECKING:
+    from supervisor.controller.role import Controller
+
+
+class ControllerCollector:
+    """Controller state at scrape time: leadership, guards, reports, actions, capacity."""
+
+    def __init__(self, controller: Controller) -> None:
+        self.c = controller
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        c = self.c
+        yield build_info("controller")
+
+        def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+            return GaugeMetricFamily(P + name, doc, value=value)
+
+        yield gauge("controller_leader", "1 while this replica holds the Lease and may act",
+                    1 if c.may_act() else 0)
+        yield gauge("controller_suspect", "1 while the quorum guard stops this leader acting",
+                    1 if c.suspect else 0)
+        yield gauge("policy_breaker_open", "1 while the circuit breaker stops all actions",
+                    1 if c.engine.breaker_open else 0)
+        yield gauge("policy_reload_failed", "1 while the policy file on disk is invalid "
+                    "(the last good policy stays in force)", 1 if c.policy_error else 0)
+        yield gauge("incidents_open", "Open incidents", len(c.engine.incidents()))
+        yield gauge("nodes_reporting", "Nodes whose agent has reported",
+                    sum(1 for n in c.model.nodes.values() if n.last_report is not None))
+        yield gauge("nodes_silent", "Nodes whose agent stopped reporting",
+                    len(c.model.silent_nodes()))
+        reports = CounterMetricFamily(f"{P}reports", "Reports received, by outcome",
+                                      labels=["outcome"])
+        for outcome in ("accepted", "unauthenticated", "forbidden", "malformed", "invalid",
+                        "too_large", "bad_content_type", "auth_unavailable", "throttled",
+                        "stale", "skewed"):
+            reports.add_metric([outcome], c.ingest.outcomes.get(outcome, 0))
+        yield reports
+        reviews = CounterMetricFamily(f"{P}token_reviews", "TokenReviews of report tokens "
+                                      "not in the cache, by outcome", labels=["outcome"])
+        reviews.add_metric(["reviewed"], c.tokens.reviews)
+        reviews.add_metric(["not_plausible"], c.tokens.prefiltered)
+        reviews.add_metric(["throttled"], c.tokens.throttled)
+        yield reviews
+        actions = CounterMetricFamily(f"{P}actions", "Actions carried out, by outcome",
+                                      labels=["action", "outcome"])
+        for (action, outcome), n in sorted(c.executor.outcomes.items()):
+            actions.add_metric([action, outcome], n)
+        yield actions
+        view = c.model.view()
+        healthy = GaugeMetricFamily(f"{P}model_healthy_groups",
+                                    "Pipeline groups of a model that can serve now",
+                                    labels=["model"])
+        total = GaugeMetricFamily(f"{P}model_groups", "Pipeline groups of a model",
+                                  labels=["model"])
+        counts: dict[str, list[int]] = {}
+        for g in view.groups.values():
+            bucket = counts.setdefault(g.model, [0, 0])
+            bucket[0] += 1 if g.healthy else 0
+            bucket[1] += 1
+        for model, (ok, n) in sorted(counts.items()):
+            healthy.add_metric([model], ok)
+            total.add_metric([model], n)
+        yield healthy
+        yield total
+        lat = SummaryMetricFamily(f"{P}decision_latency_seconds",
+                                  "Report received → first API request of the action",
+                                  count_value=len(c.executor.latencies),
+                                  sum_value=sum(c.executor.latencies))
+        yield lat

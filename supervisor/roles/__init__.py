@@ -1,1 +1,0 @@
-"""The daemons. Each role wires probes, detectors, outputs and the HTTP endpoints."""
