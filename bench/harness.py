@@ -284,7 +284,7 @@ def _terminate(proc: subprocess.Popen[bytes] | None, timeout: float) -> int:
 
 
 def _port_from_log(proc: subprocess.Popen[bytes], log_path: Path, timeout: float = 60,
-                   event: str = "http listening") -> int:
+                   event: str = "http listening", key: str = "address") -> int:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -294,8 +294,9 @@ def _port_from_log(proc: subprocess.Popen[bytes], log_path: Path, timeout: float
             for line in log_path.read_text(errors="replace").splitlines():
                 with contextlib.suppress(ValueError):
                     entry = json.loads(line)
-                    if entry.get("event") == event and entry.get("address"):
-                        return int(entry["address"][1])
+                    if entry.get("event") == event and entry.get(key):
+                        value = entry[key]
+                        return int(value[1] if isinstance(value, list) else value)
         time.sleep(0.05)
     raise TimeoutError(f"no port reported:\n{log_path.read_text(errors='replace')}")
 
@@ -324,3 +325,118 @@ def gpu_finding(node: str, gpu: int, fault_class: str = "gpu_lost",
             "subject": {"kind": "gpu", "id": f"GPU-{node}-{gpu}", "node": node, "index": gpu},
             "reason": "GPUFellOffBus", "message": f"GPU {gpu} lost", "evidence": {},
             "action": "", "first_seen": now - age, "last_seen": now, "count": 1}
+
+
+class EngineProcess:
+    """The stand-in engine (``python -m probes.engine_standin``) as a real process."""
+
+    def __init__(self, workdir: Path, name: str = "engine", host: str = "127.0.0.1",
+                 step_ms: float = 20.0, netns: str | None = None,
+                 extra: list[str] | None = None) -> None:
+        self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.log_path = workdir / f"{name}.log"
+        self.host = host
+        self.step_ms = step_ms
+        self.netns = netns
+        self.extra = extra or []
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.url = ""
+
+    def start(self) -> EngineProcess:
+        args = [sys.executable, "-m", "probes.engine_standin", "--host", self.host,
+                "--port", "0", "--step-ms", str(self.step_ms), *self.extra]
+        if self.netns:
+            args = ["ip", "netns", "exec", self.netns, *args]
+        with self.log_path.open("wb") as log:
+            self.proc = _spawn(args, log)
+        port = _port_from_log(self.proc, self.log_path, event="listening", key="port")
+        self.url = f"http://{self.host}:{port}"
+        return self
+
+    def control(self, **order: Any) -> dict[str, Any]:
+        req = urllib.request.Request(self.url + "/_control", data=json.dumps(order).encode(),
+                                     headers={"Content-Type": "application/json"},
+                                     method="POST")
+        try:
+            with urllib.request.urlopen(req, timeout=5) as resp:
+                result: dict[str, Any] = json.loads(resp.read())
+                return result
+        except (urllib.error.URLError, ConnectionError):
+            if order.get("crash"):
+                return {}  # it died before answering, as told
+            raise
+
+    def stop(self, timeout: float = 10.0) -> int:
+        return _terminate(self.proc, timeout)
+
+
+class SidecarProcess:
+    """A real sidecar process (``python -m supervisor sidecar``)."""
+
+    def __init__(self, workdir: Path, name: str, settings: dict[str, Any],
+                 netns: str | None = None, listen: str = "127.0.0.1:0",
+                 env: dict[str, str] | None = None) -> None:
+        self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.name = name
+        self.log_path = workdir / f"sidecar-{name}.log"
+        self.settings = settings
+        self.netns = netns
+        self.listen = listen
+        self.env = env or {}
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.url = ""
+
+    def start(self) -> SidecarProcess:
+        config = self.workdir / f"sidecar-{self.name}.yaml"
+        config.write_text(yaml.safe_dump(self.settings))
+        args = [sys.executable, "-m", "supervisor", "sidecar", "--config", str(config),
+                "--listen", self.listen]
+        if self.netns:
+            args = ["ip", "netns", "exec", self.netns, *args]
+        with self.log_path.open("wb") as log:
+            self.proc = _spawn(args, log, {**os.environ, **self.env})
+        port = _port_from_log(self.proc, self.log_path)
+        host = self.listen.rpartition(":")[0]
+        self.url = f"http://{host}:{port}"
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def get(self, path: str, timeout: float = 5.0) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(self.url + path, timeout=timeout) as resp:
+                return resp.status, resp.read().decode()
+        except urllib.error.HTTPError as exc:
+            with exc:
+                return exc.code, exc.read().decode()
+
+    def status(self) -> dict[str, Any]:
+        code, body = self.get("/status")
+        assert code == 200, body
+        result: dict[str, Any] = json.loads(body)
+        return result
+
+    def findings(self, fault_class: str | None = None) -> list[dict[str, Any]]:
+        return [f for f in self.status()["findings"]
+                if fault_class is None or f["fault_class"] == fault_class]
+
+    def wait_for(self, predicate: Callable[[], Any], timeout: float = 20.0,
+                 what: str = "condition", poll: float = 0.05) -> Any:
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"sidecar exited with {self.proc.returncode}:\n"
+                                   f"{self.log()[-4000:]}")
+            with contextlib.suppress(urllib.error.URLError, ConnectionError):
+                result = predicate()
+                if result:
+                    return result
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"timed out waiting for {what}:\n{self.log()[-4000:]}")
+            time.sleep(poll)
+
+    def stop(self, timeout: float = 20.0) -> int:
+        return _terminate(self.proc, timeout)

@@ -44,6 +44,12 @@ def _parser() -> argparse.ArgumentParser:
     controller.add_argument("--policy", help="override controller.policy_file")
     controller.add_argument("--log-format", choices=("json", "console"), default="json")
 
+    sidecar = sub.add_parser("sidecar", help="per-pod engine and group watcher (a native "
+                             "sidecar container in each inference pod)")
+    sidecar.add_argument("--config", type=Path, help="YAML settings file")
+    sidecar.add_argument("--listen", help="override http.listen (host:port, port 0 = any)")
+    sidecar.add_argument("--log-format", choices=("json", "console"), default="json")
+
     sub.add_parser("config-reference", help="print every setting with default, unit and doc")
     return parser
 
@@ -67,6 +73,14 @@ def _check_controller(settings: Settings) -> None:
         from supervisor.tls import ServerCertificate
 
         ServerCertificate(c.tls_cert_file, c.tls_key_file)
+
+
+def _check_sidecar(settings: Settings) -> None:
+    """The sidecar must know its pod and group before it starts (exit 2 otherwise)."""
+    from supervisor.sidecar.identity import identify
+
+    identify(settings)
+    _check_agent(settings)
 
 
 def _check_agent(settings: Settings) -> None:
@@ -97,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         settings = load(args.config, overrides)
         if args.command == "controller":
             _check_controller(settings)
+        elif args.command == "sidecar":
+            _check_sidecar(settings)
         else:
             _check_agent(settings)
             if args.simulate_gpus is not None and not 0 <= args.simulate_gpus <= 64:
@@ -114,6 +130,10 @@ def main(argv: list[str] | None = None) -> int:
             from supervisor.controller import run as controller
 
             return controller.run(settings)
+        if args.command == "sidecar":
+            from supervisor.sidecar import run as sidecar
+
+            return sidecar.run(settings)
         from supervisor.agent import run as agent
 
         return agent.run(settings, simulate_gpus=args.simulate_gpus,

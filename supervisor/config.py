@@ -149,6 +149,86 @@ class ReportingSettings:
     timeout_seconds: float = setting(5.0, "deadline for one report", "s", gt=0)
 
 
+ENGINE_PRESETS = ("vllm", "sglang", "trtllm", "nim", "custom")
+
+
+@dataclass
+class EngineSettings:
+    enabled: bool = setting(True, "probe the inference engine beside this sidecar")
+    preset: str = setting(
+        "vllm", "which engine: its health and metrics paths and progress metrics (custom = "
+        "the paths and metric lists below, nothing preset)", "", choices=ENGINE_PRESETS)
+    url: str = setting("http://127.0.0.1:8000", "the engine's base URL (same pod)", "URL")
+    health_path: str = setting("", "override the preset's health path", "path")
+    metrics_path: str = setting("", "override the preset's Prometheus metrics path", "path")
+    completions_path: str = setting("", "override the preset's completions path", "path")
+    running_metrics: list[str] = setting(
+        [], "override: metric samples summed as requests running")
+    waiting_metrics: list[str] = setting(
+        [], "override: metric samples summed as requests waiting")
+    progress_metrics: list[str] = setting(
+        [], "override: metric samples whose change means the engine made progress")
+    probe_seconds: float = setting(
+        1.0, "how often /health and the metrics are read", "s", gt=0)
+    timeout_seconds: float = setting(
+        2.0, "deadline for one /health or metrics request", "s", gt=0)
+    failure_threshold: int = setting(
+        2, "consecutive failed /health answers before engine_crash or engine_unhealthy",
+        "probes", ge=1)
+    stall_seconds: float = setting(
+        5.0, "requests running (or waiting) while no progress metric moves for this long is "
+        "engine_hang; a 200 from /health does not clear it", "s", gt=0)
+    canary: bool = setting(
+        True, "when idle, send a 1-token completion (token ids, no tokenizer) now and then: "
+        "a hang with no requests running has no stall to see")
+    canary_idle_seconds: float = setting(
+        30.0, "idle this long before a canary is sent", "s", gt=0)
+    canary_interval_seconds: float = setting(
+        60.0, "at most one canary this often: one 1-token completion a minute while idle",
+        "s", gt=0)
+    canary_timeout_seconds: float = setting(
+        10.0, "a canary that has not answered within this long is engine_hang", "s", gt=0)
+    canary_prompt: list[int] = setting([1, 2, 3], "token ids of the canary prompt")
+    model: str = setting("", "model name for the canary; empty = the first of /v1/models")
+
+
+@dataclass
+class SidecarSettings:
+    pod_name: str = setting("", "this pod (env POD_NAME)")
+    pod_namespace: str = setting("", "this pod's namespace (env POD_NAMESPACE)")
+    group_name: str = setting(
+        "", "the group's name; empty = from LeaderWorkerSet's environment or labels")
+    group_index: str = setting("", "which group of group_name (LWS group-index)")
+    group_size: int = setting(0, "members of the group; 0 = LWS_GROUP_SIZE", "pods", ge=0)
+    rank: int = setting(-1, "this member's index in the group; -1 = LWS_WORKER_INDEX", "",
+                        ge=-1)
+    peers: list[str] = setting(
+        [], "every member's address (host or host:port), index = rank; empty = derived from "
+        "LWS_LEADER_ADDRESS (the group's headless-service DNS names)")
+    leader_address: str = setting("", "the leader's address; empty = LWS_LEADER_ADDRESS")
+    peer_listen: str = setting("0.0.0.0:8088", "UDP address of the group heartbeats",
+                               "host:port")
+    peer_port: int = setting(8088, "UDP port the peers listen on (when peers carry none)",
+                             "", gt=0)
+    heartbeat_seconds: float = setting(
+        0.25, "interval of the UDP heartbeats to every peer", "s", gt=0)
+    phi_threshold: float = setting(
+        8.0, "accrual failure detector: suspect a peer when phi reaches this (8 = a delay "
+        "this long has a 1e-8 chance under the observed heartbeat intervals)", "", gt=0)
+    min_std_seconds: float = setting(
+        0.05, "floor of the heartbeat-interval deviation the detector assumes", "s", gt=0)
+    acceptable_pause_seconds: float = setting(
+        0.25, "pause tolerated on top of the observed intervals (GC, scheduling)", "s", ge=0)
+    confirm_seconds: float = setting(
+        0.75, "a suspicion must last this long (while indirect probes run) before it is "
+        "a finding: single lost heartbeats never are", "s", ge=0)
+    indirect_probes: int = setting(
+        3, "members asked to probe a suspected peer for us (SWIM ping-req)", "", ge=0)
+    resolve_seconds: float = setting(
+        5.0, "re-resolve the peers' DNS names this often (pods restart with new IPs)", "s",
+        gt=0)
+
+
 @dataclass
 class ControllerSettings:
     namespace: str = setting("gpu-supervisor", "namespace of the Lease and the state ConfigMap "
@@ -187,7 +267,12 @@ class ControllerSettings:
         gt=0)
     allowed_reporters: list[str] = setting(
         ["system:serviceaccount:gpu-supervisor:gpu-supervisor-agent"],
-        "identities (from TokenReview) allowed to POST reports")
+        "identities (from TokenReview; shell patterns) allowed to POST node reports")
+    allowed_pod_reporters: list[str] = setting(
+        ["system:serviceaccount:*"],
+        "identities (shell patterns) allowed to POST pod reports (sidecars run as their "
+        "inference pod's ServiceAccount); each may report only for its own pod (the token "
+        "must be bound to it)")
     token_audiences: list[str] = setting(
         ["gpu-supervisor"], "audiences a report token must carry, checked through "
         "TokenReview; a token for the API server's own audience is refused. Empty = the API "
@@ -231,12 +316,15 @@ class Settings:
     detectors: DetectorSettings = field(default_factory=DetectorSettings)
     kubernetes: KubernetesSettings = field(default_factory=KubernetesSettings)
     reporting: ReportingSettings = field(default_factory=ReportingSettings)
+    engine: EngineSettings = field(default_factory=EngineSettings)
+    sidecar: SidecarSettings = field(default_factory=SidecarSettings)
     controller: ControllerSettings = field(default_factory=ControllerSettings)
 
     def validate(self) -> None:
         """Cross-field rules; single-field bounds are checked while loading."""
         for name, value in (("http.listen", self.http.listen),
-                            ("controller.report_listen", self.controller.report_listen)):
+                            ("controller.report_listen", self.controller.report_listen),
+                            ("sidecar.peer_listen", self.sidecar.peer_listen)):
             host, sep, port = value.rpartition(":")
             if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
                 raise ConfigError(name, f"must be host:port, got {value!r}")
@@ -382,6 +470,9 @@ def _apply_env(settings: Settings, env: Mapping[str, str]) -> None:
         settings.controller.namespace = env["POD_NAMESPACE"]
     if env.get("POD_NAME"):
         settings.controller.identity = env["POD_NAME"]
+        settings.sidecar.pod_name = env["POD_NAME"]
+    if env.get("POD_NAMESPACE"):
+        settings.sidecar.pod_namespace = env["POD_NAMESPACE"]
     for key, value in sorted(env.items()):
         if not key.startswith(ENV_PREFIX):
             continue

@@ -48,10 +48,23 @@ class FaultClass(enum.StrEnum):
     PCIE_REPLAYS = "pcie_replays"
     DRIVER_ERROR = "driver_error"  # NVML cannot be initialised or cannot count the GPUs
     GPU_MISSING = "gpu_missing"  # fewer GPUs usable than the node should have
+    # Found by the sidecar in an inference pod:
+    ENGINE_CRASH = "engine_crash"  # nothing listens on the engine's port any more
+    ENGINE_UNHEALTHY = "engine_unhealthy"  # the engine's health check fails
+    ENGINE_HANG = "engine_hang"  # requests running, no progress; or the canary hangs
+    PARTITION = "partition"  # members of the group cannot reach each other
 
 
 NODE_FAULT_CLASSES = frozenset({FaultClass.DRIVER_ERROR, FaultClass.GPU_MISSING})
 """Found about the node as a whole (no GPU to hang them on)."""
+
+POD_FAULT_CLASSES = frozenset({FaultClass.ENGINE_CRASH, FaultClass.ENGINE_UNHEALTHY,
+                               FaultClass.ENGINE_HANG, FaultClass.PARTITION})
+"""Found by a sidecar about its pod, its engine or its group."""
+
+GPU_FAULT_CLASSES = tuple(fc for fc in FaultClass
+                          if fc not in NODE_FAULT_CLASSES | POD_FAULT_CLASSES)
+"""Found about one GPU."""
 
 
 @dataclass(frozen=True, slots=True)

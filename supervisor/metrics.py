@@ -9,13 +9,21 @@ leaves no stale series behind.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
+
 from prometheus_client import CollectorRegistry
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    InfoMetricFamily,
+    Metric,
+)
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
 from supervisor import __version__
+from supervisor.findings import FaultClass, FindingBook, Severity
 
 P = "gpusupervisor_"
 
@@ -40,3 +48,24 @@ def maybe(family: GaugeMetricFamily | CounterMetricFamily, labels: list[str],
     """Add a sample unless the value is unknown (no series beats a fake 0)."""
     if value is not None:
         family.add_metric(labels, float(value))
+
+
+def finding_families(book: FindingBook, classes: Iterable[FaultClass], where: str
+                     ) -> Iterator[Metric]:
+    """Active findings by class and severity (every class this role can raise, at 0 when
+    none is active), and findings raised since start."""
+    findings = GaugeMetricFamily(f"{P}findings", f"Active findings {where}",
+                                 labels=["fault_class", "severity"])
+    counts: dict[tuple[str, str], int] = {}
+    for f in book.active():
+        bucket = (str(f.fault_class), str(f.severity))
+        counts[bucket] = counts.get(bucket, 0) + 1
+    for fc in classes:
+        for sev in Severity:
+            findings.add_metric([str(fc), str(sev)], counts.get((str(fc), str(sev)), 0))
+    yield findings
+    raised = CounterMetricFamily(f"{P}findings_raised", "Findings raised since start",
+                                 labels=["fault_class", "severity"])
+    for (fc, sev), n in sorted(book.raised_total.items()):
+        raised.add_metric([str(fc), str(sev)], n)
+    yield raised

@@ -37,6 +37,7 @@ from supervisor.tls import client_context
 log = structlog.get_logger(__name__)
 
 NODE_REPORT_PATH = "/v1/reports/node"
+POD_REPORT_PATH = "/v1/reports/pod"
 
 
 class Reporter:

@@ -19,11 +19,16 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoM
 from probes.observations import CLOCKS_EVENT_REASON_BITS
 from supervisor.agent.conditions import evaluate
 from supervisor.agent.role import Agent, GpuState
-from supervisor.findings import NODE_FAULT_CLASSES, FaultClass, Severity
-from supervisor.metrics import P, build_info, maybe
+from supervisor.findings import (
+    GPU_FAULT_CLASSES,
+    NODE_FAULT_CLASSES,
+    FaultClass,
+    Severity,
+)
+from supervisor.metrics import P, build_info, finding_families, maybe
 
 GPU_LABELS = ["gpu", "UUID", "pci_bus_id", "device", "Hostname"]
-GPU_FAULT_CLASSES = [fc for fc in FaultClass if fc not in NODE_FAULT_CLASSES]
+AGENT_FAULT_CLASSES = (*GPU_FAULT_CLASSES, *sorted(NODE_FAULT_CLASSES))
 
 
 class ProbeHistograms:
@@ -172,22 +177,7 @@ class AgentCollector:
                     links, links_active, nvlink_err, pcie_gen, pcie_gen_max, pcie_w,
                     pcie_w_max, replays, misses, stuck, age, active)
 
-        findings = GaugeMetricFamily(f"{P}findings", "Active findings on this node",
-                                     labels=["fault_class", "severity"])
-        counts: dict[tuple[str, str], int] = {}
-        for f in agent.book.active():
-            bucket = (str(f.fault_class), str(f.severity))
-            counts[bucket] = counts.get(bucket, 0) + 1
-        for fc in FaultClass:
-            for sev in Severity:
-                findings.add_metric([str(fc), str(sev)], counts.get((str(fc), str(sev)), 0))
-        yield findings
-
-        raised = CounterMetricFamily(f"{P}findings_raised", "Findings raised since start",
-                                     labels=["fault_class", "severity"])
-        for (fc, sev), n in sorted(agent.book.raised_total.items()):
-            raised.add_metric([str(fc), str(sev)], n)
-        yield raised
+        yield from finding_families(agent.book, AGENT_FAULT_CLASSES, "on this node")
 
         cond = GaugeMetricFamily(f"{P}node_condition",
                                  "1 while our NodeCondition of this type is True (a problem)",

@@ -18,7 +18,8 @@ costs more than a bounded amount of work. Each request passes, in order:
    field);
 4. **the binding**: a pod-bound token (what the kubelet mounts) names the node its pod runs
    on, and a report about any other node is refused (403) — one compromised agent cannot
-   get healthy nodes quarantined;
+   get healthy nodes quarantined. A sidecar's report (``/v1/reports/pod``) must come with a
+   pod-bound token and be about that very pod;
 5. **freshness** (409): each sender stamps its reports with a boot identity (random per
    process start), a sequence and ``sent_at``. Within one boot a report must carry a
    higher sequence than the last one accepted; a report of another boot must be newer
@@ -34,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import fnmatch
 import hashlib
 import json
 import random
@@ -55,7 +57,10 @@ log = structlog.get_logger(__name__)
 
 SEVERITIES = ("info", "warning", "critical")
 NODE_NAME_EXTRA = "authentication.kubernetes.io/node-name"
+POD_NAME_EXTRA = "authentication.kubernetes.io/pod-name"
 NODE_REPORT_PATH = "/v1/reports/node"
+POD_REPORT_PATH = "/v1/reports/pod"
+SA_PREFIX = "system:serviceaccount:"
 JWT_EXPIRY_LEEWAY_SECONDS = 60.0  # our clock and the API server's may differ a little
 
 
@@ -85,6 +90,22 @@ class NodeReport:
     sent_at: float
     gpus: int
     findings: tuple[ReportedFinding, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class PodReport:
+    namespace: str
+    name: str
+    node: str
+    boot_id: str
+    sequence: int
+    sent_at: float
+    ready: bool
+    findings: tuple[ReportedFinding, ...]
+
+    @property
+    def pod(self) -> str:
+        return f"{self.namespace}/{self.name}"
 
 
 def _field(obj: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
@@ -151,6 +172,22 @@ def parse_node_report(body: Any) -> NodeReport:
     gpus = _field(body, "gpus", list, "")
     return NodeReport(node=node, boot_id=boot_id, sequence=sequence, sent_at=sent_at,
                       gpus=len(gpus), findings=parse_findings(body))
+
+
+def parse_pod_report(body: Any) -> PodReport:
+    """Validate a PodReport (a sidecar's); ``ReportInvalid`` names the first bad field."""
+    boot_id, sequence, sent_at = _envelope(body, "PodReport")
+    pod = _field(body, "pod", dict, "")
+    namespace = _field(pod, "namespace", str, "pod.")
+    name = _field(pod, "name", str, "pod.")
+    if not namespace or not name or len(namespace) > 63 or len(name) > 253:
+        raise ReportInvalid("pod", "must name a pod")
+    node = body.get("node") or ""
+    if not isinstance(node, str):
+        raise ReportInvalid("node", "must be str")
+    return PodReport(namespace=namespace, name=name, node=node, boot_id=boot_id,
+                     sequence=sequence, sent_at=sent_at, ready=bool(body.get("ready", True)),
+                     findings=parse_findings(body))
 
 
 # --- tokens --------------------------------------------------------------------------------
@@ -359,9 +396,13 @@ class Ingest:
 
     def __init__(self, tokens: TokenCache, allowed: Sequence[str], max_bytes: int,
                  accept: Callable[[NodeReport, float], None], clock: Clock, *,
-                 max_skew: float = 30.0, read_timeout: float = 10.0) -> None:
+                 accept_pod: Callable[[PodReport, float], None] | None = None,
+                 allowed_pods: Sequence[str] = (), max_skew: float = 30.0,
+                 read_timeout: float = 10.0) -> None:
         self._tokens = tokens
-        self._allowed = frozenset(allowed)
+        self._allowed = tuple(allowed)
+        self._allowed_pods = tuple(allowed_pods)
+        self._accept_pod = accept_pod
         self._max_bytes = max_bytes
         self._accept = accept
         self._clock = clock
@@ -375,12 +416,15 @@ class Ingest:
         return self._tokens.reviews
 
     def routes(self) -> list[web.RouteDef]:
-        return [web.post(NODE_REPORT_PATH, self.node_report)]
+        routes = [web.post(NODE_REPORT_PATH, self.node_report)]
+        if self._accept_pod is not None:
+            routes.append(web.post(POD_REPORT_PATH, self.pod_report))
+        return routes
 
     async def node_report(self, request: web.Request) -> web.Response:
         received = self._clock.monotonic()
         try:
-            identity, body = await self._authenticated_body(request)
+            identity, body = await self._authenticated_body(request, self._allowed)
             report = self._parse(parse_node_report, body)
             if identity.node is not None and identity.node != report.node:
                 raise Refused(403, "forbidden", f"token bound to node {identity.node} may "
@@ -393,9 +437,35 @@ class Ingest:
         self._accept(report, received)
         return web.json_response({"accepted": True}, status=202)
 
+    async def pod_report(self, request: web.Request) -> web.Response:
+        """A sidecar's report. Only with a pod-bound token, and only about that pod: the
+        token names its pod (TokenReview's pod-name extra) and its ServiceAccount's
+        namespace, and the report must be about exactly that pod."""
+        received = self._clock.monotonic()
+        assert self._accept_pod is not None
+        try:
+            identity, body = await self._authenticated_body(request, self._allowed_pods)
+            report = self._parse(parse_pod_report, body)
+            bound = identity.extra.get(POD_NAME_EXTRA) or []
+            if not bound:
+                raise Refused(403, "forbidden", "pod reports need a pod-bound token (the "
+                                                "projected token of the reporting pod)")
+            namespace = identity.user.removeprefix(SA_PREFIX).split(":")[0]
+            if (namespace, bound[0]) != (report.namespace, report.name):
+                raise Refused(403, "forbidden", f"token of pod {namespace}/{bound[0]} may "
+                                                f"not report for {report.pod}")
+            self._fresh(f"pod/{report.pod}", report.boot_id, report.sequence,
+                        report.sent_at)
+        except Refused as refused:
+            return self._refuse(refused, request.remote)
+        self.outcomes["accepted"] += 1
+        self._accept_pod(report, received)
+        return web.json_response({"accepted": True}, status=202)
+
     # --- steps shared by every report kind ---------------------------------------------------
 
-    async def _authenticated_body(self, request: web.Request) -> tuple[Identity, Any]:
+    async def _authenticated_body(self, request: web.Request, allowed: Sequence[str]
+                                  ) -> tuple[Identity, Any]:
         """Steps 1 to 3 of the module docstring: who is asking, and the body as JSON."""
         auth = request.headers.get("Authorization", "")
         token = auth[7:].strip() if auth.startswith("Bearer ") else ""
@@ -413,8 +483,8 @@ class Ingest:
             raise Refused(503, "auth_unavailable", "cannot verify token now") from exc
         if identity is None:
             raise Refused(401, "unauthenticated", "token not accepted")
-        if identity.user not in self._allowed:
-            raise Refused(403, "forbidden", f"{identity.user} may not report")
+        if not any(fnmatch.fnmatchcase(identity.user, pattern) for pattern in allowed):
+            raise Refused(403, "forbidden", f"{identity.user} may not report here")
         if request.content_type != "application/json":
             raise Refused(415, "bad_content_type", "expected application/json")
         raw = await self._read_body(request)

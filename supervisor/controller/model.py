@@ -4,6 +4,10 @@ Fed from three sources and nothing else:
 
 - node reports (``accept_report``): each agent's active findings, replaced wholesale by
   every report, so a cleared finding disappears with the next report;
+- pod reports (``accept_pod_report``): each sidecar's findings about its engine and its
+  group, mapped to the group of the reporting pod; a sidecar silent for
+  ``silence_seconds`` no longer counts (its pod may be gone, or cut off — then its peers'
+  reports carry the partition);
 - the Node watch: Ready condition and cordon state;
 - the Pod watch: group membership from labels, readiness of each member;
 - the LeaderWorkerSet watch: how many pods make a complete group, and the model label.
@@ -28,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from policies.model import GroupView, Signal, View
-from supervisor.controller.ingest import NodeReport
+from supervisor.controller.ingest import NodeReport, PodReport
 from supervisor.runtime.clock import Clock
 
 LWS_NAME = "leaderworkerset.sigs.k8s.io/name"
@@ -92,6 +96,13 @@ class GroupInfo:
 
 
 @dataclass
+class PodReportState:
+    report: PodReport
+    received: float  # monotonic
+    became_bad_at: float | None = None
+
+
+@dataclass
 class NodeInfo:
     name: str
     ready: bool | None = None
@@ -120,6 +131,10 @@ class HealthModel:
         self.nodes: dict[str, NodeInfo] = {}
         self.groups: dict[str, GroupInfo] = {}
         self._pod_group: dict[str, str] = {}  # uid → group key
+        self._pod_uid: dict[str, str] = {}  # "namespace/name" → uid
+        # Sidecar reports by "namespace/name"; those with findings also in _pod_attention.
+        self.pod_reports: dict[str, PodReportState] = {}
+        self._pod_attention: set[str] = set()
         self._groups_by_node: dict[str, set[str]] = {}
         # LeaderWorkerSet objects: (namespace, name) → (group size, model label)
         self.lws: dict[tuple[str, str], tuple[int, str]] = {}
@@ -184,6 +199,7 @@ class HealthModel:
         group.pods[uid] = pod
         self._track_gate(pod)
         self._pod_group[uid] = key
+        self._pod_uid[f"{pod.namespace}/{pod.name}"] = uid
         if node:
             self._groups_by_node.setdefault(node, set()).add(key)
         self.changed.set()
@@ -195,7 +211,13 @@ class HealthModel:
             self.ungated.pop(pod.uid, None)
 
     def delete_pod(self, obj: dict[str, Any]) -> None:
-        uid = obj.get("metadata", {}).get("uid", "")
+        meta = obj.get("metadata", {})
+        uid = meta.get("uid", "")
+        name = f"{meta.get('namespace', '')}/{meta.get('name', '')}"
+        if self._pod_uid.get(name) == uid:
+            del self._pod_uid[name]
+            self.pod_reports.pop(name, None)  # its sidecar's findings go with it
+            self._pod_attention.discard(name)
         self.ungated.pop(uid, None)
         key = self._pod_group.pop(uid, None)
         if key is None:
@@ -296,6 +318,38 @@ class HealthModel:
         if was_silent or _finding_keys(report) != before:
             self.changed.set()
 
+    def accept_pod_report(self, report: PodReport, received: float) -> None:
+        key = report.pod
+        state = self.pod_reports.get(key)
+        was_silent = state is None or received - state.received > self.silence_seconds
+        before = _finding_keys(state.report if state else None)
+        actionable = any(f.severity != "info" for f in report.findings)
+        bad_at = state.became_bad_at if state is not None else None
+        self.pod_reports[key] = PodReportState(
+            report, received, (bad_at or received) if actionable else None)
+        if report.findings:
+            self._pod_attention.add(key)
+        if was_silent or _finding_keys(report) != before:
+            self.changed.set()
+
+    def _pod_of(self, key: str) -> PodInfo | None:
+        uid = self._pod_uid.get(key)
+        group = self.groups.get(self._pod_group.get(uid or "", ""))
+        return None if group is None or uid is None else group.pods.get(uid)
+
+    def _fresh_pod_reports(self, now: float) -> list[tuple[PodReportState, PodInfo]]:
+        """Sidecar reports with findings, fresh, from pods we know the group of."""
+        out = []
+        for key in list(self._pod_attention):
+            state = self.pod_reports.get(key)
+            if state is None or not state.report.findings:
+                self._pod_attention.discard(key)
+                continue
+            pod = self._pod_of(key)
+            if pod is not None and now - state.received <= self.silence_seconds:
+                out.append((state, pod))
+        return out
+
     # --- derived ---------------------------------------------------------------------------
 
     def silent_nodes(self) -> list[str]:
@@ -328,6 +382,14 @@ class HealthModel:
                 out.append(Signal(fault_class="node_down", severity="critical",
                                   subject_kind="node", subject_id=info.name, node=info.name,
                                   groups=groups, node_local=True, since=info.not_ready_since))
+        for state, pod in self._fresh_pod_reports(now):
+            for f in state.report.findings:
+                age = max(0.0, state.report.sent_at - f.first_seen)
+                out.append(Signal(
+                    fault_class=f.fault_class, severity=f.severity,
+                    subject_kind=f.subject_kind, subject_id=f.subject_id, node=pod.node,
+                    groups=(pod.group,), node_local=f.fault_class in NODE_LOCAL,
+                    since=min(now, state.received - age)))
         return out
 
     def view(self) -> View:
@@ -341,6 +403,9 @@ class HealthModel:
                 sick.update(self.groups_on(info.name))
             if info.ready is False:
                 sick.update(self.groups_on(info.name))
+        for state, pod in self._fresh_pod_reports(self._clock.monotonic()):
+            if any(f.severity != "info" for f in state.report.findings):
+                sick.add(pod.group)
         groups = {}
         for key, group in self.groups.items():
             size = self.expected_size(group)
@@ -354,15 +419,20 @@ class HealthModel:
     def detection_time(self, target: str) -> float | None:
         """When the fault behind an action on ``target`` (group or node) first reached us."""
         if target in self.groups:
-            times = [self.nodes[n].became_bad_at for n in self.groups[target].nodes
+            group = self.groups[target]
+            times = [self.nodes[n].became_bad_at for n in group.nodes
                      if n in self.nodes and self.nodes[n].became_bad_at is not None]
+            times += [state.became_bad_at for p in group.pods.values()
+                      if (state := self.pod_reports.get(f"{p.namespace}/{p.name}"))
+                      is not None and state.became_bad_at is not None]
         else:
             info = self.nodes.get(target)
             times = [info.became_bad_at] if info and info.became_bad_at is not None else []
         return min((t for t in times if t is not None), default=None)
 
 
-def _finding_keys(report: NodeReport | None) -> frozenset[tuple[str, str, str, str]]:
+def _finding_keys(report: NodeReport | PodReport | None
+                  ) -> frozenset[tuple[str, str, str, str]]:
     if report is None:
         return frozenset()
     return frozenset((f.fault_class, f.subject_id, f.detail, f.severity)

@@ -139,7 +139,9 @@ class Controller:
         self.tokens = TokenCache(kube, clock, c.token_cache_seconds, c.token_audiences,
                                  c.token_reviews_per_second)
         self.ingest = Ingest(self.tokens, c.allowed_reporters, c.report_max_bytes,
-                             self._accept, clock, max_skew=c.report_max_skew_seconds,
+                             self._accept, clock, accept_pod=self.model.accept_pod_report,
+                             allowed_pods=c.allowed_pod_reporters,
+                             max_skew=c.report_max_skew_seconds,
                              read_timeout=c.report_read_timeout_seconds)
         self.reflectors = [
             Reflector(kube, "/api/v1/nodes", "", self.model.upsert_node, self.model.delete_node),
@@ -433,6 +435,7 @@ class Controller:
             "nodes": len(self.model.nodes),
             "groups": len(self.model.groups),
             "silent_nodes": len(self.model.silent_nodes()),
+            "pods_reporting": len(self.model.pod_reports),
             "reports": dict(self.ingest.outcomes),
             "token_reviews": self.tokens.reviews,
             "tokens_prefiltered": self.tokens.prefiltered,

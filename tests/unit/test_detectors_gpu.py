@@ -10,7 +10,7 @@ import pytest
 from probes.observations import GpuIdentity, GpuSample, NvLinkSample
 from supervisor.config import DetectorSettings
 from supervisor.detectors.gpu import GpuDetectors
-from supervisor.findings import NODE_FAULT_CLASSES, FaultClass, Severity, Verdict
+from supervisor.findings import GPU_FAULT_CLASSES, FaultClass, Severity, Verdict
 
 IDENT = GpuIdentity(index=2, uuid="GPU-2", pci_bus_id="00000000:3A:00.0",
                     name="NVIDIA H100 80GB HBM3")
@@ -48,8 +48,7 @@ class TestHealthy:
         verdicts = det.observe(healthy(0))
         assert not [v for v in verdicts if v.active]
         classes = {v.key.fault_class for v in verdicts}
-        not_from_samples = {FaultClass.XID, *NODE_FAULT_CLASSES}  # events, node-level
-        assert classes == set(FaultClass) - not_from_samples
+        assert classes == set(GPU_FAULT_CLASSES) - {FaultClass.XID}  # XIDs are events
 
     def test_unsupported_fields_are_not_faults(self, det: GpuDetectors) -> None:
         """An older GPU that supports none of the optional fields raises nothing."""

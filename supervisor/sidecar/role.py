@@ -1,0 +1,314 @@
+"""The sidecar: one per inference pod, watching what stops a multi-node replica most often.
+
+    engine-probe (every probe_seconds)        peer-heartbeat (every heartbeat_seconds)
+      /health, /metrics under deadlines         UDP to every peer, rows gossiped
+      canary when idle ──┐                      peer-judge: phi, SWIM ping-req, classify
+                         ▼                                    │
+             EngineDetector ──verdicts──► FindingBook ◄── PeerDetector
+                                              │ transitions
+                 ┌────────────────────────────┼───────────────────────┐
+                 ▼                            ▼                       ▼
+       /readyz (the pod's traffic)   reporter (controller)     /status, /metrics
+
+``/readyz`` is this pod's traffic signal: false while its engine is hung, crashed or
+unhealthy, or while the group cannot work together (a partition finding) — so the pod
+leaves its Service at the kubelet's next readiness probe, before the controller acts.
+``/livez`` is about the sidecar itself (its loops turning), never about the engine: a hung
+engine must not get its watcher restarted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import socket
+import uuid
+from typing import Any
+
+import structlog
+
+from probes.engine import EngineCallFailed, EngineClient
+from probes.peers import PeerSockets
+from supervisor import __version__
+from supervisor.config import Settings
+from supervisor.detectors.engine import EngineDetector
+from supervisor.detectors.peers import PeerDetector
+from supervisor.errors import DeadlineExceeded
+from supervisor.findings import (
+    FaultClass,
+    Finding,
+    FindingBook,
+    Severity,
+    Subject,
+    Transition,
+    Verdict,
+)
+from supervisor.runtime.clock import Clock
+from supervisor.runtime.deadline import with_deadline
+from supervisor.runtime.tasks import TaskGroup
+from supervisor.sidecar.identity import Identity
+from supervisor.sidecar.membership import Membership
+
+log = structlog.get_logger(__name__)
+
+NOT_READY_CLASSES = frozenset({FaultClass.ENGINE_CRASH, FaultClass.ENGINE_UNHEALTHY,
+                               FaultClass.ENGINE_HANG, FaultClass.PARTITION})
+
+
+class Sidecar:
+    """One pod's sidecar. Construct, ``await start(group)``, then read its state."""
+
+    def __init__(self, settings: Settings, identity: Identity, clock: Clock,
+                 engine: EngineClient | None) -> None:
+        self.settings = settings
+        self.identity = identity
+        self.clock = clock
+        self.engine = engine
+        self.book = FindingBook()
+        self.boot = uuid.uuid4().hex
+        self.subject = Subject("pod", f"{identity.namespace}/{identity.pod}",
+                               node=identity.node or None)
+        self.engine_detector = EngineDetector(self.subject, settings.engine)
+        s = settings.sidecar
+        self.peers = PeerDetector(identity.group, identity.rank, identity.size, s,
+                                  self._member_subject, clock.monotonic())
+        self.membership = Membership(identity.group, identity.rank, self.boot, self.peers,
+                                     fanout=s.indirect_probes)
+        self.sockets = PeerSockets(self._on_datagram, self.peers.refused)
+        self.listeners: list[Any] = []
+        self.engine_probes = 0
+        self.canaries = {"ok": 0, "failed": 0}
+        self.last_canary: float | None = None
+        self._canary_task: asyncio.Task[None] | None = None
+        self._model: str = settings.engine.model
+        self.unresolved: dict[int, str] = {}
+        self._ticks: dict[str, float] = {}
+        self.book.subscribe(self._on_transition)
+
+    def _member_subject(self, rank: int) -> Subject:
+        name = self.identity.pod_names[rank]
+        pod_id = f"{self.identity.namespace}/{name}" if name else \
+            f"{self.identity.group}/member-{rank}"
+        return Subject("pod", pod_id)
+
+    # --- running ---------------------------------------------------------------------------
+
+    async def start(self, group: TaskGroup) -> None:
+        host, _, port = self.settings.sidecar.peer_listen.rpartition(":")
+        if self.identity.size > 1:
+            await self.sockets.open(host.strip("[]"), int(port))
+            log.info("peers listening", address=self.sockets.bound, group=self.identity.group,
+                     rank=self.identity.rank, size=self.identity.size)
+            await self._resolve()
+            group.start("peer-resolve", self._resolve_loop())
+            group.start("peer-heartbeat", self._heartbeat_loop())
+            group.start("peer-judge", self._judge_loop())
+        if self.engine is not None:
+            group.start("engine-probe", self._engine_loop())
+
+    def stop(self) -> None:
+        self.sockets.close()
+        if self._canary_task is not None:
+            self._canary_task.cancel()
+
+    def _tick(self, name: str) -> None:
+        self._ticks[name] = self.clock.monotonic()
+
+    # --- the engine ------------------------------------------------------------------------
+
+    async def _engine_loop(self) -> None:
+        assert self.engine is not None
+        e = self.settings.engine
+        while True:
+            self._tick("engine-probe")
+            await self._probe_engine_once(self.engine, e.timeout_seconds)
+            now = self.clock.monotonic()
+            if self._canary_task is None and self.engine_detector.canary_due(
+                    now, self.last_canary):
+                self.last_canary = now
+                self._canary_task = asyncio.create_task(self._canary(self.engine),
+                                                        name="engine-canary")
+            await asyncio.sleep(e.probe_seconds)
+
+    async def _probe_engine_once(self, engine: EngineClient, timeout: float) -> None:
+        det = self.engine_detector
+        verdicts: list[Verdict] = []
+        try:
+            answer = await with_deadline("engine health", engine.health(), timeout)
+        except DeadlineExceeded as exc:
+            verdicts += det.health_failed(str(exc), refused=False)
+        except EngineCallFailed as exc:
+            verdicts += det.health_failed(str(exc), refused=exc.refused)
+        else:
+            if 200 <= answer.status < 300:
+                verdicts += det.health_ok()
+            else:
+                verdicts += det.health_failed(f"health answered {answer.status}",
+                                              refused=False, status=answer.status)
+        try:
+            load = await with_deadline("engine metrics", engine.load(), timeout)
+        except (DeadlineExceeded, EngineCallFailed) as exc:
+            verdicts += det.load_failed(str(exc))
+        else:
+            verdicts += det.load(load, self.clock.monotonic())
+        self.engine_probes += 1
+        self.book.apply(verdicts, self.clock.wall())
+
+    async def _canary(self, engine: EngineClient) -> None:
+        e = self.settings.engine
+        started = self.clock.monotonic()
+        try:
+            if not self._model:
+                self._model = await with_deadline("engine models", engine.model(),
+                                                  e.timeout_seconds)
+            await with_deadline("canary completion",
+                                engine.complete(self._model, e.canary_prompt),
+                                e.canary_timeout_seconds)
+        except (DeadlineExceeded, EngineCallFailed) as exc:
+            self.canaries["failed"] += 1
+            log.warning("canary failed", error=str(exc))
+            self.book.apply(self.engine_detector.canary_failed(str(exc)), self.clock.wall())
+        else:
+            self.canaries["ok"] += 1
+            self.book.apply(self.engine_detector.canary_done(
+                self.clock.monotonic() - started), self.clock.wall())
+        finally:
+            self._canary_task = None
+
+    # --- the group -------------------------------------------------------------------------
+
+    async def _resolve(self) -> None:
+        loop = asyncio.get_running_loop()
+        for rank, (host, port) in enumerate(self.identity.peers):
+            if rank == self.identity.rank:
+                continue
+            try:
+                infos = await with_deadline(
+                    f"resolve {host}", loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM,
+                                                        family=socket.AF_INET),
+                    self.settings.sidecar.resolve_seconds)
+                address = (str(infos[0][4][0]), int(infos[0][4][1]))
+                await self.sockets.connect(rank, address)
+                self.unresolved.pop(rank, None)
+            except (OSError, DeadlineExceeded) as exc:
+                # Not resolvable yet (a pod starting) or no more (deleted): no heartbeats
+                # go there; the detector sees the silence like any other.
+                self.unresolved[rank] = str(exc)
+
+    async def _resolve_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.sidecar.resolve_seconds)
+            self._tick("peer-resolve")
+            await self._resolve()
+
+    async def _heartbeat_loop(self) -> None:
+        interval = self.settings.sidecar.heartbeat_seconds
+        # Members start together; a random phase keeps their datagrams from bunching.
+        await asyncio.sleep(random.uniform(0, interval))
+        while True:
+            self._tick("peer-heartbeat")
+            now = self.clock.monotonic()
+            for rank, data in self.membership.heartbeat(now):
+                self.sockets.send(rank, data)
+            await asyncio.sleep(interval)
+
+    async def _judge_loop(self) -> None:
+        interval = self.settings.sidecar.heartbeat_seconds / 2
+        while True:
+            await asyncio.sleep(interval)
+            self._tick("peer-judge")
+            now = self.clock.monotonic()
+            for rank, data in self.membership.probe_requests(now):
+                self.sockets.send(rank, data)
+            self.book.apply(self.peers.evaluate(now), self.clock.wall())
+
+    def _on_datagram(self, data: bytes, at: float) -> None:
+        for rank, reply in self.membership.receive(data, at):
+            self.sockets.send(rank, reply)
+
+    # --- state for the outside world -------------------------------------------------------
+
+    def _on_transition(self, transition: Transition, finding: Finding) -> None:
+        level = "warning" if transition is not Transition.CLEARED and \
+            finding.severity is Severity.CRITICAL else "info"
+        getattr(log, level)("finding " + str(transition), fault_class=str(finding.fault_class),
+                            severity=str(finding.severity), reason=finding.reason,
+                            subject=finding.subject.id, message=finding.message)
+        for listener in self.listeners:
+            listener()
+
+    def serving_problems(self) -> list[Finding]:
+        return [f for f in self.book.active() if f.fault_class in NOT_READY_CLASSES
+                and f.severity is Severity.CRITICAL]
+
+    def readiness(self) -> dict[str, bool]:
+        """This pod's traffic signal (see the module docstring)."""
+        problems = {f.fault_class for f in self.serving_problems()}
+        checks = {"group-reachable": FaultClass.PARTITION not in problems}
+        if self.engine is not None:
+            checks["engine-probed"] = self.engine_probes > 0
+            checks["engine-serving"] = not problems & {
+                FaultClass.ENGINE_CRASH, FaultClass.ENGINE_UNHEALTHY, FaultClass.ENGINE_HANG}
+        return checks
+
+    def liveness(self) -> dict[str, bool]:
+        """The sidecar's own loops are turning; nothing about the engine or the peers."""
+        now = self.clock.monotonic()
+        budgets = {"engine-probe": 3 * self.settings.engine.probe_seconds
+                   + 2 * self.settings.engine.timeout_seconds + 5,
+                   "peer-heartbeat": 20 * self.settings.sidecar.heartbeat_seconds + 5,
+                   "peer-judge": 20 * self.settings.sidecar.heartbeat_seconds + 5}
+        return {name: now - at < budgets.get(name, 3 * self.settings.sidecar.resolve_seconds
+                                             + 10)
+                for name, at in self._ticks.items()}
+
+    def _findings(self) -> list[Finding]:
+        return sorted(self.book.active(), key=lambda f: (-f.severity.rank, f.first_seen))
+
+    def status(self) -> dict[str, Any]:
+        now = self.clock.monotonic()
+        ident = self.identity
+        det = self.engine_detector
+        load = det.last_load
+        return {
+            "role": "sidecar",
+            "version": __version__,
+            "pod": f"{ident.namespace}/{ident.pod}",
+            "node": ident.node,
+            "group": {"key": ident.group, "size": ident.size, "rank": ident.rank,
+                      "members": [{"rank": r, "address": f"{h}:{p}",
+                                   "pod": ident.pod_names[r] or None,
+                                   "resolved": None if r == ident.rank else
+                                   self.sockets.address(r) is not None,
+                                   "phi": None if r == ident.rank else
+                                   round(self.peers.phi(r, now), 2)}
+                                  for r, (h, p) in enumerate(ident.peers)],
+                      "reachability": self.peers.matrix(now),
+                      "messages": dict(self.membership.counts)},
+            "engine": None if self.engine is None else {
+                "url": self.engine.base_url, "preset": self.engine.preset.name,
+                "probes": self.engine_probes,
+                "running": None if load is None else load.running,
+                "waiting": None if load is None else load.waiting,
+                "missing_metrics": [] if load is None else list(load.missing),
+                "seconds_since_progress": None if det.last_progress is None
+                else round(now - det.last_progress, 3),
+                "canaries": dict(self.canaries)},
+            "ready": all(self.readiness().values()),
+            "findings": [f.as_dict() for f in self._findings()],
+            "recently_cleared": [f.as_dict() for f in self.book.recently_cleared],
+        }
+
+    def report(self) -> dict[str, Any]:
+        """The body pushed to the controller."""
+        ident = self.identity
+        return {
+            "apiVersion": "gpu-supervisor/v1",
+            "kind": "PodReport",
+            "pod": {"namespace": ident.namespace, "name": ident.pod},
+            "node": ident.node,
+            "group": {"key": ident.group, "size": ident.size, "rank": ident.rank},
+            "ready": all(self.readiness().values()),
+            "sidecar_version": __version__,
+            "findings": [f.as_dict() for f in self._findings()],
+        }

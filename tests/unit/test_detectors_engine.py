@@ -1,0 +1,149 @@
+"""The engine detector on a hand-moved clock: crash, unhealthy, stall, prefill, canary."""
+
+from __future__ import annotations
+
+import pytest
+
+from probes.engine import PRESETS, EngineLoad, parse_load
+from supervisor.config import EngineSettings
+from supervisor.detectors.engine import EngineDetector
+from supervisor.findings import FindingBook, Subject
+
+
+def load(running: float, *progress: float, waiting: float = 0) -> EngineLoad:
+    return EngineLoad(running, waiting, tuple(progress))
+
+
+class Rig:
+    def __init__(self, **settings: object) -> None:
+        self.det = EngineDetector(Subject("pod", "serving/llama-0"),
+                                  EngineSettings(**settings))  # type: ignore[arg-type]
+        self.book = FindingBook()
+        self.t = 0.0
+
+    def feed(self, verdicts: list[object]) -> None:
+        self.book.apply(verdicts, self.t)  # type: ignore[arg-type]
+
+    def reasons(self) -> set[str]:
+        return {f.reason for f in self.book.active()}
+
+    def scrape(self, sample: EngineLoad, every: float = 1.0, times: int = 1) -> None:
+        for _ in range(times):
+            self.t += every
+            self.feed(self.det.load(sample, self.t))
+
+
+class TestStall:
+    def test_running_requests_without_progress_are_a_hang(self) -> None:
+        """Requests running and every progress metric flat for stall_seconds: engine_hang,
+        whatever /health says."""
+        rig = Rig(stall_seconds=5)
+        rig.scrape(load(4, 100, 10))
+        rig.scrape(load(4, 120, 10))  # progressing
+        rig.feed(rig.det.health_ok())
+        rig.scrape(load(4, 120, 10), times=4)
+        assert rig.reasons() == set()
+        rig.scrape(load(4, 120, 10))
+        assert rig.reasons() == {"EngineStalled"}
+        rig.feed(rig.det.health_ok())  # a 200 from /health does not clear it
+        assert rig.reasons() == {"EngineStalled"}
+        rig.scrape(load(4, 121, 10))  # progress again
+        assert rig.reasons() == set()
+
+    def test_long_prefill_that_grows_the_kv_cache_is_not_a_stall(self) -> None:
+        """A long chunked prefill emits no tokens for a long time, but its KV-cache use
+        grows every step: no finding however long it takes."""
+        rig = Rig(stall_seconds=5)
+        for i in range(30):
+            rig.scrape(load(1, 500, 3, 0.01 * i))  # tokens flat, kv usage rising
+        assert rig.reasons() == set()
+
+    def test_an_idle_engine_is_never_stalled(self) -> None:
+        """No requests: flat counters are expected."""
+        rig = Rig(stall_seconds=5)
+        rig.scrape(load(0, 100), times=60)
+        assert rig.reasons() == set()
+
+    def test_the_window_starts_when_the_engine_gets_busy(self) -> None:
+        """An engine idle for a minute is not 'stalled' on its first request: the window
+        counts from when it became busy."""
+        rig = Rig(stall_seconds=5)
+        rig.scrape(load(0, 100), times=60)
+        rig.scrape(load(1, 100), times=4)
+        assert rig.reasons() == set()
+        rig.scrape(load(1, 100), times=2)
+        assert rig.reasons() == {"EngineStalled"}
+
+    def test_waiting_requests_count_as_busy(self) -> None:
+        """Requests queued but none running and nothing moving: the scheduler is stuck."""
+        rig = Rig(stall_seconds=3)
+        rig.scrape(load(0, 7, waiting=2), times=4)
+        assert rig.reasons() == {"EngineStalled"}
+
+
+class TestHealth:
+    def test_refused_connections_are_a_crash_after_the_threshold(self) -> None:
+        """One refused probe is not enough; two in a row are engine_crash."""
+        rig = Rig(failure_threshold=2)
+        rig.feed(rig.det.health_failed("connection refused", refused=True))
+        assert rig.reasons() == set()
+        rig.feed(rig.det.health_failed("connection refused", refused=True))
+        assert rig.reasons() == {"EngineNotListening"}
+        rig.feed(rig.det.health_ok())
+        assert rig.reasons() == set()
+
+    def test_error_status_is_unhealthy_not_a_crash(self) -> None:
+        """503s from a listening engine are engine_unhealthy; a crash replaces it."""
+        rig = Rig(failure_threshold=2)
+        for _ in range(2):
+            rig.feed(rig.det.health_failed("answered 503", refused=False, status=503))
+        assert rig.reasons() == {"EngineHealthFailing"}
+        for _ in range(2):
+            rig.feed(rig.det.health_failed("connection refused", refused=True))
+        assert rig.reasons() == {"EngineNotListening"}
+
+
+class TestCanary:
+    def test_canary_only_when_idle_long_enough_and_not_too_often(self) -> None:
+        """Idle 30 s before the first canary, then at most one a minute; none while busy."""
+        rig = Rig(canary_idle_seconds=30, canary_interval_seconds=60)
+        rig.scrape(load(0, 1), times=30)  # idle since the first scrape: 29 s
+        assert not rig.det.canary_due(rig.t, None)
+        rig.scrape(load(0, 1))
+        assert rig.det.canary_due(rig.t, None)
+        assert not rig.det.canary_due(rig.t, rig.t - 59)
+        rig.scrape(load(1, 2))
+        assert not rig.det.canary_due(rig.t, None)
+
+    def test_a_failed_canary_is_a_hang_until_the_engine_moves(self) -> None:
+        """The canary not finishing is engine_hang; progress clears it."""
+        rig = Rig()
+        rig.scrape(load(0, 5))
+        rig.feed(rig.det.canary_failed("no answer within 10s"))
+        assert rig.reasons() == {"EngineCanaryFailed"}
+        rig.scrape(load(0, 6))
+        assert rig.reasons() == set()
+
+
+def test_presets_read_vllm_metrics_summed_over_engines() -> None:
+    """Two engine cores' series are summed; a progress metric an engine does not export
+    is reported missing rather than taken as zero."""
+    text = """# TYPE vllm:num_requests_running gauge
+vllm:num_requests_running{engine="0",model_name="m"} 2.0
+vllm:num_requests_running{engine="1",model_name="m"} 1.0
+# TYPE vllm:generation_tokens counter
+vllm:generation_tokens_total{engine="0",model_name="m"} 10.0
+vllm:generation_tokens_total{engine="1",model_name="m"} 5.0
+"""
+    sample = parse_load(text, PRESETS["vllm"])
+    assert (sample.running, sample.waiting) == (3.0, 0.0)
+    assert sample.progress[0] == 15.0
+    assert "vllm:kv_cache_usage_perc" in sample.missing
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_preset_names_where_to_look(name: str) -> None:
+    """Each preset has paths and at least one running and one progress metric."""
+    preset = PRESETS[name]
+    assert preset.health_path.startswith("/") and preset.metrics_path.startswith("/")
+    assert preset.running and preset.progress
