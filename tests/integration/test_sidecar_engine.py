@@ -1,0 +1,132 @@
+"""The sidecar against a real engine process (the stand-in, speaking vLLM's surface) on
+loopback: hang, crash, unhealthy, a long prefill, an idle hang caught by the canary — and
+the pod's traffic signal (/readyz) following them while /livez stays about the sidecar."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bench.harness import EngineProcess, SidecarProcess
+
+SOLO = {"pod_name": "llama-0", "pod_namespace": "serving", "group_name": "llama",
+        "group_index": "0", "group_size": 1, "rank": 0, "peers": ["127.0.0.1"]}
+
+
+@pytest.fixture(name="engine")
+def _engine(tmp_path: Path) -> Iterator[EngineProcess]:
+    engine = EngineProcess(tmp_path).start()
+    yield engine
+    engine.stop()
+
+
+def sidecar(tmp_path: Path, engine: EngineProcess, **engine_settings: Any) -> SidecarProcess:
+    return SidecarProcess(tmp_path, "solo", {
+        "sidecar": SOLO, "engine": {"url": engine.url, **engine_settings}}).start()
+
+
+def reasons(car: SidecarProcess) -> set[str]:
+    return {f["reason"] for f in car.findings()}
+
+
+def test_hung_engine_is_found_while_its_health_says_200(tmp_path: Path,
+                                                        engine: EngineProcess) -> None:
+    """Under load the engine stops stepping (counters flat, requests running, /health 200):
+    engine_hang within stall_seconds, /readyz 503, /livez 200; it resumes: cleared, ready."""
+    car = sidecar(tmp_path, engine, stall_seconds=2.0)
+    try:
+        engine.control(load=4)
+        car.wait_for(lambda: car.get("/readyz")[0] == 200, what="ready")
+        time.sleep(3)  # well past the stall window: a working engine raises nothing
+        assert car.findings() == []
+        engine.control(hang=True)
+        hang = car.wait_for(lambda: car.findings("engine_hang"), what="engine_hang")[0]
+        assert hang["severity"] == "critical" and hang["reason"] == "EngineStalled"
+        assert hang["evidence"]["running"] == 4
+        assert car.get("/readyz")[0] == 503
+        assert car.get("/livez")[0] == 200
+        assert not car.findings("engine_unhealthy")  # its /health kept answering 200
+        engine.control(hang=False)
+        car.wait_for(lambda: not car.findings("engine_hang"), what="hang cleared")
+        car.wait_for(lambda: car.get("/readyz")[0] == 200, what="ready again")
+    finally:
+        assert car.stop() == 0
+
+
+def test_crashed_engine_is_found_and_unready(tmp_path: Path, engine: EngineProcess) -> None:
+    """The engine process dies: its port refuses; engine_crash after two probes."""
+    car = sidecar(tmp_path, engine)
+    try:
+        car.wait_for(lambda: car.get("/readyz")[0] == 200, what="ready")
+        engine.control(crash=True)
+        crash = car.wait_for(lambda: car.findings("engine_crash"), what="engine_crash")[0]
+        assert crash["reason"] == "EngineNotListening"
+        assert car.get("/readyz")[0] == 503
+        assert car.get("/livez")[0] == 200
+    finally:
+        assert car.stop() == 0
+
+
+def test_failing_health_is_unhealthy(tmp_path: Path, engine: EngineProcess) -> None:
+    """/health answers 503: engine_unhealthy, not a crash."""
+    car = sidecar(tmp_path, engine)
+    try:
+        engine.control(unhealthy=True)
+        finding = car.wait_for(lambda: car.findings("engine_unhealthy"), what="unhealthy")[0]
+        assert finding["reason"] == "EngineHealthFailing"
+        assert not car.findings("engine_crash")
+        engine.control(unhealthy=False)
+        car.wait_for(lambda: not car.findings(), what="cleared")
+    finally:
+        assert car.stop() == 0
+
+
+def test_long_prefill_is_not_a_hang(tmp_path: Path) -> None:
+    """Prompts of 40,000 tokens in 512-token chunks: each request spends ~1.6 s in
+    prefill with no token produced, longer than a 1 s stall window; the KV cache grows
+    every step, so nothing is raised."""
+    engine = EngineProcess(tmp_path, step_ms=20).start()
+    car = sidecar(tmp_path, engine, stall_seconds=1.0, probe_seconds=0.2)
+    try:
+        engine.control(load=1, prompt_tokens=40_000, max_tokens=2)
+        time.sleep(6)
+        assert car.findings() == []
+        assert car.status()["engine"]["running"] == 1
+    finally:
+        car.stop()
+        engine.stop()
+
+
+def test_idle_engine_that_hangs_is_caught_by_the_canary(tmp_path: Path,
+                                                        engine: EngineProcess) -> None:
+    """No requests, so no stall to see; the engine hangs anyway. The canary (one token,
+    from token ids) does not finish within its deadline: engine_hang."""
+    car = sidecar(tmp_path, engine, canary_idle_seconds=1.0, canary_interval_seconds=1.0,
+                  canary_timeout_seconds=1.0)
+    try:
+        car.wait_for(lambda: car.status()["engine"]["canaries"]["ok"] >= 1,
+                     what="a canary that succeeds")
+        engine.control(hang=True)
+        finding = car.wait_for(lambda: car.findings("engine_hang"), what="canary hang")[0]
+        assert finding["reason"] == "EngineCanaryFailed"
+        engine.control(hang=False)
+        car.wait_for(lambda: not car.findings("engine_hang"), timeout=20, what="cleared")
+    finally:
+        assert car.stop() == 0
+
+
+def test_sidecar_without_a_group_exits_2_naming_the_field(tmp_path: Path) -> None:
+    """Not in an LWS pod and no group configured: exit 2 before anything starts."""
+    config = tmp_path / "c.yaml"
+    config.write_text("sidecar: {pod_name: p, pod_namespace: n}\n")
+    proc = subprocess.run([sys.executable, "-m", "supervisor", "sidecar", "--config",
+                           str(config)], capture_output=True, text=True, timeout=30,
+                          env={"PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 2
+    assert "sidecar.group_size" in proc.stderr
