@@ -31,7 +31,8 @@ async def make_nodes(api: client.ApiClient, count: int, prefix: str = "gpu") -> 
 def pod_body(name: str, node: str, labels: dict[str, str]) -> dict[str, Any]:
     return {"apiVersion": "v1", "kind": "Pod",
             "metadata": {"name": name, "labels": labels},
-            "spec": {"nodeName": node, "automountServiceAccountToken": False,
+            "spec": {"nodeName": node, "serviceAccountName": "default",
+                     "automountServiceAccountToken": False,
                      "readinessGates": [{"conditionType": READINESS_GATE}],
                      "containers": [{"name": "vllm", "image": "vllm/vllm-openai:test"}]}}
 

@@ -772,3 +772,109 @@ class TestXidIncidentsEndToEnd:
         finally:
             await asyncio.to_thread(agent.stop)
             await asyncio.to_thread(ctl.stop)
+
+
+ENGINE_HANG_POLICY = """
+cooldown: 1m
+budgets: {max_groups_disrupted: 4, min_healthy_groups: 0}
+circuit_breaker: {max_actions: 50, window: 5m}
+rules:
+  - name: engine
+    when: {fault_classes: [engine_hang, engine_crash, partition], min_severity: critical,
+           scope: group, for: 0s}
+    then:
+      - action: fail_over
+"""
+
+
+class TestSidecarToController:
+    async def test_engine_hang_fails_the_group_over_and_recovery_puts_it_back(
+            self, env: Env) -> None:
+        """Two pods of an LWS group, a sidecar and an engine beside each, reporting with
+        their pods' own bound tokens. The leader's engine hangs: its sidecar reports
+        engine_hang and the controller takes the whole group out of traffic (our gate False
+        on both pods); the engine resumes: the gate is True again."""
+        from bench.harness import EngineProcess, SidecarProcess
+
+        nodes = await make_nodes(env.admin, 2)
+        pods = await make_lws_group(env.admin, env.ns, "llama", 0, nodes, model="llama-70b")
+        ctl = controller(env, "with-sidecars", policy=ENGINE_HANG_POLICY)
+        await asyncio.to_thread(ctl.start)
+        engines = [await asyncio.to_thread(EngineProcess(env.workdir, f"engine{i}").start)
+                   for i in range(2)]
+        ports = [18200 + i for i in range(2)]
+        cars = []
+        try:
+            for i, pod in enumerate(pods):
+                token = await env.cluster.service_account_token(
+                    env.ns, "default", audiences=[REPORT_AUDIENCE],
+                    bound_to={"kind": "Pod", "name": pod["metadata"]["name"],
+                              "uid": pod["metadata"]["uid"]})
+                token_file = env.workdir / f"token-{i}"
+                token_file.write_text(token)
+                car = SidecarProcess(env.workdir, f"s{i}", {
+                    "node_name": nodes[i],
+                    "sidecar": {"pod_name": pod["metadata"]["name"], "pod_namespace": env.ns,
+                                "group_name": "llama", "group_index": "0", "group_size": 2,
+                                "rank": i, "peers": [f"127.0.0.1:{p}" for p in ports],
+                                "peer_listen": f"127.0.0.1:{ports[i]}"},
+                    "engine": {"url": engines[i].url, "stall_seconds": 2.0},
+                    "reporting": {"controller_url": ctl.report_url,
+                                  "token_file": str(token_file),
+                                  "ca_file": str(ctl.tls_dir / "ca.crt"),
+                                  "heartbeat_seconds": 1.0, "timeout_seconds": 1.0}})
+                cars.append(await asyncio.to_thread(car.start))
+            await leader_of(ctl)
+
+            async def sidecars_reporting() -> bool:
+                status = await asyncio.to_thread(ctl.status)
+                return bool(status["pods_reporting"] == 2)
+            await until(sidecars_reporting, what="both sidecars reporting")
+            await asyncio.to_thread(engines[0].control, load=2)
+            await asyncio.sleep(1)
+            await asyncio.to_thread(engines[0].control, hang=True)
+            await until(lambda: all_gated(env), what="group failed over")
+            status = await asyncio.to_thread(ctl.status)
+            (incident,) = status["incidents"]
+            assert incident["rule"] == "engine" and incident["failed_over"] == [
+                f"{env.ns}/llama/0"]
+            await asyncio.to_thread(engines[0].control, hang=False)
+
+            async def back_in_traffic() -> bool:
+                return await gates(env) == {"True"}
+            await until(back_in_traffic, timeout=30, what="group back in traffic")
+        finally:
+            for car in cars:
+                await asyncio.to_thread(car.stop)
+            for engine in engines:
+                await asyncio.to_thread(engine.stop)
+            await asyncio.to_thread(ctl.stop)
+
+    async def test_a_pod_token_may_only_report_for_its_own_pod(self, env: Env) -> None:
+        """A sidecar's token is bound to its pod: a report about another pod is 403, a
+        token not bound to any pod is 403, the right pod's report is accepted."""
+        nodes = await make_nodes(env.admin, 2)
+        pods = await make_lws_group(env.admin, env.ns, "llama", 0, nodes)
+        ctl = controller(env, "pod-binding").start()
+        try:
+            token = await env.cluster.service_account_token(
+                env.ns, "default", audiences=[REPORT_AUDIENCE],
+                bound_to={"kind": "Pod", "name": pods[0]["metadata"]["name"],
+                          "uid": pods[0]["metadata"]["uid"]})
+            unbound = await env.cluster.service_account_token(
+                env.ns, "default", audiences=[REPORT_AUDIENCE])
+
+            def report(pod: str) -> dict[str, Any]:
+                return {"kind": "PodReport", "pod": {"namespace": env.ns, "name": pod},
+                        "boot": {"id": "b"}, "sequence": int(time.time() * 1000),
+                        "sent_at": time.time(), "findings": []}
+            path = "/v1/reports/pod"
+            code, body = ctl.post_report(token, report(pods[1]["metadata"]["name"]),
+                                         path=path)
+            assert code == 403 and "may not report for" in body
+            assert ctl.post_report(unbound, report(pods[0]["metadata"]["name"]),
+                                   path=path)[0] == 403
+            assert ctl.post_report(token, report(pods[0]["metadata"]["name"]),
+                                   path=path)[0] == 202
+        finally:
+            ctl.stop()
