@@ -440,3 +440,154 @@ class SidecarProcess:
 
     def stop(self, timeout: float = 20.0) -> int:
         return _terminate(self.proc, timeout)
+
+
+VLLM_INSTALL = Path(__file__).resolve().parents[1] / "tests" / "vllm" / "install.sh"
+TINY_LLAMA = {  # random weights (--load-format dummy); head_dim 64, which CPU attention takes
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 128,
+    "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 2,
+    "num_key_value_heads": 2, "vocab_size": 1000, "max_position_embeddings": 512,
+    "rms_norm_eps": 1e-6, "torch_dtype": "float32", "bos_token_id": 1, "eos_token_id": 2,
+}
+
+
+def vllm_python() -> str:
+    """The cached vLLM venv's python (installed on first use: minutes, once)."""
+    done = subprocess.run(["bash", str(VLLM_INSTALL)], stdout=subprocess.PIPE, text=True,
+                          check=True)
+    return done.stdout.strip().splitlines()[-1]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class VllmProcess:
+    """A real vLLM OpenAI server on CPU serving a tiny random-weight Llama (no hub, no
+    tokenizer): API server → ``VLLM::EngineCore`` → ``VLLM::Worker``."""
+
+    def __init__(self, workdir: Path, python: str | None = None) -> None:
+        self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.python = python or vllm_python()
+        self.log_path = workdir / "vllm.log"
+        self.model_dir = workdir / "tiny-llama"
+        self.model_dir.mkdir(exist_ok=True)
+        (self.model_dir / "config.json").write_text(json.dumps(TINY_LLAMA))
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, ready_timeout: float = 600.0) -> VllmProcess:
+        scratch = self.workdir / "scratch"
+        scratch.mkdir(exist_ok=True)
+        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1",
+               "VLLM_CACHE_ROOT": str(scratch / "vllm"), "TMPDIR": str(scratch),
+               "TORCHINDUCTOR_CACHE_DIR": str(scratch / "inductor"),
+               "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
+        args = [self.python, "-m", "vllm.entrypoints.openai.api_server",
+                "--model", str(self.model_dir), "--served-model-name", "tiny-llama",
+                "--load-format", "dummy", "--skip-tokenizer-init", "--dtype", "float32",
+                "--max-model-len", "256", "--enforce-eager", "--host", "127.0.0.1",
+                "--port", str(self.port)]
+        with self.log_path.open("wb") as log:
+            self.proc = _spawn(args, log, env)
+        deadline = time.monotonic() + ready_timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"vLLM exited with {self.proc.returncode}:\n"
+                                   f"{self.log_path.read_text(errors='replace')[-4000:]}")
+            with contextlib.suppress(urllib.error.URLError, ConnectionError, OSError), \
+                    urllib.request.urlopen(self.url + "/health", timeout=2) as resp:
+                if resp.status == 200:
+                    return self
+            if time.monotonic() > deadline:
+                raise TimeoutError("vLLM not ready:\n" +
+                                   self.log_path.read_text(errors="replace")[-4000:])
+            time.sleep(0.5)
+
+    def engine_core_pid(self) -> int:
+        """The ``VLLM::EngineCore`` process among the server's descendants."""
+        assert self.proc is not None
+        for pid in _descendants(self.proc.pid):
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"EngineCore" in cmdline:
+                return pid
+        raise RuntimeError("no VLLM::EngineCore process found")
+
+    def health(self) -> int:
+        try:
+            with urllib.request.urlopen(self.url + "/health", timeout=5) as resp:
+                return int(resp.status)
+        except urllib.error.HTTPError as exc:
+            with exc:
+                return int(exc.code)
+
+    def stop(self, timeout: float = 30.0) -> int:
+        assert self.proc is not None
+        pids = _descendants(self.proc.pid)
+        code = _terminate(self.proc, timeout)
+        for pid in pids:  # anything it left behind (a stopped engine core, workers)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+                os.kill(pid, signal.SIGKILL)
+        return code
+
+
+def _descendants(root: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+class CompletionLoad:
+    """``clients`` threads, each sending completions back to back (token-id prompts,
+    ``ignore_eos`` so every request generates ``max_tokens``) until stopped."""
+
+    def __init__(self, url: str, model: str, clients: int = 4, max_tokens: int = 64) -> None:
+        import threading
+
+        self.url = url + "/v1/completions"
+        self.body = json.dumps({"model": model, "prompt": [1, 2, 3, 4, 5, 6, 7, 8],
+                                "max_tokens": max_tokens, "ignore_eos": True,
+                                "temperature": 0}).encode()
+        self._stop = threading.Event()
+        self.done = 0
+        self.errors = 0
+        self._threads = [threading.Thread(target=self._loop, daemon=True)
+                         for _ in range(clients)]
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            req = urllib.request.Request(self.url, data=self.body, method="POST",
+                                         headers={"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(req, timeout=300) as resp:
+                    resp.read()
+                self.done += 1
+            except (urllib.error.URLError, ConnectionError, OSError):
+                self.errors += 1
+                self._stop.wait(0.2)
+
+    def __enter__(self) -> CompletionLoad:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()

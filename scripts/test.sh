@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install everything the test suite needs on a fresh Debian machine, then run it all:
 # static checks (ruff, mypy --strict, import contracts, hadolint) and pytest, which starts
-# real agents on the NVML stand-in and a real kube-apiserver + etcd.
+# real agents on the NVML stand-in, real sidecars beside stand-in engines and a real vLLM,
+# sidecars in network namespaces cut with iptables, and a real kube-apiserver + etcd.
 #
 # Safe to rerun: apt packages, the venv, the stand-in and the apiserver build are reused.
 set -euo pipefail
@@ -14,6 +15,7 @@ missing=()
 command -v promtool >/dev/null 2>&1 || missing+=(prometheus)   # promtool check metrics/rules
 command -v ip >/dev/null 2>&1 || missing+=(iproute2)            # network namespaces
 command -v iptables >/dev/null 2>&1 || missing+=(iptables)      # cutting links in tests
+command -v openssl >/dev/null 2>&1 || missing+=(openssl)        # report TLS certificates
 command -v cc >/dev/null 2>&1 || missing+=(gcc)                 # the NVML stand-in
 if ((${#missing[@]})); then
     log "apt-get install ${missing[*]}"
@@ -38,6 +40,8 @@ python -m probes.nvml_standin build
 log "building kube-apiserver + etcd (first build takes minutes, then cached)"
 KUBE_TESTENV_BINARY="$(bash tests/kubeenv/build.sh | tail -n 1)"
 export KUBE_TESTENV_BINARY
+log "installing a real vLLM (CPU build) for the sidecar tests (first time ~5 min, then cached)"
+bash tests/vllm/install.sh >/dev/null
 
 # --- static checks ---------------------------------------------------------------------
 log "ruff"

@@ -48,10 +48,14 @@ class PhiAccrual:
     """Phi of one peer's silence, from the intervals between its heartbeats (the last
     ``window`` of them; sums kept as they go, so phi costs the same at any window)."""
 
-    __slots__ = ("_intervals", "_min_std", "_pause", "_sq", "_sum", "last")
+    __slots__ = ("_gap", "_intervals", "_min_std", "_pause", "_sq", "_sum", "last")
 
     def __init__(self, first_interval: float, min_std: float, pause: float,
                  window: int = 100) -> None:
+        # An interval this long is an outage, not a sample of the heartbeat's rhythm:
+        # counting it would widen the distribution and slow the next detection for the
+        # whole window after every cut.
+        self._gap = 4 * first_interval + pause
         # Seeded with the expected interval so phi is meaningful from the second beat.
         self._intervals: deque[float] = deque(maxlen=window)
         self._sum = 0.0
@@ -72,7 +76,7 @@ class PhiAccrual:
         self._sq += interval * interval
 
     def heartbeat(self, now: float) -> None:
-        if self.last is not None:
+        if self.last is not None and now - self.last <= self._gap:
             self._add(now - self.last)
         self.last = now
 

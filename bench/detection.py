@@ -1,0 +1,281 @@
+"""How fast the sidecar sees what stops a replica, and that it sees nothing else.
+
+Real processes throughout: sidecars (shipped defaults), the stand-in engine, a real vLLM
+(CPU build, tiny random-weight model), hosts in network namespaces cut with iptables.
+
+- ``engine_hang_detect_s_p99``: from the moment the engine stops (the stand-in told to
+  hang; vLLM's ``VLLM::EngineCore`` sent SIGSTOP) under load to the sidecar's
+  ``engine_hang`` finding (its ``first_seen``), with the shipped defaults (5 s stall window,
+  1 s probes). Measured on both engines (``..._standin``, ``..._vllm``); the headline figure
+  is the worse of the two.
+- ``partition_detect_s_p99``: from the iptables rule (or the kill) to each expected
+  member's partition finding, over every trial of every cut kind (default 0.25 s
+  heartbeats). Four sidecars, one per host.
+- ``partition_misclassified``: trials where any member's findings — the first reason seen
+  and the settled set — differ from what the cut implies (both ways: both ends name the
+  link; one way: the receiving end names it with its direction; isolated: the member says
+  so and the others call it unreachable; killed: the others call it down), over
+  ``partition_trials`` trials, each kind with a random choice of members.
+- ``false_findings``: findings raised by four sidecars over ``loss_minutes`` with 1 % of
+  all heartbeats dropped at random.
+
+``python -m bench detection`` takes about 20 minutes (``--quick``: about 5).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import signal
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from bench.harness import (
+    CompletionLoad,
+    EngineProcess,
+    SidecarProcess,
+    VllmProcess,
+    metric_value,
+)
+from bench.netns import Hosts
+
+SOLO = {"pod_name": "llama-0", "pod_namespace": "serving", "group_name": "llama",
+        "group_index": "0", "group_size": 1, "rank": 0, "peers": ["127.0.0.1"]}
+
+
+def p99(samples: list[float]) -> float:
+    ordered = sorted(samples)
+    return round(ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))], 3)
+
+
+def _hang_trial(car: SidecarProcess, stop: Callable[[], object], resume: Callable[[], object]
+                ) -> float:
+    time.sleep(2.0)  # progress under load first
+    started = time.time()
+    stop()
+    try:
+        found = car.wait_for(lambda: car.findings("engine_hang"), timeout=60,
+                             what="engine_hang", poll=0.1)[0]
+    finally:
+        resume()
+    car.wait_for(lambda: not car.findings("engine_hang"), timeout=60, what="cleared",
+                 poll=0.1)
+    return float(found["first_seen"]) - started
+
+
+def hang_standin(workdir: Path, trials: int) -> list[float]:
+    engine = EngineProcess(workdir / "standin").start()
+    car = SidecarProcess(workdir / "standin", "solo", {
+        "sidecar": SOLO, "engine": {"url": engine.url}}).start()
+    try:
+        engine.control(load=4)
+        return [_hang_trial(car, lambda: engine.control(hang=True),
+                            lambda: engine.control(hang=False)) for _ in range(trials)]
+    finally:
+        car.stop()
+        engine.stop()
+
+
+def hang_vllm(workdir: Path, trials: int) -> list[float]:
+    server = VllmProcess(workdir / "vllm").start()
+    car = SidecarProcess(workdir / "vllm", "solo", {
+        "sidecar": SOLO, "engine": {"url": server.url}}).start()
+    try:
+        core = server.engine_core_pid()
+        with CompletionLoad(server.url, "tiny-llama"):
+            return [_hang_trial(car, lambda: os.kill(core, signal.SIGSTOP),
+                                lambda: os.kill(core, signal.SIGCONT))
+                    for _ in range(trials)]
+    finally:
+        car.stop()
+        server.stop()
+
+
+class Group:
+    """Four sidecars, one per network-namespace host (engine probing off)."""
+
+    def __init__(self, workdir: Path, hosts: Hosts) -> None:
+        self.workdir = workdir
+        self.hosts = hosts
+        self.cars: list[SidecarProcess] = [self._car(r) for r in range(hosts.n)]
+
+    def _car(self, rank: int) -> SidecarProcess:
+        h = self.hosts
+        return SidecarProcess(self.workdir, f"m{rank}-{time.monotonic_ns()}", {
+            "sidecar": {"pod_name": f"llama-0-{rank}", "pod_namespace": "serving",
+                        "group_name": "llama", "group_index": "0", "group_size": h.n,
+                        "rank": rank, "peers": h.ips,
+                        "peer_listen": f"{h.ips[rank]}:{h.peer_port}"},
+            "engine": {"enabled": False}}, netns=h.names[rank], listen=f"{h.ips[rank]}:0")
+
+    def start(self) -> Group:
+        for car in self.cars:
+            car.start()
+        self.wait_quiet()
+        return self
+
+    def restart(self, rank: int) -> None:
+        self.cars[rank].stop()
+        self.cars[rank] = self._car(rank).start()
+
+    def findings(self) -> list[dict[str, tuple[str, float]]]:
+        """Per member: partition subject → (reason, first_seen)."""
+        out = []
+        for car in self.cars:
+            try:
+                out.append({f["subject"]["id"]: (f["reason"], float(f["first_seen"]))
+                            for f in car.findings("partition")})
+            except (OSError, AssertionError, ValueError):
+                out.append({})  # a killed member
+        return out
+
+    def wait_quiet(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while any(self.findings()) or not all(
+                all(all(row) for row in car.status()["group"]["reachability"])
+                for car in self.cars):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"group not quiet: {self.findings()}")
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        for car in self.cars:
+            car.stop()
+
+
+def _expected(kind: str, a: int, b: int, n: int) -> list[dict[str, str]]:
+    link = f"serving/llama/0/link/{min(a, b)}-{max(a, b)}"
+    member = f"serving/llama/0/member-{a}"
+    want: list[dict[str, str]] = [{} for _ in range(n)]
+    if kind == "both":
+        want[a] = want[b] = {link: "LinkCut"}
+    elif kind == "one_way":
+        want[b] = {link: "LinkCutOneWay"}
+    elif kind == "isolated":
+        want[a] = {f"serving/llama-0-{a}": "MemberIsolated"}
+        for r in range(n):
+            if r != a:
+                want[r] = {member: "PeerUnreachable"}
+    else:  # killed
+        for r in range(n):
+            if r != a:
+                want[r] = {member: "PeerDown"}
+    return want
+
+
+def partition_trial(group: Group, kind: str, rng: random.Random
+                    ) -> tuple[list[float], bool]:
+    """One cut: detection samples (seconds) and whether every member classified it
+    right, first time and settled."""
+    hosts, n = group.hosts, group.hosts.n
+    a, b = rng.sample(range(n), 2)
+    want = _expected(kind, a, b, n)
+    first: list[dict[str, str]] = [{} for _ in range(n)]
+    started = time.time()
+    if kind == "both":
+        hosts.cut(a, b)
+    elif kind == "one_way":
+        hosts.cut(a, b, one_way=True)
+    elif kind == "isolated":
+        hosts.isolate(a)
+    else:
+        car = group.cars[a]
+        assert car.proc is not None
+        car.proc.kill()
+    samples: list[float] = []
+    deadline = time.monotonic() + 15
+    ok = True
+    while True:
+        seen = group.findings()
+        for r in range(n):
+            for subject, (reason, _) in seen[r].items():
+                first[r].setdefault(subject, reason)
+        if all(set(seen[r]) >= set(want[r]) for r in range(n)):
+            for r in range(n):
+                samples += [seen[r][s][1] - started for s in want[r]]
+            break
+        if time.monotonic() > deadline:
+            ok = False
+            break
+        time.sleep(0.05)
+    time.sleep(1.0)  # let it settle: a late or flipping classification counts too
+    settled = [{s: reason for s, (reason, _) in m.items()} for m in group.findings()]
+    if kind == "killed":
+        settled[a] = want[a]  # a dead member says nothing
+    ok = ok and settled == want and all(
+        first[r].get(s) == reason for r in range(n) for s, reason in want[r].items()) and \
+        all(set(first[r]) <= set(want[r]) for r in range(n))
+    hosts.heal()
+    if kind == "killed":
+        group.restart(a)
+    group.wait_quiet()
+    return samples, ok
+
+
+def partitions(workdir: Path, per_kind: int) -> tuple[list[float], int, int]:
+    hosts = Hosts(4).up()
+    group = Group(workdir / "partitions", hosts)
+    rng = random.Random(11)
+    samples: list[float] = []
+    wrong = trials = 0
+    try:
+        group.start()
+        for _ in range(per_kind):
+            for kind in ("both", "one_way", "isolated", "killed"):
+                got, ok = partition_trial(group, kind, rng)
+                samples += got
+                trials += 1
+                wrong += 0 if ok else 1
+    finally:
+        with contextlib.suppress(Exception):
+            group.stop()
+        hosts.down()
+    return samples, wrong, trials
+
+
+def noise(workdir: Path, minutes: float) -> int:
+    hosts = Hosts(4).up()
+    group = Group(workdir / "noise", hosts)
+    try:
+        group.start()
+        hosts.loss(0.01)
+        time.sleep(minutes * 60)
+        raised = 0.0
+        for car in group.cars:
+            text = car.get("/metrics")[1]
+            for reason in ("warning", "critical"):
+                raised += metric_value(text, "gpusupervisor_findings_raised_total",
+                                       fault_class="partition", severity=reason) or 0.0
+        return int(raised)
+    finally:
+        group.stop()
+        hosts.down()
+
+
+def run(quick: bool = False) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="bench-detection-") as tmp:
+        work = Path(tmp)
+        standin = hang_standin(work, 5 if quick else 20)
+        vllm = hang_vllm(work, 2 if quick else 6)
+        samples, wrong, trials = partitions(work, 2 if quick else 10)
+        minutes = 1.0 if quick else 10.0
+        false = noise(work, minutes)
+    return {
+        "engine_hang_detect_s_p99": max(p99(standin), p99(vllm)),
+        "engine_hang_detect_s_p99_standin": p99(standin),
+        "engine_hang_detect_s_p99_vllm": p99(vllm),
+        "engine_hang_detect_s_median": round(statistics.median(standin + vllm), 3),
+        "engine_hang_trials": len(standin) + len(vllm),
+        "partition_detect_s_p99": p99(samples),
+        "partition_detect_s_median": round(statistics.median(samples), 3),
+        "partition_misclassified": wrong,
+        "partition_trials": trials,
+        "false_findings": false,
+        "loss_minutes": minutes,
+        "loss_percent": 1.0,
+    }

@@ -1,0 +1,96 @@
+"""The sidecar against a real vLLM (vLLM's CPU build serving a tiny random-weight Llama,
+installed once into a cached venv by tests/vllm/install.sh).
+
+What a hang looks like in real vLLM: SIGSTOP of ``VLLM::EngineCore`` under load leaves the
+API server answering ``/health`` 200 in milliseconds, ``vllm:num_requests_running`` at the
+number of clients, and every progress counter frozen — no timeout of vLLM's own fires for
+minutes. The sidecar must see it within its stall window, and see it clear on SIGCONT.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from bench.harness import CompletionLoad, SidecarProcess, VllmProcess
+
+pytestmark = pytest.mark.vllm
+
+SOLO = {"pod_name": "llama-0", "pod_namespace": "serving", "group_name": "llama",
+        "group_index": "0", "group_size": 1, "rank": 0, "peers": ["127.0.0.1"]}
+
+
+@pytest.fixture(scope="module", name="vllm")
+def _vllm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmProcess]:
+    server = VllmProcess(tmp_path_factory.mktemp("vllm")).start()
+    yield server
+    server.stop()
+
+
+def sidecar(tmp_path: Path, vllm: VllmProcess) -> SidecarProcess:
+    """Shipped engine defaults (preset vllm, 5 s stall window), canary off: the real
+    engine is busy under load in these tests."""
+    return SidecarProcess(tmp_path, "vllm", {
+        "sidecar": SOLO, "engine": {"url": vllm.url, "canary": False}}).start()
+
+
+def test_healthy_vllm_under_load_raises_nothing(tmp_path: Path, vllm: VllmProcess) -> None:
+    """Four clients looping for 20 s: requests complete, the sidecar is ready and silent."""
+    car = sidecar(tmp_path, vllm)
+    try:
+        with CompletionLoad(vllm.url, "tiny-llama") as load:
+            car.wait_for(lambda: car.status()["engine"]["running"], what="requests running")
+            time.sleep(20)
+            assert load.done > 0 and load.errors == 0
+        assert car.findings() == []
+        assert car.get("/readyz")[0] == 200
+    finally:
+        assert car.stop() == 0
+
+
+def test_engine_core_stopped_under_load_is_a_hang_with_health_200(
+        tmp_path: Path, vllm: VllmProcess) -> None:
+    """SIGSTOP of VLLM::EngineCore under load: vLLM's /health still answers 200, the
+    sidecar raises engine_hang and drops out of traffic; SIGCONT: cleared, ready again."""
+    car = sidecar(tmp_path, vllm)
+    core = vllm.engine_core_pid()
+    try:
+        with CompletionLoad(vllm.url, "tiny-llama"):
+            car.wait_for(lambda: car.status()["engine"]["running"], what="requests running")
+            time.sleep(2)
+            os.kill(core, signal.SIGSTOP)
+            try:
+                hang = car.wait_for(lambda: car.findings("engine_hang"), timeout=30,
+                                    what="engine_hang")[0]
+                assert vllm.health() == 200  # vLLM itself sees nothing wrong
+                assert hang["reason"] == "EngineStalled"
+                assert car.get("/readyz")[0] == 503
+                assert not car.findings("engine_crash") and not car.findings(
+                    "engine_unhealthy")
+            finally:
+                os.kill(core, signal.SIGCONT)
+            car.wait_for(lambda: not car.findings("engine_hang"), timeout=30,
+                         what="cleared after SIGCONT")
+            assert car.get("/readyz")[0] == 200
+    finally:
+        assert car.stop() == 0
+
+
+def test_killed_engine_is_a_crash(tmp_path: Path, vllm: VllmProcess) -> None:
+    """SIGKILL of VLLM::EngineCore: the API server exits after it, the port refuses,
+    engine_crash. (Last in this module: it ends the shared server.)"""
+    car = sidecar(tmp_path, vllm)
+    try:
+        car.wait_for(lambda: car.get("/readyz")[0] == 200, what="ready")
+        os.kill(vllm.engine_core_pid(), signal.SIGKILL)
+        crash = car.wait_for(lambda: car.findings("engine_crash"), timeout=60,
+                             what="engine_crash")[0]
+        assert crash["reason"] == "EngineNotListening"
+        assert car.get("/readyz")[0] == 503
+    finally:
+        assert car.stop() == 0
