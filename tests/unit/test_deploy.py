@@ -85,3 +85,33 @@ def test_controller_serves_reports_on_tls_from_its_secret(tmp_path: Path) -> Non
     assert settings.controller.tls_cert_file == f"{mounts['report-tls']}/tls.crt"
     assert settings.controller.token_audiences == ["gpu-supervisor"]
     assert {p["name"]: p["port"] for p in service["spec"]["ports"]}["reports"] == 8443
+
+
+def test_example_sidecar_knows_its_group_from_lws_environment() -> None:
+    """The example LWS's sidecar containers, given the environment LWS and the downward API
+    give them, identify the group as the controller keys it, and the leader's probes
+    its engine while the workers' watch the group only."""
+    from supervisor.config import load as load_settings
+    from supervisor.sidecar.identity import identify
+
+    lws = yaml.safe_load_all((DEPLOY.parent / "examples" / "lws-vllm-with-sidecar.yaml")
+                             .read_text())
+    lws_doc = next(d for d in lws if d["kind"] == "LeaderWorkerSet")
+    tmpl = lws_doc["spec"]["leaderWorkerTemplate"]
+    for role, template, rank in (("leader", tmpl["leaderTemplate"], 0),
+                                 ("worker", tmpl["workerTemplate"], 1)):
+        (sidecar,) = template["spec"]["initContainers"]
+        assert sidecar["restartPolicy"] == "Always", role  # a native sidecar
+        assert sidecar["readinessProbe"]["httpGet"]["path"] == "/readyz"
+        assert template["spec"]["readinessGates"] == [
+            {"conditionType": "gpu-supervisor.io/serving"}]
+        env = {e["name"]: e.get("value", "from-downward-api") for e in sidecar["env"]}
+        env.update({"POD_NAME": f"llama-0{'' if rank == 0 else f'-{rank}'}",
+                    "POD_NAMESPACE": "serving", "NODE_NAME": "gpu-1",
+                    "LWS_LEADER_ADDRESS": "llama-0.llama.serving", "LWS_GROUP_SIZE": "2",
+                    "LWS_WORKER_INDEX": str(rank)})
+        settings = load_settings(None, env)
+        ident = identify(settings, env)
+        assert (ident.group, ident.rank, ident.size) == ("serving/llama/0", rank, 2)
+        assert ident.peers[1][0] == "llama-0-1.llama.serving"
+        assert settings.engine.enabled is (role == "leader")
