@@ -43,7 +43,8 @@ POD_REPORT_PATH = "/v1/reports/pod"
 class Reporter:
     def __init__(self, url: str, token_file: Path, snapshot: Callable[[], dict[str, Any]],
                  clock: Clock, heartbeat: float, timeout: float,
-                 path: str = NODE_REPORT_PATH, tls: ssl.SSLContext | None = None) -> None:
+                 path: str = NODE_REPORT_PATH, tls: ssl.SSLContext | None = None,
+                 ready: Callable[[], bool] = lambda: True) -> None:
         self._endpoint = url.rstrip("/") + path
         parts = urlsplit(self._endpoint)
         self._scheme = parts.scheme
@@ -56,6 +57,7 @@ class Reporter:
         self._heartbeat = heartbeat
         self._timeout = timeout
         self._tls = tls
+        self._ready = ready
         self._dirty = asyncio.Event()
         self.boot = {"id": uuid.uuid4().hex, "started_at": clock.wall()}
         self.retry_after = 0.0  # seconds the controller asked us to wait (429)
@@ -67,7 +69,8 @@ class Reporter:
 
     @classmethod
     def from_settings(cls, settings: ReportingSettings, snapshot: Callable[[], dict[str, Any]],
-                      clock: Clock, path: str = NODE_REPORT_PATH) -> Reporter:
+                      clock: Clock, path: str = NODE_REPORT_PATH,
+                      ready: Callable[[], bool] = lambda: True) -> Reporter:
         """A reporter as configured: TLS verified against ``ca_file`` for https URLs."""
         url = settings.controller_url
         tls = client_context(settings.ca_file) if url.startswith("https://") else None
@@ -75,12 +78,17 @@ class Reporter:
             log.warning("reporting without TLS: the report token travels in clear text",
                         url=url)
         return cls(url, Path(settings.token_file), snapshot, clock, settings.heartbeat_seconds,
-                   settings.timeout_seconds, path=path, tls=tls)
+                   settings.timeout_seconds, path=path, tls=tls, ready=ready)
 
     def poke(self) -> None:
         self._dirty.set()
 
     async def run(self) -> None:
+        # Nothing is sent before the state is real (the first probe round done, or the
+        # failure to probe found): an empty first report would read as "all healthy".
+        # Readiness is a predicate over several sources, polled only until it first holds.
+        while not self._ready():  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
         backoff = 0.0
         async with aiohttp.ClientSession() as session:
             while True:

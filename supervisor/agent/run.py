@@ -102,7 +102,8 @@ async def run_agent(settings: Settings, *, simulate_dir: Path | None = None) -> 
                 group.start("expected-gpus", _expect_node_capacity(kube, agent),
                             finishable=True)
         if settings.reporting.controller_url:
-            reporter = Reporter.from_settings(settings.reporting, agent.report, clock)
+            reporter = Reporter.from_settings(settings.reporting, agent.report, clock,
+                                              ready=lambda: agent.ready)
             agent.listeners.append(reporter.poke)
             group.start("reporter", reporter.run())
 

@@ -68,8 +68,9 @@ async def run_sidecar(settings: Settings) -> None:
                  engine=settings.engine.url if engine else None)
         await sidecar.start(group)
         if settings.reporting.controller_url:
-            reporter = Reporter.from_settings(settings.reporting, sidecar.report, clock,
-                                              path=POD_REPORT_PATH)
+            reporter = Reporter.from_settings(
+                settings.reporting, sidecar.report, clock, path=POD_REPORT_PATH,
+                ready=lambda: engine is None or sidecar.engine_probes > 0)
             sidecar.listeners.append(reporter.poke)
             group.start("reporter", reporter.run())
 
