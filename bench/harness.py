@@ -423,6 +423,15 @@ class SidecarProcess:
         return [f for f in self.status()["findings"]
                 if fault_class is None or f["fault_class"] == fault_class]
 
+    def collective_worker(self) -> int:
+        """The pid of this sidecar's collective worker process."""
+        assert self.proc is not None
+        for pid in _descendants(self.proc.pid):
+            with contextlib.suppress(OSError):
+                if b"probes.collective" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    return pid
+        raise RuntimeError("no collective worker running")
+
     def wait_for(self, predicate: Callable[[], Any], timeout: float = 20.0,
                  what: str = "condition", poll: float = 0.05) -> Any:
         deadline = time.monotonic() + timeout

@@ -10,9 +10,12 @@ receiving host's INPUT chain (a datagram from A to B is dropped where B receives
 - ``isolate(a)`` from every other host (the bridge address still answers);
 - ``loss(p)`` drops a random fraction of the group protocol's datagrams everywhere
   (iptables ``statistic``; this kernel has no netem);
-- ``heal()`` removes every rule.
+- ``slow(a, rate)`` limits host A's link to ``rate`` both ways with a ``tc`` token bucket
+  (tbf) — a fail-slow NIC or cable;
+- ``heal()`` removes every rule and limit.
 
-Needs root, ``ip`` (iproute2) and ``iptables``; traffic never leaves the bridge.
+Needs root, ``ip`` and ``tc`` (iproute2) and ``iptables``; traffic never leaves the
+bridge.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ class Hosts:
         self.ips = [f"10.77.{self.k}.{10 + i}" for i in range(n)]
         self.gateway = f"10.77.{self.k}.1"
         self.subnet = f"10.77.{self.k}.0/24"
+        self._slowed: set[int] = set()
 
     def up(self) -> Hosts:
         self.down()  # leftovers of a run that was killed
@@ -53,7 +57,7 @@ class Hosts:
         _run("ip", "addr", "add", f"{self.gateway}/24", "dev", self.bridge)
         _run("ip", "link", "set", self.bridge, "up")
         for i, (ns, ip) in enumerate(zip(self.names, self.ips, strict=True)):
-            veth = f"gs{self.k}v{i}"
+            veth = self._veth(i)
             _run("ip", "netns", "add", ns)
             _run("ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0",
                  "netns", ns)
@@ -91,6 +95,23 @@ class Hosts:
                            "-m", "statistic", "--mode", "random", "--probability",
                            str(probability), "-j", "DROP")
 
+    def slow(self, a: int, rate: str = "20mbit") -> None:
+        limit = ["tbf", "rate", rate, "burst", "32kbit", "latency", "400ms"]
+        _run("tc", "qdisc", "replace", "dev", self._veth(a), "root", *limit)
+        _run("ip", "netns", "exec", self.names[a], "tc", "qdisc", "replace", "dev", "eth0",
+             "root", *limit)
+        self._slowed.add(a)
+
+    def _veth(self, a: int) -> str:
+        return f"gs{self.k}v{a}"
+
     def heal(self) -> None:
         for host in range(self.n):
             self._iptables(host, "-F", "INPUT")
+        for a in sorted(self._slowed):
+            for args in (("tc", "qdisc", "del", "dev", self._veth(a), "root"),
+                         ("ip", "netns", "exec", self.names[a], "tc", "qdisc", "del", "dev",
+                          "eth0", "root")):
+                with contextlib.suppress(subprocess.CalledProcessError):
+                    _run(*args)
+        self._slowed.clear()

@@ -27,7 +27,7 @@ FAULT_CLASSES: frozenset[str] = frozenset({
     "pcie_degraded", "pcie_replays", "driver_error", "gpu_missing",
     # Found across a group by the sidecars, or by the controller itself.
     "collective_hang", "fail_slow", "partition", "node_down", "engine_crash", "engine_hang",
-    "engine_unhealthy",
+    "engine_unhealthy", "collective_slow",
 })
 """Every fault class of DESIGN.md. A policy naming another one is rejected (a typo would
 otherwise make a rule that silently never matches); callers with more classes pass their own

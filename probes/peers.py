@@ -18,7 +18,8 @@ Messages are compact JSON objects with a type ``t``:
   ``[rank, seq, mask]``;
 - ``preq`` ping request: "ask ``x`` whether it is alive, for ``r``", nonce ``n``;
 - ``ping`` from a helper ``r`` on behalf of origin ``o``;
-- ``ack`` the answer, sent back the same way (target → helper → origin).
+- ``ack`` the answer, sent back the same way (target → helper → origin);
+- ``creq`` a member asking the leader for a collective check (it suspects the group).
 
 This module decides nothing; ``supervisor.sidecar`` runs the protocol.
 """
@@ -54,7 +55,8 @@ def decode(data: bytes, group: str) -> dict[str, Any]:
     if not isinstance(message, dict) or message.get("g") != group:
         raise BadMessage("not for this group")
     kind = message.get("t")
-    if kind not in ("hb", "preq", "ping", "ack") or not isinstance(message.get("r"), int):
+    if kind not in ("hb", "preq", "ping", "ack", "creq") or \
+            not isinstance(message.get("r"), int):
         raise BadMessage("unknown type or sender")
     if kind == "hb":
         if not isinstance(message.get("s"), int) or not isinstance(message.get("h"), int) \

@@ -193,6 +193,49 @@ class EngineSettings:
 
 
 @dataclass
+class CollectiveSettings:
+    enabled: bool = setting(
+        False, "run all-reduce checks across the group (needs torch: the "
+        "gpu-supervisor[collective] extra, or collective.python)")
+    python: str = setting(
+        "", "interpreter of the collective worker (needs torch); empty = the sidecar's own",
+        "path")
+    backend: str = setting("auto", "auto = NCCL when a GPU is visible, gloo otherwise", "",
+                           choices=("auto", "gloo", "nccl"))
+    port: int = setting(8089, "TCP port of the rendezvous store on the group's leader", "",
+                        gt=0)
+    deadline_seconds: float = setting(
+        5.0, "deadline of every step: the rendezvous of a check's process group and each "
+        "all-reduce; a miss is collective_hang naming the ranks that never finished", "s",
+        gt=0)
+    sizes_bytes: list[int] = setting(
+        [65536, 1048576, 16777216], "message sizes of a full check, from latency-bound to "
+        "bandwidth-bound; the largest is compared with the baseline", "bytes")
+    periodic_size_bytes: int = setting(
+        65536, "message size of the periodic check (cheap: hang and latency only)", "bytes",
+        gt=0)
+    period_seconds: float = setting(
+        60.0, "a periodic check this often (its cost, the duty cycle, is in the README)",
+        "s", gt=0)
+    preflight: bool = setting(
+        True, "a full check when the group (re)starts; /readyz is false until it passes")
+    baseline_busbw_gbps: float = setting(
+        0.0, "expected bus bandwidth at the largest size (e.g. 460 for 8xH100 NVLink); 0 = "
+        "learn it from the group's own healthy checks", "GB/s", ge=0)
+    learn_checks: int = setting(
+        3, "healthy full checks to learn from before the learned baseline is used", "",
+        ge=1)
+    slow_fraction: float = setting(
+        0.5, "a check below this fraction of the baseline is slow (and localized); also "
+        "how much slower one half must be than the other to be blamed", "", gt=0)
+    localize: bool = setting(True, "after a slow or failed full check, find the member "
+                             "in O(log n) rounds of sub-group all-reduces")
+    on_demand_min_interval_seconds: float = setting(
+        30.0, "at most one check on demand (another detector suspecting the group) this "
+        "often", "s", gt=0)
+
+
+@dataclass
 class SidecarSettings:
     pod_name: str = setting("", "this pod (env POD_NAME)")
     pod_namespace: str = setting("", "this pod's namespace (env POD_NAMESPACE)")
@@ -318,6 +361,7 @@ class Settings:
     reporting: ReportingSettings = field(default_factory=ReportingSettings)
     engine: EngineSettings = field(default_factory=EngineSettings)
     sidecar: SidecarSettings = field(default_factory=SidecarSettings)
+    collective: CollectiveSettings = field(default_factory=CollectiveSettings)
     controller: ControllerSettings = field(default_factory=ControllerSettings)
 
     def validate(self) -> None:

@@ -53,13 +53,16 @@ class FaultClass(enum.StrEnum):
     ENGINE_UNHEALTHY = "engine_unhealthy"  # the engine's health check fails
     ENGINE_HANG = "engine_hang"  # requests running, no progress; or the canary hangs
     PARTITION = "partition"  # members of the group cannot reach each other
+    COLLECTIVE_HANG = "collective_hang"  # an all-reduce check missed its deadline
+    COLLECTIVE_SLOW = "collective_slow"  # its bus bandwidth fell below the baseline
 
 
 NODE_FAULT_CLASSES = frozenset({FaultClass.DRIVER_ERROR, FaultClass.GPU_MISSING})
 """Found about the node as a whole (no GPU to hang them on)."""
 
 POD_FAULT_CLASSES = frozenset({FaultClass.ENGINE_CRASH, FaultClass.ENGINE_UNHEALTHY,
-                               FaultClass.ENGINE_HANG, FaultClass.PARTITION})
+                               FaultClass.ENGINE_HANG, FaultClass.PARTITION,
+                               FaultClass.COLLECTIVE_HANG, FaultClass.COLLECTIVE_SLOW})
 """Found by a sidecar about its pod, its engine or its group."""
 
 GPU_FAULT_CLASSES = tuple(fc for fc in FaultClass

@@ -80,6 +80,7 @@ class ReportedFinding:
     message: str
     first_seen: float  # reporter's wall clock
     last_seen: float
+    subject_node: str | None = None  # the node the subject is on, when the reporter knows
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,6 +160,7 @@ def parse_findings(body: dict[str, Any], max_findings: int = 10_000
             message=str(raw.get("message", ""))[:1000],
             first_seen=float(_field(raw, "first_seen", (int, float), where)),
             last_seen=float(_field(raw, "last_seen", (int, float), where)),
+            subject_node=str(subject["node"]) if subject.get("node") else None,
         ))
     return tuple(findings)
 

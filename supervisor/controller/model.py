@@ -47,7 +47,7 @@ NODE_LOCAL = frozenset({
     "gpu_lost", "gpu_unresponsive", "xid", "ecc_uncorrectable", "ecc_correctable_storm",
     "retired_pages", "row_remap", "thermal", "clock_throttle", "nvlink_down",
     "nvlink_errors", "pcie_degraded", "pcie_replays", "node_down", "driver_error",
-    "gpu_missing",
+    "gpu_missing", "collective_slow",
 })
 
 
@@ -385,9 +385,12 @@ class HealthModel:
         for state, pod in self._fresh_pod_reports(now):
             for f in state.report.findings:
                 age = max(0.0, state.report.sent_at - f.first_seen)
+                # A finding may name another member's node (a collective check localized
+                # the slow member): that node is where the cause sits.
                 out.append(Signal(
                     fault_class=f.fault_class, severity=f.severity,
-                    subject_kind=f.subject_kind, subject_id=f.subject_id, node=pod.node,
+                    subject_kind=f.subject_kind, subject_id=f.subject_id,
+                    node=f.subject_node or pod.node,
                     groups=(pod.group,), node_local=f.fault_class in NODE_LOCAL,
                     since=min(now, state.received - age)))
         return out

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from probes.peers import BadMessage, decode, encode
@@ -28,7 +29,8 @@ class _Relay:
 
 class Membership:
     def __init__(self, group: str, rank: int, boot: str, detector: PeerDetector,
-                 fanout: int, rng: random.Random | None = None) -> None:
+                 fanout: int, rng: random.Random | None = None,
+                 on_check_request: Callable[[], None] | None = None) -> None:
         self.group = group
         self.rank = rank
         self.boot = boot
@@ -39,6 +41,7 @@ class Membership:
         self._relays: dict[int, _Relay] = {}  # nonce → a probe we run for someone (helper)
         self._mine: dict[int, tuple[int, float]] = {}  # nonce → (target, sent) we asked for
         self.counts: Counter[str] = Counter()
+        self._on_check_request = on_check_request
 
     @property
     def peers(self) -> list[int]:
@@ -50,6 +53,14 @@ class Membership:
                        "h": mask, "rows": rows})
         self.counts["hb_sent"] += len(self.peers)
         return [(peer, data) for peer in self.peers]
+
+    def check_request(self) -> Outgoing:
+        """Ask the group's leader (rank 0) for a collective check now."""
+        if self.rank == 0:
+            return []
+        self.counts["creq_sent"] += 1
+        return [(0, encode({"t": "creq", "g": self.group, "r": self.rank,
+                            "n": self._rng.getrandbits(31)}))]
 
     def probe_requests(self, now: float) -> Outgoing:
         """Ask ``fanout`` other members to probe each newly (or still) suspected peer."""
@@ -87,6 +98,10 @@ class Membership:
                 self.detector.learn_row(rank, seq, mask, now)
             return []
         nonce = msg["n"]
+        if kind == "creq":
+            if self._on_check_request is not None:
+                self._on_check_request()
+            return []
         if kind == "preq":
             target = msg.get("x")
             if not isinstance(target, int) or target not in self.detector.peers:

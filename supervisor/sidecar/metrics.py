@@ -4,6 +4,7 @@ progress, canaries, and the group's reachability matrix."""
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
@@ -71,3 +72,27 @@ class SidecarCollector:
             for kind, n in sorted(s.membership.counts.items()):
                 messages.add_metric([kind], n)
             yield messages
+        if s.collective is not None:
+            c = s.collective
+            checks = CounterMetricFamily(f"{P}collective_checks", "All-reduce checks by kind "
+                                         "and assessment (leader) or participation (member)",
+                                         labels=["result"])
+            for result, n in sorted(c.counts.items()):
+                checks.add_metric([result], n)
+            yield checks
+            yield CounterMetricFamily(f"{P}collective_check_seconds", "Time spent running "
+                                      "all-reduce checks (their duty cycle is its rate)",
+                                      value=c.busy_seconds)
+            busbw = GaugeMetricFamily(f"{P}collective_busbw_gbps", "Bus bandwidth of the "
+                                      "last full check, by message size",
+                                      labels=["size_bytes"])
+            base = GaugeMetricFamily(f"{P}collective_baseline_busbw_gbps", "Baseline bus "
+                                     "bandwidth (configured or learned)", labels=["size_bytes"])
+            last_check: dict[str, Any] = c.last or {}
+            if last_check.get("kind") == "full":
+                for size, value in (last_check.get("busbw") or {}).items():
+                    busbw.add_metric([str(size)], value)
+            for size in s.settings.collective.sizes_bytes:
+                maybe(base, [str(size)], c.judge.baseline(size))
+            yield busbw
+            yield base

@@ -46,13 +46,17 @@ from supervisor.findings import (
 from supervisor.runtime.clock import Clock
 from supervisor.runtime.deadline import with_deadline
 from supervisor.runtime.tasks import TaskGroup
+from supervisor.sidecar.collective import CollectiveRunner
 from supervisor.sidecar.identity import Identity
 from supervisor.sidecar.membership import Membership
 
 log = structlog.get_logger(__name__)
 
 NOT_READY_CLASSES = frozenset({FaultClass.ENGINE_CRASH, FaultClass.ENGINE_UNHEALTHY,
-                               FaultClass.ENGINE_HANG, FaultClass.PARTITION})
+                               FaultClass.ENGINE_HANG, FaultClass.PARTITION,
+                               FaultClass.COLLECTIVE_HANG})
+# A new finding of these makes the leader run a collective check at once.
+CHECK_ON = frozenset({FaultClass.ENGINE_HANG, FaultClass.PARTITION})
 
 
 class Sidecar:
@@ -73,7 +77,12 @@ class Sidecar:
         self.peers = PeerDetector(identity.group, identity.rank, identity.size, s,
                                   self._member_subject, clock.monotonic())
         self.membership = Membership(identity.group, identity.rank, self.boot, self.peers,
-                                     fanout=s.indirect_probes)
+                                     fanout=s.indirect_probes,
+                                     on_check_request=self._check_requested)
+        self.collective = CollectiveRunner(
+            settings, identity, clock, lambda v: self.book.apply(v, clock.wall()),
+            self._member_subject) if settings.collective.enabled and identity.size > 1 \
+            else None
         self.sockets = PeerSockets(self._on_datagram, self.peers.refused)
         self.listeners: list[Any] = []
         self.engine_probes = 0
@@ -105,6 +114,18 @@ class Sidecar:
             group.start("peer-judge", self._judge_loop())
         if self.engine is not None:
             group.start("engine-probe", self._engine_loop())
+        if self.collective is not None:
+            group.start("collective-worker", self.collective.keep_worker())
+            group.start("collective-schedule", self.collective.schedule(self._group_complete))
+
+    def _group_complete(self) -> bool:
+        """Every member hears every member: time for the preflight check."""
+        rows = self.peers.matrix(self.clock.monotonic())
+        return all(all(cell is True for cell in row) for row in rows)
+
+    def _check_requested(self) -> None:
+        if self.collective is not None:
+            self.collective.request()
 
     def stop(self) -> None:
         self.sockets.close()
@@ -234,6 +255,15 @@ class Sidecar:
         getattr(log, level)("finding " + str(transition), fault_class=str(finding.fault_class),
                             severity=str(finding.severity), reason=finding.reason,
                             subject=finding.subject.id, message=finding.message)
+        if transition is Transition.RAISED and finding.fault_class in CHECK_ON and \
+                self.collective is not None:
+            # Another detector suspects the group: the leader checks its collectives now;
+            # a member asks the leader to.
+            if self.collective.leader:
+                self.collective.request()
+            else:
+                for rank, data in self.membership.check_request():
+                    self.sockets.send(rank, data)
         for listener in self.listeners:
             listener()
 
@@ -249,6 +279,9 @@ class Sidecar:
             checks["engine-probed"] = self.engine_probes > 0
             checks["engine-serving"] = not problems & {
                 FaultClass.ENGINE_CRASH, FaultClass.ENGINE_UNHEALTHY, FaultClass.ENGINE_HANG}
+        if self.collective is not None:
+            checks["collective-preflight"] = self.collective.ready()
+            checks["collectives-working"] = FaultClass.COLLECTIVE_HANG not in problems
         return checks
 
     def liveness(self) -> dict[str, bool]:
@@ -294,6 +327,14 @@ class Sidecar:
                 "seconds_since_progress": None if det.last_progress is None
                 else round(now - det.last_progress, 3),
                 "canaries": dict(self.canaries)},
+            "collective": None if self.collective is None else {
+                "leader": self.collective.leader, "backend": self.collective.backend,
+                "preflight_passed": self.collective.ready(),
+                "checks": dict(self.collective.counts),
+                "busy_seconds": round(self.collective.busy_seconds, 3),
+                "worker_restarts": self.collective.restarts, "last": self.collective.last,
+                "baseline_gbps": {str(size): self.collective.judge.baseline(size)
+                                  for size in self.settings.collective.sizes_bytes}},
             "ready": all(self.readiness().values()),
             "findings": [f.as_dict() for f in self._findings()],
             "recently_cleared": [f.as_dict() for f in self.book.recently_cleared],
