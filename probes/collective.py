@@ -86,12 +86,7 @@ class Worker:
         started = time.monotonic()
         try:
             prefix = dist.PrefixStore(f"pg/{k}/{plan['groups'].index(mine)}", self.store)
-            timeout = datetime.timedelta(seconds=deadline)
-            sub = mine.index(self.rank)
-            if self.backend == "nccl":
-                pg: Any = dist.ProcessGroupNCCL(prefix, sub, len(mine), timeout=timeout)
-            else:
-                pg = dist.ProcessGroupGloo(prefix, sub, len(mine), timeout)
+            pg = self._process_group(prefix, mine.index(self.rank), len(mine), deadline)
             times = []
             for size in plan["sizes"]:
                 data = torch.ones(max(1, int(size) // 4), dtype=torch.float32,
@@ -108,6 +103,34 @@ class Worker:
         result = {"ok": True, "times": times, "group": mine}
         self.store.set(f"res/{k}/{self.rank}", json.dumps(result))
         return result
+
+    def _process_group(self, prefix: Any, rank: int, size: int, deadline: float) -> Any:
+        """The sub-group's process group, within ``deadline``. Its rendezvous honours the
+        timeout only while waiting for the others' addresses: a peer stopped *after*
+        publishing its address accepts the TCP connection (the kernel does) and then never
+        answers, and gloo waits its own 30 s for that. So the building runs on a thread we
+        stop waiting for at the deadline (it ends by itself later)."""
+        timeout = datetime.timedelta(seconds=deadline)
+        box: dict[str, Any] = {}
+
+        def build() -> None:
+            try:
+                if self.backend == "nccl":
+                    box["pg"] = self.dist.ProcessGroupNCCL(prefix, rank, size, timeout=timeout)
+                else:
+                    box["pg"] = self.dist.ProcessGroupGloo(prefix, rank, size, timeout)
+            except Exception as exc:
+                box["error"] = exc
+
+        thread = threading.Thread(target=build, name="pg-rendezvous", daemon=True)
+        thread.start()
+        thread.join(deadline)
+        if "pg" in box:
+            return box["pg"]
+        if "error" in box:
+            raise box["error"]
+        raise TimeoutError(f"rendezvous of the process group did not complete within "
+                           f"{deadline:g}s")
 
     def follow(self) -> None:
         """A member's life: wait for each plan, take part, report. If the leader's store
@@ -194,7 +217,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backend", default="auto", choices=("auto", "gloo", "nccl"))
     parser.add_argument("--node", default=os.environ.get("NODE_NAME", ""))
     parser.add_argument("--connect-timeout", type=float, default=3600.0)
+    parser.add_argument("--interface", default="",
+                        help="network interface for gloo and NCCL (default: the one the "
+                             "host name resolves to)")
     args = parser.parse_args(argv)
+    if args.interface:
+        # Gloo listens where the host name resolves unless told; in a pod that is the pod
+        # IP, but elsewhere (a network namespace, a multi-homed host) it may not be the
+        # network the group shares.
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", args.interface)
+        os.environ.setdefault("NCCL_SOCKET_IFNAME", args.interface)
     worker = Worker(args.rank, args.world, args.store, args.backend, args.node,
                     args.connect_timeout)
     _say({"event": "ready", "rank": args.rank, "backend": worker.backend})

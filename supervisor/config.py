@@ -204,6 +204,9 @@ class CollectiveSettings:
                            choices=("auto", "gloo", "nccl"))
     port: int = setting(8089, "TCP port of the rendezvous store on the group's leader", "",
                         gt=0)
+    interface: str = setting(
+        "", "network interface the collectives use (GLOO_SOCKET_IFNAME, NCCL_SOCKET_IFNAME); "
+        "empty = the one the pod's host name resolves to")
     deadline_seconds: float = setting(
         5.0, "deadline of every step: the rendezvous of a check's process group and each "
         "all-reduce; a miss is collective_hang naming the ranks that never finished", "s",
@@ -217,6 +220,9 @@ class CollectiveSettings:
     period_seconds: float = setting(
         60.0, "a periodic check this often (its cost, the duty cycle, is in the README)",
         "s", gt=0)
+    full_every: int = setting(
+        10, "every Nth periodic check is a full one (every size), which keeps the learned "
+        "bandwidth baseline current", "checks", ge=1)
     preflight: bool = setting(
         True, "a full check when the group (re)starts; /readyz is false until it passes")
     baseline_busbw_gbps: float = setting(

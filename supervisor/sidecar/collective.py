@@ -10,8 +10,9 @@ When (leader):
 
 - **preflight** — a full check (every size, localization on) as soon as the group is
   complete; until it passes, every member's ``/readyz`` says not ready;
-- **periodic** — a small-message check every ``period_seconds``; if it hangs or its
-  latency is far above the group's usual, a full check with localization follows;
+- **periodic** — a small-message check every ``period_seconds`` (every ``full_every``th a
+  full one); if it hangs or its latency is far above the group's usual, a full check with
+  localization follows;
 - **on demand** — a full check when this sidecar's engine or peer detectors raise a
   finding (``request``), at most once per ``on_demand_min_interval_seconds``.
 
@@ -72,6 +73,7 @@ class CollectiveRunner:
         self.preflight_passed = False
         self.participated_ok = 0
         self.last: dict[str, Any] | None = None
+        self.running: dict[str, Any] | None = None  # the plan under way, for /status
         self.restarts = 0
         self._last_demand: float | None = None
         self.backend: str | None = None
@@ -79,11 +81,11 @@ class CollectiveRunner:
     # --- the worker process ----------------------------------------------------------------
 
     def _command(self) -> list[str]:
-        host, _ = self.identity.peers[0]
+        leader, _ = self.identity.peers[0]
         return [self.c.python or sys.executable, "-m", "probes.collective",
                 "--rank", str(self.identity.rank), "--world", str(self.identity.size),
-                "--store", f"{host}:{self.c.port}", "--backend", self.c.backend,
-                "--node", self.identity.node]
+                "--store", f"{leader}:{self.c.port}", "--backend", self.c.backend,
+                "--node", self.identity.node, "--interface", self.c.interface]
 
     async def keep_worker(self) -> None:
         """Supervised task: the worker runs, is read, and comes back when it exits."""
@@ -159,9 +161,12 @@ class CollectiveRunner:
         """Send a plan to the (leader's) worker and wait for its outcome, bounded."""
         budget = plan["deadline"] * (len(plan["sizes"]) + 1) + WORKER_BUDGET_SLACK
         started = self.clock.monotonic()
+        self.running = {"groups": plan["groups"], "sizes": plan["sizes"],
+                        "started_at": self.clock.wall()}
         try:
             return await self._ask({"op": "run", "plan": plan}, budget)
         finally:
+            self.running = None
             self.busy_seconds += self.clock.monotonic() - started
 
     # --- checks (leader) -------------------------------------------------------------------
@@ -184,6 +189,7 @@ class CollectiveRunner:
                 await asyncio.sleep(5.0)
         else:
             self.preflight_passed = True
+        periodic = 0
         while True:
             try:
                 await asyncio.wait_for(self._requested.wait(), timeout=self.c.period_seconds)
@@ -197,7 +203,11 @@ class CollectiveRunner:
                 continue
             except TimeoutError:
                 pass
-            await self.periodic_check()
+            periodic += 1
+            if periodic % self.c.full_every == 0:
+                await self.full_check("periodic")
+            else:
+                await self.periodic_check()
 
     async def periodic_check(self) -> None:
         async with self._lock:
@@ -212,12 +222,15 @@ class CollectiveRunner:
                 log.warning("periodic collective check not run", error=str(exc))
                 return
             a = self.judge.assess(outcome)
+            self.judge.learn(a)
             self.counts[f"periodic_{a.kind}"] += 1
             self.last = {"kind": "periodic", "assessment": a.kind, "started_at": started_at,
                          "elapsed": outcome.get("elapsed"),
                          "busbw": {str(k): round(v, 4) for k, v in a.busbw.items()}}
             if a.kind == "hang":
                 self._apply([self.judge.hang_verdict(a, self.c.deadline_seconds)])
+            else:  # every rank finished within the deadline: no longer hung
+                self._apply([Verdict.clear(self.judge.hang_key)])
         if a.kind in ("hang", "slow"):
             await self.full_check("after_periodic")
 

@@ -333,6 +333,7 @@ class Sidecar:
                 "checks": dict(self.collective.counts),
                 "busy_seconds": round(self.collective.busy_seconds, 3),
                 "worker_restarts": self.collective.restarts, "last": self.collective.last,
+                "running": self.collective.running,
                 "baseline_gbps": {str(size): self.collective.judge.baseline(size)
                                   for size in self.settings.collective.sizes_bytes}},
             "ready": all(self.readiness().values()),
