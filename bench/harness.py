@@ -69,7 +69,59 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-class AgentProcess:
+class DaemonProcess:
+    """What every daemon process of ours offers a test: its log, its endpoints, waiting for
+    a condition while noticing if it died. Subclasses set ``proc``, ``url``, ``log_path``."""
+
+    role = "daemon"
+    proc: subprocess.Popen[bytes] | None
+    url: str
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def get(self, path: str, timeout: float = 5.0) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(self.url + path, timeout=timeout) as resp:
+                return resp.status, resp.read().decode()
+        except urllib.error.HTTPError as exc:
+            with exc:  # closes the connection (TLS sockets warn when left to the GC)
+                return exc.code, exc.read().decode()
+
+    def status(self) -> dict[str, Any]:
+        code, body = self.get("/status")
+        assert code == 200, body
+        result: dict[str, Any] = json.loads(body)
+        return result
+
+    def metrics(self) -> str:
+        code, body = self.get("/metrics")
+        assert code == 200
+        return body
+
+    def wait_for(self, predicate: Callable[[], Any], timeout: float = 20.0,
+                 what: str = "condition", poll: float = 0.05) -> Any:
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"{self.role} exited with {self.proc.returncode}:\n"
+                                   f"{self.log()[-4000:]}")
+            with contextlib.suppress(urllib.error.URLError, ConnectionError):
+                result = predicate()
+                if result:
+                    return result
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"timed out waiting for {what}:\n{self.log()[-4000:]}")
+            time.sleep(poll)
+
+    def stop(self, timeout: float = 20.0) -> int:
+        return _terminate(self.proc, timeout)
+
+
+class AgentProcess(DaemonProcess):
+    role = "agent"
+
     def __init__(self, workdir: Path, gpus: int = 8, settings: dict[str, Any] | None = None,
                  env: dict[str, str] | None = None, node_name: str = "node-under-test") -> None:
         self.workdir = workdir
@@ -99,46 +151,10 @@ class AgentProcess:
             self.wait_for(lambda: self.get("/readyz")[0] == 200, what="/readyz 200")
         return self
 
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def get(self, path: str, timeout: float = 5.0) -> tuple[int, str]:
-        try:
-            with urllib.request.urlopen(self.url + path, timeout=timeout) as resp:
-                return resp.status, resp.read().decode()
-        except urllib.error.HTTPError as exc:
-            with exc:  # closes the connection (TLS sockets warn when left to the GC)
-                return exc.code, exc.read().decode()
-
-    def status(self) -> dict[str, Any]:
-        code, body = self.get("/status")
-        assert code == 200, body
-        result: dict[str, Any] = json.loads(body)
-        return result
-
-    def metrics(self) -> str:
-        code, body = self.get("/metrics")
-        assert code == 200
-        return body
-
     def findings(self, fault_class: str, gpu: int | None = None) -> list[dict[str, Any]]:
         return [f for f in self.status()["findings"]
                 if f["fault_class"] == fault_class
                 and (gpu is None or f["subject"].get("index") == gpu)]
-
-    def wait_for(self, predicate: Callable[[], Any], timeout: float = 20.0,
-                 what: str = "condition") -> Any:
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.proc is not None and self.proc.poll() is not None:
-                raise RuntimeError(f"agent exited with {self.proc.returncode}:\n{self.log()}")
-            with contextlib.suppress(urllib.error.URLError, ConnectionError):
-                result = predicate()
-                if result:
-                    return result
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"timed out waiting for {what}:\n{self.log()[-4000:]}")
-            time.sleep(0.05)
 
     def wait_finding(self, fault_class: str, gpu: int, timeout: float = 20.0
                      ) -> dict[str, Any]:
@@ -149,9 +165,6 @@ class AgentProcess:
     def wait_clear(self, fault_class: str, gpu: int, timeout: float = 20.0) -> None:
         self.wait_for(lambda: not self.findings(fault_class, gpu), timeout,
                       f"{fault_class} on GPU {gpu} to clear")
-
-    def stop(self, timeout: float = 20.0) -> int:
-        return _terminate(self.proc, timeout)
 
 
 def metric_value(text: str, name: str, **labels: str) -> float | None:
@@ -182,9 +195,11 @@ def tls_client(ca: Path) -> ssl.SSLContext:
     return ssl.create_default_context(cafile=str(ca / "ca.crt"))
 
 
-class ControllerProcess:
+class ControllerProcess(DaemonProcess):
     """A real controller process against a cluster given by a kubeconfig, its report
     endpoint on TLS with a certificate for 127.0.0.1 (``report_url``, CA in ``tls_dir``)."""
+
+    role = "controller"
 
     def __init__(self, workdir: Path, kubeconfig: Path, identity: str,
                  settings: dict[str, Any] | None = None, policy: str | None = None,
@@ -236,14 +251,6 @@ class ControllerProcess:
         self.report_url = f"{scheme}://127.0.0.1:{port}"
         return self
 
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def status(self) -> dict[str, Any]:
-        with urllib.request.urlopen(self.url + "/status", timeout=5) as resp:
-            result: dict[str, Any] = json.loads(resp.read())
-            return result
-
     def post_report(self, token: str, body: Any, *, raw: bytes | None = None,
                     content_type: str = "application/json",
                     path: str = "/v1/reports/node") -> tuple[int, str]:
@@ -264,9 +271,6 @@ class ControllerProcess:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
-
-    def stop(self, timeout: float = 20.0) -> int:
-        return _terminate(self.proc, timeout)
 
 
 def _terminate(proc: subprocess.Popen[bytes] | None, timeout: float) -> int:
@@ -371,8 +375,10 @@ class EngineProcess:
         return _terminate(self.proc, timeout)
 
 
-class SidecarProcess:
+class SidecarProcess(DaemonProcess):
     """A real sidecar process (``python -m supervisor sidecar``)."""
+
+    role = "sidecar"
 
     def __init__(self, workdir: Path, name: str, settings: dict[str, Any],
                  netns: str | None = None, listen: str = "127.0.0.1:0",
@@ -402,23 +408,6 @@ class SidecarProcess:
         self.url = f"http://{host}:{port}"
         return self
 
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def get(self, path: str, timeout: float = 5.0) -> tuple[int, str]:
-        try:
-            with urllib.request.urlopen(self.url + path, timeout=timeout) as resp:
-                return resp.status, resp.read().decode()
-        except urllib.error.HTTPError as exc:
-            with exc:
-                return exc.code, exc.read().decode()
-
-    def status(self) -> dict[str, Any]:
-        code, body = self.get("/status")
-        assert code == 200, body
-        result: dict[str, Any] = json.loads(body)
-        return result
-
     def findings(self, fault_class: str | None = None) -> list[dict[str, Any]]:
         return [f for f in self.status()["findings"]
                 if fault_class is None or f["fault_class"] == fault_class]
@@ -431,24 +420,6 @@ class SidecarProcess:
                 if b"probes.collective" in Path(f"/proc/{pid}/cmdline").read_bytes():
                     return pid
         raise RuntimeError("no collective worker running")
-
-    def wait_for(self, predicate: Callable[[], Any], timeout: float = 20.0,
-                 what: str = "condition", poll: float = 0.05) -> Any:
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.proc is not None and self.proc.poll() is not None:
-                raise RuntimeError(f"sidecar exited with {self.proc.returncode}:\n"
-                                   f"{self.log()[-4000:]}")
-            with contextlib.suppress(urllib.error.URLError, ConnectionError):
-                result = predicate()
-                if result:
-                    return result
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"timed out waiting for {what}:\n{self.log()[-4000:]}")
-            time.sleep(poll)
-
-    def stop(self, timeout: float = 20.0) -> int:
-        return _terminate(self.proc, timeout)
 
 
 VLLM_INSTALL = Path(__file__).resolve().parents[1] / "tests" / "vllm" / "install.sh"

@@ -42,7 +42,7 @@ import random
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 from aiohttp import web
@@ -54,6 +54,7 @@ from supervisor.runtime.deadline import with_deadline
 from supervisor.runtime.logging import Throttled
 
 log = structlog.get_logger(__name__)
+R = TypeVar("R", "NodeReport", "PodReport")
 
 SEVERITIES = ("info", "warning", "critical")
 NODE_NAME_EXTRA = "authentication.kubernetes.io/node-name"
@@ -424,44 +425,51 @@ class Ingest:
         return routes
 
     async def node_report(self, request: web.Request) -> web.Response:
-        received = self._clock.monotonic()
-        try:
-            identity, body = await self._authenticated_body(request, self._allowed)
-            report = self._parse(parse_node_report, body)
+        """An agent's report: a node-bound token may report only for its node."""
+        def bound(identity: Identity, report: NodeReport) -> str:
             if identity.node is not None and identity.node != report.node:
                 raise Refused(403, "forbidden", f"token bound to node {identity.node} may "
                                                 f"not report for {report.node}")
-            self._fresh(f"node/{report.node}", report.boot_id, report.sequence,
-                        report.sent_at)
-        except Refused as refused:
-            return self._refuse(refused, request.remote)
-        self.outcomes["accepted"] += 1
-        self._accept(report, received)
-        return web.json_response({"accepted": True}, status=202)
+            return f"node/{report.node}"
+
+        return await self._receive(request, self._allowed, parse_node_report, bound,
+                                   self._accept)
 
     async def pod_report(self, request: web.Request) -> web.Response:
         """A sidecar's report. Only with a pod-bound token, and only about that pod: the
         token names its pod (TokenReview's pod-name extra) and its ServiceAccount's
         namespace, and the report must be about exactly that pod."""
-        received = self._clock.monotonic()
-        assert self._accept_pod is not None
-        try:
-            identity, body = await self._authenticated_body(request, self._allowed_pods)
-            report = self._parse(parse_pod_report, body)
-            bound = identity.extra.get(POD_NAME_EXTRA) or []
-            if not bound:
+        def bound(identity: Identity, report: PodReport) -> str:
+            pods = identity.extra.get(POD_NAME_EXTRA) or []
+            if not pods:
                 raise Refused(403, "forbidden", "pod reports need a pod-bound token (the "
                                                 "projected token of the reporting pod)")
             namespace = identity.user.removeprefix(SA_PREFIX).split(":")[0]
-            if (namespace, bound[0]) != (report.namespace, report.name):
-                raise Refused(403, "forbidden", f"token of pod {namespace}/{bound[0]} may "
+            if (namespace, pods[0]) != (report.namespace, report.name):
+                raise Refused(403, "forbidden", f"token of pod {namespace}/{pods[0]} may "
                                                 f"not report for {report.pod}")
-            self._fresh(f"pod/{report.pod}", report.boot_id, report.sequence,
-                        report.sent_at)
+            return f"pod/{report.pod}"
+
+        assert self._accept_pod is not None
+        return await self._receive(request, self._allowed_pods, parse_pod_report, bound,
+                                   self._accept_pod)
+
+    async def _receive(self, request: web.Request, allowed: Sequence[str],
+                       parse: Callable[[Any], R],
+                       bound: Callable[[Identity, R], str],
+                       accept: Callable[[R, float], None]) -> web.Response:
+        """Every step of the module docstring, for one kind of report: ``bound`` checks
+        the token's binding and names the sender (whose freshness is tracked)."""
+        received = self._clock.monotonic()
+        try:
+            identity, body = await self._authenticated_body(request, allowed)
+            report = self._parse(parse, body)
+            sender = bound(identity, report)
+            self._fresh(sender, report.boot_id, report.sequence, report.sent_at)
         except Refused as refused:
             return self._refuse(refused, request.remote)
         self.outcomes["accepted"] += 1
-        self._accept_pod(report, received)
+        accept(report, received)
         return web.json_response({"accepted": True}, status=202)
 
     # --- steps shared by every report kind ---------------------------------------------------
@@ -520,7 +528,7 @@ class Ingest:
         return raw
 
     @staticmethod
-    def _parse(parse: Callable[[Any], Any], body: Any) -> Any:
+    def _parse(parse: Callable[[Any], R], body: Any) -> R:
         try:
             return parse(body)
         except ReportInvalid as exc:

@@ -209,61 +209,51 @@ class CollectiveRunner:
             else:
                 await self.periodic_check()
 
+    async def _check(self, kind: str, sizes: list[int], why: str) -> Assessment | None:
+        """Run one check across the whole group and assess it (the lock is held). None
+        when it could not run; a worker that wedged is a hang of its own rank."""
+        plan: dict[str, Any] = {"groups": [list(range(self.identity.size))],
+                                "sizes": sizes, "deadline": self.c.deadline_seconds}
+        started_at = self.clock.wall()
+        try:
+            outcome = await self._run_plan(plan)
+        except (WorkerDown, DeadlineExceeded) as exc:
+            self.counts[f"{kind}_failed"] += 1
+            log.warning("collective check not run", kind=kind, why=why, error=str(exc))
+            if isinstance(exc, DeadlineExceeded):
+                self._apply([self.judge.hang_verdict(
+                    Assessment(kind="hang", hung=[self.identity.rank]),
+                    self.c.deadline_seconds)])
+            return None
+        a = self.judge.assess(outcome)
+        self.counts[f"{kind}_{a.kind}"] += 1
+        self.last = {"kind": kind, "why": why, "assessment": a.kind,
+                     "started_at": started_at, "elapsed": outcome.get("elapsed"),
+                     "busbw": {str(k): round(v, 4) for k, v in a.busbw.items()},
+                     "baseline": a.baseline}
+        log.info("collective check", kind=kind, why=why, assessment=a.kind,
+                 busbw=self.last["busbw"], baseline=a.baseline)
+        if a.kind == "hang":
+            self._apply([self.judge.hang_verdict(a, self.c.deadline_seconds)])
+        else:  # every rank finished within the deadline: no longer hung
+            self._apply([Verdict.clear(self.judge.hang_key)])
+        return a
+
     async def periodic_check(self) -> None:
+        """The small check; a hang or an unusual latency calls for a full one."""
         async with self._lock:
-            plan: dict[str, Any] = {"groups": [list(range(self.identity.size))],
-                                    "sizes": [self.c.periodic_size_bytes],
-                                    "deadline": self.c.deadline_seconds}
-            started_at = self.clock.wall()
-            try:
-                outcome = await self._run_plan(plan)
-            except (WorkerDown, DeadlineExceeded) as exc:
-                self.counts["periodic_failed"] += 1
-                log.warning("periodic collective check not run", error=str(exc))
-                return
-            a = self.judge.assess(outcome)
-            self.judge.learn(a)
-            self.counts[f"periodic_{a.kind}"] += 1
-            self.last = {"kind": "periodic", "assessment": a.kind, "started_at": started_at,
-                         "elapsed": outcome.get("elapsed"),
-                         "busbw": {str(k): round(v, 4) for k, v in a.busbw.items()}}
-            if a.kind == "hang":
-                self._apply([self.judge.hang_verdict(a, self.c.deadline_seconds)])
-            else:  # every rank finished within the deadline: no longer hung
-                self._apply([Verdict.clear(self.judge.hang_key)])
-        if a.kind in ("hang", "slow"):
+            a = await self._check("periodic", [self.c.periodic_size_bytes], "periodic")
+            if a is not None:
+                self.judge.learn(a)
+        if a is not None and a.kind in ("hang", "slow"):
             await self.full_check("after_periodic")
 
     async def full_check(self, why: str) -> bool:
-        """Every size, then localization if slow or hung. True when healthy."""
+        """Every size, then localization if slow. True when healthy."""
         async with self._lock:
-            plan: dict[str, Any] = {"groups": [list(range(self.identity.size))],
-                                    "sizes": sorted(self.c.sizes_bytes),
-                                    "deadline": self.c.deadline_seconds}
-            started_at = self.clock.wall()
-            try:
-                outcome = await self._run_plan(plan)
-            except (WorkerDown, DeadlineExceeded) as exc:
-                self.counts["full_failed"] += 1
-                log.warning("collective check not run", why=why, error=str(exc))
-                if isinstance(exc, DeadlineExceeded):
-                    self._apply([self.judge.hang_verdict(
-                        Assessment(kind="hang", hung=[self.identity.rank]),
-                        self.c.deadline_seconds)])
+            a = await self._check("full", sorted(self.c.sizes_bytes), why)
+            if a is None or a.kind == "hang":
                 return False
-            a = self.judge.assess(outcome)
-            self.counts[f"full_{a.kind}"] += 1
-            self.last = {"kind": "full", "why": why, "assessment": a.kind,
-                         "started_at": started_at,
-                         "busbw": {str(k): round(v, 4) for k, v in a.busbw.items()},
-                         "baseline": a.baseline, "elapsed": outcome.get("elapsed")}
-            log.info("collective check", why=why, assessment=a.kind,
-                     busbw={str(k): round(v, 4) for k, v in a.busbw.items()},
-                     baseline=a.baseline)
-            if a.kind == "hang":
-                self._apply([self.judge.hang_verdict(a, self.c.deadline_seconds)])
-                return False
-            verdicts: list[Verdict] = [Verdict.clear(self.judge.hang_key)]
             if a.kind == "slow":
                 loc = self.judge.start_localization()
                 if self.c.localize:
@@ -273,13 +263,12 @@ class CollectiveRunner:
                         except (WorkerDown, DeadlineExceeded):
                             break
                         self.judge.after_round(loc, round_outcome)
+                assert self.last is not None
                 self.last["localized"] = {"rounds": loc.rounds, "found": loc.found}
-                verdicts.append(self.judge.slow_verdict(a, loc))
-                self._apply(verdicts)
+                self._apply([self.judge.slow_verdict(a, loc)])
                 return False
             self.judge.learn(a)
-            verdicts.append(Verdict.clear(self.judge.slow_key))
-            self._apply(verdicts)
+            self._apply([Verdict.clear(self.judge.slow_key)])
             self.preflight_passed = True
             return True
 

@@ -878,3 +878,45 @@ class TestSidecarToController:
                                    path=path)[0] == 202
         finally:
             ctl.stop()
+
+    async def test_collective_slow_quarantines_the_named_member_node(self, env: Env) -> None:
+        """The group's leader reports collective_slow localized to the worker on node B:
+        the controller quarantines node B — where the cause is — not the reporter's node."""
+        nodes = await make_nodes(env.admin, 2)
+        pods = await make_lws_group(env.admin, env.ns, "llama", 0, nodes)
+        ctl = controller(env, "collective-slow", policy="""
+budgets: {max_groups_disrupted: 4, min_healthy_groups: 0}
+rules:
+  - name: fail-slow
+    when: {fault_classes: [collective_slow], min_severity: warning, scope: group, for: 0s}
+    then: [{action: quarantine}]
+""").start()
+        try:
+            await leader_of(ctl)
+            leader_pod = pods[0]["metadata"]
+            token = await env.cluster.service_account_token(
+                env.ns, "default", audiences=[REPORT_AUDIENCE],
+                bound_to={"kind": "Pod", "name": leader_pod["name"], "uid": leader_pod["uid"]})
+            now = time.time()
+            report = {"kind": "PodReport", "pod": {"namespace": env.ns,
+                                                   "name": leader_pod["name"]},
+                      "node": nodes[0], "boot": {"id": "b"}, "sequence": 1, "sent_at": now,
+                      "findings": [{
+                          "fault_class": "collective_slow", "severity": "warning",
+                          "subject": {"kind": "pod", "id": f"{env.ns}/llama-0-1",
+                                      "node": nodes[1]},
+                          "reason": "CollectiveSlow", "message": "localized to rank 1",
+                          "first_seen": now, "last_seen": now}]}
+            assert ctl.post_report(token, report, path="/v1/reports/pod")[0] == 202
+            core = client.CoreV1Api(env.admin)
+
+            async def quarantined(node: str) -> bool:
+                raw = await core.read_node(node)
+                return any(t.key == QUARANTINE_TAINT for t in raw.spec.taints or [])
+
+            async def b_quarantined() -> bool:
+                return await quarantined(nodes[1])
+            await until(b_quarantined, what="node B quarantined")
+            assert not await quarantined(nodes[0])
+        finally:
+            ctl.stop()
