@@ -22,10 +22,13 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import itertools
 import os
+import signal
 import subprocess
 
 _live: list[Hosts] = []
+_instances = itertools.count()
 
 
 @atexit.register
@@ -42,7 +45,9 @@ class Hosts:
     def __init__(self, n: int, peer_port: int = 8088) -> None:
         self.n = n
         self.peer_port = peer_port
-        self.k = 100 + os.getpid() % 150
+        # Distinct per process and per instance: a test module's hosts may not be gone
+        # (namespaces die only when their last process does) when the next module's come up.
+        self.k = 100 + (os.getpid() * 7 + next(_instances)) % 150
         self.bridge = f"gsbr{self.k}"
         self.names = [f"gs{self.k}h{i}" for i in range(n)]
         self.ips = [f"10.77.{self.k}.{10 + i}" for i in range(n)]
@@ -69,6 +74,13 @@ class Hosts:
 
     def down(self) -> None:
         for ns in self.names:
+            # A namespace lives on while any process runs in it: end those first.
+            with contextlib.suppress(subprocess.CalledProcessError):
+                pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True,
+                                      text=True, check=True).stdout.split()
+                for pid in pids:
+                    with contextlib.suppress(ProcessLookupError, ValueError):
+                        os.kill(int(pid), signal.SIGKILL)
             with contextlib.suppress(subprocess.CalledProcessError):
                 _run("ip", "netns", "del", ns)
         with contextlib.suppress(subprocess.CalledProcessError):

@@ -237,7 +237,9 @@ def main(argv: list[str] | None = None) -> int:
     while True:
         command = commands.get()
         if command is None:
-            return 0
+            # The sidecar went away. Leave at once: a normal interpreter exit would run
+            # torch's teardown, which can block for good on a gloo thread stuck mid-call.
+            os._exit(0)
         if command.get("op") == "run" and args.rank == 0:
             _say(worker.lead(command["plan"]))
         elif command.get("op") == "present" and args.rank == 0:

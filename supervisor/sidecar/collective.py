@@ -272,6 +272,19 @@ class CollectiveRunner:
             self.preflight_passed = True
             return True
 
+    async def close(self, grace: float = 2.0) -> None:
+        """End the worker with the sidecar (it also exits when its stdin closes, unless a
+        collective has it wedged in C++)."""
+        proc = self._proc
+        if proc is None or proc.returncode is not None:
+            return
+        proc.terminate()
+        try:
+            await with_deadline("collective worker exit", proc.wait(), grace)
+        except DeadlineExceeded:
+            proc.kill()
+            await proc.wait()
+
     def ready(self) -> bool:
         """The preflight gate: passed (leader), or took part in a full check (member)."""
         if not self.c.preflight:

@@ -127,10 +127,12 @@ class Sidecar:
         if self.collective is not None:
             self.collective.request()
 
-    def stop(self) -> None:
+    async def stop(self) -> None:
         self.sockets.close()
         if self._canary_task is not None:
             self._canary_task.cancel()
+        if self.collective is not None:
+            await self.collective.close()
 
     def _tick(self, name: str) -> None:
         self._ticks[name] = self.clock.monotonic()

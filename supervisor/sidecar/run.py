@@ -75,7 +75,7 @@ async def run_sidecar(settings: Settings) -> None:
             group.start("reporter", reporter.run())
 
     async def cleanup() -> None:
-        sidecar.stop()
+        await sidecar.stop()
         await session.close()
 
     app = build_app(liveness=liveness, readiness=sidecar.readiness, status=status,
