@@ -579,6 +579,12 @@ class PolicyEngine:
     def breaker_open(self) -> bool:
         return self._breaker.opened_at is not None
 
+    def degrade_states(self) -> dict[str, bool]:
+        """Every model the policy can degrade → whether a confirmed degrade has its
+        traffic on the fallback now."""
+        return {d.model: bool((st := self._degrade.get(d.model)) and st.degraded)
+                for d in self.policy.degrade}
+
     def reset_breaker(self) -> None:
         """Close the breaker and forget the actions that opened it (else the next action
         would open it again at once). Refused decisions are decided again."""

@@ -48,6 +48,19 @@ class ControllerCollector:
                     sum(1 for n in c.model.nodes.values() if n.last_report is not None))
         yield gauge("nodes_silent", "Nodes whose agent stopped reporting",
                     len(c.model.silent_nodes()))
+        # Sparse on purpose: a series per silent node, not per node, so a 16k-node fleet
+        # costs nothing here until agents go quiet (the alert fires on presence).
+        silent = GaugeMetricFamily(f"{P}node_silent", "1 for each node whose agent stopped "
+                                   "reporting (absent while it reports)", labels=["node"])
+        for name in sorted(c.model.silent_nodes()):
+            silent.add_metric([name], 1)
+        yield silent
+        degraded = GaugeMetricFamily(f"{P}model_degraded", "1 while a model's traffic is on "
+                                     "its fallback model (degrade mode), for every model the "
+                                     "policy can degrade", labels=["model"])
+        for model, on in sorted(c.engine.degrade_states().items()):
+            degraded.add_metric([model], 1 if on else 0)
+        yield degraded
         reports = CounterMetricFamily(f"{P}reports", "Reports received, by outcome",
                                       labels=["outcome"])
         for outcome in ("accepted", "unauthenticated", "forbidden", "malformed", "invalid",
