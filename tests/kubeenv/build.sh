@@ -26,7 +26,7 @@ if [[ -z "$k8s_version" ]]; then
     echo "build.sh: cannot find k8s.io/kubernetes version in go.mod" >&2
     exit 1
 fi
-src_hash="$(cat go.mod go.sum main.go | sha256sum | cut -c1-12)"
+src_hash="$(cat go.mod go.sum main.go build.sh | sha256sum | cut -c1-12)"
 key="${k8s_version}-${src_hash}"
 
 cache_root="${XDG_CACHE_HOME:-$HOME/.cache}/gpu-supervisor/kube-testenv"
@@ -59,8 +59,16 @@ echo "build.sh: building kube-testenv (k8s.io/kubernetes $k8s_version, $(go env 
 start=$(date +%s)
 # GOWORK=off: never pick up a go.work from a parent directory.
 # CGO_ENABLED=0: static binary, as upstream builds kube-apiserver.
+# The version stamp upstream's release build sets: without it /version says
+# v0.0.0-master, and clients that check the server version (helm's kubeVersion) refuse it.
+IFS=. read -r k8s_major k8s_minor _ <<<"${k8s_version#v}"
+ldflags="-s -w"
+for var in gitVersion=${k8s_version} gitMajor=${k8s_major} gitMinor=${k8s_minor} \
+           gitTreeState=clean; do
+    ldflags+=" -X k8s.io/component-base/version.${var}"
+done
 GOWORK=off CGO_ENABLED=0 GOFLAGS="${GOFLAGS:-} -buildvcs=false -mod=readonly" \
-    go build -trimpath -ldflags "-s -w" -o "$tmp" . >&2
+    go build -trimpath -ldflags "$ldflags" -o "$tmp" . >&2
 "$tmp" version >/dev/null
 mv -f "$tmp" "$bin"
 trap - EXIT

@@ -60,7 +60,8 @@ if TYPE_CHECKING:
 
 HERE = Path(__file__).resolve().parent
 BUILD_SCRIPT = HERE / "build.sh"
-CRD_DIR = HERE / "crds"
+CRD_DIR = HERE / "crds"  # ours: LeaderWorkerSet (its module is not served here)
+UPSTREAM_CRDS_SCRIPT = HERE / "upstream-crds.sh"  # Gateway API, prometheus-operator
 
 STARTUP_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 15.0
@@ -104,6 +105,32 @@ def build_binary() -> Path:
     if not os.access(path, os.X_OK):
         raise KubeTestClusterError(f"{BUILD_SCRIPT} printed {path}, which is not executable")
     return path
+
+
+def _script_output(script: Path, env_override: str) -> Path:
+    """Run one of our cached-fetch scripts (or take ``env_override``'s path) and return
+    the path it printed last."""
+    given = os.environ.get(env_override)
+    if given:
+        return Path(given).resolve()
+    try:
+        proc = subprocess.run(["bash", str(script)], stdout=subprocess.PIPE, stderr=None,
+                              text=True, check=False)
+    except OSError as exc:
+        raise KubeTestClusterError(f"cannot run {script}: {exc}") from exc
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        raise KubeTestClusterError(
+            f"{script} failed with exit code {proc.returncode}; see its output above")
+    return Path(lines[-1])
+
+
+def crd_files() -> list[Path]:
+    """Every CRD the test cluster installs: upstream's Gateway API and prometheus-operator
+    CRDs as their Go modules ship them (fetched and cached by upstream-crds.sh, or from
+    ``KUBE_TESTENV_CRDS``), and our LeaderWorkerSet."""
+    upstream = _script_output(UPSTREAM_CRDS_SCRIPT, "KUBE_TESTENV_CRDS")
+    return sorted(upstream.glob("*.yaml")) + sorted(CRD_DIR.glob("*.yaml"))
 
 
 def _free_ports(n: int) -> list[int]:
@@ -491,7 +518,8 @@ class KubeTestCluster:
         return await self.api_client(token)
 
     async def install_crds(self, timeout: float = 30.0) -> None:
-        """Create (or update) the CRDs in ``crds/`` and wait until they are Established."""
+        """Create (or update) the CRDs of :func:`crd_files` and wait until they are
+        Established."""
         import yaml
         from kubernetes_asyncio import client
         from kubernetes_asyncio.client.exceptions import ApiException
@@ -499,8 +527,9 @@ class KubeTestCluster:
         # Plain dicts are sent as they are (the generated models would drop nothing
         # here, but the YAML is the source of truth).
         docs: list[Any] = []
-        for path in sorted(CRD_DIR.glob("*.yaml")):
-            docs.extend(d for d in yaml.safe_load_all(path.read_text()) if d)
+        for path in crd_files():
+            docs.extend(d for d in yaml.safe_load_all(path.read_text())
+                        if d and d.get("kind") == "CustomResourceDefinition")
         async with await self.api_client() as api:
             ext = client.ApiextensionsV1Api(api)
             for doc in docs:

@@ -221,9 +221,10 @@ async def test_crds_lws_and_httproute(cluster: KubeTestCluster) -> None:
         )
         assert scale["spec"]["replicas"] == 3
         assert scale["status"]["replicas"] == 2
-        # Schema validation is real: size must be >= 1.
+        # Schema validation is real: replicas must be >= 0. (Upstream's schema has no
+        # minimum for size; LWS's webhook checks size >= 1, and no webhook runs here.)
         bad = {**lws, "metadata": {"name": "bad"}}
-        bad["spec"] = {**lws["spec"], "leaderWorkerTemplate": {"size": 0, "workerTemplate": {}}}
+        bad["spec"] = {**lws["spec"], "replicas": -1}
         with pytest.raises(ApiException) as exc:
             await co.create_namespaced_custom_object(
                 "leaderworkerset.x-k8s.io", "v1", NS, "leaderworkersets", bad
