@@ -24,7 +24,7 @@ from tests.kubeenv.cluster import KubeTestCluster, build_binary
 
 async def _prepare(cluster: KubeTestCluster, node: str) -> str:
     async with await cluster.api_client() as api:
-        await manifests.apply(api, "namespace.yaml", "agent-rbac.yaml")
+        await manifests.install_rbac(api, manifests.NAMESPACE, "agent")
         await api.call_api("/api/v1/nodes", "POST", body={
             "apiVersion": "v1", "kind": "Node", "metadata": {"name": node}},
             header_params={"Content-Type": "application/json"}, auth_settings=["BearerToken"])

@@ -145,8 +145,7 @@ class LoadGenerator:
 async def _scenario(cluster: KubeTestCluster, workdir: Path, nodes: int, group_size: int,
                     warmup: float, settle: float) -> dict[str, Any]:
     async with await cluster.api_client() as admin:
-        await manifests.apply(admin, "namespace.yaml", "agent-rbac.yaml",
-                              "controller-rbac.yaml")
+        await manifests.install_rbac(admin)
         names = await _populate(admin, nodes, group_size)
     ctl_token = await cluster.service_account_token("gpu-supervisor",
                                                     "gpu-supervisor-controller")

@@ -2,9 +2,11 @@
 # Install everything the test suite needs on a fresh Debian machine, then run it all:
 # static checks (ruff, mypy --strict, import contracts, hadolint) and pytest, which starts
 # real agents on the NVML stand-in, real sidecars beside stand-in engines and a real vLLM,
-# sidecars in network namespaces cut with iptables, and a real kube-apiserver + etcd.
+# sidecars in network namespaces cut with iptables, a real kube-apiserver + etcd, the Helm
+# chart linted and installed with a helm built from its Go module, and a real Prometheus.
 #
-# Safe to rerun: apt packages, the venv, the stand-in and the apiserver build are reused.
+# Safe to rerun: apt packages, the venv, the stand-in, the apiserver and helm builds and the
+# upstream CRDs are reused (cached under ~/.cache/gpu-supervisor).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -40,6 +42,12 @@ python -m probes.nvml_standin build
 log "building kube-apiserver + etcd (first build takes minutes, then cached)"
 KUBE_TESTENV_BINARY="$(bash tests/kubeenv/build.sh | tail -n 1)"
 export KUBE_TESTENV_BINARY
+log "building helm from its Go module (first build ~5-9 min, then cached)"
+HELM="$(bash scripts/build-helm.sh | tail -n 1)"
+export HELM
+log "fetching upstream CRDs (Gateway API, prometheus-operator) with go mod download"
+KUBE_TESTENV_CRDS="$(bash tests/kubeenv/upstream-crds.sh | tail -n 1)"
+export KUBE_TESTENV_CRDS
 log "installing a real vLLM (CPU build) for the sidecar tests (first time ~5 min, then cached)"
 bash tests/vllm/install.sh >/dev/null
 

@@ -74,9 +74,9 @@ def decision(action: Action, target: str, step: int = 0, incident: str = "") -> 
 @pytest.fixture(name="rig")
 async def _rig(kube_cluster: KubeTestCluster, tmp_path: Any) -> AsyncIterator[Rig]:
     async with await kube_cluster.api_client() as admin:
-        await manifests.apply(admin, "namespace.yaml", "controller-rbac.yaml")
-        token = await kube_cluster.service_account_token("gpu-supervisor",
-                                                         "gpu-supervisor-controller")
+        release = await manifests.install_rbac(admin, manifests.NAMESPACE, "controller")
+        token = await kube_cluster.service_account_token(
+            release.namespace, release.service_account("controller"))
         kubeconfig = kube_cluster.write_kubeconfig(tmp_path / "kc", token)
         kube = await KubeClient.connect(str(kubeconfig))
         ns = unique("serving")

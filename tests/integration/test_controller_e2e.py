@@ -57,30 +57,29 @@ class Env:
     agent_token: str
     ns: str
     workdir: Path
+    release: manifests.Release  # the chart's RBAC and names this test's daemons run with
 
 
 @pytest.fixture(name="env")
 async def _env(kube_cluster: KubeTestCluster, tmp_path: Path) -> AsyncIterator[Env]:
     async with await kube_cluster.api_client() as admin:
-        await manifests.apply(admin, "namespace.yaml", "agent-rbac.yaml",
-                              "controller-rbac.yaml")
-        token = await kube_cluster.service_account_token("gpu-supervisor",
-                                                         "gpu-supervisor-controller")
+        # Each test installs its own release of the chart's RBAC: its own Lease and state,
+        # so tests cannot see each other's leader.
+        release = await manifests.install_rbac(admin, unique("gs"))
+        token = await kube_cluster.service_account_token(
+            release.namespace, release.service_account("controller"))
         agent_token = await kube_cluster.service_account_token(
-            "gpu-supervisor", "gpu-supervisor-agent", audiences=[REPORT_AUDIENCE])
+            release.namespace, release.service_account("agent"), audiences=[REPORT_AUDIENCE])
         ns = unique("serving")
         await kube_cluster.ensure_namespace(ns)
-        # Each test gets its own Lease and state, so tests cannot see each other's leader.
         yield Env(kube_cluster, admin, kube_cluster.write_kubeconfig(tmp_path / "kc", token),
-                  agent_token, ns, tmp_path)
+                  agent_token, ns, tmp_path, release)
 
 
 def controller(env: Env, identity: str, policy: str = POLICY) -> ControllerProcess:
     return ControllerProcess(env.workdir, env.controller_kubeconfig, identity, policy=policy,
-                             settings={"controller": {"lease_name": f"lease-{env.ns}",
-                                                      "state_configmap": f"state-{env.ns}",
-                                                      "silence_seconds": 3.0,
-                                                      "quorum_min_nodes": 3}})
+                             settings=env.release.controller_settings(silence_seconds=3.0,
+                                                                      quorum_min_nodes=3))
 
 
 async def until(predicate: Callable[[], Any], timeout: float = 20.0, what: str = "") -> Any:
@@ -271,8 +270,9 @@ class TestControllerSafety:
             metrics = await asyncio.to_thread(_get, ctl.url + "/metrics")
             assert "gpusupervisor_policy_breaker_open 1.0" in metrics
             core = client.CoreV1Api(env.admin)
+            state = env.release.config("controller")["controller"]["state_configmap"]
             await core.patch_namespaced_config_map(
-                f"state-{env.ns}", "gpu-supervisor",
+                state, env.release.namespace,
                 {"metadata": {"annotations": {"gpu-supervisor.io/reset-breaker": "true"}}})
 
             async def all_three() -> bool:
@@ -280,7 +280,7 @@ class TestControllerSafety:
                     ctl.post_report(env.agent_token, node_report(node, [gpu_finding(node, 0)]))
                 return len(await terminating(env)) == 3
             await until(all_three, what="third restart after reset")
-            cm = await core.read_namespaced_config_map(f"state-{env.ns}", "gpu-supervisor")
+            cm = await core.read_namespaced_config_map(state, env.release.namespace)
             assert "gpu-supervisor.io/reset-breaker" not in (cm.metadata.annotations or {})
         finally:
             ctl.stop()
@@ -440,14 +440,15 @@ class TestControllerNodeBinding:
         B, and accepted for A: one compromised agent cannot get other nodes quarantined."""
         node_a, node_b = await make_nodes(env.admin, 2)
         core = client.CoreV1Api(env.admin)
-        pod = await core.create_namespaced_pod("gpu-supervisor", {
+        agent_sa = env.release.service_account("agent")
+        pod = await core.create_namespaced_pod(env.release.namespace, {
             "apiVersion": "v1", "kind": "Pod",
             "metadata": {"name": unique("agent")},
-            "spec": {"nodeName": node_a, "serviceAccountName": "gpu-supervisor-agent",
+            "spec": {"nodeName": node_a, "serviceAccountName": agent_sa,
                      "automountServiceAccountToken": False,
                      "containers": [{"name": "agent", "image": "gpu-supervisor:0.1.0"}]}})
         request = await core.create_namespaced_service_account_token(
-            "gpu-supervisor-agent", "gpu-supervisor", {
+            agent_sa, env.release.namespace, {
                 "spec": {"audiences": [REPORT_AUDIENCE], "expirationSeconds": 3600,
                          "boundObjectRef": {"kind": "Pod", "apiVersion": "v1",
                                             "name": pod.metadata.name,
@@ -615,9 +616,7 @@ class TestFencingAcrossLeaderChanges:
         after: 4s
 """, "")
         a = ControllerProcess(env.workdir, slow_kubeconfig, "fence-a", policy=fail_over_only,
-                              settings={"controller": {"lease_name": f"lease-{env.ns}",
-                                                       "state_configmap": f"state-{env.ns}",
-                                                       "silence_seconds": 30.0}})
+                              settings=env.release.controller_settings(silence_seconds=30.0))
         await asyncio.to_thread(a.start)
         b = None
         try:
@@ -731,8 +730,7 @@ class TestXidIncidentsEndToEnd:
         nodes = await make_nodes(env.admin, 1)
         await make_lws_group(env.admin, env.ns, "llama", 0, nodes, model="llama-70b")
         ctl = ControllerProcess(env.workdir, env.controller_kubeconfig, "xid-default",
-                                settings={"controller": {"lease_name": f"lease-{env.ns}",
-                                                         "state_configmap": f"state-{env.ns}"}})
+                                settings=env.release.controller_settings())
         await asyncio.to_thread(ctl.start)
         token_file = env.workdir / "agent-token"
         token_file.write_text(env.agent_token)

@@ -1,4 +1,6 @@
-"""The shipped manifests keep the promises the README makes about them."""
+"""The plain manifests (the Helm chart rendered with its defaults, see deploy/render.py)
+keep the promises the README makes about a deployment: locked-down containers, GPU node
+placement, probes, TLS and tokens where the configs expect them, and resources set."""
 
 from __future__ import annotations
 
@@ -9,61 +11,88 @@ import yaml
 
 from supervisor.config import load
 
-DEPLOY = Path(__file__).parents[2] / "deploy" / "manifests"
+DEPLOY = Path(__file__).parents[2] / "deploy"
+OBJECTS = [d for d in yaml.safe_load_all((DEPLOY / "manifests" / "gpu-supervisor.yaml")
+                                         .read_text()) if d]
 
 
-def docs(name: str) -> list[dict[str, Any]]:
-    return [d for d in yaml.safe_load_all((DEPLOY / name).read_text()) if d]
+def one(kind: str, name: str = "") -> dict[str, Any]:
+    (obj,) = [o for o in OBJECTS if o["kind"] == kind and o["metadata"]["name"].endswith(name)]
+    return obj
 
 
-def test_agent_daemonset_is_locked_down_and_probed() -> None:
-    """Non-root, read-only root filesystem, no capabilities, node-critical, GPU toleration,
-    liveness on /livez and readiness on /readyz, NODE_NAME from the downward API."""
-    (ds,) = docs("agent-daemonset.yaml")
-    pod = ds["spec"]["template"]["spec"]
-    (container,) = pod["containers"]
-    assert pod["securityContext"]["runAsNonRoot"] is True
+def config(component: str, tmp_path: Path) -> Any:
+    path = tmp_path / f"{component}.yaml"
+    path.write_text(one("ConfigMap", f"-{component}")["data"][f"{component}.yaml"])
+    return load(path, {"NODE_NAME": "n"})
+
+
+def test_every_container_is_locked_down_and_sized() -> None:
+    """Both workloads: non-root with the image's UID, RuntimeDefault seccomp, read-only
+    root filesystem, no capabilities, no privilege escalation; requests and a memory
+    limit on every container."""
+    for kind in ("DaemonSet", "Deployment"):
+        pod = one(kind)["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert pod["securityContext"]["runAsUser"] == 65532
+        assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+        for container in pod["containers"]:
+            sc = container["securityContext"]
+            assert sc["readOnlyRootFilesystem"] is True
+            assert sc["allowPrivilegeEscalation"] is False
+            assert sc["capabilities"]["drop"] == ["ALL"]
+            assert container["resources"]["requests"]["cpu"]
+            assert container["resources"]["requests"]["memory"]
+            assert container["resources"]["limits"]["memory"]
+            assert container["livenessProbe"]["httpGet"]["path"] == "/livez"
+            assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+
+
+def test_agents_run_on_every_gpu_node_and_see_every_gpu() -> None:
+    """Tolerates the nvidia.com/gpu taint and our quarantine taint, node affinity on the GPU
+    operator's or NFD's label, system-node-critical, NVML through the NVIDIA runtime's
+    utility capability on all GPUs, NODE_NAME from the downward API, no RuntimeClass
+    unless asked."""
+    pod = one("DaemonSet")["spec"]["template"]["spec"]
     assert pod["priorityClassName"] == "system-node-critical"
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in \
         pod["tolerations"]
-    sc = container["securityContext"]
-    assert sc["readOnlyRootFilesystem"] is True
-    assert sc["allowPrivilegeEscalation"] is False
-    assert sc["capabilities"]["drop"] == ["ALL"]
-    assert container["livenessProbe"]["httpGet"]["path"] == "/livez"
-    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert {"key": "gpu-supervisor.io/quarantine", "operator": "Exists"} in pod["tolerations"]
+    terms = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][
+        "nodeSelectorTerms"]
+    keys = {t["matchExpressions"][0]["key"] for t in terms}
+    assert keys == {"nvidia.com/gpu.present", "feature.node.kubernetes.io/pci-10de.present"}
+    assert "runtimeClassName" not in pod
+    (container,) = pod["containers"]
     env = {e["name"]: e for e in container["env"]}
+    assert env["NVIDIA_VISIBLE_DEVICES"]["value"] == "all"
+    assert env["NVIDIA_DRIVER_CAPABILITIES"]["value"] == "utility"
     assert env["NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
     assert pod["serviceAccountName"] == "gpu-supervisor-agent"
 
 
-def test_agent_configmap_is_a_valid_config(tmp_path: Path) -> None:
-    """The ConfigMap's agent.yaml passes the same validation the daemon runs at start."""
-    (cm,) = docs("agent-config.yaml")
-    path = tmp_path / "agent.yaml"
-    path.write_text(cm["data"]["agent.yaml"])
-    settings = load(path, {"NODE_NAME": "n"})
-    assert settings.kubernetes.enabled == "true"
-
-
-def test_agent_role_grants_only_what_the_agent_calls() -> None:
-    """The ClusterRole is exactly get nodes, patch nodes/status, create events."""
-    role = next(d for d in docs("agent-rbac.yaml") if d["kind"] == "ClusterRole")
-    granted = {(r, v) for rule in role["rules"] for r in rule["resources"] for v in rule["verbs"]}
-    assert granted == {("nodes", "get"), ("nodes/status", "patch"), ("events", "create")}
+def test_the_controller_has_a_standby_a_budget_and_spreads_over_nodes() -> None:
+    """Two replicas, never both down in a rollout, a PodDisruptionBudget keeping one,
+    anti-affinity on the hostname, the Lease name in its config."""
+    deployment = one("Deployment")
+    assert deployment["spec"]["replicas"] == 2
+    assert deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    pdb = one("PodDisruptionBudget")
+    assert pdb["spec"]["minAvailable"] == 1
+    assert pdb["spec"]["selector"] == deployment["spec"]["selector"]
+    anti = deployment["spec"]["template"]["spec"]["affinity"]["podAntiAffinity"]
+    (term,) = anti["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert term["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
 
 
 def test_agent_reports_over_tls_with_an_audience_bound_token(tmp_path: Path) -> None:
     """The agent's config reports to the controller's TLS port with the projected token of
     audience gpu-supervisor, and the DaemonSet mounts that token and the report CA where
     the config expects them."""
-    (cm,) = docs("agent-config.yaml")
-    path = tmp_path / "agent.yaml"
-    path.write_text(cm["data"]["agent.yaml"])
-    settings = load(path, {"NODE_NAME": "n"})
-    assert settings.reporting.controller_url.startswith("https://")
-    (ds,) = docs("agent-daemonset.yaml")
-    pod = ds["spec"]["template"]["spec"]
+    settings = config("agent", tmp_path)
+    assert settings.reporting.controller_url == \
+        "https://gpu-supervisor-controller.gpu-supervisor.svc:8443"
+    pod = one("DaemonSet")["spec"]["template"]["spec"]
     volumes = {v["name"]: v for v in pod["volumes"]}
     mounts = {m["name"]: m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
     (source,) = volumes["report-token"]["projected"]["sources"]
@@ -71,20 +100,33 @@ def test_agent_reports_over_tls_with_an_audience_bound_token(tmp_path: Path) -> 
     assert settings.reporting.token_file == \
         f"{mounts['report-token']}/{source['serviceAccountToken']['path']}"
     assert settings.reporting.ca_file.startswith(mounts["report-ca"] + "/")
+    assert volumes["report-ca"]["configMap"]["name"] == "gpu-supervisor-report-ca"
 
 
 def test_controller_serves_reports_on_tls_from_its_secret(tmp_path: Path) -> None:
-    """The controller's config points at the mounted TLS Secret and asks for our
-    audience; its Service exposes the report port."""
-    cm, deployment, service = docs("controller-deployment.yaml")
-    path = tmp_path / "controller.yaml"
-    path.write_text(cm["data"]["controller.yaml"])
-    settings = load(path, {"NODE_NAME": "n"})
-    pod = deployment["spec"]["template"]["spec"]
-    mounts = {m["name"]: m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
-    assert settings.controller.tls_cert_file == f"{mounts['report-tls']}/tls.crt"
+    """The controller's config points at the mounted TLS Secret and asks for our audience;
+    the policy is mounted as a directory (edits reach it without a restart); its headless
+    Service exposes the report port."""
+    settings = config("controller", tmp_path)
+    pod = one("Deployment")["spec"]["template"]["spec"]
+    mounts = {m["name"]: m for m in pod["containers"][0]["volumeMounts"]}
+    assert settings.controller.tls_cert_file == f"{mounts['report-tls']['mountPath']}/tls.crt"
     assert settings.controller.token_audiences == ["gpu-supervisor"]
+    assert settings.controller.policy_file.startswith(mounts["policy"]["mountPath"] + "/")
+    assert "subPath" not in mounts["policy"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["report-tls"]["secret"]["secretName"] == "gpu-supervisor-report-tls"
+    service = one("Service", "-controller")
+    assert service["spec"]["clusterIP"] == "None"
     assert {p["name"]: p["port"] for p in service["spec"]["ports"]}["reports"] == 8443
+
+
+def test_the_plain_manifests_expect_the_tls_material_from_the_documented_script() -> None:
+    """Rendered for `kubectl apply`, the manifests carry no key of their own: the Secret and
+    CA ConfigMap come from deploy/tls/make-report-cert.sh, whose kubectl lines name them."""
+    assert not [o for o in OBJECTS if o["kind"] == "Secret"]
+    script = (DEPLOY / "tls" / "make-report-cert.sh").read_text()
+    assert "gpu-supervisor-report-tls" in script and "gpu-supervisor-report-ca" in script
 
 
 def test_example_sidecar_knows_its_group_from_lws_environment() -> None:
@@ -94,7 +136,7 @@ def test_example_sidecar_knows_its_group_from_lws_environment() -> None:
     from supervisor.config import load as load_settings
     from supervisor.sidecar.identity import identify
 
-    lws = yaml.safe_load_all((DEPLOY.parent / "examples" / "lws-vllm-with-sidecar.yaml")
+    lws = yaml.safe_load_all((DEPLOY / "examples" / "lws-vllm-with-sidecar.yaml")
                              .read_text())
     lws_doc = next(d for d in lws if d["kind"] == "LeaderWorkerSet")
     tmpl = lws_doc["spec"]["leaderWorkerTemplate"]
