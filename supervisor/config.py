@@ -268,6 +268,11 @@ class SidecarSettings:
         0.05, "floor of the heartbeat-interval deviation the detector assumes", "s", gt=0)
     acceptable_pause_seconds: float = setting(
         0.25, "pause tolerated on top of the observed intervals (GC, scheduling)", "s", ge=0)
+    join_seconds: float = setting(
+        300.0, "a member never heard since this sidecar started is still joining: the pod "
+        "is not ready, but it is no partition finding until this long after the start (the "
+        "pods of a group start minutes apart while images pull; a finding would restart a "
+        "group still forming)", "s", gt=0)
     confirm_seconds: float = setting(
         0.75, "a suspicion must last this long (while indirect probes run) before it is "
         "a finding: single lost heartbeats never are", "s", ge=0)

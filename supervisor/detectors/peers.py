@@ -25,6 +25,12 @@ second, far below that — and then it is classified from what the rest of the g
 - ``isolated``: this member suspects every peer and hears of none of them through anyone —
   it is the one cut off (needs at least two peers to tell apart from one peer down).
 
+A member never heard since this one started is *joining*, not cut: the pods of a group
+start minutes apart (scheduling, image pulls), and a partition finding then would restart
+a group that is still forming — and, its pods again starting apart, the next one too. It
+keeps the pod not ready (the group has not formed) and becomes a finding only if it has not
+joined ``join_seconds`` after the start.
+
 A classification waits until the rows it relies on are newer than the suspicion, so a
 both-ways cut is never called one-way on the strength of a row from before the cut. Time is
 passed in (monotonic seconds): the detector is tested without sleeping or sockets.
@@ -40,7 +46,6 @@ from dataclasses import dataclass, field
 from supervisor.config import SidecarSettings
 from supervisor.findings import FaultClass, FindingKey, Severity, Subject, Verdict
 
-NEVER_HEARD_GRACE_SECONDS = 5.0  # a member that never sent a heartbeat since our start
 PHI_MAX = 100.0
 
 
@@ -199,9 +204,15 @@ class PeerDetector:
 
     # --- judging ---------------------------------------------------------------------------
 
+    def joining(self, now: float) -> list[int]:
+        """Members never heard since our start, while they still have time to join."""
+        if now - self.started >= self.settings.join_seconds:
+            return []
+        return [p.rank for p in self.peers.values() if p.phi.last is None]
+
     def _suspected(self, peer: _Peer, now: float) -> bool:
         if peer.phi.last is None:
-            silent = now - self.started >= NEVER_HEARD_GRACE_SECONDS
+            silent = now - self.started >= self.settings.join_seconds
         else:
             silent = peer.phi.phi(now) >= self.settings.phi_threshold
         if not silent:
@@ -311,6 +322,10 @@ class PeerDetector:
                 reason = "PeerUnreachable"
                 message = (f"member {p} is unreachable from the whole group for "
                            f"{silence:.1f}s: its node is down or it is cut off")
+        if peer.phi.last is None:
+            evidence["never_heard"] = True
+            message += (f" (never heard since this member started: it did not join the group "
+                        f"within {self.settings.join_seconds:g}s)")
         key = FindingKey(FaultClass.PARTITION, subject.id) if subject.kind == "link" else \
             FindingKey(FaultClass.PARTITION, f"{self.group}/member/{subject.id}")
         return Verdict(key=key, active=True, subject=subject, severity=Severity.CRITICAL,

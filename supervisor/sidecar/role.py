@@ -11,8 +11,9 @@
        /readyz (the pod's traffic)   reporter (controller)     /status, /metrics
 
 ``/readyz`` is this pod's traffic signal: false while its engine is hung, crashed or
-unhealthy, or while the group cannot work together (a partition finding) — so the pod
-leaves its Service at the kubelet's next readiness probe, before the controller acts.
+unhealthy, while the group cannot work together (a partition finding), or while it has not
+formed yet (a member not heard since the start) — so the pod leaves its Service at the
+kubelet's next readiness probe, before the controller acts.
 ``/livez`` is about the sidecar itself (its loops turning), never about the engine: a hung
 engine must not get its watcher restarted.
 """
@@ -276,7 +277,8 @@ class Sidecar:
     def readiness(self) -> dict[str, bool]:
         """This pod's traffic signal (see the module docstring)."""
         problems = {f.fault_class for f in self.serving_problems()}
-        checks = {"group-reachable": FaultClass.PARTITION not in problems}
+        checks = {"group-formed": not self.peers.joining(self.clock.monotonic()),
+                  "group-reachable": FaultClass.PARTITION not in problems}
         if self.engine is not None:
             checks["engine-probed"] = self.engine_probes > 0
             checks["engine-serving"] = not problems & {
@@ -319,6 +321,7 @@ class Sidecar:
                                    round(self.peers.phi(r, now), 2)}
                                   for r, (h, p) in enumerate(ident.peers)],
                       "reachability": self.peers.matrix(now),
+                      "joining": self.peers.joining(now),
                       "messages": dict(self.membership.counts)},
             "engine": None if self.engine is None else {
                 "url": self.engine.base_url, "preset": self.engine.preset.name,

@@ -832,8 +832,13 @@ class TestSidecarToController:
             await asyncio.sleep(1)
             await asyncio.to_thread(engines[0].control, hang=True)
             await until(lambda: all_gated(env), what="group failed over")
-            status = await asyncio.to_thread(ctl.status)
-            (incident,) = status["incidents"]
+
+            async def recorded() -> bool:
+                # The gates land before the incident records them: read it once it has.
+                incidents = (await asyncio.to_thread(ctl.status))["incidents"]
+                return any(i["failed_over"] for i in incidents)
+            await until(recorded, what="fail over recorded in the incident")
+            (incident,) = (await asyncio.to_thread(ctl.status))["incidents"]
             assert incident["rule"] == "engine" and incident["failed_over"] == [
                 f"{env.ns}/llama/0"]
             await asyncio.to_thread(engines[0].control, hang=False)

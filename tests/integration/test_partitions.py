@@ -4,6 +4,7 @@ loss raises nothing."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -118,4 +119,5 @@ def test_one_percent_random_loss_raises_nothing(hosts: Hosts,
     time.sleep(30)
     for car in group:
         assert car.findings() == []
-        assert car.status()["recently_cleared"] == []
+        cleared = car.status()["recently_cleared"]
+        assert cleared == [], json.dumps(cleared, indent=1)

@@ -153,6 +153,39 @@ class TestClassification:
         assert net.findings(0) == {"pod-1": ("PeerUnreachable", "peer_unreachable")}
 
 
+class TestGroupForming:
+    def test_a_member_starting_late_is_joining_not_a_partition(self) -> None:
+        """Member 3's pod starts a minute after the others (its host answers 'port
+        unreachable' meanwhile, as a node whose pod is still pulling its image does): it is
+        joining — the others are not ready for it but raise nothing — and once it runs the
+        group forms with no finding anywhere."""
+        net = Net(4)
+        net.dead.add(3)
+        net.run(60, dt=0.05, judge_every=0.1)
+        assert not net.first_seen
+        assert [net.members[r].detector.joining(net.t) for r in range(3)] == [[3]] * 3
+        net.dead.discard(3)
+        net.run(3)
+        assert not net.first_seen
+        assert all(m.detector.joining(net.t) == [] for m in net.members)
+
+    def test_a_member_that_never_joins_is_a_finding_after_join_seconds(self) -> None:
+        """A member never heard at all is a partition finding (down, never joined) once
+        join_seconds have passed since the start — and not before."""
+        net = Net(4)
+        net.dead.add(3)
+        join = net.settings.join_seconds
+        net.run(join - 2, dt=0.05, judge_every=0.1)
+        assert not net.first_seen
+        net.run(4, dt=0.05, judge_every=0.1)
+        for r in range(3):
+            assert net.findings(r) == {"pod-3": ("PeerDown", "peer_down")}
+            (finding,) = net.books[r].active()
+            assert finding.evidence["never_heard"] is True
+            assert "did not join the group" in finding.message
+            assert net.members[r].detector.joining(net.t) == []
+
+
 class TestNoise:
     def test_one_percent_random_loss_raises_nothing_in_ten_minutes(self) -> None:
         """Eight members, 1 % of every datagram lost at random, ten simulated minutes:
