@@ -22,6 +22,27 @@ class ConfigError(SupervisorError):
         self.rule = rule
 
 
+class ListenError(SupervisorError):
+    """A listener could not be opened: the address is in use, is not one of this host's, or
+    its name does not resolve. ``setting`` names where the address came from."""
+
+    def __init__(self, setting: str, address: str, reason: str) -> None:
+        super().__init__(f"cannot listen on {address} ({setting}): {reason}")
+        self.setting = setting
+        self.address = address
+
+
+def os_reason(exc: OSError) -> str:
+    """The OS's words for ``exc`` without the call's wrapping ("Address already in use",
+    "Name or service not known")."""
+    import os
+    import socket
+
+    if isinstance(exc, socket.gaierror) or not exc.errno or exc.errno < 0:
+        return str(exc.strerror or exc)
+    return os.strerror(exc.errno)
+
+
 class DeadlineExceeded(SupervisorError):
     """A foreign call did not answer within its deadline. The call may still be running."""
 

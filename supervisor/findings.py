@@ -31,7 +31,8 @@ _SEVERITY_RANK = {Severity.INFO: 0, Severity.WARNING: 1, Severity.CRITICAL: 2}
 
 
 class FaultClass(enum.StrEnum):
-    """The fault classes of DESIGN.md, as stable identifiers used in metrics and reports."""
+    """The fault classes (the README's table), as stable identifiers used in metrics and
+    reports."""
 
     GPU_LOST = "gpu_lost"
     GPU_UNRESPONSIVE = "gpu_unresponsive"
@@ -126,6 +127,7 @@ class Finding:
     last_seen: float
     count: int = 1
     action: str = ""
+    cleared_at: float | None = None  # wall clock; set on the copies in recently_cleared
 
     @property
     def fault_class(self) -> FaultClass:
@@ -144,7 +146,7 @@ class Finding:
             "first_seen": self.first_seen,
             "last_seen": self.last_seen,
             "count": self.count,
-        }
+        } | ({} if self.cleared_at is None else {"cleared_at": self.cleared_at})
 
 
 class Transition(enum.StrEnum):
@@ -154,6 +156,16 @@ class Transition(enum.StrEnum):
 
 
 Listener = Callable[[Transition, Finding], None]
+
+
+def log_level(transition: Transition, finding: Finding) -> str:
+    """The level a transition is logged at, the same in every role: raised or changed at the
+    finding's severity (critical → error, so log pipelines that page on errors see it),
+    cleared at info."""
+    if transition is Transition.CLEARED:
+        return "info"
+    return {Severity.CRITICAL: "error", Severity.WARNING: "warning"}.get(finding.severity,
+                                                                         "info")
 
 
 class FindingBook:
@@ -184,7 +196,7 @@ class FindingBook:
         if not verdict.active:
             if current is not None:
                 del self._active[verdict.key]
-                self.recently_cleared.append(replace(current, last_seen=now))
+                self.recently_cleared.append(replace(current, cleared_at=now))
                 self._emit(Transition.CLEARED, current)
             return
         if verdict.subject is None:

@@ -22,6 +22,8 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client.aiohttp import make_aiohttp_handler
 
+from supervisor.errors import ListenError, os_reason
+
 Checks = Callable[[], dict[str, bool]]
 
 
@@ -62,10 +64,13 @@ def report_app(routes: list[web.RouteDef], max_bytes: int) -> web.Application:
 
 class HttpServer:
     """An aiohttp site on ``host:port`` (HTTPS with ``ssl_context``); ``port`` 0 picks a
-    free one (see ``bound``)."""
+    free one (see ``bound``). ``setting`` names the address's setting in errors."""
 
     def __init__(self, app: web.Application, listen: str,
-                 ssl_context: ssl.SSLContext | None = None) -> None:
+                 ssl_context: ssl.SSLContext | None = None, *,
+                 setting: str = "http.listen") -> None:
+        self._listen = listen
+        self._setting = setting
         host, _, port = listen.rpartition(":")
         self._host = host.strip("[]")
         self._port = int(port)
@@ -78,7 +83,11 @@ class HttpServer:
         await self._runner.setup()
         site = web.TCPSite(self._runner, self._host, self._port, reuse_address=True,
                            ssl_context=self._ssl)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:  # in use, not this host's address, a name that won't resolve
+            await self._runner.cleanup()
+            raise ListenError(self._setting, self._listen, os_reason(exc)) from exc
         server = site._server  # aiohttp exposes the asyncio server only privately
         sockets = getattr(server, "sockets", None) or []
         if sockets:

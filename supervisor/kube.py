@@ -124,10 +124,17 @@ def _yaml_problem(exc: yaml.YAMLError) -> str:
     return f"not valid YAML: {problem}{where}"
 
 
-async def _from_kubeconfig(path: str) -> _Credentials:
+def check_kubeconfig(path: str) -> None:
+    """Raise ``KubePermanentError`` saying what is wrong with the kubeconfig at ``path``
+    (unreadable, not YAML, no such context or cluster), before anything connects."""
+    _read_kubeconfig(path)
+
+
+def _read_kubeconfig(path: str) -> tuple[dict[str, Any], dict[str, Any], str]:
+    """(cluster, user, server) of the current context."""
     try:
         # A small local file read once at start-up: blocking is fine here.
-        raw = yaml.safe_load(Path(path).read_text())  # noqa: ASYNC240
+        raw = yaml.safe_load(Path(path).read_text())
         contexts = {c["name"]: c["context"] for c in raw.get("contexts") or []}
         current = raw.get("current-context")
         if current not in contexts:
@@ -150,6 +157,11 @@ async def _from_kubeconfig(path: str) -> _Credentials:
     except (KeyError, TypeError, AttributeError) as exc:
         raise KubePermanentError(f"cannot read kubeconfig {path}: missing or malformed "
                                  f"entry {exc}") from exc
+    return cluster, user, server
+
+
+async def _from_kubeconfig(path: str) -> _Credentials:
+    cluster, user, server = _read_kubeconfig(path)
     base = Path(path).parent
 
     def rel(value: str | None) -> str | None:

@@ -57,7 +57,7 @@ class ServerCertificate:
             which = "tls_cert_file" if missing == self.cert_file else "tls_key_file"
             raise ConfigError(f"{self._field}.{which}",
                               f"{missing} does not exist (mount the report TLS Secret, or see "
-                              f"the README's 'Report TLS' section)") from exc
+                              f"the README's 'Security' section)") from exc
         except (OSError, ssl.SSLError) as exc:
             raise ConfigError(f"{self._field}.tls_cert_file",
                               f"cannot load {self.cert_file} with {self.key_file}: {exc}"

@@ -11,6 +11,7 @@ active; its reason is the most severe finding's reason and its message names the
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from supervisor.findings import FaultClass, Finding, Severity
@@ -72,8 +73,12 @@ def evaluate(findings: list[Finding]) -> dict[str, NodeCondition]:
         relevant.sort(key=lambda f: (-f.severity.rank, f.subject.index or 0, f.key.detail))
         worst = relevant[0]
         gpus = sorted({f.subject.index for f in relevant if f.subject.index is not None})
-        where = f"GPU {', '.join(map(str, gpus))}: " if gpus else ""
-        message = f"{where}{worst.message}"
+        message = worst.message
+        if len(gpus) > 1:
+            message = f"GPUs {', '.join(map(str, gpus))}: {message}"
+        elif gpus and not re.match(rf"GPU {gpus[0]}\b", message):
+            # GPU detectors name their GPU already ("GPU 3 (GPU-…): …"); say it once.
+            message = f"GPU {gpus[0]}: {message}"
         if len(relevant) > 1:
             message += f" (+{len(relevant) - 1} more)"
         # Messages are shown in `kubectl describe node`; keep them to one readable line.

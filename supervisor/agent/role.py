@@ -47,6 +47,7 @@ from supervisor.findings import (
     Subject,
     Transition,
     Verdict,
+    log_level,
 )
 from supervisor.runtime.clock import Clock
 from supervisor.runtime.deadline import BlockingWorker, WorkerBusy
@@ -56,6 +57,7 @@ log = structlog.get_logger(__name__)
 
 
 STAGGER_SECONDS = 0.001
+XID_LOG_SECONDS = 10.0  # at most one "xid" log line per (GPU, XID) this often
 
 
 class ProbeObserver(Protocol):
@@ -142,6 +144,9 @@ class Agent:
         self._xid_drain_scheduled = False
         self._xid_thread_error: str | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._xid_unlogged: dict[tuple[int, int], int] = {}
+        self._xid_logged_at: dict[tuple[int, int], float] = {}
+        self._xid_log_due: dict[tuple[int, int], asyncio.TimerHandle] = {}
         self.listeners: list[Callable[[], None]] = []
         self.book.subscribe(self._on_transition)
 
@@ -268,6 +273,9 @@ class Agent:
     def stop(self) -> None:
         """Release threads; never blocks (a wedged NVML call is simply abandoned)."""
         self._xid_stop.set()
+        for key in list(self._xid_log_due):  # what a storm's window still holds, logged now
+            self._xid_log_due[key].cancel()
+            self._flush_xid_log(key)
         for gpu in self.gpus.values():
             gpu.worker.close()
         self._control.close()
@@ -382,18 +390,38 @@ class Agent:
         verdicts = []
         for event, n in groups.values():
             verdict = self.xid.observe(event, repeat=n)
-            log.info("xid", gpu=event.gpu_index, xid=event.xid, count=n,
-                     finding=verdict is not None)
+            self._log_xid(event.gpu_index, event.xid, n)
             if verdict is not None:
                 verdicts.append(verdict)
         self.book.apply(verdicts, self.clock.wall())
 
+    def _log_xid(self, gpu: int, xid: int, n: int) -> None:
+        """A line per (GPU, XID) at most every XID_LOG_SECONDS, counting the events since the
+        last one: a storm is coalesced in the log as it is in the findings. The first event
+        is logged at once; what arrives after it within the window, when the window ends."""
+        key = (gpu, xid)
+        self._xid_unlogged[key] = self._xid_unlogged.get(key, 0) + n
+        wait = self._xid_logged_at.get(key, -XID_LOG_SECONDS) + XID_LOG_SECONDS \
+            - self.clock.monotonic()
+        if wait <= 0:
+            self._flush_xid_log(key)
+        elif key not in self._xid_log_due and self._loop is not None:
+            self._xid_log_due[key] = self._loop.call_later(wait, self._flush_xid_log, key)
+
+    def _flush_xid_log(self, key: tuple[int, int]) -> None:
+        self._xid_log_due.pop(key, None)
+        count = self._xid_unlogged.pop(key, 0)
+        if count:
+            self._xid_logged_at[key] = self.clock.monotonic()
+            log.info("xid", gpu=key[0], xid=key[1], count=count)
+
     # --- state for the outside world ------------------------------------------------------
 
     def _on_transition(self, transition: Transition, finding: Finding) -> None:
-        log.info("finding " + str(transition), fault_class=str(finding.fault_class),
-                 severity=str(finding.severity), reason=finding.reason,
-                 subject=finding.subject.id, message=finding.message)
+        getattr(log, log_level(transition, finding))(
+            "finding " + str(transition), fault_class=str(finding.fault_class),
+            severity=str(finding.severity), reason=finding.reason, subject=finding.subject.id,
+            message=finding.message)
         for listener in self.listeners:
             listener()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -137,5 +138,19 @@ def run(settings: Settings, *, simulate_gpus: int | None, simulate_dir: str | No
         log.info("simulating GPUs with the NVML stand-in", gpus=simulate_gpus,
                  state_dir=str(sim),
                  inject=f"python -m probes.nvml_standin.control --dir {sim} xid 0 79")
-    asyncio.run(run_agent(settings, simulate_dir=sim))
+        if simulate_dir is not None:
+            from probes.nvml_standin.control import StandinControl
+
+            kept = {k: v for k, v in StandinControl(sim).values().items() if k != "gpu_count"}
+            if kept:
+                # A directory given again keeps its faults (that is what it is for); say so,
+                # or a "healthy" start that is not would puzzle.
+                log.warning("stand-in state kept from an earlier run; `python -m "
+                            f"probes.nvml_standin.control --dir {sim} reset {simulate_gpus}` "
+                            "starts healthy", kept=kept)
+    try:
+        asyncio.run(run_agent(settings, simulate_dir=sim))
+    finally:
+        if sim is not None and simulate_dir is None:
+            shutil.rmtree(sim, ignore_errors=True)  # ours, made for this run
     return 0

@@ -38,7 +38,8 @@ async def run_controller(settings: Settings) -> None:
     certificate = ServerCertificate(c.tls_cert_file, c.tls_key_file) if c.tls_cert_file \
         else None
     reports = HttpServer(report_app(controller.ingest.routes(), c.report_max_bytes),
-                         c.report_listen, certificate.context if certificate else None)
+                         c.report_listen, certificate.context if certificate else None,
+                         setting="controller.report_listen")
 
     async def start() -> None:
         await reports.start()

@@ -34,7 +34,7 @@ from supervisor import __version__
 from supervisor.config import Settings
 from supervisor.detectors.engine import EngineDetector
 from supervisor.detectors.peers import PeerDetector
-from supervisor.errors import DeadlineExceeded
+from supervisor.errors import DeadlineExceeded, ListenError, os_reason
 from supervisor.findings import (
     FaultClass,
     Finding,
@@ -43,6 +43,7 @@ from supervisor.findings import (
     Subject,
     Transition,
     Verdict,
+    log_level,
 )
 from supervisor.runtime.clock import Clock
 from supervisor.runtime.deadline import with_deadline
@@ -106,7 +107,11 @@ class Sidecar:
     async def start(self, group: TaskGroup) -> None:
         host, _, port = self.settings.sidecar.peer_listen.rpartition(":")
         if self.identity.size > 1:
-            await self.sockets.open(host.strip("[]"), int(port))
+            try:
+                await self.sockets.open(host.strip("[]"), int(port))
+            except OSError as exc:
+                raise ListenError("sidecar.peer_listen", self.settings.sidecar.peer_listen,
+                                  os_reason(exc)) from exc
             log.info("peers listening", address=self.sockets.bound, group=self.identity.group,
                      rank=self.identity.rank, size=self.identity.size)
             await self._resolve()
@@ -253,11 +258,10 @@ class Sidecar:
     # --- state for the outside world -------------------------------------------------------
 
     def _on_transition(self, transition: Transition, finding: Finding) -> None:
-        level = "warning" if transition is not Transition.CLEARED and \
-            finding.severity is Severity.CRITICAL else "info"
-        getattr(log, level)("finding " + str(transition), fault_class=str(finding.fault_class),
-                            severity=str(finding.severity), reason=finding.reason,
-                            subject=finding.subject.id, message=finding.message)
+        getattr(log, log_level(transition, finding))(
+            "finding " + str(transition), fault_class=str(finding.fault_class),
+            severity=str(finding.severity), reason=finding.reason, subject=finding.subject.id,
+            message=finding.message)
         if transition is Transition.RAISED and finding.fault_class in CHECK_ON and \
                 self.collective is not None:
             # Another detector suspects the group: the leader checks its collectives now;

@@ -35,8 +35,11 @@ class TestBook:
         book.apply([Verdict.clear(KEY)], 13)
         book.apply([Verdict.clear(KEY)], 14)
         assert seen == [Transition.RAISED, Transition.CHANGED, Transition.CLEARED]
-        assert book.recently_cleared[-1].first_seen == 10
-        assert book.recently_cleared[-1].last_seen == 13
+        cleared = book.recently_cleared[-1]
+        assert (cleared.first_seen, cleared.last_seen, cleared.cleared_at) == (10, 12, 13)
+        assert cleared.as_dict()["cleared_at"] == 13  # /status says when it cleared
+        book.apply([raise_()], 15)
+        assert "cleared_at" not in book.active()[0].as_dict()
 
     def test_repeats_refresh_last_seen(self) -> None:
         """A repeated verdict keeps first_seen and moves last_seen."""
@@ -63,8 +66,26 @@ class TestConditions:
         conds = evaluate(book.active())
         assert conds["GPUNVLinkProblem"].status is True
         assert conds["GPUNVLinkProblem"].reason == "NVLinkDown"
-        assert conds["GPUNVLinkProblem"].message.startswith("GPU 3: ")
+        assert conds["GPUNVLinkProblem"].message == "GPU 3: 1 of 18 NVLinks down"
         assert conds["GPUXidError"].status is False
+
+    def test_the_condition_message_names_each_gpu_once(self) -> None:
+        """A finding whose message names its GPU is not prefixed again; one without is; with
+        several GPUs affected the message lists them before the worst one's."""
+        book = FindingBook()
+        xid = FindingKey(FaultClass.XID, "GPU-3", "79")
+        book.apply([Verdict(key=xid, active=True, subject=GPU3, severity=Severity.CRITICAL,
+                            reason="XidCriticalDetected", message="XID 79, fell off the bus")],
+                   0)
+        assert evaluate(book.active())["GPUXidError"].message == \
+            "GPU 3: XID 79, fell off the bus"
+        gpu1 = Subject(kind="gpu", id="GPU-1", node="n", index=1)
+        book.apply([Verdict(key=FindingKey(FaultClass.XID, "GPU-1", "79"), active=True,
+                            subject=gpu1, severity=Severity.CRITICAL,
+                            reason="XidCriticalDetected", message="XID 79, fell off the bus")],
+                   1)
+        assert evaluate(book.active())["GPUXidError"].message == \
+            "GPUs 1, 3: XID 79, fell off the bus (+1 more)"
 
     def test_info_findings_do_not_set_conditions(self) -> None:
         """Informational findings are visible in /status but do not flip a condition."""
