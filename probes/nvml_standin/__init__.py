@@ -115,6 +115,9 @@ Fault knobs (per GPU):
     Every call taking that GPU's handle first sleeps this long, holding no
     lock, then answers from the state current at that moment.  The knob is
     re-read every 20 ms while sleeping, so clearing it releases blocked calls.
+``hang_until_ms``
+    Nonzero: the hang ends at this wall-clock time (Unix milliseconds): calls blocked in
+    it return then and later calls do not block (``control hang GPU SECONDS``).
 ``hang_calls``
     Comma list of NVML function names the hang applies to; empty (or ``*``)
     means all handle-taking calls.  A name matches with or without its

@@ -20,7 +20,11 @@ CLI, for manual fault injection against a running supervisor::
     python -m probes.nvml_standin.control --dir D xid 0 79 [--count N]
     python -m probes.nvml_standin.control --dir D lose 3
     python -m probes.nvml_standin.control --dir D hang 3 30 [--calls nvmlDeviceGetTemperature,...]
+                                        # GPU 3's calls block for the next 30 s
+    python -m probes.nvml_standin.control --dir D hang 3 30 --every-call
+                                        # each call blocks 30 s, until clear-hang
     python -m probes.nvml_standin.control --dir D clear-hang 3
+    python -m probes.nvml_standin.control --dir D unset gpu.5.temp   # back to its default
     python -m probes.nvml_standin.control --dir D unsupported 3 nvmlDeviceGetRemappedRows
     python -m probes.nvml_standin.control --dir D get gpu.0.temp
     python -m probes.nvml_standin.control --dir D show
@@ -38,6 +42,7 @@ import re
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
@@ -239,16 +244,20 @@ class StandinControl:
         """Make every call on ``gpu``'s handle fail with NVML_ERROR_GPU_IS_LOST."""
         self.set(gpu, lost=1)
 
-    def hang(self, gpu: int, seconds: float, calls: Sequence[str] = ()) -> None:
-        """Make calls on ``gpu`` (all, or only ``calls``) block ``seconds`` first."""
+    def hang(self, gpu: int, seconds: float, calls: Sequence[str] = (), *,
+             ending: bool = False) -> None:
+        """Make calls on ``gpu`` (all, or only ``calls``) block ``seconds`` first — every
+        call, until :meth:`clear_hang`; with ``ending``, only for the next ``seconds``: the
+        GPU hangs that long, then answers again."""
         if seconds < 0:
             raise ValueError(f"negative hang: {seconds}")
         ms = max(1, round(seconds * 1000)) if seconds > 0 else 0
-        self.set(gpu, hang_ms=ms, hang_calls=_check_calls(calls))
+        until = int(time.time() * 1000) + ms if ending and ms else 0
+        self.set(gpu, hang_ms=ms, hang_until_ms=until, hang_calls=_check_calls(calls))
 
     def clear_hang(self, gpu: int) -> None:
         """End a hang; calls blocked in it return within ~20 ms."""
-        self.set(gpu, hang_ms=0, hang_calls="")
+        self.set(gpu, hang_ms=0, hang_until_ms=0, hang_calls="")
 
     def unsupported(self, gpu: int, calls: Sequence[str]) -> None:
         """Make ``calls`` return NVML_ERROR_NOT_SUPPORTED on ``gpu`` (empty: none)."""
@@ -315,10 +324,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub.add_parser("show", help="print the state file's keys")
     p = sub.add_parser("lose", help="mark a GPU lost")
     p.add_argument("gpu", type=int)
-    p = sub.add_parser("hang", help="make a GPU's calls block")
+    p = sub.add_parser("hang", help="make a GPU's calls block for the next SECONDS")
     p.add_argument("gpu", type=int)
     p.add_argument("seconds", type=float)
     p.add_argument("--calls", type=_split_calls, default=[], help="comma list of NVML functions")
+    p.add_argument("--every-call", action="store_true",
+                   help="each call blocks SECONDS, until clear-hang (a GPU that stays hung)")
     p = sub.add_parser("clear-hang", help="stop a GPU's hang")
     p.add_argument("gpu", type=int)
     p = sub.add_parser("unsupported", help="make NVML functions NOT_SUPPORTED on a GPU")
@@ -339,12 +350,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         ctl = StandinControl(args.dir)
+        done = ""  # what changed, said back: a silent tool leaves one guessing
         if args.cmd == "reset":
             ctl.reset(args.gpu_count)
+            done = f"reset: {args.gpu_count} healthy GPUs, no faults"
         elif args.cmd == "set":
             ctl.update(dict(args.assignments))
+            done = "set " + " ".join(f"{k}={v}" for k, v in args.assignments)
         elif args.cmd == "unset":
             ctl.unset(*args.keys)
+            done = "back to defaults: " + " ".join(args.keys)
         elif args.cmd == "get":
             value = ctl.get(args.key)
             print("" if value is None else value)
@@ -353,19 +368,32 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"{key}={value}")
         elif args.cmd == "lose":
             ctl.lose(args.gpu)
+            done = f"GPU {args.gpu} lost (every call on it fails); `reset` brings it back"
         elif args.cmd == "hang":
-            ctl.hang(args.gpu, args.seconds, args.calls)
+            ctl.hang(args.gpu, args.seconds, args.calls, ending=not args.every_call)
+            which = ", ".join(args.calls) if args.calls else "every call"
+            done = (f"GPU {args.gpu}: {which} blocks {args.seconds:g} s each, until "
+                    f"clear-hang {args.gpu}" if args.every_call else
+                    f"GPU {args.gpu}: {which} blocks for the next {args.seconds:g} s")
         elif args.cmd == "clear-hang":
             ctl.clear_hang(args.gpu)
+            done = f"GPU {args.gpu}: hang cleared"
         elif args.cmd == "unsupported":
-            ctl.unsupported(args.gpu, [c for arg in args.calls for c in _split_calls(arg)])
+            calls = [c for arg in args.calls for c in _split_calls(arg)]
+            ctl.unsupported(args.gpu, calls)
+            done = f"GPU {args.gpu}: NOT_SUPPORTED for {', '.join(calls) or 'nothing'}"
         elif args.cmd == "xid":
             ctl.inject_xid(args.gpu, args.code, args.count)
+            done = f"GPU {args.gpu}: XID {args.code} x{args.count} queued"
         elif args.cmd == "event":
             ctl.inject_event(args.gpu, args.event_type, args.data, args.count)
+            done = (f"GPU {args.gpu}: event {args.event_type:#x} data {args.data} "
+                    f"x{args.count} queued")
     except (ValueError, TypeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if done:
+        print(done)
     return 0
 
 

@@ -146,6 +146,7 @@ typedef struct {
     unsigned long long supported_events;
     unsigned int lost;
     unsigned int hang_ms;
+    unsigned long long hang_until_ms;  /* wall clock (Unix ms) the hang ends at; 0: never */
     char hang_calls[LIST_LEN];
     char unsupported[LIST_LEN];
     unsigned int handle_error;  /* nonzero: nvmlDeviceGetHandleByIndex returns this code */
@@ -211,6 +212,7 @@ static const field_t gpu_fields[] = {
     GF("supported_events", F_U64, supported_events),
     GF("lost", F_U32, lost),
     GF("hang_ms", F_U32, hang_ms),
+    GF("hang_until_ms", F_U64, hang_until_ms),
     GF("hang_calls", F_STR, hang_calls),
     GF("unsupported", F_STR, unsupported),
     GF("handle_error", F_U32, handle_error),
@@ -260,6 +262,14 @@ static long long now_us(void)
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (long long)ts.tv_sec * 1000000LL + ts.tv_nsec / 1000L;
+}
+
+/* Wall clock, for hang_until_ms: written by another process, so not CLOCK_MONOTONIC. */
+static long long wall_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (long long)ts.tv_sec * 1000LL + ts.tv_nsec / 1000000L;
 }
 
 static void sleep_us(long long us)
@@ -654,6 +664,11 @@ static nvmlReturn_t apply_hang(const char *fn, unsigned int idx, gpu_t *g, int b
     long long start = now_us();
     while (g->hang_ms > 0 && list_matches(g->hang_calls, fn, !by_index, !by_index)) {
         long long left = (long long)g->hang_ms * 1000LL - (now_us() - start);
+        if (g->hang_until_ms) {
+            long long until = ((long long)g->hang_until_ms - wall_ms()) * 1000LL;
+            if (until < left)
+                left = until;
+        }
         if (left <= 0)
             break;
         sleep_us(left < HANG_SLICE_MS * 1000LL ? left : HANG_SLICE_MS * 1000LL);

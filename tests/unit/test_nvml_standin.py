@@ -635,6 +635,21 @@ def test_hang_calls_limits_the_hang_to_named_functions(
     assert outcome(power) == 250000
 
 
+def test_an_ending_hang_blocks_until_its_end_and_no_call_after_it(
+    ctl: StandinControl, child: NvmlChild
+) -> None:
+    """``hang(..., ending=True)`` (the CLI's ``hang GPU SECONDS``): the GPU hangs for that
+    long — a call made in it returns at the end, a call made after it does not block —
+    where an every-call hang would block each call again."""
+    child.call("nvmlDeviceGetTemperature", 0, 0)
+    ctl.hang(0, 1.5, ending=True)
+    first = child.request("call", fn="nvmlDeviceGetTemperature", gpu=0, args=[0])
+    second = child.request("call", fn="nvmlDeviceGetTemperature", gpu=0, args=[0])
+    assert outcome(first) == outcome(second) == 45
+    assert first["elapsed"] >= 1.0
+    assert second["elapsed"] < 1.0
+
+
 def test_clear_hang_releases_a_blocked_call(ctl: StandinControl, child: NvmlChild) -> None:
     """Clearing a 120 s hang lets the call already blocked in it return long before that."""
     child.call("nvmlDeviceGetTemperature", 0, 0)
@@ -976,5 +991,9 @@ def test_control_cli_injects_faults(tmp_path: Path) -> None:
     assert values["gpu.2.hang_calls"] == "nvmlDeviceGetTemperature,nvmlDeviceGetPowerUsage"
     assert values["gpu.1.unsupported"] == "nvmlDeviceGetRemappedRows"
     assert (state_dir / "events").read_text() == "xid 0 79 3\n"
-    cli("clear-hang", "2")
+    assert int(values["gpu.2.hang_until_ms"]) > time.time() * 1000  # ends in 30 s
+    assert cli("clear-hang", "2").strip() == "GPU 2: hang cleared"
     assert StandinControl(state_dir).get("gpu.2.hang_ms") == "0"
+    assert "every call blocks 30 s each, until clear-hang 2" in cli("hang", "2", "30",
+                                                                    "--every-call")
+    assert StandinControl(state_dir).get("gpu.2.hang_until_ms") == "0"
