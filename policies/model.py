@@ -29,9 +29,9 @@ FAULT_CLASSES: frozenset[str] = frozenset({
     "collective_hang", "fail_slow", "partition", "node_down", "engine_crash", "engine_hang",
     "engine_unhealthy", "collective_slow",
 })
-"""Every fault class of DESIGN.md. A policy naming another one is rejected (a typo would
-otherwise make a rule that silently never matches); callers with more classes pass their own
-set to ``load_policy``."""
+"""Every fault class the detectors raise (the README lists them). A policy naming another
+one is rejected (a typo would otherwise make a rule that silently never matches); callers
+with more classes pass their own set to ``load_policy``."""
 
 
 class Action(enum.StrEnum):

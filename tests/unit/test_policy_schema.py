@@ -356,7 +356,7 @@ class TestDefaultPolicy:
     )
     def test_default_ladders(self, fault_class: str, severity: str,
                              ladder: list[str]) -> None:
-        """Driven through the engine, the default policy climbs the ladder DESIGN.md gives
+        """Driven through the engine, the default policy climbs the ladder the design gives
         each fault class (group faults fail over at once; degradations only quarantine)."""
         now = [1000.0]
         engine = PolicyEngine(default_policy(), lambda: now[0])
