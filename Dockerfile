@@ -34,7 +34,6 @@ COPY pyproject.toml README.md ./
 COPY supervisor ./supervisor
 COPY probes ./probes
 COPY policies ./policies
-COPY bench ./bench
 # Our own package is built here from the copied source: it is not published on PyPI, so there
 # is no artifact to hash and it is the one install without --require-hashes. --no-deps: all
 # it needs came from the lock above (pip check proves the lock was complete);

@@ -4,11 +4,13 @@ deploy/image/ that pins it, with hashes, at a version pyproject.toml allows."""
 
 from __future__ import annotations
 
+import ast
 import os
 import re
 import subprocess
 import sys
 import tomllib
+import zipfile
 from dataclasses import dataclass
 from itertools import takewhile
 from pathlib import Path
@@ -251,3 +253,30 @@ def test_default_image_lock_downloads_for_the_image_platform(tmp_path: Path) -> 
         env=env, capture_output=True, text=True, check=False, timeout=180)
     assert result.returncode == 0, result.stdout + result.stderr
     assert len(list(tmp_path.glob("*.whl"))) == len(read_lock(RUNTIME_LOCK))
+
+
+def test_the_wheel_ships_the_roles_and_everything_they_import(tmp_path: Path) -> None:
+    """The wheel (what the image installs) holds supervisor, probes and policies — not the
+    benchmarks, which need a clone (the test cluster, the harness) — and no module in it
+    imports a first-party package the wheel lacks."""
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps",
+                    "--wheel-dir", str(tmp_path), str(ROOT)], check=True, timeout=300,
+                   capture_output=True)
+    (wheel,) = tmp_path.glob("gpu_supervisor-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        sources = {name: archive.read(name) for name in archive.namelist()
+                   if name.endswith(".py")}
+    shipped = {name.split("/")[0] for name in sources}
+    assert shipped == {"supervisor", "probes", "policies"}
+    first_party = shipped | {"bench", "tests"}
+    for name, source in sources.items():
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.Import):
+                modules = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                modules = [node.module]
+            else:
+                continue
+            for module in modules:
+                top = module.split(".")[0]
+                assert top not in first_party or top in shipped, f"{name} imports {module}"
