@@ -62,6 +62,10 @@ def rfc3339(ts: float) -> str:
     return dt.datetime.fromtimestamp(ts, tz=dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+METADATA_ONLY = ("application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1, "
+                 "application/json")
+
+
 class Fence(Protocol):
     """How long the caller may still write to the cluster. ``remaining() <= 0`` means not
     at all: the controller's Lease is gone or about to be (see ``LeaseElector``)."""
@@ -377,10 +381,13 @@ class _Transport:
         return bool(creds.exec_plugin or creds.auth_provider_kubeconfig or creds.token_file)
 
     async def request(self, method: str, path: str, query: Sequence[tuple[str, str]],
-                      body: Any, content_type: str) -> tuple[int, bytes]:
+                      body: Any, content_type: str, accept: str | None = None
+                      ) -> tuple[int, bytes]:
         data = None if body is None else json.dumps(body).encode()
         for attempt in (1, 2):
             headers = await self.headers(content_type if data is not None else None)
+            if accept:
+                headers["Accept"] = accept
             async with self._session.request(method, self.server + path, params=list(query),
                                              data=data, headers=headers) as resp:
                 status, payload = resp.status, await resp.read()
@@ -518,17 +525,27 @@ class KubeClient:
     async def request(self, method: str, path: str, *, query: Mapping[str, str] | None = None,
                       body: Any = None, content_type: str = "application/json",
                       retry: bool = True, ok_statuses: frozenset[int] = frozenset(),
-                      fence: Fence | None = None) -> dict[str, Any]:
+                      fence: Fence | None = None, discard_body: bool = False
+                      ) -> dict[str, Any]:
         """One API request with JSON in and out. Statuses in ``ok_statuses`` return {}.
 
-        Writes of the controller pass its ``fence`` (see ``_call``)."""
+        Writes of the controller pass its ``fence`` (see ``_call``). With ``discard_body``
+        a success is not parsed — the answer to a pod status patch is the whole Pod, JSON
+        the caller never reads and, in a burst of fail-overs, a large share of the CPU — and
+        returns a minimal Status instead."""
+        # Asked to discard the answer, ask the API server for the object's metadata only
+        # (it transforms write responses as it does reads); plain JSON if it cannot.
+        accept = METADATA_ONLY if discard_body else None
+
         async def call() -> dict[str, Any]:
             status, data = await self._transport.request(
-                method, path, list((query or {}).items()), body, content_type)
+                method, path, list((query or {}).items()), body, content_type, accept)
             if status in ok_statuses:
                 return {}
             if not 200 <= status < 300:
                 raise _HttpStatus(status, _status_reason(data))
+            if discard_body:
+                return {"kind": "Status", "status": "Success", "code": status}
             result: dict[str, Any] = json.loads(data) if data else {}
             return result
 

@@ -294,7 +294,7 @@ class ActionExecutor:
                 body["metadata"] = {"resourceVersion": version}
             if await self._write("PATCH", path + "/status", body=body,
                                  content_type=STRATEGIC_MERGE,
-                                 ok_statuses=frozenset({404, 409})):
+                                 ok_statuses=frozenset({404, 409}), discard_body=True):
                 return
             # Gone (404) or changed under us (409): look again.
             current = await self._kube.request("GET", path, ok_statuses=frozenset({404}),

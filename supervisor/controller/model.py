@@ -105,6 +105,7 @@ class PodReportState:
 @dataclass
 class NodeInfo:
     name: str
+    uid: str = ""
     ready: bool | None = None
     unschedulable: bool = False
     quarantined: bool = False
@@ -277,6 +278,7 @@ class HealthModel:
 
     def upsert_node(self, obj: dict[str, Any]) -> None:
         info = self._node(obj["metadata"]["name"])
+        info.uid = obj["metadata"].get("uid", "")
         ready = _condition(obj, "Ready")
         was = info.ready
         before = (info.ready, info.unschedulable, info.quarantined)
@@ -295,8 +297,14 @@ class HealthModel:
             self._attention.add(info.name)
 
     def delete_node(self, obj: dict[str, Any]) -> None:
-        self.nodes.pop(obj["metadata"]["name"], None)
-        self.changed.set()
+        meta = obj["metadata"]
+        info = self.nodes.get(meta["name"])
+        # A Node deleted and registered again under its name is a new object: the delete of
+        # the old one (a relist learns of it after the new one) must not drop it.
+        if info is not None and (not info.uid or not meta.get("uid")
+                                 or info.uid == meta["uid"]):
+            del self.nodes[meta["name"]]
+            self.changed.set()
 
     def accept_report(self, report: NodeReport, received: float) -> None:
         info = self._node(report.node)

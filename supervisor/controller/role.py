@@ -21,8 +21,10 @@ likelier a network problem on our side than half the fleet failing together.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import statistics
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -47,6 +49,7 @@ from supervisor.runtime.tasks import TaskGroup
 
 log = structlog.get_logger(__name__)
 
+LIST_PAGE = 500  # objects per page of a watch's (re)list
 MIN_EVALUATION_GAP = 0.02  # seconds between two policy evaluations at most
 INTENT_RETENTION_SECONDS = 86400.0
 
@@ -65,7 +68,7 @@ class Reflector:
         self.selector = selector
         self._upsert = upsert
         self._delete = delete
-        self._known: dict[str, dict[str, Any]] = {}
+        self._known: dict[str, dict[str, Any]] = {}  # uid → identity stub of each object
         self.synced = False
         self.errors = 0
 
@@ -73,18 +76,31 @@ class Reflector:
         backoff = 0.5
         while True:
             try:
+                # Listed in pages: a whole fleet's Nodes in one answer is hundreds of MB as
+                # Python objects at once, and the process keeps that high-water mark.
                 query = {"labelSelector": self.selector} if self.selector else {}
-                listing = await self._kube.request("GET", self.path, query=query)
-                fresh = {o["metadata"]["uid"]: o for o in listing.get("items", [])}
-                for uid, obj in list(self._known.items()):
-                    if uid not in fresh:
-                        self._delete(obj)
-                for obj in fresh.values():
-                    self._upsert(obj)
-                self._known = fresh
+                query["limit"] = str(LIST_PAGE)
+                seen: set[str] = set()
+                rv = ""
+                while True:
+                    page = await self._kube.request("GET", self.path, query=query)
+                    for obj in page.get("items", []):
+                        uid = obj["metadata"]["uid"]
+                        seen.add(uid)
+                        self._upsert(obj)
+                        self._known[uid] = _stub(obj)
+                    rv = page["metadata"]["resourceVersion"]
+                    more = page["metadata"].get("continue")
+                    del page
+                    if not more:
+                        break
+                    query["continue"] = more
+                for uid, stub in list(self._known.items()):
+                    if uid not in seen:
+                        del self._known[uid]
+                        self._delete(stub)
                 self.synced = True
                 backoff = 0.5
-                rv = listing["metadata"]["resourceVersion"]
                 while True:
                     async for kind, obj in self._kube.watch(self.path, rv,
                                                             selector=self.selector):
@@ -96,7 +112,7 @@ class Reflector:
                             self._known.pop(uid, None)
                             self._delete(obj)
                         else:
-                            self._known[uid] = obj
+                            self._known[uid] = _stub(obj)
                             self._upsert(obj)
             except KubeError as exc:
                 if self.optional and exc.status == 404:
@@ -113,6 +129,13 @@ class Reflector:
                     log.warning("watch failed", path=self.path, error=str(exc))
                     await asyncio.sleep(backoff)
                     backoff = min(backoff * 2, 10.0)
+
+
+def _stub(obj: dict[str, Any]) -> dict[str, Any]:
+    """What a delete needs of an object: its identity. Keeping whole objects (a GPU Node is
+    ~20 KB of JSON, several times that as Python objects) cost ~100 KiB per node."""
+    meta = obj["metadata"]
+    return {"metadata": {k: meta[k] for k in ("name", "namespace", "uid") if k in meta}}
 
 
 class Controller:
@@ -159,6 +182,8 @@ class Controller:
         self._sem = asyncio.Semaphore(c.max_concurrent_actions)
         self._persist_lock = asyncio.Lock()
         self._persist_due = asyncio.Event()
+        self._heap_frozen = False
+        self.evaluation_seconds: list[float] = []  # the last thousand policy evaluations
         self._saved: str | None = None  # the state as last written, to skip unchanged saves
         self._refused: set[tuple[str, str, str]] = set()
         self.elector.listeners.append(self._on_leadership)
@@ -310,6 +335,12 @@ class Controller:
                 await asyncio.sleep(pause)
             last = self.clock.monotonic()
             self.model.changed.clear()
+            if not self._heap_frozen and all(r.synced for r in self.reflectors):
+                # What the first list of every watch built lives as long as we do: move it
+                # out of the collector's sight, so a full collection scans what came since
+                # rather than the whole fleet (a tail of hundreds of ms at 4,096 nodes).
+                gc.freeze()
+                self._heap_frozen = True
             if self.elector.is_leader() and not self.state_loaded:
                 await self._take_over()
             if not self.may_act():
@@ -319,8 +350,12 @@ class Controller:
                 continue
             if self.engine.breaker_open:
                 await self._maybe_reset_breaker()
+            began = time.perf_counter()
             evaluation = self.engine.evaluate(self.model.signals(), self.model.view())
             self.evaluations += 1
+            # The loop does nothing else meanwhile: its cost delays every report and write.
+            self.evaluation_seconds.append(time.perf_counter() - began)
+            del self.evaluation_seconds[:-1000]
             refused_now = set()
             for refusal in evaluation.refusals:
                 seen = (refusal.decision.incident, str(refusal.decision.action), refusal.why)
@@ -433,6 +468,10 @@ class Controller:
             "policy_error": self.policy_error,
             "breaker_open": self.engine.breaker_open,
             "nodes": len(self.model.nodes),
+            "nodes_reporting": sum(1 for n in self.model.nodes.values()
+                                   if n.report is not None),
+            "gpus_reported": sum(n.report.gpus for n in self.model.nodes.values()
+                                 if n.report is not None),
             "groups": len(self.model.groups),
             "silent_nodes": len(self.model.silent_nodes()),
             "pods_reporting": len(self.model.pod_reports),
@@ -441,6 +480,10 @@ class Controller:
             "tokens_prefiltered": self.tokens.prefiltered,
             "token_reviews_throttled": self.tokens.throttled,
             "evaluations": self.evaluations,
+            "evaluation_ms": {"p50": round(statistics.median(self.evaluation_seconds) * 1000, 2)
+                              if self.evaluation_seconds else None,
+                              "max": round(max(self.evaluation_seconds) * 1000, 2)
+                              if self.evaluation_seconds else None},
             "incidents": self.engine.incidents(),
             "refusals": self.refusals,
             "actions": {f"{a}/{o}": n for (a, o), n in sorted(self.executor.outcomes.items())},

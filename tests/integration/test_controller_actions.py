@@ -25,7 +25,7 @@ from supervisor.controller.actions import (
     Workload,
 )
 from supervisor.controller.model import READINESS_GATE, GroupKind, HealthModel
-from supervisor.kube import KubeClient
+from supervisor.kube import METADATA_ONLY, KubeClient
 from supervisor.runtime.clock import SystemClock
 from tests.integration.cluster_objects import (
     finish_deletion,
@@ -495,3 +495,67 @@ class TestControllerDegrade:
         assert successor.intents["degrade/llama-70b"] == {"replicas_before": 1}
         assert await successor.execute(self.RESTORE)
         assert (await apps.read_namespaced_deployment("llama-8b", rig.ns)).spec.replicas == 1
+
+
+class TestWriteCost:
+    async def test_a_gate_write_asks_for_metadata_only_and_lands(self, rig: Rig) -> None:
+        """Gate writes discard the API server's answer: the request asks for the pod's
+        metadata only (PartialObjectMetadata, a fraction of a Pod's JSON, which the API
+        server transforms write responses into), and the write still lands."""
+        nodes = await make_nodes(rig.admin, 1)
+        await make_lws_group(rig.admin, rig.ns, "llama", 0, nodes)
+        path = f"/api/v1/namespaces/{rig.ns}/pods/llama-0/status"
+        body = {"status": {"conditions": [{"type": READINESS_GATE, "status": "False"}]}}
+        status, raw = await rig.kube._transport.request(
+            "PATCH", path, [], body, "application/strategic-merge-patch+json",
+            METADATA_ONLY)
+        answer = json.loads(raw)
+        assert status == 200
+        assert answer["kind"] == "PartialObjectMetadata" and "status" not in answer
+        result = await rig.kube.request(
+            "PATCH", path, body={"status": {"conditions": [
+                {"type": READINESS_GATE, "status": "True"}]}},
+            content_type="application/strategic-merge-patch+json", discard_body=True)
+        assert result["status"] == "Success"
+        assert gate((await list_pods(rig.admin, rig.ns))["llama-0"]) == "True"
+
+
+class TestReflector:
+    async def test_a_paged_list_syncs_every_object_and_keeps_only_identities(
+            self, rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Listed two at a time (continue tokens on the real API server), five nodes all
+        reach the model; the reflector keeps each object's identity, not the object; a node
+        deleted while unwatched is deleted from the model by the next relist."""
+        from supervisor.controller import role
+
+        monkeypatch.setattr(role, "LIST_PAGE", 2)
+        names = await make_nodes(rig.admin, 5)
+        seen: dict[str, dict[str, Any]] = {}
+        gone: list[str] = []
+        reflector = role.Reflector(rig.kube, "/api/v1/nodes", "",
+                                   lambda o: seen.__setitem__(o["metadata"]["name"], o),
+                                   lambda o: gone.append(o["metadata"]["name"]))
+        task = asyncio.create_task(reflector.run())
+        try:
+            for _ in range(100):
+                if reflector.synced:
+                    break
+                await asyncio.sleep(0.05)
+            assert set(names) <= set(seen)
+            assert all(set(stub) == {"metadata"} and set(stub["metadata"]) <= {
+                "name", "namespace", "uid"} for stub in reflector._known.values())
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        await client.CoreV1Api(rig.admin).delete_node(names[0])
+        reflector.synced = False
+        task = asyncio.create_task(reflector.run())
+        try:
+            for _ in range(100):
+                if reflector.synced:
+                    break
+                await asyncio.sleep(0.05)
+            assert names[0] in gone
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)

@@ -68,6 +68,17 @@ class TestGroups:
         model.delete_pod(p)
         assert model.groups == {} and model.groups_on("n1") == ()
 
+    def test_the_delete_of_a_replaced_node_keeps_its_successor(self) -> None:
+        """A Node deleted and registered again under its name: the old object's delete,
+        which a relist learns of after the new one's upsert, leaves the new one."""
+        model = HealthModel(ManualClock(), silence_seconds=30)
+        model.upsert_node({"metadata": {"name": "n1", "uid": "old"}})
+        model.upsert_node({"metadata": {"name": "n1", "uid": "new"}})
+        model.delete_node({"metadata": {"name": "n1", "uid": "old"}})
+        assert "n1" in model.nodes
+        model.delete_node({"metadata": {"name": "n1", "uid": "new"}})
+        assert "n1" not in model.nodes
+
     def test_selector_semantics(self) -> None:
         """Equality, inequality, existence and non-existence terms, as Kubernetes reads them."""
         labels = {"a": "1", "b": "2"}
