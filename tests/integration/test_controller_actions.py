@@ -535,27 +535,25 @@ class TestReflector:
         reflector = role.Reflector(rig.kube, "/api/v1/nodes", "",
                                    lambda o: seen.__setitem__(o["metadata"]["name"], o),
                                    lambda o: gone.append(o["metadata"]["name"]))
-        task = asyncio.create_task(reflector.run())
-        try:
-            for _ in range(100):
-                if reflector.synced:
-                    break
-                await asyncio.sleep(0.05)
-            assert set(names) <= set(seen)
-            assert all(set(stub) == {"metadata"} and set(stub["metadata"]) <= {
-                "name", "namespace", "uid"} for stub in reflector._known.values())
-        finally:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+
+        async def list_once() -> None:
+            """Run the reflector until it has listed (and synced), then stop it."""
+            reflector.synced = False
+            task = asyncio.create_task(reflector.run())
+            try:
+                for _ in range(100):
+                    if reflector.synced:
+                        return
+                    await asyncio.sleep(0.05)
+                raise AssertionError("the reflector did not sync")
+            finally:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+
+        await list_once()
+        assert set(names) <= set(seen)
+        assert all(set(stub) == {"metadata"} and set(stub["metadata"]) <= {
+            "name", "namespace", "uid"} for stub in reflector._known.values())
         await client.CoreV1Api(rig.admin).delete_node(names[0])
-        reflector.synced = False
-        task = asyncio.create_task(reflector.run())
-        try:
-            for _ in range(100):
-                if reflector.synced:
-                    break
-                await asyncio.sleep(0.05)
-            assert names[0] in gone
-        finally:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+        await list_once()
+        assert names[0] in gone
