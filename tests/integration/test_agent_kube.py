@@ -116,7 +116,7 @@ async def test_finding_flips_condition_with_event_and_back(
         await pub.publish(full=False)
         cond = (await conditions(admin, node))["GPUXidError"]
         assert (cond["status"], cond["reason"]) == ("True", "XidCriticalDetected")
-        assert cond["message"].startswith("GPU 1: ")
+        assert cond["message"].startswith("GPU 1 ") and cond["message"].count("GPU 1") == 1
         assert cond["lastTransitionTime"] != healthy_since
         assert (await conditions(admin, node))["GPUMemoryError"]["status"] == "False"
         (event,) = await node_events(admin, node)
