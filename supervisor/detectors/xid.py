@@ -1,7 +1,7 @@
 """XID events → findings, following NVIDIA's XID catalog, with dedup and burst windows.
 
-The catalog (shared/reference/anchors_gpu_health.md §3, "Immediate Action" for H100) sorts
-XIDs by what to do about them; that action sets the severity here:
+NVIDIA's XID catalog (the "XID Errors" table of its GPU documentation, "Immediate Action"
+for H100) sorts XIDs by what to do about them; that action sets the severity here:
 
 - ignore (14, 37, 38, 43, 44, 63, 66, 67, 92, 137, 141): counted, logged, no finding;
 - restart the application (8, 11, 13, 25, 31, 32, 39-41, 68-72, 80, 94): warning. One
