@@ -8,6 +8,9 @@ exception zoo.
 
 from __future__ import annotations
 
+import os
+import socket
+
 
 class SupervisorError(Exception):
     """Base of every error the supervisor raises on purpose."""
@@ -35,9 +38,6 @@ class ListenError(SupervisorError):
 def os_reason(exc: OSError) -> str:
     """The OS's words for ``exc`` without the call's wrapping ("Address already in use",
     "Name or service not known")."""
-    import os
-    import socket
-
     if isinstance(exc, socket.gaierror) or not exc.errno or exc.errno < 0:
         return str(exc.strerror or exc)
     return os.strerror(exc.errno)

@@ -369,18 +369,26 @@ class TestAgentRbac:
         await assert_every_grant_is_needed(kube_cluster, admin, release, "agent", calls)
 
 
+async def controller_release(cluster: KubeTestCluster, world: World,
+                             values: dict[str, Any] | None = None
+                             ) -> tuple[manifests.Release, str, dict[str, Call]]:
+    """A fresh release's RBAC, an agent report token, and the controller's calls on
+    ``world`` under that release."""
+    async with await cluster.api_client() as client:
+        release = await manifests.install_rbac(client, unique("gs"), values=values)
+    agent_token = await cluster.service_account_token(
+        release.namespace, release.service_account("agent"), audiences=[REPORT_AUDIENCE])
+    return release, agent_token, controller_calls(world, release, agent_token)
+
+
 class TestControllerRbac:
     async def test_the_controller_may_make_every_call_of_its_actions(
             self, kube_cluster: KubeTestCluster, admin: Api) -> None:
         """As the controller, with the chart's default (cluster-wide) binding: every
         request of its watches, ingest, actions, Lease and state succeeds; each grant is
         needed by one of them."""
-        async with await kube_cluster.api_client() as client:
-            release = await manifests.install_rbac(client, unique("gs"))
         world = await make_world(kube_cluster, admin)
-        agent_token = await kube_cluster.service_account_token(
-            release.namespace, release.service_account("agent"), audiences=[REPORT_AUDIENCE])
-        calls = controller_calls(world, release, agent_token)
+        release, _, calls = await controller_release(kube_cluster, world)
         api = await as_sa(kube_cluster, release, "controller")
         try:
             answers = await run_all(api, calls)
@@ -450,13 +458,8 @@ class TestControllerRbac:
         about Nodes still go to "default"; every grant is still needed."""
         world = await make_world(kube_cluster, admin)
         other = await make_world(kube_cluster, admin)
-        async with await kube_cluster.api_client() as client:
-            release = await manifests.install_rbac(
-                client, unique("gs"), values={"controller": {"rbac": {
-                    "namespaces": [world.ns]}}})
-        agent_token = await kube_cluster.service_account_token(
-            release.namespace, release.service_account("agent"), audiences=[REPORT_AUDIENCE])
-        calls = controller_calls(world, release, agent_token)
+        release, agent_token, calls = await controller_release(
+            kube_cluster, world, {"controller": {"rbac": {"namespaces": [world.ns]}}})
         api = await as_sa(kube_cluster, release, "controller")
         try:
             answers = await run_all(api, calls)

@@ -7,7 +7,6 @@ Encryption and trust, audience-bound tokens, bodies in pieces, replays, token fl
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import socket
 import ssl
@@ -22,6 +21,7 @@ import aiohttp
 import pytest
 
 from bench.harness import ControllerProcess, gpu_finding, node_report, report_tls
+from bench.report_flood import forged_token
 from supervisor.config import ReportingSettings
 from tests.integration.cluster_objects import unique
 from tests.kubeenv import manifests
@@ -59,15 +59,6 @@ def controller(env: Env, name: str, **settings: Any) -> ControllerProcess:
 def http_get(url: str) -> str:
     with urllib.request.urlopen(url, timeout=5) as resp:
         return str(resp.read().decode())
-
-
-def fake_jwt(audience: str, serial: int) -> str:
-    """Shaped like a ServiceAccount token for us (audience, expiry), signed by nobody."""
-    def part(obj: dict[str, Any]) -> str:
-        return base64.urlsafe_b64encode(json.dumps(obj).encode()).decode().rstrip("=")
-    claims = {"aud": [audience], "exp": int(time.time()) + 3600, "iss": "attacker",
-              "sub": f"system:serviceaccount:x:bogus-{serial}"}
-    return f"{part({'alg': 'RS256', 'kid': 'x'})}.{part(claims)}.{part({'sig': serial})}"
 
 
 class TestEncryptionAndTrust:
@@ -201,7 +192,7 @@ class TestTokens:
                         return resp.status
 
                 flood_started = time.monotonic()
-                flood = [asyncio.create_task(post(fake_jwt(REPORT_AUDIENCE, i)))
+                flood = [asyncio.create_task(post(forged_token(i)))
                          for i in range(300)]
                 await asyncio.sleep(0.05)
                 valid = json.dumps(node_report("n1", []))
