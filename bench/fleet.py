@@ -186,6 +186,7 @@ class Fleet:
     nodes: list[str]
     group_size: int
     tokens: dict[str, str] = field(default_factory=dict)  # node → its agent's report token
+    agent_pods: dict[str, tuple[str, str]] = field(default_factory=dict)  # node → name, uid
     pod_group: dict[str, int] = field(default_factory=dict)  # serving pod → group index
 
     def group_of(self, node: str) -> int:
@@ -219,14 +220,21 @@ async def populate(api: client.ApiClient, n: int, group_size: int, namespace: st
         namespace, agent_pod(f"agent-{i:05d}", node, namespace, agent_sa))
         for i, node in enumerate(fleet.nodes)])
 
-    async def token(pod: Any) -> str:
-        body = {"spec": {"audiences": [REPORT_AUDIENCE], "expirationSeconds": 3600,
-                         "boundObjectRef": {"apiVersion": "v1", "kind": "Pod",
-                                            "name": pod.metadata.name,
-                                            "uid": pod.metadata.uid}}}
-        resp = await core.create_namespaced_service_account_token(agent_sa, namespace, body)
-        return str(resp.status.token)
-
-    tokens = await bounded(32, [token(pod) for pod in agents])
-    fleet.tokens = {pod.spec.node_name: tok for pod, tok in zip(agents, tokens, strict=True)}
+    fleet.agent_pods = {pod.spec.node_name: (pod.metadata.name, pod.metadata.uid)
+                        for pod in agents}
+    tokens = await bounded(32, [agent_token(api, namespace, agent_sa, *fleet.agent_pods[n])
+                                for n in fleet.nodes])
+    fleet.tokens = dict(zip(fleet.nodes, tokens, strict=True))
     return fleet
+
+
+async def agent_token(api: client.ApiClient, namespace: str, agent_sa: str, pod: str,
+                      uid: str) -> str:
+    """A report token bound to an agent pod, as the kubelet projects it (each call a new
+    one, as after a rotation)."""
+    core: Any = client.CoreV1Api(api)
+    body = {"spec": {"audiences": [REPORT_AUDIENCE], "expirationSeconds": 3600,
+                     "boundObjectRef": {"apiVersion": "v1", "kind": "Pod", "name": pod,
+                                        "uid": uid}}}
+    resp = await core.create_namespaced_service_account_token(agent_sa, namespace, body)
+    return str(resp.status.token)

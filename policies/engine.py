@@ -579,6 +579,12 @@ class PolicyEngine:
     def breaker_open(self) -> bool:
         return self._breaker.opened_at is not None
 
+    def idle(self) -> bool:
+        """Nothing open, nothing in flight, no model on its fallback: with no signals and
+        no change in the cluster, an evaluation now could decide nothing (no timer runs)."""
+        return not self._incidents and not self._in_flight and not any(
+            state.degraded for state in self._degrade.values())
+
     def degrade_states(self) -> dict[str, bool]:
         """Every model the policy can degrade → whether a confirmed degrade has its
         traffic on the fallback now."""

@@ -334,6 +334,11 @@ class ControllerSettings:
     token_cache_seconds: float = setting(
         300.0, "how long a TokenReview answer is reused (±10 % jitter): 16,384 agents cost "
         "~55 reviews/s", "s", gt=0)
+    report_stream_seconds: float = setting(
+        1800.0, "a report stream is authenticated once, when it opens, and closed after this "
+        "long (±10 %) or when its token expires, whichever comes first; the reporter then "
+        "reconnects with its current token (the API server likewise authenticates a watch "
+        "once and holds it for up to --min-request-timeout, 1800 s)", "s", gt=0)
     token_reviews_per_second: float = setting(
         100.0, "TokenReviews of tokens not in the cache, per second (bursts of twice that); "
         "over it a report gets 429 and its sender retries later", "1/s", gt=0)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import ssl
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
@@ -55,10 +55,15 @@ def build_app(*, liveness: Checks, readiness: Checks, status: Callable[[], dict[
     return app
 
 
-def report_app(routes: list[web.RouteDef], max_bytes: int) -> web.Application:
-    """The controller's report listener: the report routes and nothing else."""
+def report_app(routes: list[web.RouteDef], max_bytes: int,
+               on_shutdown: Callable[[web.Application], Awaitable[None]] | None = None
+               ) -> web.Application:
+    """The controller's report listener: the report routes and nothing else;
+    ``on_shutdown`` ends the open report streams before the listener goes."""
     app = web.Application(client_max_size=max_bytes)
     app.router.add_routes(routes)
+    if on_shutdown is not None:
+        app.on_shutdown.append(on_shutdown)
     return app
 
 

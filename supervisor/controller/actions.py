@@ -158,12 +158,21 @@ class ActionExecutor:
         self.latencies: list[float] = []  # detection → first API write, seconds
         # Follow-up requests (the other pods of a group, Events) queue here so that in a
         # burst every action's *first* request — the one that takes a group out of
-        # traffic — reaches the API server ahead of them.
+        # traffic — reaches the API server ahead of them: a follow-up is sent only while
+        # no first request waits or runs (at most ``follow_up_concurrency`` of them can
+        # be ahead of a new first request at the API server).
         self._followups = asyncio.Semaphore(follow_up_concurrency)
+        self._firsts_pending = 0
+        self._no_first_pending = asyncio.Event()
+        self._no_first_pending.set()
         # First requests run 32 at a time: enough to keep the API server busy, few enough
         # that a burst does not open a hundred new TLS connections at once and slow every
         # one of them down.
         self._first_writes = asyncio.Semaphore(32)
+
+    async def first_writes_drained(self) -> None:
+        """Until no action's first request waits or runs."""
+        await self._no_first_pending.wait()
 
     async def execute(self, decision: Decision) -> bool:
         """Carry out ``decision``; True when its effect is in place."""
@@ -209,11 +218,20 @@ class ActionExecutor:
         and the round trip count against us, not for us.
         """
         if _FIRST_WRITE.get() is None:
-            async with self._first_writes:
-                result = await self._kube.request(method, path, fence=self._fence, **kwargs)
+            self._firsts_pending += 1
+            self._no_first_pending.clear()
+            try:
+                async with self._first_writes:
+                    result = await self._kube.request(method, path, fence=self._fence,
+                                                      **kwargs)
+            finally:
+                self._firsts_pending -= 1
+                if not self._firsts_pending:
+                    self._no_first_pending.set()
             _FIRST_WRITE.set(self._clock.monotonic())
             return result
         async with self._followups:
+            await self._no_first_pending.wait()
             return await self._kube.request(method, path, fence=self._fence, **kwargs)
 
     def _may_act(self) -> bool:

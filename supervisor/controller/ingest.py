@@ -28,6 +28,17 @@ costs more than a bounded amount of work. Each request passes, in order:
    one, or after a controller restart — has no effect.
 
 Every outcome is counted; only accepted reports reach the health model.
+
+**Streams.** A report POSTed alone costs a whole HTTPS request (~1 ms of controller CPU) to
+say, nine times out of ten, "nothing changed". So reporters hold one WebSocket per
+controller replica instead (``…/stream``): steps 1 and 2 and the allow-list run once, at the
+handshake (a refusal is the same HTTP status a POST would get); then each message is either
+a full report — checked exactly as a POSTed one (3 to 5) and acknowledged — or a *tick*
+(``{"kind": "Tick", "sequence": N, "sent_at": T}``): "my last report still holds", which
+re-confirms that report as sent at T, under the same freshness rule, with no reply unless it
+is refused. A stream carries one sender's reports, and ends with close code 4000 after
+``report_stream_seconds`` (±10 %) or when its token expires, whichever comes first: the
+reporter reconnects with its current token, which is reviewed again.
 """
 
 from __future__ import annotations
@@ -39,13 +50,14 @@ import fnmatch
 import hashlib
 import json
 import random
+import weakref
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import structlog
-from aiohttp import web
+from aiohttp import WSCloseCode, WSMsgType, web
 
 from supervisor.errors import DeadlineExceeded, KubeError, SupervisorError
 from supervisor.kube import KubeClient
@@ -61,6 +73,8 @@ NODE_NAME_EXTRA = "authentication.kubernetes.io/node-name"
 POD_NAME_EXTRA = "authentication.kubernetes.io/pod-name"
 NODE_REPORT_PATH = "/v1/reports/node"
 POD_REPORT_PATH = "/v1/reports/pod"
+STREAM_SUFFIX = "/stream"
+REAUTHENTICATE = 4000  # close code: the stream's token review is due; reconnect
 SA_PREFIX = "system:serviceaccount:"
 JWT_EXPIRY_LEEWAY_SECONDS = 60.0  # our clock and the API server's may differ a little
 
@@ -93,6 +107,12 @@ class NodeReport:
     gpus: int
     findings: tuple[ReportedFinding, ...]
 
+    def restamped(self, sequence: int, sent_at: float) -> NodeReport:
+        """The same report as sent again (a tick); by hand: dataclasses.replace costs
+        several times more, on every tick."""
+        return NodeReport(self.node, self.boot_id, sequence, sent_at, self.gpus,
+                          self.findings)
+
 
 @dataclass(frozen=True, slots=True)
 class PodReport:
@@ -108,6 +128,11 @@ class PodReport:
     @property
     def pod(self) -> str:
         return f"{self.namespace}/{self.name}"
+
+    def restamped(self, sequence: int, sent_at: float) -> PodReport:
+        """The same report as sent again (a tick)."""
+        return PodReport(self.namespace, self.name, self.node, self.boot_id, sequence,
+                         sent_at, self.ready, self.findings)
 
 
 def _field(obj: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
@@ -236,20 +261,26 @@ class TokenBucket:
         return (1 - self._level) / self.rate
 
 
+def jwt_claims(token: str) -> dict[str, Any] | None:
+    """The claims of a JWT, read without checking its signature; None if it is not one."""
+    parts = token.split(".")
+    if len(parts) != 3:
+        return None
+    try:
+        payload = parts[1] + "=" * (-len(parts[1]) % 4)
+        claims = json.loads(base64.urlsafe_b64decode(payload))
+    except (ValueError, binascii.Error):
+        return None
+    return claims if isinstance(claims, dict) else None
+
+
 def jwt_plausible(token: str, audiences: Sequence[str], now_wall: float) -> str | None:
     """Why ``token`` cannot be a valid ServiceAccount token for us, or None if it might be.
 
     Reads the JWT's claims without checking the signature — the TokenReview that follows
     does that; this only keeps tokens that cannot pass it from costing one."""
-    parts = token.split(".")
-    if len(parts) != 3:
-        return "not a JWT"
-    try:
-        payload = parts[1] + "=" * (-len(parts[1]) % 4)
-        claims = json.loads(base64.urlsafe_b64decode(payload))
-    except (ValueError, binascii.Error):
-        return "not a JWT"
-    if not isinstance(claims, dict):
+    claims = jwt_claims(token)
+    if claims is None:
         return "not a JWT"
     exp = claims.get("exp")
     if not isinstance(exp, int | float) or exp + JWT_EXPIRY_LEEWAY_SECONDS < now_wall:
@@ -278,6 +309,8 @@ class TokenCache:
         self._cache: dict[bytes, tuple[float, Identity | None]] = {}
         self._pending: dict[bytes, asyncio.Future[Identity | None]] = {}
         self._bucket = TokenBucket(clock, reviews_per_second, 2 * reviews_per_second)
+        self._rate = reviews_per_second
+        self._window = (clock.monotonic(), 0, 1.0)  # start, throttled since, suggested wait
         self.reviews = 0
         self.prefiltered = 0
         self.throttled = 0
@@ -302,7 +335,7 @@ class TokenCache:
         wait = self._bucket.take()
         if wait > 0:
             self.throttled += 1
-            raise ReviewThrottled(wait)
+            raise ReviewThrottled(max(wait, self._come_back_in()))
         future: asyncio.Future[Identity | None] = asyncio.get_running_loop().create_future()
         self._pending[key] = future
         try:
@@ -320,6 +353,21 @@ class TokenCache:
         if len(self._cache) > 100_000:  # bounded: drop expired entries
             self._cache = {k: v for k, v in self._cache.items() if v[0] > now}
         return ident
+
+    def _come_back_in(self) -> float:
+        """When a throttled sender should try again: spread over the time the reviews of
+        everyone waiting will take. A fleet reconnecting at once (a controller restart)
+        would otherwise retry every second, each attempt a TLS handshake refused — more
+        work than the reviews themselves. Senders throttled over the last suggested wait
+        are about the ones still waiting; each is told a random time within the time
+        their reviews take at our rate (at least a second, at most a minute)."""
+        now = self._clock.monotonic()
+        start, count, suggested = self._window
+        if now - start >= suggested:
+            suggested = min(60.0, max(1.0, count / self._rate))
+            start, count = now, 0
+        self._window = (start, count + 1, suggested)
+        return random.uniform(0.5, 1.0) * suggested + random.uniform(0.0, 0.5)
 
     async def _review(self, token: str) -> Identity | None:
         self.reviews += 1
@@ -374,7 +422,11 @@ class ReplayGuard:
         return None
 
     def accepted(self, sender: str, boot_id: str, sequence: int, sent_at: float) -> None:
-        self._last[sender] = _Last(boot_id, sequence, sent_at)
+        last = self._last.get(sender)
+        if last is None:
+            self._last[sender] = _Last(boot_id, sequence, sent_at)
+        else:  # in place: this runs for every tick of every stream
+            last.boot_id, last.sequence, last.sent_at = boot_id, sequence, sent_at
 
     def forget(self, sender: str) -> None:
         self._last.pop(sender, None)
@@ -395,13 +447,13 @@ class Refused(Exception):
 
 
 class Ingest:
-    """The aiohttp handlers for reports."""
+    """The aiohttp handlers for reports: one POSTed, or a stream of them."""
 
     def __init__(self, tokens: TokenCache, allowed: Sequence[str], max_bytes: int,
                  accept: Callable[[NodeReport, float], None], clock: Clock, *,
                  accept_pod: Callable[[PodReport, float], None] | None = None,
                  allowed_pods: Sequence[str] = (), max_skew: float = 30.0,
-                 read_timeout: float = 10.0) -> None:
+                 read_timeout: float = 10.0, stream_seconds: float = 300.0) -> None:
         self._tokens = tokens
         self._allowed = tuple(allowed)
         self._allowed_pods = tuple(allowed_pods)
@@ -410,8 +462,11 @@ class Ingest:
         self._accept = accept
         self._clock = clock
         self._read_timeout = read_timeout
+        self._stream_seconds = stream_seconds
         self.replay = ReplayGuard(clock, max_skew)
         self.outcomes: Counter[str] = Counter()
+        self.ticks = 0  # accepted reports that were ticks (also counted as accepted)
+        self.streams: weakref.WeakSet[web.WebSocketResponse] = weakref.WeakSet()
         self._log_gate = Throttled(clock.monotonic)
 
     @property
@@ -419,40 +474,63 @@ class Ingest:
         return self._tokens.reviews
 
     def routes(self) -> list[web.RouteDef]:
-        routes = [web.post(NODE_REPORT_PATH, self.node_report)]
+        routes = [web.post(NODE_REPORT_PATH, self.node_report),
+                  web.get(NODE_REPORT_PATH + STREAM_SUFFIX, self.node_stream)]
         if self._accept_pod is not None:
-            routes.append(web.post(POD_REPORT_PATH, self.pod_report))
+            routes += [web.post(POD_REPORT_PATH, self.pod_report),
+                       web.get(POD_REPORT_PATH + STREAM_SUFFIX, self.pod_stream)]
         return routes
 
-    async def node_report(self, request: web.Request) -> web.Response:
-        """An agent's report: a node-bound token may report only for its node."""
-        def bound(identity: Identity, report: NodeReport) -> str:
-            if identity.node is not None and identity.node != report.node:
-                raise Refused(403, "forbidden", f"token bound to node {identity.node} may "
-                                                f"not report for {report.node}")
-            return f"node/{report.node}"
+    async def close_streams(self, _: web.Application | None = None) -> None:
+        """On shutdown: tell every reporter to go elsewhere (the other replica) now, rather
+        than find out when the connection drops."""
+        await asyncio.gather(*(ws.close(code=WSCloseCode.GOING_AWAY, message=b"shutting down")
+                               for ws in list(self.streams)), return_exceptions=True)
 
-        return await self._receive(request, self._allowed, parse_node_report, bound,
-                                   self._accept)
+    @staticmethod
+    def _node_bound(identity: Identity, report: NodeReport) -> str:
+        """A node-bound token may report only for its node."""
+        if identity.node is not None and identity.node != report.node:
+            raise Refused(403, "forbidden", f"token bound to node {identity.node} may "
+                                            f"not report for {report.node}")
+        return f"node/{report.node}"
+
+    @staticmethod
+    def _pod_bound(identity: Identity, report: PodReport) -> str:
+        """Only a pod-bound token, and only about that pod: the token names its pod
+        (TokenReview's pod-name extra) and its ServiceAccount's namespace, and the report
+        must be about exactly that pod."""
+        pods = identity.extra.get(POD_NAME_EXTRA) or []
+        if not pods:
+            raise Refused(403, "forbidden", "pod reports need a pod-bound token (the "
+                                            "projected token of the reporting pod)")
+        namespace = identity.user.removeprefix(SA_PREFIX).split(":")[0]
+        if (namespace, pods[0]) != (report.namespace, report.name):
+            raise Refused(403, "forbidden", f"token of pod {namespace}/{pods[0]} may "
+                                            f"not report for {report.pod}")
+        return f"pod/{report.pod}"
+
+    async def node_report(self, request: web.Request) -> web.Response:
+        """An agent's report."""
+        return await self._receive(request, self._allowed, parse_node_report,
+                                   self._node_bound, self._accept)
 
     async def pod_report(self, request: web.Request) -> web.Response:
-        """A sidecar's report. Only with a pod-bound token, and only about that pod: the
-        token names its pod (TokenReview's pod-name extra) and its ServiceAccount's
-        namespace, and the report must be about exactly that pod."""
-        def bound(identity: Identity, report: PodReport) -> str:
-            pods = identity.extra.get(POD_NAME_EXTRA) or []
-            if not pods:
-                raise Refused(403, "forbidden", "pod reports need a pod-bound token (the "
-                                                "projected token of the reporting pod)")
-            namespace = identity.user.removeprefix(SA_PREFIX).split(":")[0]
-            if (namespace, pods[0]) != (report.namespace, report.name):
-                raise Refused(403, "forbidden", f"token of pod {namespace}/{pods[0]} may "
-                                                f"not report for {report.pod}")
-            return f"pod/{report.pod}"
-
+        """A sidecar's report."""
         assert self._accept_pod is not None
-        return await self._receive(request, self._allowed_pods, parse_pod_report, bound,
-                                   self._accept_pod)
+        return await self._receive(request, self._allowed_pods, parse_pod_report,
+                                   self._pod_bound, self._accept_pod)
+
+    async def node_stream(self, request: web.Request) -> web.StreamResponse:
+        """An agent's stream of reports and ticks."""
+        return await self._stream(request, self._allowed, parse_node_report,
+                                  self._node_bound, self._accept)
+
+    async def pod_stream(self, request: web.Request) -> web.StreamResponse:
+        """A sidecar's stream of reports and ticks."""
+        assert self._accept_pod is not None
+        return await self._stream(request, self._allowed_pods, parse_pod_report,
+                                  self._pod_bound, self._accept_pod)
 
     async def _receive(self, request: web.Request, allowed: Sequence[str],
                        parse: Callable[[Any], R],
@@ -462,7 +540,10 @@ class Ingest:
         the token's binding and names the sender (whose freshness is tracked)."""
         received = self._clock.monotonic()
         try:
-            identity, body = await self._authenticated_body(request, allowed)
+            identity = await self._identity(request, allowed)
+            if request.content_type != "application/json":
+                raise Refused(415, "bad_content_type", "expected application/json")
+            body = self._json(await self._read_body(request))
             report = self._parse(parse, body)
             sender = bound(identity, report)
             self._fresh(sender, report.boot_id, report.sequence, report.sent_at)
@@ -472,13 +553,97 @@ class Ingest:
         accept(report, received)
         return web.json_response({"accepted": True}, status=202)
 
+    async def _stream(self, request: web.Request, allowed: Sequence[str],
+                      parse: Callable[[Any], R],
+                      bound: Callable[[Identity, R], str],
+                      accept: Callable[[R, float], None]) -> web.StreamResponse:
+        """The stream of the module docstring: authenticated once, then reports and ticks
+        until the token's review is due again."""
+        ws = web.WebSocketResponse(max_msg_size=self._max_bytes)
+        try:
+            identity = await self._identity(request, allowed)
+            if not ws.can_prepare(request).ok:
+                raise Refused(400, "malformed", "expected a WebSocket upgrade")
+        except Refused as refused:
+            return self._refuse(refused, request.remote)
+        await ws.prepare(request)
+        self.streams.add(ws)
+        life = self._stream_seconds * random.uniform(0.9, 1.1)
+        exp = (jwt_claims(_bearer(request)) or {}).get("exp")
+        if isinstance(exp, int | float):  # reviewed as valid: it has an expiry
+            life = min(life, exp - self._clock.wall())
+        try:  # one timer for the stream's life, rather than a timeout on every receive
+            async with asyncio.timeout(max(0.0, life)):
+                await self._messages(ws, request, identity, parse, bound, accept)
+        except TimeoutError:
+            await ws.close(code=REAUTHENTICATE, message=b"token review due; reconnect")
+        return ws
+
+    async def _messages(self, ws: web.WebSocketResponse, request: web.Request,
+                        identity: Identity, parse: Callable[[Any], R],
+                        bound: Callable[[Identity, R], str],
+                        accept: Callable[[R, float], None]) -> None:
+        last: R | None = None  # the report this stream's ticks re-confirm
+        sender = ""
+        while True:
+            msg = await ws.receive()
+            if msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED):
+                return
+            if msg.type == WSMsgType.ERROR:  # e.g. a message over report_max_bytes
+                self._refuse(Refused(400, "malformed", f"stream broken: {msg.data}"),
+                             request.remote)
+                return
+            received = self._clock.monotonic()
+            sequence: Any = None
+            try:
+                if msg.type != WSMsgType.TEXT:
+                    raise Refused(415, "bad_content_type", "expected JSON text messages")
+                body = self._json(msg.data)
+                sequence = body.get("sequence") if isinstance(body, dict) else None
+                tick = isinstance(body, dict) and body.get("kind") == "Tick"
+                if tick:
+                    report = self._tick(last, body)
+                else:
+                    report = self._parse(parse, body)
+                    named = bound(identity, report)
+                    if sender and named != sender:
+                        raise Refused(422, "invalid", f"this stream carries {sender}'s "
+                                                      f"reports, not {named}'s")
+                    sender = named
+                self._fresh(sender, report.boot_id, report.sequence, report.sent_at)
+            except Refused as refused:
+                self._refuse(refused, request.remote)
+                await _reply(ws, {"sequence": sequence, "status": refused.status,
+                                  "error": str(refused)})
+                if refused.status == 403:  # a sender reporting for another: no second try
+                    await ws.close(code=WSCloseCode.POLICY_VIOLATION, message=b"forbidden")
+                    return
+                continue
+            self.outcomes["accepted"] += 1
+            accept(report, received)
+            last = report
+            if tick:
+                self.ticks += 1  # no reply: silence is acceptance, and costs us nothing
+            else:
+                await _reply(ws, {"sequence": report.sequence, "status": 202})
+
+    @staticmethod
+    def _tick(last: R | None, body: dict[str, Any]) -> R:
+        """The report a tick re-confirms, as sent at the tick's time and sequence."""
+        if last is None:
+            raise Refused(409, "stale", "a tick needs a report before it on this stream")
+        try:
+            sequence = _field(body, "sequence", int, "")
+            sent_at = float(_field(body, "sent_at", (int, float), ""))
+        except ReportInvalid as exc:
+            raise Refused(422, "invalid", str(exc)) from exc
+        return last.restamped(sequence, sent_at)
+
     # --- steps shared by every report kind ---------------------------------------------------
 
-    async def _authenticated_body(self, request: web.Request, allowed: Sequence[str]
-                                  ) -> tuple[Identity, Any]:
-        """Steps 1 to 3 of the module docstring: who is asking, and the body as JSON."""
-        auth = request.headers.get("Authorization", "")
-        token = auth[7:].strip() if auth.startswith("Bearer ") else ""
+    async def _identity(self, request: web.Request, allowed: Sequence[str]) -> Identity:
+        """Steps 1 and 2 of the module docstring, and the allow-list: who is asking."""
+        token = _bearer(request)
         if not token:
             raise Refused(401, "unauthenticated", "bearer token required")
         if request.content_length is not None and request.content_length > self._max_bytes:
@@ -495,11 +660,12 @@ class Ingest:
             raise Refused(401, "unauthenticated", "token not accepted")
         if not any(fnmatch.fnmatchcase(identity.user, pattern) for pattern in allowed):
             raise Refused(403, "forbidden", f"{identity.user} may not report here")
-        if request.content_type != "application/json":
-            raise Refused(415, "bad_content_type", "expected application/json")
-        raw = await self._read_body(request)
+        return identity
+
+    @staticmethod
+    def _json(raw: str | bytes) -> Any:
         try:
-            return identity, json.loads(raw)
+            return json.loads(raw)
         except ValueError as exc:
             raise Refused(400, "malformed", f"not JSON: {exc}") from exc
 
@@ -548,3 +714,16 @@ class Ingest:
                         error=str(refused), peer=peer, similar_not_logged=held)
         return web.json_response({"error": str(refused)}, status=refused.status,
                                  headers=refused.headers)
+
+
+async def _reply(ws: web.WebSocketResponse, message: dict[str, Any]) -> None:
+    """Answer on a stream whose reporter may have gone meanwhile (the next receive ends it)."""
+    try:
+        await ws.send_json(message)
+    except ConnectionError:
+        pass
+
+
+def _bearer(request: web.Request) -> str:
+    auth = request.headers.get("Authorization", "")
+    return auth[7:].strip() if auth.startswith("Bearer ") else ""

@@ -68,6 +68,11 @@ class ControllerCollector:
                         "stale", "skewed"):
             reports.add_metric([outcome], c.ingest.outcomes.get(outcome, 0))
         yield reports
+        yield CounterMetricFamily(f"{P}report_ticks", "Accepted reports that were ticks (a "
+                                  "stream's \"my last report still holds\")",
+                                  value=c.ingest.ticks)
+        yield gauge("report_streams", "Report streams open (one per reporter and replica)",
+                    len(c.ingest.streams))
         reviews = CounterMetricFamily(f"{P}token_reviews", "TokenReviews of report tokens "
                                       "not in the cache, by outcome", labels=["outcome"])
         reviews.add_metric(["reviewed"], c.tokens.reviews)

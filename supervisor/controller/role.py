@@ -51,6 +51,7 @@ log = structlog.get_logger(__name__)
 
 LIST_PAGE = 500  # objects per page of a watch's (re)list
 MIN_EVALUATION_GAP = 0.02  # seconds between two policy evaluations at most
+HEAP_SWEEP_SECONDS = 600.0  # a full garbage collection over frozen objects, when quiet
 INTENT_RETENTION_SECONDS = 86400.0
 
 
@@ -165,7 +166,8 @@ class Controller:
                              self._accept, clock, accept_pod=self.model.accept_pod_report,
                              allowed_pods=c.allowed_pod_reporters,
                              max_skew=c.report_max_skew_seconds,
-                             read_timeout=c.report_read_timeout_seconds)
+                             read_timeout=c.report_read_timeout_seconds,
+                             stream_seconds=c.report_stream_seconds)
         self.reflectors = [
             Reflector(kube, "/api/v1/nodes", "", self.model.upsert_node, self.model.delete_node),
             Reflector(kube, "/api/v1/pods", LWS_NAME, self.model.upsert_pod,
@@ -182,7 +184,7 @@ class Controller:
         self._sem = asyncio.Semaphore(c.max_concurrent_actions)
         self._persist_lock = asyncio.Lock()
         self._persist_due = asyncio.Event()
-        self._heap_frozen = False
+        self.heap_sweeps = 0
         self.evaluation_seconds: list[float] = []  # the last thousand policy evaluations
         self._saved: str | None = None  # the state as last written, to skip unchanged saves
         self._refused: set[tuple[str, str, str]] = set()
@@ -277,6 +279,9 @@ class Controller:
             self._persist_due.clear()
             if not self.may_act():
                 continue
+            # In a burst, the writes that take groups out of traffic go first; the state
+            # (one ConfigMap of every incident, ~100 KB at 173 of them) is saved after.
+            await self.executor.first_writes_drained()
             try:
                 await self.persist(only_if_changed=True)
             except (Fenced, KubeError) as exc:
@@ -328,6 +333,7 @@ class Controller:
                 await asyncio.wait_for(self.model.changed.wait(), timeout=interval)
             except TimeoutError:
                 pass
+            periodic = not self.model.changed.is_set()
             # A burst of reports arrives over a second; one evaluation per ~20 ms covers all
             # of them at a fraction of the CPU of one evaluation per report.
             pause = MIN_EVALUATION_GAP - (self.clock.monotonic() - last)
@@ -335,15 +341,17 @@ class Controller:
                 await asyncio.sleep(pause)
             last = self.clock.monotonic()
             self.model.changed.clear()
-            if not self._heap_frozen and all(r.synced for r in self.reflectors):
-                # What the first list of every watch built lives as long as we do: move it
-                # out of the collector's sight, so a full collection scans what came since
-                # rather than the whole fleet (a tail of hundreds of ms at 4,096 nodes).
-                gc.freeze()
-                self._heap_frozen = True
             if self.elector.is_leader() and not self.state_loaded:
                 await self._take_over()
             if not self.may_act():
+                continue
+            signals = self.model.signals()
+            if periodic and not signals and not self.refusals and self.engine.idle() \
+                    and not self.engine.breaker_open:
+                # The periodic pass serves timers; a healthy fleet has none running. Skipping
+                # it saves two walks over every node and group each second for nothing (the
+                # quorum guard's count is only needed before acting).
+                self._admit_new_pods()
                 continue
             self.suspect = self.quorum_problem()
             if self.suspect is not None:
@@ -351,7 +359,7 @@ class Controller:
             if self.engine.breaker_open:
                 await self._maybe_reset_breaker()
             began = time.perf_counter()
-            evaluation = self.engine.evaluate(self.model.signals(), self.model.view())
+            evaluation = self.engine.evaluate(signals, self.model.view())
             self.evaluations += 1
             # The loop does nothing else meanwhile: its cost delays every report and write.
             self.evaluation_seconds.append(time.perf_counter() - began)
@@ -403,6 +411,41 @@ class Controller:
             self._admit_tasks.add(task)
             task.add_done_callback(self._admit_tasks.discard)
 
+    async def _heap_keeper(self) -> None:
+        """Keep the garbage collector's full passes short.
+
+        A full pass scans every tracked object: at 4,096 nodes the model, the watches'
+        state and a report stream per agent are ~10^6 objects and a pass of hundreds of ms,
+        during which nothing else runs — a tail on every decision it falls into. Objects
+        that survived a full pass (or the first lists of the watches) live long, so they
+        are frozen out of the next passes, which then scan only what came since.
+        Frozen objects are freed by reference counting as usual, but cycles among them
+        (a closed connection leaves a few) only when unfrozen: every ``HEAP_SWEEP_SECONDS``,
+        at a quiet moment (nothing open, nothing changed), one full pass over everything
+        reclaims them."""
+        full = gc.get_stats()[2]["collections"]
+        swept = self.clock.monotonic()
+        synced = False
+        while True:
+            await asyncio.sleep(1.0)
+            if not synced:
+                synced = all(r.synced for r in self.reflectors)
+                if synced:
+                    gc.freeze()  # what the first lists built
+                continue
+            passes = gc.get_stats()[2]["collections"]
+            if passes != full:
+                gc.freeze()
+            quiet = self.engine.idle() and not self.model.changed.is_set() \
+                and not self._inflight
+            if quiet and self.clock.monotonic() - swept >= HEAP_SWEEP_SECONDS:
+                gc.unfreeze()
+                gc.collect()
+                gc.freeze()
+                swept = self.clock.monotonic()
+                self.heap_sweeps += 1
+            full = gc.get_stats()[2]["collections"]
+
     async def _admit(self, key: str, pod: Any, serving: bool) -> None:
         try:
             await self.executor.admit(key, pod, serving)
@@ -444,6 +487,7 @@ class Controller:
         for i, reflector in enumerate(self.reflectors):
             group.start(f"watch-{i}-{reflector.path.rsplit('/', 1)[-1]}", reflector.run())
         group.start("decide", self._decide_loop())
+        group.start("heap", self._heap_keeper())
         group.start("persist", self._persister())
         group.start("policy-watch", self._policy_watch())
 
@@ -476,10 +520,15 @@ class Controller:
             "silent_nodes": len(self.model.silent_nodes()),
             "pods_reporting": len(self.model.pod_reports),
             "reports": dict(self.ingest.outcomes),
+            "report_ticks": self.ingest.ticks,
+            "report_streams": len(self.ingest.streams),
             "token_reviews": self.tokens.reviews,
             "tokens_prefiltered": self.tokens.prefiltered,
             "token_reviews_throttled": self.tokens.throttled,
             "evaluations": self.evaluations,
+            "gc": {"frozen_objects": gc.get_freeze_count(),
+                   "full_passes": gc.get_stats()[2]["collections"],
+                   "sweeps": self.heap_sweeps},
             "evaluation_ms": {"p50": round(statistics.median(self.evaluation_seconds) * 1000, 2)
                               if self.evaluation_seconds else None,
                               "max": round(max(self.evaluation_seconds) * 1000, 2)

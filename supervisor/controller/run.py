@@ -17,7 +17,7 @@ from supervisor.kube import KubeClient
 from supervisor.metrics import new_registry
 from supervisor.runtime.clock import SystemClock
 from supervisor.runtime.tasks import TaskGroup
-from supervisor.tls import ServerCertificate
+from supervisor.tls import ServerCertificate, lean_tls_buffers
 
 log = structlog.get_logger(__name__)
 
@@ -25,6 +25,7 @@ log = structlog.get_logger(__name__)
 async def run_controller(settings: Settings) -> None:
     """The controller role: needs a cluster (kubeconfig or in-cluster)."""
     clock = SystemClock()
+    lean_tls_buffers()  # a report stream per agent: thousands of TLS connections
     group = TaskGroup()
     topology = load_topology(settings.controller.topology_file)
     kube = await KubeClient.connect(settings.kubernetes.kubeconfig,
@@ -37,7 +38,8 @@ async def run_controller(settings: Settings) -> None:
     c = settings.controller
     certificate = ServerCertificate(c.tls_cert_file, c.tls_key_file) if c.tls_cert_file \
         else None
-    reports = HttpServer(report_app(controller.ingest.routes(), c.report_max_bytes),
+    reports = HttpServer(report_app(controller.ingest.routes(), c.report_max_bytes,
+                                    controller.ingest.close_streams),
                          c.report_listen, certificate.context if certificate else None,
                          setting="controller.report_listen")
 

@@ -215,6 +215,37 @@ class TestTokens:
         finally:
             ctl.stop()
 
+    async def test_a_crowd_throttled_together_is_told_to_come_back_spread_out(
+            self, env: Env) -> None:
+        """A fleet reconnecting at once (a controller restart) must not retry every second,
+        each attempt a refused TLS handshake: once 300 senders were throttled within a
+        second at 10 reviews/s, the next are told to come back at random times spread over
+        the ~30 s their reviews take (at most a minute)."""
+        ctl = controller(env, "crowd", token_reviews_per_second=10).start()
+        try:
+            url = ctl.report_url + "/v1/reports/node"
+            body = json.dumps(node_report("n1", []))
+            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(
+                    ssl=ctl.tls, limit=100)) as session:
+
+                async def post(token: str) -> float | None:
+                    async with session.post(url, data=body, headers={
+                            "Authorization": f"Bearer {token}",
+                            "Content-Type": "application/json"}) as resp:
+                        after = resp.headers.get("Retry-After")
+                        return float(after) if resp.status == 429 and after else None
+
+                first = await asyncio.gather(*(post(forged_token(i)) for i in range(300)))
+                await asyncio.sleep(1.2)
+                later = [a for a in await asyncio.gather(
+                    *(post(forged_token(1000 + i)) for i in range(40))) if a is not None]
+            assert min(a for a in first if a is not None) <= 2  # before the crowd was seen
+            assert len(later) >= 20  # the rest: reviewed with what the rate refilled (401)
+            assert min(later) >= 10 and max(later) <= 60
+            assert len(set(later)) >= 5  # spread, not one herd coming back together
+        finally:
+            ctl.stop()
+
     async def test_garbage_tokens_cost_no_review_at_all(self, env: Env) -> None:
         """Tokens that are not JWTs for our audience are refused before any API call."""
         ctl = controller(env, "garbage").start()
@@ -315,3 +346,85 @@ class TestFreshness:
             assert code == 409 and "sender's clock" in body
         finally:
             ctl.stop()
+
+
+class TestStreams:
+    async def test_an_agent_streams_changes_and_ticks_and_reconnects_for_review(
+            self, env: Env) -> None:
+        """A real agent holds a stream: its heartbeats arrive as ticks, a new fault as a
+        full report, and when the stream's token review is due (token_cache_seconds) the
+        controller closes it and the agent reconnects with its token, reviewed again."""
+        from bench.harness import AgentProcess
+
+        token_file = env.workdir / "token"
+        token_file.write_text(env.token)
+        ctl = controller(env, "stream", token_cache_seconds=1.0,
+                         report_stream_seconds=2.0).start()
+        agent = AgentProcess(env.workdir / "agent", gpus=2, node_name="n-stream", settings={
+            "reporting": {"controller_url": ctl.report_url, "token_file": str(token_file),
+                          "ca_file": str(ctl.tls_dir / "ca.crt"), "heartbeat_seconds": 0.2,
+                          "timeout_seconds": 0.2}})
+        try:
+            agent.start()
+            agent.wait_for(lambda: ctl.status()["report_ticks"] >= 5, what="ticks")
+            status = ctl.status()
+            assert status["report_streams"] == 1
+            full = status["reports"]["accepted"] - status["report_ticks"]
+            agent.control.lose(1)
+            agent.wait_finding("gpu_lost", 1)
+
+            def full_reports() -> int:
+                s = ctl.status()
+                return int(s["reports"]["accepted"] - s["report_ticks"])
+            agent.wait_for(lambda: full_reports() > full, what="the change as a report")
+            # Streams outlive no token review: reconnected, reviewed again, still ticking.
+            agent.wait_for(lambda: ctl.status()["token_reviews"] >= 2, what="re-review")
+            ticks = ctl.status()["report_ticks"]
+            agent.wait_for(lambda: ctl.status()["report_ticks"] > ticks + 3,
+                           what="ticks after reconnecting")
+            assert agent.status()["reporting"]["failed"] == 0
+            assert ctl.status()["reports"].keys() == {"accepted"}
+        finally:
+            agent.stop()
+            ctl.stop()
+
+    async def test_a_stream_refuses_what_a_post_would_and_carries_on(self, env: Env) -> None:
+        """Over one stream: no token → the handshake's 401; a tick before any report, a
+        replayed tick, a report of another sender and non-JSON are each refused with the
+        POST's status, and the stream goes on accepting what is right."""
+        ctl = controller(env, "stream-refusals").start()
+        url = "wss" + ctl.report_url.removeprefix("https") + "/v1/reports/node/stream"
+        async with aiohttp.ClientSession() as session:
+            try:
+                with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+                    await session.ws_connect(url, ssl=ctl.tls)
+                assert refused.value.status == 401
+                async with session.ws_connect(url, ssl=ctl.tls, headers={
+                        "Authorization": f"Bearer {env.token}"}) as ws:
+                    async def answer(message: Any) -> dict[str, Any]:
+                        await ws.send_json(message)
+                        reply: dict[str, Any] = await ws.receive_json(timeout=5)
+                        return reply
+
+                    def tick(sequence: int, sent_at: float | None = None) -> dict[str, Any]:
+                        return {"kind": "Tick", "sequence": sequence,
+                                "sent_at": time.time() if sent_at is None else sent_at}
+
+                    assert (await answer(tick(1)))["status"] == 409
+                    report = node_report("n1", [], sequence=10)
+                    assert await answer(report) == {"sequence": 10, "status": 202}
+                    await ws.send_json(tick(11))  # accepted: no reply
+                    stale = await answer(tick(11))
+                    assert stale["status"] == 409 and "not newer" in stale["error"]
+                    assert (await answer(tick(12, time.time() - 600)))["status"] == 409
+                    other = await answer(node_report("n2", [], sequence=13))
+                    assert other["status"] == 422 and "node/n1" in other["error"]
+                    await ws.send_str("{not json")
+                    assert (await ws.receive_json(timeout=5))["status"] == 400
+                    assert (await answer(node_report("n1", [], sequence=14)))["status"] == 202
+                status = ctl.status()
+                assert status["report_ticks"] == 1
+                assert status["reports"] == {"unauthenticated": 1, "accepted": 3, "stale": 2,
+                                             "skewed": 1, "invalid": 1, "malformed": 1}
+            finally:
+                ctl.stop()

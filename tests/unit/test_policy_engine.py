@@ -106,6 +106,27 @@ def engine(clock: Clock) -> PolicyEngine:
     return PolicyEngine(make_policy(), clock, clock.wall)
 
 
+class TestIdle:
+    def test_idle_until_an_incident_opens_and_again_once_it_is_released(
+            self, engine: PolicyEngine, clock: Clock) -> None:
+        """The controller skips its periodic evaluation while the engine is idle: nothing
+        open, nothing in flight, nothing degraded — so idle must end with the first
+        incident, stay off while a decision is in flight, and come back only after the
+        incident is closed and released."""
+        assert engine.idle()
+        ev = engine.evaluate([sig()], VIEW)
+        assert brief(ev) == [("fail_over", "g1", 0)] and not engine.idle()  # in flight
+        settle(engine, ev)
+        assert not engine.idle()  # open
+        healthy = view(("g1", "m", True, ("n1",)))
+        for _ in range(20):  # the signal is gone: the incident closes, recovers, releases
+            step(engine, [], healthy)
+            clock.advance(60)
+            if engine.idle():
+                break
+        assert engine.idle()
+
+
 class TestOpening:
     @pytest.mark.parametrize(
         ("fault_class", "severity", "min_severity", "opens"),
