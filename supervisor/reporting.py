@@ -235,10 +235,11 @@ class Reporter:
             # retransmitting our ticks for ~15 minutes before the stream counts as broken.
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT,
                             int(3 * self._heartbeat * 1000))
+        refused = asyncio.Event()  # a flag, never waited on: send the full state next time
         async with ws, asyncio.TaskGroup() as tasks:
-            tasks.create_task(self._replies(ws, address, dirty))
+            tasks.create_task(self._replies(ws, address, dirty, refused))
             try:
-                await self._send_stream(ws, dirty)
+                await self._send_stream(ws, dirty, refused)
             finally:
                 await ws.close()
         code = ws.close_code
@@ -246,11 +247,12 @@ class Reporter:
             raise ReportRejected(f"stream to {address} ended (close code {code})")
         return int(code)
 
-    async def _send_stream(self, ws: aiohttp.ClientWebSocketResponse,
-                           dirty: asyncio.Event) -> None:
+    async def _send_stream(self, ws: aiohttp.ClientWebSocketResponse, dirty: asyncio.Event,
+                           refused: asyncio.Event) -> None:
         while not ws.closed:
-            if dirty.is_set():
+            if dirty.is_set() or refused.is_set():
                 dirty.clear()
+                refused.clear()
                 message = self._stamped(self._snapshot())
             else:
                 message = self._stamped({"kind": "Tick"})
@@ -263,9 +265,11 @@ class Reporter:
                 await asyncio.wait_for(dirty.wait(), timeout=self._heartbeat)
 
     async def _replies(self, ws: aiohttp.ClientWebSocketResponse, address: str,
-                       dirty: asyncio.Event) -> None:
+                       dirty: asyncio.Event, refused: asyncio.Event) -> None:
         """The controller's answers: an acknowledgement per full report, and a refusal for
-        anything it did not accept."""
+        anything it did not accept. After a refusal the next message (at the heartbeat, not
+        at once: a sender whose clock is off would otherwise be refused in a tight loop)
+        carries the full state rather than a tick of a report the controller lacks."""
         try:
             async for msg in ws:
                 if msg.type != aiohttp.WSMsgType.TEXT:
@@ -278,7 +282,7 @@ class Reporter:
                     self._failed(ReportRejected(
                         f"{address} refused report {reply.get('sequence')}: "
                         f"{reply.get('status')} {str(reply.get('error'))[:200]}"))
-                    dirty.set()  # send the full state next, not a tick of a refused one
+                    refused.set()
                 else:
                     self.last_error = None
         finally:

@@ -20,7 +20,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from bench.harness import ControllerProcess, gpu_finding, node_report, report_tls
+from bench.harness import AgentProcess, ControllerProcess, gpu_finding, node_report, report_tls
 from bench.report_flood import forged_token
 from supervisor.config import ReportingSettings
 from tests.integration.cluster_objects import unique
@@ -56,6 +56,19 @@ def controller(env: Env, name: str, **settings: Any) -> ControllerProcess:
                              settings=env.release.controller_settings(**settings))
 
 
+def reporting_agent(env: Env, ctl: ControllerProcess, name: str, node: str, *,
+                    ca_file: Path | None = None, heartbeat: float = 1.0, gpus: int = 1
+                    ) -> AgentProcess:
+    """An agent reporting to ``ctl`` with the report token, trusting ``ca_file`` (the
+    controller's CA unless given)."""
+    token_file = env.workdir / "token"
+    token_file.write_text(env.token)
+    return AgentProcess(env.workdir / name, gpus=gpus, node_name=node, settings={
+        "reporting": {"controller_url": ctl.report_url, "token_file": str(token_file),
+                      "ca_file": str(ca_file or ctl.tls_dir / "ca.crt"),
+                      "heartbeat_seconds": heartbeat, "timeout_seconds": heartbeat}})
+
+
 def http_get(url: str) -> str:
     with urllib.request.urlopen(url, timeout=5) as resp:
         return str(resp.read().decode())
@@ -83,16 +96,9 @@ class TestEncryptionAndTrust:
     async def test_agent_refuses_a_controller_it_cannot_verify(self, env: Env) -> None:
         """An agent whose CA bundle did not sign the controller's certificate sends
         nothing (so its token never leaves); with the right bundle its reports arrive."""
-        from bench.harness import AgentProcess
-
-        token_file = env.workdir / "token"
-        token_file.write_text(env.token)
         other_ca = report_tls(env.workdir / "other-ca")
         ctl = controller(env, "verify").start()
-        agent = AgentProcess(env.workdir / "agent", gpus=1, node_name="n-verify", settings={
-            "reporting": {"controller_url": ctl.report_url, "token_file": str(token_file),
-                          "ca_file": str(other_ca / "ca.crt"), "heartbeat_seconds": 1.0,
-                          "timeout_seconds": 1.0}})
+        agent = reporting_agent(env, ctl, "agent", "n-verify", ca_file=other_ca / "ca.crt")
         try:
             agent.start()
             agent.wait_for(lambda: agent.status()["reporting"]["failed"] >= 2,
@@ -101,10 +107,7 @@ class TestEncryptionAndTrust:
             assert ctl.status()["reports"].get("accepted", 0) == 0
         finally:
             agent.stop()
-        good = AgentProcess(env.workdir / "agent2", gpus=1, node_name="n-verify", settings={
-            "reporting": {"controller_url": ctl.report_url, "token_file": str(token_file),
-                          "ca_file": str(ctl.tls_dir / "ca.crt"), "heartbeat_seconds": 1.0,
-                          "timeout_seconds": 1.0}})
+        good = reporting_agent(env, ctl, "agent2", "n-verify")
         try:
             good.start()
             good.wait_for(lambda: ctl.status()["reports"].get("accepted", 0) >= 1,
@@ -352,18 +355,12 @@ class TestStreams:
     async def test_an_agent_streams_changes_and_ticks_and_reconnects_for_review(
             self, env: Env) -> None:
         """A real agent holds a stream: its heartbeats arrive as ticks, a new fault as a
-        full report, and when the stream's token review is due (token_cache_seconds) the
-        controller closes it and the agent reconnects with its token, reviewed again."""
-        from bench.harness import AgentProcess
-
-        token_file = env.workdir / "token"
-        token_file.write_text(env.token)
+        full report, and when the stream is due for re-authentication
+        (report_stream_seconds) the controller closes it and the agent reconnects with its
+        token, reviewed again."""
         ctl = controller(env, "stream", token_cache_seconds=1.0,
                          report_stream_seconds=2.0).start()
-        agent = AgentProcess(env.workdir / "agent", gpus=2, node_name="n-stream", settings={
-            "reporting": {"controller_url": ctl.report_url, "token_file": str(token_file),
-                          "ca_file": str(ctl.tls_dir / "ca.crt"), "heartbeat_seconds": 0.2,
-                          "timeout_seconds": 0.2}})
+        agent = reporting_agent(env, ctl, "agent", "n-stream", heartbeat=0.2, gpus=2)
         try:
             agent.start()
             agent.wait_for(lambda: ctl.status()["report_ticks"] >= 5, what="ticks")
@@ -384,6 +381,26 @@ class TestStreams:
                            what="ticks after reconnecting")
             assert agent.status()["reporting"]["failed"] == 0
             assert ctl.status()["reports"].keys() == {"accepted"}
+        finally:
+            agent.stop()
+            ctl.stop()
+
+    async def test_a_refused_agent_retries_at_its_heartbeat_not_in_a_loop(
+            self, env: Env) -> None:
+        """Every report refused (here: any skew at all is too much) — the agent sends the
+        full state again at each heartbeat, not at once after each refusal."""
+        ctl = controller(env, "refusing", report_max_skew_seconds=1e-6).start()
+        agent = reporting_agent(env, ctl, "agent", "n-refused", heartbeat=0.5)
+        try:
+            agent.start()
+            agent.wait_for(lambda: ctl.status()["reports"].get("skewed", 0) >= 1,
+                           what="a refused report")
+            first = ctl.status()["reports"]["skewed"]
+            await asyncio.sleep(3.0)
+            refused = ctl.status()["reports"]["skewed"] - first
+            # One per 0.5 s heartbeat (fewer on a loaded machine); a loop would be thousands.
+            assert 1 <= refused <= 12, refused
+            assert "sender's clock" in agent.status()["reporting"]["last_error"]
         finally:
             agent.stop()
             ctl.stop()
