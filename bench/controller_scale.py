@@ -89,9 +89,7 @@ class LoadGenerator:
     TokenReviews."""
 
     def __init__(self, url: str, fleet: Fleet, tls: Any) -> None:
-        self.url = "wss" + url.removeprefix("https") + "/v1/reports/node/stream" \
-            if url.startswith("https") else "ws" + url.removeprefix("http") + \
-            "/v1/reports/node/stream"
+        self.url = "ws" + url.removeprefix("http") + "/v1/reports/node/stream"  # wss for https
         self.fleet = fleet
         self.tls = tls
         started = time.time()

@@ -215,9 +215,8 @@ class Reporter:
                       dirty: asyncio.Event) -> int:
         """One stream to ``address``, until the controller asks us to reconnect (its close
         code); ``ReportRejected`` when it ended any other way."""
-        scheme = "wss" if self._scheme == "https" else "ws"
         url, extra = self._url(address, self._path + STREAM_SUFFIX)
-        url = scheme + url.removeprefix(self._scheme)
+        url = "ws" + url.removeprefix("http")  # http → ws, https → wss
         try:
             ws = await with_deadline(
                 f"connect to {address}",
