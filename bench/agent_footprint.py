@@ -31,9 +31,9 @@ from pathlib import Path
 from typing import Any
 
 from bench.fleet import populate
-from bench.harness import AgentProcess, ControllerProcess
+from simulator.controlplane.cluster import KubeTestCluster, build_binary
+from simulator.processes import AgentProcess, ControllerProcess
 from tests.kubeenv import manifests
-from tests.kubeenv.cluster import KubeTestCluster, build_binary
 
 CODES = [8, 11, 13, 31, 32, 48, 62, 64, 68, 74, 79, 94, 95, 109, 119]
 

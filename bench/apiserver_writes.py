@@ -24,10 +24,10 @@ from typing import Any
 import aiohttp
 
 from bench.fleet import SERVING, populate
+from simulator.controlplane.cluster import KubeTestCluster, build_binary
 from supervisor.controller.model import READINESS_GATE
 from supervisor.kube import STRATEGIC_MERGE
 from tests.kubeenv import manifests
-from tests.kubeenv.cluster import KubeTestCluster, build_binary
 
 
 async def _writes(cluster: KubeTestCluster, nodes: int) -> dict[str, Any]:

@@ -27,8 +27,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.harness import SidecarProcess, vllm_python
 from bench.netns import Hosts
+from simulator.processes import SidecarProcess, vllm_python
 from supervisor.config import CollectiveSettings
 
 DEADLINE = 5.0

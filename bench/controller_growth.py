@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.controller_scale import HEARTBEAT, _scenario
+from simulator.controlplane.cluster import KubeTestCluster, build_binary
 from supervisor.tls import lean_tls_buffers
-from tests.kubeenv.cluster import KubeTestCluster, build_binary
 
 SIZES = (1024, 4096, 16384)
 QUICK_SIZES = (256, 512)

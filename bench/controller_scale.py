@@ -56,11 +56,11 @@ import aiohttp
 
 from bench.agent_footprint import _cpu_seconds, _rss_mib
 from bench.fleet import SERVING, Fleet, agent_token, bounded, populate
-from bench.harness import ControllerProcess, gpu_finding, node_report
+from simulator.controlplane.cluster import KubeTestCluster, build_binary
+from simulator.processes import ControllerProcess, gpu_finding, node_report
 from supervisor.controller.model import READINESS_GATE
 from supervisor.tls import lean_tls_buffers
 from tests.kubeenv import manifests
-from tests.kubeenv.cluster import KubeTestCluster, build_binary
 
 POLICY = """
 budgets: {max_groups_disrupted: 512, min_healthy_groups: 0}

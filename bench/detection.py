@@ -35,14 +35,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench.harness import (
+from bench.netns import Hosts
+from simulator.processes import (
     CompletionLoad,
     EngineProcess,
     SidecarProcess,
     VllmProcess,
     metric_value,
 )
-from bench.netns import Hosts
 
 SOLO = {"pod_name": "llama-0", "pod_namespace": "serving", "group_name": "llama",
         "group_index": "0", "group_size": 1, "rank": 0, "peers": ["127.0.0.1"]}

@@ -17,8 +17,8 @@ from typing import Any
 
 from kubernetes_asyncio import client
 
+from simulator.controlplane.cluster import REPORT_AUDIENCE
 from supervisor.controller.model import LWS_GROUP, LWS_NAME, LWS_WORKER, READINESS_GATE
-from tests.kubeenv.cluster import REPORT_AUDIENCE
 
 SERVING = "serving"
 GPUS_PER_NODE = 8

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tests.kubeenv.cluster import KubeTestCluster, build_binary
+from simulator.controlplane.cluster import KubeTestCluster, build_binary
 
 
 def run(quick: bool = False) -> dict[str, Any]:

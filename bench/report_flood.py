@@ -25,9 +25,9 @@ from typing import Any
 
 import aiohttp
 
-from bench.harness import ControllerProcess, node_report
+from simulator.controlplane.cluster import REPORT_AUDIENCE, KubeTestCluster, build_binary
+from simulator.processes import ControllerProcess, node_report
 from tests.kubeenv import manifests
-from tests.kubeenv.cluster import REPORT_AUDIENCE, KubeTestCluster, build_binary
 
 FLOOD = 300
 

@@ -40,13 +40,13 @@ export PATH="$PWD/.venv/bin:$PATH"
 log "building the NVML stand-in"
 python -m probes.nvml_standin build
 log "building kube-apiserver + etcd (first build takes minutes, then cached)"
-KUBE_TESTENV_BINARY="$(bash tests/kubeenv/build.sh | tail -n 1)"
+KUBE_TESTENV_BINARY="$(bash simulator/controlplane/build.sh | tail -n 1)"
 export KUBE_TESTENV_BINARY
 log "building helm from its Go module (first build ~5-9 min, then cached)"
 HELM="$(bash scripts/build-helm.sh | tail -n 1)"
 export HELM
 log "fetching upstream CRDs (Gateway API, prometheus-operator) with go mod download"
-KUBE_TESTENV_CRDS="$(bash tests/kubeenv/upstream-crds.sh | tail -n 1)"
+KUBE_TESTENV_CRDS="$(bash simulator/controlplane/upstream-crds.sh | tail -n 1)"
 export KUBE_TESTENV_CRDS
 log "installing a real vLLM (CPU build) for the sidecar tests (first time ~5 min, then cached)"
 bash tests/vllm/install.sh >/dev/null

@@ -14,6 +14,7 @@ Environment overrides use ``GPUSUP_<SECTION>__<FIELD>``
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import types
 import typing
@@ -136,6 +137,11 @@ class KubernetesSettings:
 @dataclass
 class ReportingSettings:
     controller_url: str = setting("", "controller base URL; empty = do not report", "URL")
+    controller_addresses: list[str] = setting(
+        [], "the controller replicas' IP addresses, each sent its own stream on the URL's "
+        "port with the URL's host as the TLS name; empty = every address the URL's host "
+        "resolves to (a headless Service lists every replica; outside a cluster, where no "
+        "name does, list them here)")
     token_file: str = setting(
         "/var/run/secrets/gpu-supervisor/token",
         "projected ServiceAccount token with the controller's audience, sent as the bearer "
@@ -400,6 +406,12 @@ class Settings:
         url = self.reporting.controller_url
         if url and not url.startswith(("http://", "https://")):
             raise ConfigError("reporting.controller_url", f"must be an http(s) URL, got {url!r}")
+        for i, address in enumerate(self.reporting.controller_addresses):
+            try:
+                ipaddress.ip_address(address)
+            except ValueError:
+                raise ConfigError(f"reporting.controller_addresses[{i}]",
+                                  f"must be an IP address, got {address!r}") from None
         c = self.controller
         if not c.lease_duration_seconds > c.renew_deadline_seconds > c.retry_period_seconds:
             raise ConfigError("controller.renew_deadline_seconds",

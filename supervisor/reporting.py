@@ -28,7 +28,7 @@ import json
 import socket
 import ssl
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -60,8 +60,10 @@ class Reporter:
     def __init__(self, url: str, token_file: Path, snapshot: Callable[[], dict[str, Any]],
                  clock: Clock, heartbeat: float, timeout: float,
                  path: str = NODE_REPORT_PATH, tls: ssl.SSLContext | None = None,
-                 ready: Callable[[], bool] = lambda: True) -> None:
+                 ready: Callable[[], bool] = lambda: True,
+                 addresses: Sequence[str] = ()) -> None:
         self._endpoint = url.rstrip("/") + path
+        self._addresses = sorted(set(addresses))
         parts = urlsplit(self._endpoint)
         self._scheme = parts.scheme
         self._host = parts.hostname or ""
@@ -95,7 +97,8 @@ class Reporter:
             log.warning("reporting without TLS: the report token travels in clear text",
                         url=url)
         return cls(url, Path(settings.token_file), snapshot, clock, settings.heartbeat_seconds,
-                   settings.timeout_seconds, path=path, tls=tls, ready=ready)
+                   settings.timeout_seconds, path=path, tls=tls, ready=ready,
+                   addresses=settings.controller_addresses)
 
     def poke(self) -> None:
         for dirty in self._links.values():
@@ -195,6 +198,8 @@ class Reporter:
         return False
 
     async def _resolve(self) -> list[str]:
+        if self._addresses:
+            return self._addresses
         infos = await asyncio.get_running_loop().getaddrinfo(
             self._host, self._port, type=socket.SOCK_STREAM)
         return sorted({str(info[4][0]) for info in infos})

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.kubeenv.cluster import KubeTestCluster
+from simulator.controlplane.cluster import KubeTestCluster
 
 
 @pytest.fixture(autouse=True)

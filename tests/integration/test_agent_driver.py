@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from bench.harness import AgentProcess, metric_value
+from simulator.processes import AgentProcess, metric_value
 from tests.integration.test_agent_reporting import ControllerStub
 
 NVML_ERROR_DRIVER_NOT_LOADED = 9

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.harness import AgentProcess, metric_value
+from simulator.processes import AgentProcess, metric_value
 
 
 @pytest.fixture(scope="module", name="agent")

@@ -17,14 +17,14 @@ from typing import Any
 import pytest
 from kubernetes_asyncio import client
 
-from bench.harness import AgentProcess
+from simulator.controlplane.cluster import KubeTestCluster
+from simulator.processes import AgentProcess
 from supervisor.agent.conditions import CONDITION_TYPES, OUR_TYPES
 from supervisor.agent.node_status import NodeConditionPublisher
 from supervisor.findings import FaultClass, FindingBook, FindingKey, Severity, Subject, Verdict
 from supervisor.kube import KubeClient
 from supervisor.runtime.clock import SystemClock
 from tests.kubeenv import manifests
-from tests.kubeenv.cluster import KubeTestCluster
 
 pytestmark = pytest.mark.kube
 

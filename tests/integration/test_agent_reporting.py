@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from bench.harness import AgentProcess
+from simulator.processes import AgentProcess
 
 
 class ControllerStub:

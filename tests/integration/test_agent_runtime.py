@@ -8,7 +8,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from bench.harness import AgentProcess, metric_value
+from simulator.processes import AgentProcess, metric_value
 
 
 def test_nvml_call_hanging_30s_is_a_finding_and_livez_keeps_answering(tmp_path: Path) -> None:

@@ -24,13 +24,13 @@ import pytest
 import yaml
 from kubernetes_asyncio import client
 
-from bench.harness import ControllerProcess
 from policies.schema import load_policy
+from simulator.controlplane.cluster import KubeTestCluster
+from simulator.processes import ControllerProcess
 from supervisor.config import load
 from supervisor.controller.topology import parse_topology
 from tests.integration.cluster_objects import unique
 from tests.kubeenv import manifests
-from tests.kubeenv.cluster import KubeTestCluster
 
 ROOT = Path(__file__).resolve().parents[2]
 ALL_OPTIONS = manifests.CHART / "ci" / "all-options-values.yaml"

@@ -27,9 +27,9 @@ from typing import Any
 import aiohttp
 import pytest
 
+from simulator.controlplane.cluster import REPORT_AUDIENCE, KubeTestCluster
 from tests.integration.cluster_objects import make_lws_group, make_nodes, unique
 from tests.kubeenv import manifests
-from tests.kubeenv.cluster import REPORT_AUDIENCE, KubeTestCluster
 
 pytestmark = pytest.mark.kube
 

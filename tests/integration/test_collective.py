@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from bench.harness import SidecarProcess, free_port, vllm_python
 from bench.netns import Hosts
+from simulator.processes import SidecarProcess, free_port, vllm_python
 
 pytestmark = pytest.mark.vllm
 

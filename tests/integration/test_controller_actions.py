@@ -16,6 +16,7 @@ import pytest
 from kubernetes_asyncio import client
 
 from policies.model import Action, Decision
+from simulator.controlplane.cluster import KubeTestCluster
 from supervisor.controller.actions import (
     QUARANTINE_CONDITION,
     QUARANTINE_TAINT,
@@ -36,7 +37,6 @@ from tests.integration.cluster_objects import (
     unique,
 )
 from tests.kubeenv import manifests
-from tests.kubeenv.cluster import KubeTestCluster
 
 pytestmark = pytest.mark.kube
 

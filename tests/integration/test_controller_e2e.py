@@ -17,7 +17,8 @@ from typing import Any
 import pytest
 from kubernetes_asyncio import client
 
-from bench.harness import ControllerProcess, gpu_finding, node_report
+from simulator.controlplane.cluster import REPORT_AUDIENCE, KubeTestCluster
+from simulator.processes import ControllerProcess, gpu_finding, node_report
 from supervisor.controller.actions import QUARANTINE_TAINT
 from tests.integration.cluster_objects import (
     finish_deletion,
@@ -29,7 +30,6 @@ from tests.integration.cluster_objects import (
     unique,
 )
 from tests.kubeenv import manifests
-from tests.kubeenv.cluster import REPORT_AUDIENCE, KubeTestCluster
 
 pytestmark = pytest.mark.kube
 
@@ -402,7 +402,7 @@ class TestControllerWithAgent:
             self, env: Env) -> None:
         """Stand-in GPU → real agent process → report with its SA token → controller →
         readiness gates of the group's pods False on the API server."""
-        from bench.harness import AgentProcess
+        from simulator.processes import AgentProcess
 
         nodes = await make_nodes(env.admin, 2)
         await make_lws_group(env.admin, env.ns, "llama", 0, nodes, model="llama-70b")
@@ -725,7 +725,7 @@ class TestXidIncidentsEndToEnd:
         XID 13 on one GPU (one crashing application) fails nothing over and quarantines
         nothing. The same XID recurring in separate incidents (the application restarted
         and crashed again, twice) is the GPU: the node is quarantined."""
-        from bench.harness import AgentProcess
+        from simulator.processes import AgentProcess
 
         nodes = await make_nodes(env.admin, 1)
         await make_lws_group(env.admin, env.ns, "llama", 0, nodes, model="llama-70b")
@@ -792,7 +792,7 @@ class TestSidecarToController:
         their pods' own bound tokens. The leader's engine hangs: its sidecar reports
         engine_hang and the controller takes the whole group out of traffic (our gate False
         on both pods); the engine resumes: the gate is True again."""
-        from bench.harness import EngineProcess, SidecarProcess
+        from simulator.processes import EngineProcess, SidecarProcess
 
         nodes = await make_nodes(env.admin, 2)
         pods = await make_lws_group(env.admin, env.ns, "llama", 0, nodes, model="llama-70b")

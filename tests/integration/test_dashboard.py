@@ -60,7 +60,8 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.harness import (
+from simulator.controlplane.cluster import REPORT_AUDIENCE, KubeTestCluster
+from simulator.processes import (
     AgentProcess,
     ControllerProcess,
     DaemonProcess,
@@ -72,7 +73,6 @@ from bench.harness import (
 )
 from tests.integration.cluster_objects import make_lws_group, make_nodes, unique
 from tests.kubeenv import manifests
-from tests.kubeenv.cluster import REPORT_AUDIENCE, KubeTestCluster
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "deploy" / "grafana" / "gpu-supervisor.json"

@@ -10,10 +10,10 @@ import pytest
 import yaml
 
 from policies.schema import load_policy
+from simulator.controlplane.cluster import KubeTestCluster
 from supervisor.controller.actions import _route_plan
 from supervisor.controller.topology import parse_topology
 from tests.kubeenv import manifests
-from tests.kubeenv.cluster import KubeTestCluster
 
 EXAMPLES = Path(__file__).parents[2] / "deploy" / "examples"
 OBJECTS = [d for d in yaml.safe_load_all(

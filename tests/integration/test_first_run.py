@@ -13,8 +13,8 @@ import sys
 import time
 from pathlib import Path
 
-from bench.harness import AgentProcess
 from probes.nvml_standin.control import StandinControl
+from simulator.processes import AgentProcess
 
 ROOT = Path(__file__).resolve().parents[2]
 EXIT_RUNTIME, EXIT_CONFIG = 1, 2

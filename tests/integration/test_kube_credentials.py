@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 from kubernetes_asyncio import client
 
+from simulator.controlplane.cluster import KubeTestCluster
 from supervisor.kube import KubeClient
-from tests.kubeenv.cluster import KubeTestCluster
 
 pytestmark = pytest.mark.kube
 

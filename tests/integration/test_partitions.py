@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from bench.harness import SidecarProcess
 from bench.netns import Hosts
+from simulator.processes import SidecarProcess
 
 pytestmark = pytest.mark.netns
 

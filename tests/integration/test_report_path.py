@@ -20,12 +20,18 @@ from typing import Any
 import aiohttp
 import pytest
 
-from bench.harness import AgentProcess, ControllerProcess, gpu_finding, node_report, report_tls
 from bench.report_flood import forged_token
+from simulator.controlplane.cluster import REPORT_AUDIENCE, KubeTestCluster
+from simulator.processes import (
+    AgentProcess,
+    ControllerProcess,
+    gpu_finding,
+    node_report,
+    report_tls,
+)
 from supervisor.config import ReportingSettings
 from tests.integration.cluster_objects import unique
 from tests.kubeenv import manifests
-from tests.kubeenv.cluster import REPORT_AUDIENCE, KubeTestCluster
 
 pytestmark = pytest.mark.kube
 

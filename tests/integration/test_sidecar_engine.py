@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from bench.harness import EngineProcess, SidecarProcess
+from simulator.processes import EngineProcess, SidecarProcess
 
 SOLO = {"pod_name": "llama-0", "pod_namespace": "serving", "group_name": "llama",
         "group_index": "0", "group_size": 1, "rank": 0, "peers": ["127.0.0.1"]}

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.harness import CompletionLoad, SidecarProcess, VllmProcess
+from simulator.processes import CompletionLoad, SidecarProcess, VllmProcess
 
 pytestmark = pytest.mark.vllm
 

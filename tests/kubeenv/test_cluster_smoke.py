@@ -1,4 +1,4 @@
-"""Smoke test of the real etcd + kube-apiserver test cluster (tests/kubeenv/cluster.py).
+"""Smoke test of the real etcd + kube-apiserver test cluster (simulator/controlplane/cluster.py).
 
 Self-contained: its own module-scoped cluster, stopped and checked for leftover
 processes at the end.
@@ -17,7 +17,7 @@ import pytest
 from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
 
-from tests.kubeenv.cluster import KubeTestCluster, KubeTestClusterError
+from simulator.controlplane.cluster import KubeTestCluster, KubeTestClusterError
 
 pytestmark = pytest.mark.kube
 

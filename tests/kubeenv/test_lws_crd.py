@@ -10,7 +10,7 @@ import pytest
 from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
 
-from tests.kubeenv.cluster import KubeTestCluster
+from simulator.controlplane.cluster import KubeTestCluster
 
 pytestmark = pytest.mark.kube
 

@@ -56,6 +56,8 @@ class TestLoad:
             ("kubernetes:\n  enabled: maybe\n", "kubernetes.enabled", "must be one of"),
             ("reporting:\n  controller_url: ftp://x\n", "reporting.controller_url",
              "http(s) URL"),
+            ("reporting:\n  controller_addresses: [127.0.0.2, controller-0]\n",
+             "reporting.controller_addresses[1]", "IP address"),
             ("nvml: 3\n", "nvml", "mapping"),
             ("- a\n- b\n", "<root>", "mapping"),
             ("nvml: [\n", "--config", "not valid YAML"),

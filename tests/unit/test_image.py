@@ -256,18 +256,21 @@ def test_default_image_lock_downloads_for_the_image_platform(tmp_path: Path) -> 
 
 
 def test_the_wheel_ships_the_roles_and_everything_they_import(tmp_path: Path) -> None:
-    """The wheel (what the image installs) holds supervisor, probes and policies — not the
-    benchmarks, which need a clone (the test cluster, the harness) — and no module in it
-    imports a first-party package the wheel lacks."""
+    """The wheel (what the image installs) holds supervisor, probes, policies and the
+    simulator with the control plane's Go sources it builds — not the benchmarks, which
+    need a clone — and no module in it imports a first-party package the wheel lacks."""
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps",
                     "--wheel-dir", str(tmp_path), str(ROOT)], check=True, timeout=300,
                    capture_output=True)
     (wheel,) = tmp_path.glob("gpu_supervisor-*.whl")
     with zipfile.ZipFile(wheel) as archive:
-        sources = {name: archive.read(name) for name in archive.namelist()
-                   if name.endswith(".py")}
+        names = archive.namelist()
+        sources = {name: archive.read(name) for name in names if name.endswith(".py")}
     shipped = {name.split("/")[0] for name in sources}
-    assert shipped == {"supervisor", "probes", "policies"}
+    assert shipped == {"supervisor", "probes", "policies", "simulator"}
+    for needed in ("main.go", "go.mod", "go.sum", "build.sh", "build-kwok.sh",
+                   "kwok-stages.yaml", "crds/leaderworkerset.yaml"):
+        assert f"simulator/controlplane/{needed}" in names, needed
     first_party = shipped | {"bench", "tests"}
     for name, source in sources.items():
         for node in ast.walk(ast.parse(source)):

@@ -1,4 +1,4 @@
-"""Our LeaderWorkerSet CRD (tests/kubeenv/crds/leaderworkerset.yaml) keeps the facts of
+"""Our LeaderWorkerSet CRD (simulator/controlplane/crds/leaderworkerset.yaml) keeps the facts of
 upstream's v1 schema that the controller and its tests rely on: the scale subresource's
 paths, the restartPolicy and startupPolicy enums and defaults, the bounds and defaults of
 replicas and size, and pod templates kept whole."""
@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 import yaml
 
-CRD_PATH = Path(__file__).parents[1] / "kubeenv" / "crds" / "leaderworkerset.yaml"
+CRD_PATH = (Path(__file__).parents[2] / "simulator" / "controlplane" / "crds"
+            / "leaderworkerset.yaml")
 
 
 @pytest.fixture(scope="module")

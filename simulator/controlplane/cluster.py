@@ -62,6 +62,7 @@ HERE = Path(__file__).resolve().parent
 BUILD_SCRIPT = HERE / "build.sh"
 CRD_DIR = HERE / "crds"  # ours: LeaderWorkerSet (its module is not served here)
 UPSTREAM_CRDS_SCRIPT = HERE / "upstream-crds.sh"  # Gateway API, prometheus-operator
+KWOK_SCRIPT = HERE / "build-kwok.sh"  # the simulator's kubelets
 
 STARTUP_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 15.0
@@ -123,6 +124,11 @@ def _script_output(script: Path, env_override: str) -> Path:
         raise KubeTestClusterError(
             f"{script} failed with exit code {proc.returncode}; see its output above")
     return Path(lines[-1])
+
+
+def build_kwok() -> Path:
+    """kwok's binary: built once by build-kwok.sh and cached, or ``KWOK_BINARY``."""
+    return _script_output(KWOK_SCRIPT, "KWOK_BINARY")
 
 
 def crd_files() -> list[Path]:
@@ -205,6 +211,7 @@ class KubeTestCluster:
         self._etcd = etcd
         self._apiserver = apiserver
         self._logs = logs
+        self._components: list[tuple[str, subprocess.Popen[bytes]]] = []
         self._stopped = False
         self._stop_lock = threading.Lock()
 
@@ -363,6 +370,30 @@ class KubeTestCluster:
                 )
             time.sleep(0.1)
 
+    def run_component(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
+        """Start one more control-plane process beside the API server (kube-scheduler,
+        kube-controller-manager, kwok): its own session, its log at ``workdir/<name>.log``,
+        told to exit with us, stopped before the API server by :meth:`stop`."""
+        env = dict(os.environ)
+        env["KUBE_TESTENV_PARENT_PID"] = str(os.getpid())
+        log = (self.workdir / f"{name}.log").open("wb")
+        self._logs.append(log)
+        proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log,
+                                stderr=subprocess.STDOUT, env=env, cwd=self.workdir,
+                                start_new_session=True)
+        self._components.append((name, proc))
+        return proc
+
+    def check_components(self) -> None:
+        """Raise :class:`KubeTestClusterError`, with its last log lines, if a component
+        started by :meth:`run_component` has exited."""
+        for name, proc in self._components:
+            if proc.poll() is not None:
+                raise KubeTestClusterError(
+                    f"{name} exited with code {proc.returncode}\n--- last lines of "
+                    f"{self.workdir / (name + '.log')} ---\n"
+                    f"{_tail(self.workdir / (name + '.log'))}")
+
     def _check_alive(self) -> None:
         for name, proc in (("etcd", self._etcd), ("kube-apiserver", self._apiserver)):
             if proc is not None and proc.poll() is not None:
@@ -382,6 +413,8 @@ class KubeTestCluster:
             if self._stopped:
                 return
             self._stopped = True
+            for _, component in reversed(self._components):
+                _terminate(component, STOP_TIMEOUT_S)
             for proc in (self._apiserver, self._etcd):
                 if proc is not None:
                     _terminate(proc, STOP_TIMEOUT_S)

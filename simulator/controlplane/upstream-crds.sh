@@ -5,7 +5,7 @@
 #
 # Prints the cache directory as the last line of stdout; it holds the CRD YAML files as
 # upstream ships them, unmodified. The LeaderWorkerSet module is not served by the Go
-# proxy, so its CRD stays ours (tests/kubeenv/crds/).
+# proxy, so its CRD stays ours (simulator/controlplane/crds/).
 #
 # Env: GATEWAY_API_VERSION, PROMETHEUS_OPERATOR_VERSION override the pinned versions.
 set -euo pipefail

@@ -1,9 +1,12 @@
-// Command kube-testenv is the test suite's Kubernetes control plane: one binary
-// that runs a real embedded etcd server or the real kube-apiserver, plus a helper
-// that writes the certificates and keys they need.
+// Command kube-testenv is the Kubernetes control plane of the test suite and of
+// `gpu-supervisor simulate`: one binary that runs a real embedded etcd server, the real
+// kube-apiserver, kube-scheduler or kube-controller-manager, plus a helper that writes
+// the certificates and keys they need.
 //
 //	kube-testenv etcd --data-dir D --listen-client-url http://127.0.0.1:P1 --listen-peer-url http://127.0.0.1:P2
 //	kube-testenv apiserver <kube-apiserver flags>
+//	kube-testenv scheduler <kube-scheduler flags>
+//	kube-testenv controller-manager <kube-controller-manager flags>
 //	kube-testenv certs DIR
 //	kube-testenv version
 //
@@ -36,7 +39,9 @@ import (
 
 	"go.etcd.io/etcd/server/v3/embed"
 	"k8s.io/component-base/cli"
-	"k8s.io/kubernetes/cmd/kube-apiserver/app"
+	apiserver "k8s.io/kubernetes/cmd/kube-apiserver/app"
+	controllermanager "k8s.io/kubernetes/cmd/kube-controller-manager/app"
+	scheduler "k8s.io/kubernetes/cmd/kube-scheduler/app"
 )
 
 func main() {
@@ -45,14 +50,23 @@ func main() {
 		os.Exit(2)
 	}
 	sub, args := os.Args[1], os.Args[2:]
-	if sub == "etcd" || sub == "apiserver" || sub == "kube-apiserver" {
+	switch sub {
+	case "etcd", "apiserver", "kube-apiserver", "scheduler", "controller-manager":
 		dieWithParent()
 	}
 	switch sub {
 	case "etcd":
 		os.Exit(runEtcd(args))
 	case "apiserver", "kube-apiserver":
-		cmd := app.NewAPIServerCommand()
+		cmd := apiserver.NewAPIServerCommand()
+		cmd.SetArgs(args)
+		os.Exit(cli.Run(cmd))
+	case "scheduler":
+		cmd := scheduler.NewSchedulerCommand()
+		cmd.SetArgs(args)
+		os.Exit(cli.Run(cmd))
+	case "controller-manager":
+		cmd := controllermanager.NewControllerManagerCommand()
 		cmd.SetArgs(args)
 		os.Exit(cli.Run(cmd))
 	case "certs":
@@ -72,6 +86,8 @@ func usage() {
 	fmt.Fprint(os.Stderr, `usage:
   kube-testenv etcd --data-dir D --listen-client-url URL [--listen-peer-url URL] [--name N]
   kube-testenv apiserver <kube-apiserver flags>
+  kube-testenv scheduler <kube-scheduler flags>
+  kube-testenv controller-manager <kube-controller-manager flags>
   kube-testenv certs DIR
   kube-testenv version
 `)
