@@ -16,7 +16,9 @@ Incidents
     ``confirm(ok=True)`` and never returned again; ``confirm(ok=False)`` makes it *pending*
     so the next evaluation decides it again. When no signal matches any more the incident
     closes: the groups it took out of traffic are put back (``recover``) and, if the rule
-    says so, the nodes it quarantined are released (``unquarantine``); then it is forgotten.
+    says so, the nodes it quarantined are released (``unquarantine``) — each once no finding
+    on that node matches the rule either (a group restarted elsewhere leaves the node as sick
+    as it was); then it is forgotten.
     A signal coming back before anything was released resumes the incident where it was.
 
 Shared targets
@@ -160,12 +162,17 @@ class _DegradeState:
 class _Pass:
     """Working set of one evaluation: the view, what is disrupted, healthy capacity."""
 
-    __slots__ = ("_by_node", "_healthy", "decisions", "disrupted", "now", "refusals", "view")
+    __slots__ = ("_by_node", "_healthy", "decisions", "disrupted", "now", "refusals",
+                 "sick_nodes", "view")
 
-    def __init__(self, view: View, now: float, disrupted: set[str]) -> None:
+    def __init__(self, view: View, now: float, disrupted: set[str],
+                 sick_nodes: set[tuple[str, str]] | None = None) -> None:
         self.view = view
         self.now = now
         self.disrupted = disrupted
+        # (rule, node): a finding on the node still matches the rule, whatever group (if
+        # any) it maps to now — a quarantine the rule put on the node is not lifted yet.
+        self.sick_nodes = sick_nodes or set()
         self.decisions: list[Decision] = []
         self.refusals: list[Refusal] = []
         self._healthy: dict[str, int] | None = None
@@ -283,7 +290,7 @@ class PolicyEngine:
 
     def evaluate(self, signals: Sequence[Signal], view: View) -> Evaluation:
         now = self._clock()
-        present, ready = self._match(signals, now)
+        present, ready, sick_nodes = self._match(signals, now)
         for inc in list(self._incidents.values()):
             key = (inc.rule, inc.scope_id)
             if inc.closed_at is None:
@@ -299,7 +306,7 @@ class PolicyEngine:
                     id=incident, rule=rule_name, scope=rule.when.scope, scope_id=scope_id,
                     opened_at=now, ready_from=now)
 
-        ctx = _Pass(view, now, self._disrupted())
+        ctx = _Pass(view, now, self._disrupted(), sick_nodes)
         # Open incidents first: one that wants a group a closing incident still holds takes
         # it over (no recover, then a fail-over straight after it, refused by cooldown).
         for inc in [i for i in self._incidents.values() if i.closed_at is None]:
@@ -311,10 +318,13 @@ class PolicyEngine:
         return Evaluation(decisions=ctx.decisions, refusals=ctx.refusals)
 
     def _match(self, signals: Iterable[Signal], now: float
-               ) -> tuple[dict[tuple[str, str], list[Signal]], dict[tuple[str, str], None]]:
-        """(rule, scope id) → the signals matching it; and those whose ``for`` is met."""
+               ) -> tuple[dict[tuple[str, str], list[Signal]], dict[tuple[str, str], None],
+                          set[tuple[str, str]]]:
+        """(rule, scope id) → the signals matching it; those whose ``for`` is met; and the
+        (rule, node) pairs with a matching signal on the node."""
         present: dict[tuple[str, str], list[Signal]] = {}
         ready: dict[tuple[str, str], None] = {}  # a dict keeps first-seen order
+        sick_nodes: set[tuple[str, str]] = set()
         for sig in signals:
             rules = self._by_class.get(sig.fault_class)
             if not rules:
@@ -324,6 +334,8 @@ class PolicyEngine:
                 if rank < min_rank:
                     continue
                 when = rule.when
+                if sig.node is not None:
+                    sick_nodes.add((rule.name, sig.node))
                 if when.scope == "group":
                     scope_ids: Iterable[str] = sig.groups
                 else:
@@ -335,7 +347,7 @@ class PolicyEngine:
                     present.setdefault(key, []).append(sig)
                     if lasted:
                         ready[key] = None
-        return present, ready
+        return present, ready, sick_nodes
 
     def _disrupted(self) -> set[str]:
         out: set[str] = set()
@@ -456,6 +468,11 @@ class PolicyEngine:
                     continue
                 if (lane, target) in self._busy:
                     continue  # another incident is acting on it right now
+                if action is Action.UNQUARANTINE and (rule.name, target) in ctx.sick_nodes:
+                    # The group's incident may close because the group left the node (it was
+                    # restarted elsewhere); the node is as sick as before. Lifted when the
+                    # node's own findings clear (a GPU reset, a reboot), not before.
+                    continue
                 if action is Action.RECOVER:
                     reason = (f"No finding matches rule {rule.name} for {inc.scope} "
                               f"{inc.scope_id} any more: put group {target} back in traffic.")

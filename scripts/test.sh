@@ -39,9 +39,12 @@ export PATH="$PWD/.venv/bin:$PATH"
 # --- builds (cached under ~/.cache/gpu-supervisor) ----------------------------------------
 log "building the NVML stand-in"
 python -m probes.nvml_standin build
-log "building kube-apiserver + etcd (first build takes minutes, then cached)"
+log "building etcd + kube-apiserver, -scheduler, -controller-manager (first build takes minutes, then cached)"
 KUBE_TESTENV_BINARY="$(bash simulator/controlplane/build.sh | tail -n 1)"
 export KUBE_TESTENV_BINARY
+log "building kwok (the simulator's kubelets; first build ~5 min, then cached)"
+KWOK_BINARY="$(bash simulator/controlplane/build-kwok.sh | tail -n 1)"
+export KWOK_BINARY
 log "building helm from its Go module (first build ~5-9 min, then cached)"
 HELM="$(bash scripts/build-helm.sh | tail -n 1)"
 export HELM

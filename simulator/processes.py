@@ -123,11 +123,14 @@ class AgentProcess(DaemonProcess):
     role = "agent"
 
     def __init__(self, workdir: Path, gpus: int = 8, settings: dict[str, Any] | None = None,
-                 env: dict[str, str] | None = None, node_name: str = "node-under-test") -> None:
+                 env: dict[str, str] | None = None, node_name: str = "node-under-test",
+                 fast: bool = True) -> None:
+        """``fast``: test timings (FAST_SETTINGS) under ``settings``; off, the shipped
+        defaults and ``settings`` only, as deployed."""
         self.workdir = workdir
         self.node_name = node_name
         self.gpus = gpus
-        self.settings = _merge(FAST_SETTINGS, settings or {})
+        self.settings = _merge(FAST_SETTINGS if fast else {}, settings or {})
         self.env = env or {}
         self.sim_dir = workdir / "sim"
         self.log_path = workdir / "agent.log"
@@ -203,22 +206,29 @@ class ControllerProcess(DaemonProcess):
 
     def __init__(self, workdir: Path, kubeconfig: Path, identity: str,
                  settings: dict[str, Any] | None = None, policy: str | None = None,
-                 topology: dict[str, Any] | None = None, tls_dir: Path | None = None) -> None:
+                 topology: dict[str, Any] | None = None, tls_dir: Path | None = None,
+                 fast: bool = True, listen: str = "127.0.0.1:0") -> None:
+        """``fast``: test timings (a 3 s Lease, 0.5 s evaluations); off, the shipped
+        defaults, as deployed. ``listen`` is the HTTP address (and host of the reports')."""
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.identity = identity
         self.log_path = workdir / f"controller-{identity}.log"
         self.tls_dir = report_tls(tls_dir or workdir / "report-tls")
+        self.listen = listen
         base: dict[str, Any] = {
-            "kubernetes": {"kubeconfig": str(kubeconfig), "request_timeout_seconds": 5.0},
-            "controller": {"lease_duration_seconds": 3.0, "renew_deadline_seconds": 2.0,
-                           "retry_period_seconds": 0.5, "evaluation_interval_seconds": 0.5,
-                           "policy_reload_seconds": 0.5, "state_save_seconds": 0.5,
-                           "report_listen": "127.0.0.1:0",
+            "kubernetes": {"kubeconfig": str(kubeconfig)},
+            "controller": {"report_listen": "127.0.0.1:0",
                            "tls_cert_file": str(self.tls_dir / "tls.crt"),
                            "tls_key_file": str(self.tls_dir / "tls.key")},
-            "shutdown_grace_seconds": 3.0,
         }
+        if fast:
+            base = _merge(base, {
+                "kubernetes": {"request_timeout_seconds": 5.0},
+                "controller": {"lease_duration_seconds": 3.0, "renew_deadline_seconds": 2.0,
+                               "retry_period_seconds": 0.5, "evaluation_interval_seconds": 0.5,
+                               "policy_reload_seconds": 0.5, "state_save_seconds": 0.5},
+                "shutdown_grace_seconds": 3.0})
         if policy is not None:
             path = workdir / f"policy-{identity}.yaml"
             path.write_text(policy)
@@ -244,11 +254,13 @@ class ControllerProcess(DaemonProcess):
         with self.log_path.open("wb") as log:
             self.proc = _spawn(
                 [sys.executable, "-m", "supervisor", "controller", "--config", str(config),
-                 "--identity", self.identity, "--listen", "127.0.0.1:0"], log)
-        self.url = f"http://127.0.0.1:{_port_from_log(self.proc, self.log_path)}"
+                 "--identity", self.identity, "--listen", self.listen], log)
+        host = self.listen.rpartition(":")[0]
+        self.url = f"http://{host}:{_port_from_log(self.proc, self.log_path)}"
         scheme = "https" if self.tls is not None else "http"
         port = _port_from_log(self.proc, self.log_path, event="reports listening")
-        self.report_url = f"{scheme}://127.0.0.1:{port}"
+        report_host = self.settings["controller"]["report_listen"].rpartition(":")[0]
+        self.report_url = f"{scheme}://{report_host}:{port}"
         return self
 
     def post_report(self, token: str, body: Any, *, raw: bytes | None = None,

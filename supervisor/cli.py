@@ -85,6 +85,16 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--policy", help="override controller.policy_file")
 
     sub.add_parser("config-reference", help="print every setting with default, unit and doc")
+
+    simulate = sub.add_parser(
+        "simulate", help="the whole supervisor against a simulated GPU cluster on a real "
+        "control plane: inject faults, watch them handled (runs from a clone; needs Go)",
+        epilog="exit codes: 0 every expectation held; 1 one failed, or the cluster could not "
+        "start; 2 a bad scenario or flag.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    from simulator import cli as simulator_cli
+
+    simulator_cli.add_arguments(simulate)
     return parser
 
 
@@ -148,6 +158,11 @@ def main(argv: list[str] | None = None) -> int:
         for name, default, unit, doc in reference():
             print(f"| `{name}` | `{default}` | {unit} | {doc} |")
         return 0
+
+    if args.command == "simulate":
+        from simulator import cli as simulator_cli
+
+        return simulator_cli.main(args)
 
     overrides = dict(os.environ)
     if getattr(args, "listen", None):

@@ -414,6 +414,25 @@ class TestClosing:
         assert engine.incidents() == []
         assert brief(step(engine, [])) == []
 
+    def test_a_group_restarted_elsewhere_is_recovered_but_its_sick_node_stays_quarantined(
+            self, engine: PolicyEngine, clock: Clock) -> None:
+        """The group's incident closes when its restart moves it off the sick node (the
+        node's finding maps to no group any more): the group goes back to traffic, but the
+        quarantine is lifted only once the node's own finding clears. Found by
+        `gpu-supervisor simulate`: the node was released the moment the group's pods were
+        deleted, and the recreated group landed on it again."""
+        step(engine, [sig()])
+        step(engine, [sig()])
+        clock.advance(30)
+        assert brief(step(engine, [sig()])) == [("restart_group", "g1", 2)]
+        moved = [sig(groups=())]  # the group left n1; XID still reported by n1's agent
+        assert brief(step(engine, moved)) == [("recover", "g1", -1)]
+        assert brief(step(engine, moved)) == []
+        assert [i["id"] for i in engine.incidents()] == ["gpu-lost/group/g1"]
+        ev = step(engine, [])  # the node repaired: its finding clears
+        assert brief(ev) == [("unquarantine", "n1", -1)]
+        assert engine.incidents() == []
+
     def test_no_unquarantine_unless_the_rule_lifts(self, clock: Clock) -> None:
         """Without lift_quarantine the node stays quarantined for a person to return."""
         engine = PolicyEngine(make_policy(GPU_LOST.replace("lift_quarantine: true",

@@ -1,0 +1,79 @@
+"""``gpu-supervisor simulate``: run a scenario on a simulated GPU cluster.
+
+Exit codes: 0 every expectation held; 1 an expectation failed, or the simulated cluster
+could not be built or started (one line saying what); 2 a bad scenario or flag (naming
+the field).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from simulator.controlplane.cluster import KubeTestClusterError
+from simulator.scenario import DEFAULT_SCENARIO, FAULT_KINDS, Scenario, load, shipped_names
+from supervisor.errors import ConfigError, SupervisorError
+from supervisor.runtime import logging as logsetup
+
+if TYPE_CHECKING:
+    from simulator.run import Outcome
+
+EXIT_FAILED = 1
+EXIT_CONFIG = 2
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--scenario", default=DEFAULT_SCENARIO, metavar="NAME|FILE",
+                        help=f"a shipped scenario ({', '.join(shipped_names())}) or a "
+                             f"scenario file (default: {DEFAULT_SCENARIO})")
+    parser.add_argument("--report", type=Path, metavar="FILE",
+                        help="write the JSON report here (every fault's injection, detection, "
+                             "action and recovery times; requests to sick replicas)")
+    parser.add_argument("--workdir", type=Path, metavar="DIR",
+                        help="keep logs, kubeconfigs and state here (default: a temporary "
+                             "directory, removed at the end)")
+    parser.add_argument("--list", action="store_true",
+                        help="list the shipped scenarios and fault kinds, then exit")
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.list:
+        for name in shipped_names():
+            print(name)
+        print("\nfault kinds:")
+        for kind, what in FAULT_KINDS.items():
+            print(f"  {kind:<13} {what}")
+        return 0
+    try:
+        scenario = load(args.scenario)
+    except ConfigError as exc:
+        print(f"gpu-supervisor simulate: invalid scenario: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    # The daemons log to their own files under the work directory; ours stays quiet.
+    logsetup.configure("warning", json=False)
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="gpu-supervisor-simulate-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        outcome = asyncio.run(_simulate(scenario, workdir, args.report))
+    except (KubeTestClusterError, SupervisorError, TimeoutError, OSError) as exc:
+        print(f"gpu-supervisor simulate: {exc}", file=sys.stderr)
+        if args.workdir:
+            print(f"gpu-supervisor simulate: logs in {workdir}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return EXIT_FAILED
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(workdir, ignore_errors=True)
+    return 0 if outcome.passed else EXIT_FAILED
+
+
+async def _simulate(scenario: Scenario, workdir: Path, report: Path | None) -> Outcome:
+    from simulator.run import simulate
+
+    return await simulate(scenario, workdir, sys.stdout, report)

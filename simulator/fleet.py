@@ -1,0 +1,339 @@
+"""The simulator's container runtime: the real process behind every simulated pod.
+
+kwok marks pods Running; nothing would run in them. :class:`Runtime` follows the pods on
+the API server and runs what their containers would:
+
+- the agent DaemonSet's pod on a node → ``gpu-supervisor agent`` on that node's NVML
+  stand-in (its own GPUs, its own fault state), publishing NodeConditions as the agent
+  ServiceAccount and reporting to the controllers with a token bound to that pod;
+- each controller Deployment pod → ``gpu-supervisor controller`` (two replicas, one Lease),
+  acting as the controller ServiceAccount;
+- each inference pod → the stand-in engine (a vLLM look-alike) and ``gpu-supervisor
+  sidecar`` beside it, reporting as the pod's ServiceAccount with a token bound to it.
+
+Processes listen on loopback: the two controllers on 127.0.0.2 and 127.0.0.3 (same report
+port; the reporters are given both addresses, as a headless Service would resolve), each
+sidecar's group heartbeats on a port fixed per (group, rank) so a recreated member is found
+at the same address. A pod's IP in the API is kwok's; :attr:`Runtime.engines` maps it to
+the engine that serves it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import structlog
+
+from simulator.processes import (
+    AgentProcess,
+    ControllerProcess,
+    EngineProcess,
+    SidecarProcess,
+    report_tls,
+)
+from simulator.world import (
+    GROUP_LABEL,
+    REPORT_AUDIENCE,
+    SERVING,
+    SYSTEM,
+    GroupRef,
+    token_for_pod,
+)
+from supervisor.errors import KubeError
+from supervisor.kube import KubeClient, rfc3339
+
+log = structlog.get_logger("simulator")
+
+CONTROLLER_HOSTS = ("127.0.0.2", "127.0.0.3")
+REPORT_HOST = "localhost"  # the name on the report certificate; the addresses are listed
+
+
+def free_port(host: str = "127.0.0.1", kind: int = socket.SOCK_STREAM) -> int:
+    with socket.socket(socket.AF_INET, kind) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Probe:
+    """One container's readiness probe, as the pod spec states it."""
+
+    url: str
+    period: float
+    failure_threshold: int
+    due: float = 0.0
+    failures: int = 0
+    ready: bool = False
+
+
+@dataclass
+class PodProcesses:
+    uid: str
+    node: str
+    engine: EngineProcess
+    sidecar: SidecarProcess
+    probes: list[Probe] = field(default_factory=list)
+    containers_ready: bool = False  # what we last wrote
+
+
+def _probes(pod: dict[str, Any], urls: dict[str, str]) -> list[Probe]:
+    out: list[Probe] = []
+    for container in pod["spec"]["containers"]:
+        spec = container.get("readinessProbe")
+        if not spec or container["name"] not in urls:
+            continue
+        out.append(Probe(urls[container["name"]] + spec["httpGet"]["path"],
+                         float(spec.get("periodSeconds", 10)),
+                         int(spec.get("failureThreshold", 3))))
+    return out
+
+
+@dataclass
+class Runtime:
+    workdir: Path
+    kube: KubeClient
+    api_url: str
+    ca_file: Path
+    groups: list[GroupRef]
+    gpus: int
+    agent_settings: dict[str, Any]
+    controller_settings: dict[str, Any]
+    policy: str
+    topology: dict[str, Any] | None
+    agents: dict[str, AgentProcess] = field(default_factory=dict)
+    controllers: dict[str, ControllerProcess] = field(default_factory=dict)
+    pods: dict[str, PodProcesses] = field(default_factory=dict)  # pod name → its processes
+    engines: dict[str, str] = field(default_factory=dict)  # pod IP → engine URL
+    peer_ports: dict[tuple[str, int], int] = field(default_factory=dict)
+    report_port: int = 0
+
+    def __post_init__(self) -> None:
+        self.tls_dir = report_tls(self.workdir / "report-tls")
+        self.report_port = free_port(CONTROLLER_HOSTS[0])
+        for group in self.groups:
+            for rank in range(group.model.size):
+                self.peer_ports[(group.name, rank)] = free_port(kind=socket.SOCK_DGRAM)
+
+    # --- credentials ---------------------------------------------------------------------
+
+    def _kubeconfig(self, name: str, token: str) -> Path:
+        path = self.workdir / "kubeconfigs" / f"{name}.yaml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(
+            "apiVersion: v1\nkind: Config\n"
+            f"clusters: [{{name: sim, cluster: {{server: '{self.api_url}', "
+            f"certificate-authority: '{self.ca_file}'}}}}]\n"
+            f"users: [{{name: {name}, user: {{token: '{token}'}}}}]\n"
+            f"contexts: [{{name: sim, context: {{cluster: sim, user: {name}}}}}]\n"
+            "current-context: sim\n")
+        path.chmod(0o600)
+        return path
+
+    async def _token_file(self, name: str, namespace: str, account: str,
+                          pod: dict[str, Any]) -> Path:
+        token = await token_for_pod(self.kube, namespace, account, pod, [REPORT_AUDIENCE])
+        path = self.workdir / "tokens" / f"{name}.token"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(token)
+        path.chmod(0o600)
+        return path
+
+    def _reporting(self, token_file: Path) -> dict[str, Any]:
+        return {"controller_url": f"https://{REPORT_HOST}:{self.report_port}",
+                "controller_addresses": list(CONTROLLER_HOSTS),
+                "token_file": str(token_file), "ca_file": str(self.tls_dir / "ca.crt")}
+
+    # --- the chart's daemons -------------------------------------------------------------
+
+    async def start_controllers(self) -> None:
+        """One controller per pod of the chart's Deployment, in pod-name order."""
+        pods = await self._pods(SYSTEM, "app.kubernetes.io/component=controller")
+        for host, pod in zip(CONTROLLER_HOSTS, sorted(pods, key=_name), strict=False):
+            name = _name(pod)
+            token = await token_for_pod(self.kube, SYSTEM, "gpu-supervisor-controller", pod,
+                                        [])
+            settings = {"controller": {**self.controller_settings,
+                                       "report_listen": f"{host}:{self.report_port}",
+                                       "namespace": SYSTEM},
+                        "node_name": pod["spec"]["nodeName"]}
+            proc = ControllerProcess(self.workdir / "controllers", self._kubeconfig(name, token),
+                                     name, settings=settings, policy=self.policy,
+                                     topology=self.topology, tls_dir=self.tls_dir, fast=False,
+                                     listen=f"{host}:0")
+            await asyncio.to_thread(proc.start)
+            self.controllers[name] = proc
+
+    async def start_agents(self) -> None:
+        """One agent per pod of the chart's DaemonSet: on its node, with its node's GPUs."""
+        pods = await self._pods(SYSTEM, "app.kubernetes.io/component=agent")
+
+        async def one(pod: dict[str, Any]) -> None:
+            node = pod["spec"]["nodeName"]
+            token = await token_for_pod(self.kube, SYSTEM, "gpu-supervisor-agent", pod, [])
+            report_token = await self._token_file(f"agent-{node}", SYSTEM,
+                                                  "gpu-supervisor-agent", pod)
+            settings = {**self.agent_settings,
+                        "kubernetes": {"enabled": "true",
+                                       "kubeconfig": str(self._kubeconfig(f"agent-{node}",
+                                                                          token))},
+                        "reporting": self._reporting(report_token),
+                        "http": {"listen": "127.0.0.1:0"}}
+            agent = AgentProcess(self.workdir / "agents" / node, gpus=self.gpus,
+                                 settings=settings, node_name=node, fast=False)
+            self.agents[node] = agent
+            await asyncio.to_thread(agent.start, False)
+
+        await asyncio.gather(*(one(p) for p in pods))
+
+    async def _pods(self, namespace: str, selector: str) -> list[dict[str, Any]]:
+        found = await self.kube.request("GET", f"/api/v1/namespaces/{namespace}/pods",
+                                        query={"labelSelector": selector})
+        return [p for p in found.get("items", []) if p.get("spec", {}).get("nodeName")]
+
+    # --- inference pods --------------------------------------------------------------------
+
+    async def follow_pods(self) -> None:
+        """Run each inference pod's engine and sidecar while the pod exists (a new UID is a
+        new pod: fresh processes). Polls twice a second, as a kubelet's sync loop would."""
+        by_name = {g.name: g for g in self.groups}
+        while True:
+            found = await self.kube.request("GET", f"/api/v1/namespaces/{SERVING}/pods")
+            live: dict[str, dict[str, Any]] = {}
+            for pod in found.get("items", []):
+                group = by_name.get(pod["metadata"].get("labels", {}).get(GROUP_LABEL, ""))
+                if (group is None or pod["metadata"].get("deletionTimestamp")
+                        or pod.get("status", {}).get("phase") != "Running"):
+                    continue
+                live[_name(pod)] = pod
+            for name, procs in list(self.pods.items()):
+                if name not in live or live[name]["metadata"]["uid"] != procs.uid:
+                    await asyncio.to_thread(self._stop_pod, name)
+            starts = [self._start_pod(by_name[pod["metadata"]["labels"][GROUP_LABEL]], pod)
+                      for name, pod in live.items() if name not in self.pods]
+            for outcome in await asyncio.gather(*starts, return_exceptions=True):
+                if isinstance(outcome, Exception):
+                    log.warning("pod processes did not start", error=str(outcome))
+            await asyncio.sleep(0.5)
+
+    async def _start_pod(self, group: GroupRef, pod: dict[str, Any]) -> None:
+        name = _name(pod)
+        rank = int(pod["metadata"]["labels"]["sim.gpu-supervisor.io/rank"])
+        workdir = self.workdir / "pods" / f"{name}-{pod['metadata']['uid'][:8]}"
+        engine = EngineProcess(workdir, name="engine")
+        await asyncio.to_thread(engine.start)
+        token = await self._token_file(name, SERVING, "default", pod)
+        peers = [f"127.0.0.1:{self.peer_ports[(group.name, r)]}"
+                 for r in range(group.model.size)]
+        lws = group.model.kind == "lws"
+        settings = {
+            "node_name": pod["spec"]["nodeName"],
+            "sidecar": {"pod_name": name, "pod_namespace": SERVING,
+                        "group_name": group.model.name if lws else group.model.kind,
+                        "group_index": str(group.index) if lws else group.name,
+                        "group_size": group.model.size, "rank": rank, "peers": peers,
+                        "peer_listen": peers[rank]},
+            "engine": {"url": engine.url},
+            "reporting": self._reporting(token),
+        }
+        sidecar = SidecarProcess(workdir, name, settings)
+        try:
+            await asyncio.to_thread(sidecar.start)
+        except BaseException:
+            engine.stop()
+            raise
+        self.pods[name] = PodProcesses(
+            pod["metadata"]["uid"], pod["spec"]["nodeName"], engine, sidecar,
+            _probes(pod, {"engine": engine.url, "gpu-supervisor": sidecar.url}))
+        ip = pod.get("status", {}).get("podIP")
+        if ip:
+            self.engines[ip] = engine.url
+
+    async def probe_pods(self) -> None:
+        """The kubelet's readiness prober: each container's probe at its period against the
+        pod's real process (a failure is a non-2xx answer or none within 1 s, the default
+        timeoutSeconds); ContainersReady written when the verdict changes. kwok then sets
+        Ready from it and the readiness gates."""
+        async with aiohttp.ClientSession() as session:
+            while True:
+                now = asyncio.get_running_loop().time()
+                for name, procs in list(self.pods.items()):
+                    due = [p for p in procs.probes if p.due <= now]
+                    await asyncio.gather(*(self._probe(session, p, now) for p in due))
+                    ready = bool(procs.probes) and all(p.ready for p in procs.probes)
+                    if ready != procs.containers_ready and self.pods.get(name) is procs:
+                        await self._containers_ready(name, procs, ready)
+                await asyncio.sleep(0.1)
+
+    @staticmethod
+    async def _probe(session: aiohttp.ClientSession, probe: Probe, now: float) -> None:
+        probe.due = now + probe.period
+        ok = False
+        with contextlib.suppress(aiohttp.ClientError, OSError, TimeoutError):
+            async with session.get(probe.url, timeout=aiohttp.ClientTimeout(total=1)) as resp:
+                ok = 200 <= resp.status < 400
+        probe.failures = 0 if ok else probe.failures + 1
+        if ok:
+            probe.ready = True
+        elif probe.failures >= probe.failure_threshold:
+            probe.ready = False
+
+    async def _containers_ready(self, name: str, procs: PodProcesses, ready: bool) -> None:
+        body = {"status": {"conditions": [
+            {"type": "ContainersReady", "status": "True" if ready else "False",
+             "lastTransitionTime": rfc3339(time.time())}]}}
+        try:
+            await self.kube.request("PATCH", f"/api/v1/namespaces/{SERVING}/pods/{name}/status",
+                                    body=body,
+                                    content_type="application/strategic-merge-patch+json")
+        except KubeError as exc:
+            log.warning("readiness not written", pod=name, error=str(exc))
+            return
+        procs.containers_ready = ready
+
+    def _stop_pod(self, name: str) -> None:
+        procs = self.pods.pop(name)
+        for ip, url in list(self.engines.items()):
+            if url == procs.engine.url:
+                del self.engines[ip]
+        procs.sidecar.stop(timeout=5)
+        procs.engine.stop(timeout=5)
+
+    # --- faults ------------------------------------------------------------------------
+
+    def pod_of(self, group: GroupRef, rank: int) -> PodProcesses | None:
+        return self.pods.get(group.pod_name(rank))
+
+    def leader(self) -> ControllerProcess | None:
+        for proc in self.controllers.values():
+            with contextlib.suppress(Exception):
+                if proc.proc is not None and proc.proc.poll() is None and \
+                        proc.status().get("leader"):
+                    return proc
+        return None
+
+    def stop(self) -> None:
+        for name in list(self.pods):
+            self._stop_pod(name)
+        for agent in self.agents.values():
+            agent.stop(timeout=5)
+        for controller in self.controllers.values():
+            controller.stop(timeout=5)
+
+    def endpoints(self) -> list[tuple[str, str]]:
+        """Every daemon's HTTP endpoint, for the user: (what, URL)."""
+        out = [(f"controller {n}", c.url) for n, c in self.controllers.items()]
+        out += [(f"agent {n}", a.url) for n, a in sorted(self.agents.items())]
+        out += [(f"sidecar {n}", p.sidecar.url) for n, p in sorted(self.pods.items())]
+        out += [(f"engine {n}", p.engine.url) for n, p in sorted(self.pods.items())]
+        return out
+
+
+def _name(obj: dict[str, Any]) -> str:
+    return str(obj["metadata"]["name"])

@@ -1,0 +1,496 @@
+"""One scenario, start to finish: build, start, serve, inject, watch, judge, report.
+
+Everything long-lived runs in one TaskGroup (watches, the group keeper, the pod runtime,
+traffic); the first one to fail ends the run with its error. Whatever happens, every
+process started is stopped before :func:`simulate` returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import yaml
+
+from simulator.controlplane.cluster import (
+    CRD_DIR,
+    KubeTestCluster,
+    build_binary,
+    build_kwok,
+)
+from simulator.controlplane.machinery import start_machinery
+from simulator.fleet import Runtime
+from simulator.scenario import NODE_FAULTS, Expectation, Fault, Scenario
+from simulator.timeline import STEPS, ClusterView, FaultRecord, update
+from simulator.traffic import Traffic
+from simulator.world import (
+    SERVING,
+    SYSTEM,
+    SYSTEM_NODE,
+    GroupKeeper,
+    GroupRef,
+    chart_objects,
+    chart_settings,
+    create,
+    gpu_node,
+    groups_of,
+    lws_object,
+    model_service,
+    system_node,
+)
+from supervisor.errors import KubeError
+from supervisor.kube import KubeClient
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED_POLICY = ROOT / "policies" / "default.yaml"
+SETUP_TIMEOUT_S = 180.0
+# What the daemon that should see a fault reports it as.
+FINDING_CLASSES: dict[str, set[str]] = {
+    "xid": {"xid"}, "gpu_lost": {"gpu_lost"}, "thermal": {"thermal"},
+    "ecc": {"ecc_uncorrectable"}, "engine_hang": {"engine_hang", "collective_hang"},
+    "engine_crash": {"engine_crash", "engine_unhealthy"},
+}
+
+
+@dataclass
+class Outcome:
+    scenario: Scenario
+    records: list[FaultRecord]
+    failures: list[str] = field(default_factory=list)
+    requests: dict[str, int] = field(default_factory=dict)
+    endpoints: list[tuple[str, str]] = field(default_factory=list)
+    setup_seconds: float = 0.0
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    def as_json(self) -> dict[str, Any]:
+        return {"scenario": self.scenario.name, "source": self.scenario.source,
+                "passed": self.passed, "failures": self.failures,
+                "setup_seconds": round(self.setup_seconds, 1),
+                "faults": [r.as_json() for r in self.records], "requests": self.requests,
+                "endpoints": dict(self.endpoints)}
+
+
+def policy_text(scenario: Scenario) -> str:
+    """The shipped policy, acting (``dry_run: false``), with the scenario's overrides."""
+    policy = yaml.safe_load(SHIPPED_POLICY.read_text())
+    policy["dry_run"] = False
+    policy.update(scenario.policy)
+    return yaml.safe_dump(policy, sort_keys=False)
+
+
+class Printer:
+    """The live timeline: one line per step, seconds since the scenario started."""
+
+    def __init__(self, out: TextIO) -> None:
+        self._out = out
+        self.start = time.monotonic()
+
+    def line(self, text: str) -> None:
+        print(f"{time.monotonic() - self.start:7.1f}s  {text}", file=self._out, flush=True)
+
+    def step(self, record: FaultRecord, step: str) -> None:
+        after = record.at(step)
+        when = "" if after is None or step == "injected" else f" (+{after:.2f} s)"
+        detail = record.detail.get(step, "")
+        self.line(f"{record.fault.name:<16} {step.replace('_', ' '):<12}{when}"
+                  + (f"  {detail}" if detail else ""))
+
+
+async def _follow(kube: KubeClient, path: str, handle: Callable[[str, dict[str, Any]], None],
+                  changed: asyncio.Event) -> None:
+    """List then watch ``path`` for ever, relisting after an error, feeding ``handle``."""
+    while True:
+        try:
+            listed = await kube.request("GET", path)
+            for item in listed.get("items", []):
+                handle("ADDED", item)
+            changed.set()
+            version = listed["metadata"]["resourceVersion"]
+            async for kind, obj in kube.watch(path, version):
+                if kind == "BOOKMARK":
+                    continue
+                handle(kind, obj)
+                changed.set()
+        except KubeError:
+            await asyncio.sleep(0.5)
+
+
+async def _until(what: str, check: Callable[[], Awaitable[bool]], timeout: float,
+                 cluster: KubeTestCluster) -> None:
+    deadline = time.monotonic() + timeout
+    while not await check():
+        cluster.check_components()
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"simulated cluster: {what} not within {timeout:.0f} s")
+        await asyncio.sleep(0.2)
+
+
+class Simulation:
+    def __init__(self, scenario: Scenario, workdir: Path, out: TextIO) -> None:
+        self.scenario = scenario
+        self.workdir = workdir
+        self.printer = Printer(out)
+        self.out = out
+        self.groups = groups_of(scenario)
+        self.view = ClusterView()
+        self.changed = asyncio.Event()
+        self.records: list[FaultRecord] = []
+        self.cluster: KubeTestCluster | None = None
+        self.kube: KubeClient | None = None
+        self.runtime: Runtime | None = None
+        self.traffic: Traffic | None = None
+
+    # --- set-up ------------------------------------------------------------------------
+
+    async def setup(self) -> None:
+        p = self.printer.line
+        p("control plane: building once, then cached (a first build takes several minutes)")
+        binary = await asyncio.to_thread(build_binary)
+        kwok = await asyncio.to_thread(build_kwok)
+        p("control plane: starting etcd, kube-apiserver, kube-scheduler, "
+          "kube-controller-manager and kwok")
+        self.cluster = await asyncio.to_thread(KubeTestCluster.start,
+                                               self.workdir / "cluster", binary)
+        await asyncio.to_thread(start_machinery, self.cluster, kwok)
+        self.kube = kube = await KubeClient.connect(
+            str(self.workdir / "cluster" / "admin.kubeconfig"))
+        for crd in sorted(CRD_DIR.glob("*.yaml")):
+            await create(kube, yaml.safe_load(crd.read_text()))
+        s = self.scenario
+        p(f"cluster: {s.nodes} GPU nodes x {s.gpus_per_node} GPUs played by kwok, the chart "
+          "deployed from deploy/manifests")
+        objects = chart_objects()
+        for node in [gpu_node(f"gpu-{i}", s.gpus_per_node) for i in range(s.nodes)] + \
+                [system_node(SYSTEM_NODE)]:
+            await create(kube, node)
+        for obj in objects:
+            await create(kube, obj)
+        await create(kube, {"apiVersion": "v1", "kind": "Namespace",
+                            "metadata": {"name": SERVING}})
+        await _until("the LeaderWorkerSet CRD established", self._crd_ready, 30, self.cluster)
+        for model in s.models:
+            await create(kube, model_service(model))
+            if model.kind == "lws":
+                await create(kube, lws_object(model))
+        keeper = GroupKeeper(kube, self.groups, s.gpus_per_node)
+        for group in self.groups:
+            await keeper.create(group)
+        self.keeper = keeper
+        await _until("agent pods on every node and both controller pods running",
+                     self._system_running, SETUP_TIMEOUT_S, self.cluster)
+        agent_cfg = chart_settings(objects, "agent")
+        ctl_cfg = chart_settings(objects, "controller")["controller"]
+        keep = ("lease_name", "state_configmap", "allowed_reporters", "allowed_pod_reporters",
+                "token_audiences")
+        self.runtime = Runtime(
+            self.workdir / "daemons", kube, self.cluster.url, self.cluster.ca_file,
+            self.groups, s.gpus_per_node,
+            {k: v for k, v in agent_cfg.items() if k not in ("http", "reporting",
+                                                               "kubernetes")},
+            {k: ctl_cfg[k] for k in keep if k in ctl_cfg}, policy_text(s),
+            s.topology or None)
+        p("daemons: two controller replicas, an agent per node (NVML stand-in), an engine "
+          "and a sidecar per inference pod")
+        await self.runtime.start_controllers()
+        await self.runtime.start_agents()
+
+    async def _crd_ready(self) -> bool:
+        assert self.kube is not None
+        try:
+            await self.kube.request("GET", f"/apis/leaderworkerset.x-k8s.io/v1/namespaces/"
+                                    f"{SERVING}/leaderworkersets")
+        except KubeError:
+            return False
+        return True
+
+    async def _system_running(self) -> bool:
+        assert self.kube is not None
+        pods = await self.kube.request("GET", f"/api/v1/namespaces/{SYSTEM}/pods")
+        running = [p for p in pods.get("items", [])
+                   if p.get("status", {}).get("phase") == "Running"]
+        agents = sum(1 for p in running if p["metadata"]["labels"].get(
+            "app.kubernetes.io/component") == "agent")
+        controllers = sum(1 for p in running if p["metadata"]["labels"].get(
+            "app.kubernetes.io/component") == "controller")
+        return agents >= self.scenario.nodes and controllers >= 2
+
+    # --- the run --------------------------------------------------------------------------
+
+    async def run(self) -> Outcome:
+        t0 = time.monotonic()
+        outcome = Outcome(self.scenario, self.records)
+        try:
+            await self.setup()
+            assert self.kube is not None
+            assert self.runtime is not None
+            kube, runtime = self.kube, self.runtime
+            async with asyncio.TaskGroup() as tasks:
+                background = [
+                    tasks.create_task(_follow(kube, f"/api/v1/namespaces/{SERVING}/pods",
+                                              self.view.on_pod, self.changed)),
+                    tasks.create_task(_follow(
+                        kube, f"/apis/discovery.k8s.io/v1/namespaces/{SERVING}/endpointslices",
+                        self.view.on_slice, self.changed)),
+                    tasks.create_task(_follow(kube, "/api/v1/nodes", self.view.on_node,
+                                              self.changed)),
+                    tasks.create_task(self.keeper.run()),
+                    tasks.create_task(runtime.follow_pods()),
+                    tasks.create_task(runtime.probe_pods()),
+                ]
+                await self._wait_serving()
+                outcome.setup_seconds = time.monotonic() - t0
+                outcome.endpoints = runtime.endpoints()
+                self._show_endpoints(outcome.endpoints)
+                self.traffic = Traffic(self.view, self.groups, runtime.engines,
+                                       lambda: self.records)
+                background.append(tasks.create_task(self.traffic.run()))
+                await self._play()
+                for task in background:
+                    task.cancel()
+            outcome.failures = self.judge()
+            outcome.requests = dict(self.traffic.counts) if self.traffic else {}
+            return outcome
+        finally:
+            await self.teardown()
+
+    async def _wait_serving(self) -> None:
+        assert self.cluster is not None
+        self.printer.line(f"serving: waiting for {len(self.groups)} groups to be admitted by "
+                        "the controller and Ready behind their Services")
+
+        async def all_serving() -> bool:
+            return all(self.view.serving(g) for g in self.groups)
+
+        await _until("every group serving", all_serving, SETUP_TIMEOUT_S, self.cluster)
+        self.printer.line(f"serving: {', '.join(g.name for g in self.groups)} ready")
+
+    def _show_endpoints(self, endpoints: list[tuple[str, str]]) -> None:
+        assert self.cluster is not None
+        self.printer.line(f"endpoints: kube-apiserver {self.cluster.url} (admin kubeconfig "
+                        f"{self.workdir / 'cluster' / 'admin.kubeconfig'})")
+        for what, url in endpoints:
+            self.printer.line(f"endpoints: {what:<28} {url}")
+
+    async def _play(self) -> None:
+        start = time.monotonic()
+        pending = list(self.scenario.faults)
+        end = start + self.scenario.duration
+        detect_poll = 0.0
+        while time.monotonic() < end:
+            now = time.monotonic() - start
+            while pending and pending[0].at <= now:
+                await self._inject(pending.pop(0))
+            for record in self.records:
+                for step in update(record, self.view):
+                    self.printer.step(record, step)
+            if time.monotonic() >= detect_poll:
+                await self._detect()
+                detect_poll = time.monotonic() + 0.2
+            if not pending and self._decided():
+                break
+            self.changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.changed.wait(), 0.1)
+
+    def _decided(self) -> bool:
+        """Every expectation met or already failed: nothing more to wait for."""
+        by_name = {r.fault.name: r for r in self.records}
+        for e in self.scenario.expect:
+            record = by_name[e.fault]
+            if e.no_action:
+                return False  # only the whole duration proves nothing happened
+            wanted = [s for s, v in (("traffic_off", e.traffic_off_within),
+                                     ("restarted", e.restarted_within),
+                                     ("recovered", e.recovered_within)) if v is not None]
+            if e.quarantined:
+                wanted.append("quarantined")
+            if any(s not in record.times for s in wanted):
+                return False
+        return all("injected" in r.times for r in self.records)
+
+    # --- faults --------------------------------------------------------------------------
+
+    def _group(self, fault: Fault) -> GroupRef | None:
+        if fault.target is None:
+            return None
+        return next(g for g in self.groups if g.model.name == fault.target.model
+                    and g.index == fault.target.group)
+
+    async def _inject(self, fault: Fault) -> None:
+        assert self.runtime is not None
+        group = self._group(fault)
+        record = FaultRecord(fault, group)
+        if group is not None and fault.target is not None:
+            pod = self.view.pods.get(group.pod_name(fault.target.rank))
+            record.pod = group.pod_name(fault.target.rank)
+            record.node = pod["spec"].get("nodeName") if pod else None
+            record.uids = frozenset(p["metadata"]["uid"] for p in self.view.group_pods(group))
+            record.leader_ip = self.view.leader_ip(group)
+        detail = await asyncio.to_thread(self._apply, fault, record)
+        record.mark("injected", detail=detail)
+        self.records.append(record)
+        self.printer.step(record, "injected")
+
+    def _apply(self, fault: Fault, record: FaultRecord) -> str:
+        """Do the fault (blocking: files and local HTTP); what was done, for the timeline."""
+        assert self.runtime is not None
+        p = fault.params
+        gpu = int(p.get("gpu", 0))
+        if fault.kind in NODE_FAULTS:
+            assert record.node is not None
+            control = self.runtime.agents[record.node].control
+            where = f"GPU {gpu} of node {record.node}"
+            if fault.kind == "xid":
+                code = int(p.get("code", 79))
+                control.inject_xid(gpu, code)
+                return f"XID {code} on {where}"
+            if fault.kind == "gpu_lost":
+                control.lose(gpu)
+                return f"{where} lost"
+            if fault.kind == "thermal":
+                control.set(gpu, temp=int(p.get("celsius", 95)))
+                return f"{where} at {p.get('celsius', 95)} C"
+            if fault.kind == "ecc":
+                control.set(gpu, **{"ecc.uncorrected.volatile": int(p.get("count", 1))})
+                return f"uncorrectable ECC on {where}"
+            control.reset(self.scenario.gpus_per_node)
+            return f"node {record.node} repaired (GPU faults cleared)"
+        if fault.kind in ("engine_hang", "engine_crash"):
+            assert record.pod is not None
+            procs = self.runtime.pods[record.pod]
+            if fault.kind == "engine_hang":
+                procs.engine.control(load=4)
+                procs.engine.control(hang=True)
+                return f"engine of {record.pod} hung with requests running"
+            procs.engine.control(crash=True)
+            return f"engine of {record.pod} crashed"
+        leader = self.runtime.leader()
+        if leader is None:
+            return "no leader to kill"
+        leader.kill()
+        record.detail["leader"] = leader.identity
+        return f"controller {leader.identity} (the leader) killed"
+
+    async def _detect(self) -> None:
+        """The first finding of each open fault, from the daemon that should see it."""
+        assert self.runtime is not None
+        for record in self.records:
+            if "detected" in record.times:
+                continue
+            found = await asyncio.to_thread(self._finding, record)
+            if found is not None and record.mark("detected", found[0], found[1]):
+                self.printer.step(record, "detected")
+
+    def _finding(self, record: FaultRecord) -> tuple[float, str] | None:
+        assert self.runtime is not None
+        kind = record.fault.kind
+        if kind == "kill_leader":
+            leader = self.runtime.leader()
+            if leader is not None and leader.identity != record.detail.get("leader"):
+                return time.time(), f"{leader.identity} leads"
+            return None
+        classes = FINDING_CLASSES.get(kind)
+        if classes is None:
+            return None
+        if kind in NODE_FAULTS and record.node in self.runtime.agents:
+            daemon: Any = self.runtime.agents[record.node]
+        elif record.pod in self.runtime.pods:
+            daemon = self.runtime.pods[record.pod].sidecar
+        else:
+            return None
+        try:
+            findings = daemon.status()["findings"]
+        except Exception:  # a daemon between restarts; the next poll asks again
+            return None
+        for finding in findings:
+            if finding["fault_class"] in classes:
+                return float(finding["first_seen"]), \
+                    f"{finding['fault_class']} by {daemon.role}: {finding['message'][:80]}"
+        return None
+
+    # --- judging ---------------------------------------------------------------------------
+
+    def judge(self) -> list[str]:
+        by_name = {r.fault.name: r for r in self.records}
+        failures: list[str] = []
+        for e in self.scenario.expect:
+            record = by_name.get(e.fault)
+            if record is None:
+                failures.append(f"{e.fault}: never injected")
+                continue
+            failures += _check(e, record, self.records)
+        return failures
+
+    async def teardown(self) -> None:
+        if self.runtime is not None:
+            await asyncio.to_thread(self.runtime.stop)
+        if self.kube is not None:
+            await self.kube.close()
+        if self.cluster is not None:
+            await asyncio.to_thread(self.cluster.stop)
+
+
+def _check(e: Expectation, record: FaultRecord, records: list[FaultRecord]) -> list[str]:
+    out: list[str] = []
+    for step, limit in (("traffic_off", e.traffic_off_within),
+                        ("restarted", e.restarted_within),
+                        ("recovered", e.recovered_within)):
+        if limit is None:
+            continue
+        took = record.at(step)
+        if took is None:
+            out.append(f"{e.fault}: {step.replace('_', ' ')} never happened "
+                       f"(expected within {limit:g} s)")
+        elif took > limit:
+            out.append(f"{e.fault}: {step.replace('_', ' ')} after {took:.2f} s "
+                       f"(expected within {limit:g} s)")
+    if e.quarantined is not None and ("quarantined" in record.times) != e.quarantined:
+        out.append(f"{e.fault}: node {'not ' if e.quarantined else ''}quarantined "
+                   f"(expected {'' if e.quarantined else 'no '}quarantine)")
+    if e.no_action:
+        acted = [f"{r.fault.name}: {s}" for r in records for s in STEPS[2:] if s in r.times]
+        if acted:
+            out.append(f"{e.fault}: expected no action, saw {', '.join(acted)}")
+    return out
+
+
+async def simulate(scenario: Scenario, workdir: Path, out: TextIO,
+                   report: Path | None = None) -> Outcome:
+    """Run ``scenario`` with its files under ``workdir`` (which must exist); the live
+    timeline and the summary go to ``out``; the JSON report to ``report``."""
+    sim = Simulation(scenario, workdir, out)
+    sim.printer.line(f"scenario {scenario.name}: {scenario.description}")
+    outcome = await sim.run()
+    summary(outcome, sim.printer)
+    if report is not None:
+        text = json.dumps(outcome.as_json(), indent=2) + "\n"
+        await asyncio.to_thread(report.write_text, text)
+        sim.printer.line(f"report: {report}")
+    return outcome
+
+
+def summary(outcome: Outcome, printer: Printer) -> None:
+    p = printer.line
+    p("summary:")
+    for record in outcome.records:
+        steps = ", ".join(f"{s.replace('_', ' ')} +{v:.2f} s" for s in STEPS[1:]
+                          if (v := record.at(s)) is not None)
+        p(f"  {record.fault.name}: {steps or 'nothing followed'}; "
+          f"{record.sick_requests} requests reached the sick replica")
+    r = outcome.requests
+    p(f"  requests: {r.get('sent', 0)} sent, {r.get('ok', 0)} answered, "
+      f"{r.get('failed', 0)} failed")
+    if outcome.passed:
+        p(f"PASSED: every expectation of {outcome.scenario.name} held")
+    else:
+        for failure in outcome.failures:
+            p(f"FAILED: {failure}")

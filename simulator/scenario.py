@@ -1,0 +1,271 @@
+"""Scenarios: a cluster's shape, faults at times, and what must follow.
+
+A scenario is a YAML file, validated like every setting (a mistake is a ``ConfigError``
+naming the field, exit 2)::
+
+    name: xid-fatal
+    description: one line shown at the start
+    cluster: {nodes: 6, gpus_per_node: 8}
+    models:
+      - name: llama-70b
+        replicas: 2            # pipeline groups serving the model
+        size: 2                # pods per group, one GPU node each
+        kind: lws              # or the name of a group kind from `topology` (below)
+    topology:                  # the controller's topology file, for non-LWS group kinds
+      group_kinds: [{name: ray-workers, selector: "ray.io/node-type=worker",
+                     group_label: "ray.io/group", model: llama-70b}]
+    policy: {cooldown: 2m}     # merged over the shipped policy (which runs dry_run: false here)
+    faults:
+      - name: xid-79           # how expectations refer to it
+        at: 10s                # after every group serves
+        kind: xid              # see FAULT_KINDS
+        target: llama-70b/0/1  # model/group/rank: the pod, and for node faults its node
+        gpu: 3
+        code: 79
+    expect:
+      - fault: xid-79
+        traffic_off_within: 5s # injection → the replica out of its Service's endpoints
+        restarted_within: 60s  # injection → the group's pods deleted for recreation
+        recovered_within: 120s # injection → the replica back in the endpoints
+        quarantined: true      # the node got our taint
+        no_action: false       # true: nothing may happen (a transient that must be ignored)
+    duration: 180s             # the run stops here at the latest
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from supervisor.errors import ConfigError
+
+SCENARIOS = Path(__file__).resolve().parent / "scenarios"
+DEFAULT_SCENARIO = "xid-fatal"
+
+# What each fault kind does, and whether it hits the pod's node (agent) or the pod (sidecar).
+FAULT_KINDS: dict[str, str] = {
+    "xid": "the node's GPU reports an XID event (`code`, default 79: fell off the bus)",
+    "gpu_lost": "the node's GPU stops answering NVML as lost",
+    "thermal": "the node's GPU runs at `celsius` (default 95) — a thermal slowdown",
+    "ecc": "the node's GPU counts `count` (default 1) uncorrectable ECC errors",
+    "engine_hang": "the pod's engine stops stepping with requests running (NCCL-style hang)",
+    "engine_crash": "the pod's engine process exits",
+    "node_repair": "the node's GPU faults are cleared (after a repair; lifts quarantine)",
+    "kill_leader": "the leading controller replica is killed (SIGKILL)",
+}
+NODE_FAULTS = frozenset({"xid", "gpu_lost", "thermal", "ecc", "node_repair"})
+POD_FAULTS = frozenset({"engine_hang", "engine_crash"})
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m)?$")
+
+
+def seconds(value: Any, where: str) -> float:
+    """``10s``, ``2m``, ``500ms`` or a bare number of seconds."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        result = float(value)
+    else:
+        match = _DURATION.match(str(value).strip())
+        if match is None:
+            raise ConfigError(where, f"must be a duration like 10s, 2m or 500ms, got {value!r}")
+        result = float(match.group(1)) * {"ms": 0.001, "s": 1.0, "m": 60.0, None: 1.0}[
+            match.group(2)]
+    if result < 0:
+        raise ConfigError(where, "must not be negative")
+    return result
+
+
+@dataclass(frozen=True, slots=True)
+class Model:
+    name: str
+    replicas: int
+    size: int
+    kind: str = "lws"
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    model: str
+    group: int
+    rank: int
+
+    def __str__(self) -> str:
+        return f"{self.model}/{self.group}/{self.rank}"
+
+
+@dataclass(frozen=True, slots=True)
+class Fault:
+    name: str
+    at: float
+    kind: str
+    target: Target | None
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Expectation:
+    fault: str
+    traffic_off_within: float | None = None
+    restarted_within: float | None = None
+    recovered_within: float | None = None
+    quarantined: bool | None = None
+    no_action: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Scenario:
+    name: str
+    description: str
+    nodes: int
+    gpus_per_node: int
+    models: tuple[Model, ...]
+    faults: tuple[Fault, ...]
+    expect: tuple[Expectation, ...]
+    duration: float
+    policy: dict[str, Any] = field(default_factory=dict)
+    topology: dict[str, Any] = field(default_factory=dict)
+    source: str = ""
+
+    def model(self, name: str) -> Model:
+        return next(m for m in self.models if m.name == name)
+
+
+def _mapping(value: Any, where: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ConfigError(where, "must be a mapping")
+    return value
+
+
+def _int(obj: dict[str, Any], key: str, where: str, default: int | None = None,
+         low: int = 1) -> int:
+    value = obj.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{where}.{key}", f"must be an integer, got {value!r}")
+    if value < low:
+        raise ConfigError(f"{where}.{key}", f"must be at least {low}")
+    return value
+
+
+def _unknown(obj: dict[str, Any], allowed: set[str], where: str) -> None:
+    for key in obj:
+        if key not in allowed:
+            prefix = f"{where}." if where else ""
+            raise ConfigError(f"{prefix}{key}",
+                              f"unknown field; known: {', '.join(sorted(allowed))}")
+
+
+def parse(data: Any, source: str = "<scenario>") -> Scenario:
+    """A validated scenario from its parsed YAML."""
+    doc = _mapping(data, "<root>")
+    _unknown(doc, {"name", "description", "cluster", "models", "topology", "policy", "faults",
+                   "expect", "duration"}, "")
+    cluster = _mapping(doc.get("cluster", {}), "cluster")
+    _unknown(cluster, {"nodes", "gpus_per_node"}, "cluster")
+    nodes = _int(cluster, "nodes", "cluster", 4)
+    gpus = _int(cluster, "gpus_per_node", "cluster", 8)
+    topology = _mapping(doc.get("topology", {}), "topology")
+    kinds = {str(k.get("name")) for k in topology.get("group_kinds", []) if isinstance(k, dict)}
+    models: list[Model] = []
+    raw_models = doc.get("models")
+    if not isinstance(raw_models, list) or not raw_models:
+        raise ConfigError("models", "must list at least one model")
+    for i, raw in enumerate(raw_models):
+        where = f"models[{i}]"
+        m = _mapping(raw, where)
+        _unknown(m, {"name", "replicas", "size", "kind"}, where)
+        name = str(m.get("name", ""))
+        if not re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", name):
+            raise ConfigError(f"{where}.name", "must be a DNS label (lower-case, digits, '-')")
+        kind = str(m.get("kind", "lws"))
+        if kind != "lws" and kind not in kinds:
+            raise ConfigError(f"{where}.kind", f"must be lws or a topology group kind "
+                              f"({', '.join(sorted(kinds)) or 'none defined'}), got {kind!r}")
+        models.append(Model(name, _int(m, "replicas", where, 2), _int(m, "size", where, 2),
+                            kind))
+    needed = sum(m.replicas * m.size for m in models)
+    if needed > nodes:
+        raise ConfigError("cluster.nodes", f"{nodes} nodes cannot hold {needed} pods (one GPU "
+                          "node per pod); add nodes, and spares for restarts")
+    by_name = {m.name: m for m in models}
+    faults: list[Fault] = []
+    for i, raw in enumerate(doc.get("faults") or []):
+        where = f"faults[{i}]"
+        f = _mapping(raw, where)
+        kind = str(f.get("kind"))
+        if kind not in FAULT_KINDS:
+            raise ConfigError(f"{where}.kind", f"must be one of {', '.join(FAULT_KINDS)}, "
+                              f"got {f.get('kind')!r}")
+        target: Target | None = None
+        if kind != "kill_leader":
+            target = _target(f.get("target"), f"{where}.target", by_name)
+        params = {k: v for k, v in f.items() if k not in {"name", "at", "kind", "target"}}
+        _unknown(params, {"gpu", "code", "celsius", "count"}, where)
+        faults.append(Fault(str(f.get("name", f"{kind}-{i}")), seconds(f.get("at", 0),
+                                                                        f"{where}.at"),
+                            str(kind), target, params))
+    names = [f.name for f in faults]
+    if len(set(names)) != len(names):
+        raise ConfigError("faults", "fault names must be unique")
+    expects: list[Expectation] = []
+    for i, raw in enumerate(doc.get("expect") or []):
+        where = f"expect[{i}]"
+        e = _mapping(raw, where)
+        _unknown(e, {"fault", "traffic_off_within", "restarted_within", "recovered_within",
+                     "quarantined", "no_action"}, where)
+        if e.get("fault") not in names:
+            raise ConfigError(f"{where}.fault", f"must name a fault ({', '.join(names)})")
+
+        def opt(key: str, where: str = where, e: dict[str, Any] = e) -> float | None:
+            return None if e.get(key) is None else seconds(e[key], f"{where}.{key}")
+
+        quarantined = e.get("quarantined")
+        if quarantined is not None and not isinstance(quarantined, bool):
+            raise ConfigError(f"{where}.quarantined", "must be true or false")
+        expects.append(Expectation(str(e["fault"]), opt("traffic_off_within"),
+                                   opt("restarted_within"), opt("recovered_within"),
+                                   quarantined, bool(e.get("no_action", False))))
+    policy = _mapping(doc.get("policy", {}), "policy")
+    return Scenario(
+        name=str(doc.get("name", Path(source).stem)),
+        description=str(doc.get("description", "")).strip(), nodes=nodes, gpus_per_node=gpus,
+        models=tuple(models), faults=tuple(sorted(faults, key=lambda f: f.at)),
+        expect=tuple(expects), duration=seconds(doc.get("duration", "180s"), "duration"),
+        policy=policy, topology=topology, source=source)
+
+
+def _target(value: Any, where: str, models: dict[str, Model]) -> Target:
+    parts = str(value or "").split("/")
+    if len(parts) != 3 or not parts[1].isdigit() or not parts[2].isdigit():
+        raise ConfigError(where, f"must be model/group/rank, e.g. llama-70b/0/1, got {value!r}")
+    model = models.get(parts[0])
+    if model is None:
+        raise ConfigError(where, f"names no model of this scenario ({', '.join(models)})")
+    group, rank = int(parts[1]), int(parts[2])
+    if group >= model.replicas or rank >= model.size:
+        raise ConfigError(where, f"{model.name} has groups 0..{model.replicas - 1} and ranks "
+                          f"0..{model.size - 1}")
+    return Target(model.name, group, rank)
+
+
+def load(name_or_path: str) -> Scenario:
+    """A shipped scenario by name, or a user's file by path."""
+    path = Path(name_or_path)
+    if not path.exists():
+        shipped = SCENARIOS / f"{name_or_path}.yaml"
+        if not shipped.exists():
+            raise ConfigError("--scenario", f"no file {name_or_path!r} and no shipped scenario "
+                              f"of that name ({', '.join(shipped_names())})")
+        path = shipped
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError("--scenario", f"{path} is not valid YAML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError("--scenario", f"cannot read {path}: {exc.strerror}") from None
+    return parse(data, str(path))
+
+
+def shipped_names() -> list[str]:
+    return sorted(p.stem for p in SCENARIOS.glob("*.yaml"))

@@ -1,0 +1,162 @@
+"""What happened to each fault, seen from outside the supervisor.
+
+Every time is measured by watching the API server, as a user with ``kubectl get -w`` would
+see it — never from the supervisor's own logs:
+
+- *detected*: the first finding of the fault's class on the daemon that should see it
+  (the node's agent, or the pod's sidecar), from its ``first_seen``;
+- *traffic off*: the replica's leader pod is no longer a ready endpoint of its model's
+  Service (the EndpointSlice, written by kube-controller-manager);
+- *restarted*: a pod of the group that existed at injection is being deleted;
+- *quarantined*: the fault's node carries our quarantine taint;
+- *recovered*: after traffic went off, the replica serves again (its leader a ready
+  endpoint, every member Ready).
+
+Requests that reached a sick replica (between injection and traffic off) are counted by
+:class:`simulator.traffic.Traffic` and attributed here.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from simulator.scenario import Fault
+from simulator.world import GROUP_LABEL, GroupRef
+
+QUARANTINE_TAINT = "gpu-supervisor.io/quarantine"
+STEPS = ("injected", "detected", "traffic_off", "quarantined", "restarted", "recovered")
+
+
+@dataclass
+class FaultRecord:
+    fault: Fault
+    group: GroupRef | None
+    node: str | None = None
+    pod: str | None = None
+    times: dict[str, float] = field(default_factory=dict)  # step → wall time
+    detail: dict[str, str] = field(default_factory=dict)  # step → what was seen
+    uids: frozenset[str] = frozenset()  # the group's pods at injection
+    leader_ip: str | None = None  # the replica's address in the Service at injection
+    sick_requests: int = 0
+
+    def at(self, step: str) -> float | None:
+        """Seconds from injection to ``step``, or None if it has not happened."""
+        if step not in self.times or "injected" not in self.times:
+            return None
+        return self.times[step] - self.times["injected"]
+
+    def mark(self, step: str, wall: float | None = None, detail: str = "") -> bool:
+        """Record ``step`` once; True the first time."""
+        if step in self.times or ("injected" not in self.times and step != "injected"):
+            return False
+        self.times[step] = time.time() if wall is None else wall
+        if detail:
+            self.detail[step] = detail
+        return True
+
+    def as_json(self) -> dict[str, Any]:
+        return {"name": self.fault.name, "kind": self.fault.kind,
+                "target": str(self.fault.target) if self.fault.target else None,
+                "group": self.group.key if self.group else None, "node": self.node,
+                "pod": self.pod, "injected_at": self.times.get("injected"),
+                "seconds_after_injection": {s: round(v, 3) for s in STEPS[1:]
+                                            if (v := self.at(s)) is not None},
+                "detail": self.detail, "requests_to_sick_replica": self.sick_requests}
+
+
+class ClusterView:
+    """The serving state as the API server shows it, kept from watch events."""
+
+    def __init__(self) -> None:
+        self.pods: dict[str, dict[str, Any]] = {}  # name → pod
+        self.ready_endpoints: dict[str, set[str]] = {}  # EndpointSlice name → ready IPs
+        self.taints: dict[str, set[str]] = {}  # node → taint keys
+
+    def ready_ips(self) -> set[str]:
+        out: set[str] = set()
+        for ips in self.ready_endpoints.values():
+            out |= ips
+        return out
+
+    def on_slice(self, kind: str, obj: dict[str, Any]) -> None:
+        name = obj["metadata"]["name"]
+        if kind == "DELETED":
+            self.ready_endpoints.pop(name, None)
+            return
+        ready: set[str] = set()
+        for endpoint in obj.get("endpoints") or []:
+            if (endpoint.get("conditions") or {}).get("ready"):
+                ready.update(endpoint.get("addresses") or [])
+        self.ready_endpoints[name] = ready
+
+    def on_pod(self, kind: str, obj: dict[str, Any]) -> None:
+        name = obj["metadata"]["name"]
+        if kind == "DELETED":
+            self.pods.pop(name, None)
+        else:
+            self.pods[name] = obj
+
+    def on_node(self, kind: str, obj: dict[str, Any]) -> None:
+        name = obj["metadata"]["name"]
+        if kind == "DELETED":
+            self.taints.pop(name, None)
+        else:
+            self.taints[name] = {t.get("key", "") for t in obj.get("spec", {}).get("taints")
+                                 or []}
+
+    def group_pods(self, group: GroupRef) -> list[dict[str, Any]]:
+        return [p for p in self.pods.values()
+                if p["metadata"].get("labels", {}).get(GROUP_LABEL) == group.name]
+
+    def leader_ip(self, group: GroupRef) -> str | None:
+        pod = self.pods.get(group.name)
+        if pod is None or pod["metadata"].get("deletionTimestamp"):
+            return None
+        ip = pod.get("status", {}).get("podIP")
+        return str(ip) if ip else None
+
+    def serving(self, group: GroupRef) -> bool:
+        """The replica takes traffic: its leader a ready endpoint, every member Ready."""
+        ip = self.leader_ip(group)
+        pods = self.group_pods(group)
+        return (ip is not None and ip in self.ready_ips() and len(pods) == group.model.size
+                and all(_ready(p) for p in pods))
+
+    def group_of_ip(self, ip: str, groups: list[GroupRef]) -> GroupRef | None:
+        for group in groups:
+            if self.leader_ip(group) == ip:
+                return group
+        return None
+
+
+def _ready(pod: dict[str, Any]) -> bool:
+    return any(c.get("type") == "Ready" and c.get("status") == "True"
+               for c in pod.get("status", {}).get("conditions") or [])
+
+
+def update(record: FaultRecord, view: ClusterView) -> list[str]:
+    """Advance one fault's steps from the current view; the steps newly reached."""
+    reached: list[str] = []
+    if "injected" not in record.times or record.group is None:
+        return reached
+    group = record.group
+    ready = view.ready_ips()
+    if record.leader_ip is not None and record.leader_ip not in ready and \
+            record.mark("traffic_off", detail=f"{record.leader_ip} not ready in the "
+                        f"{group.model.name} EndpointSlice"):
+        reached.append("traffic_off")
+    live = {p["metadata"]["uid"]: p for p in view.group_pods(group)}
+    gone = [u for u in record.uids if u not in live or live[u]["metadata"].get(
+        "deletionTimestamp")]
+    if gone and record.mark("restarted", detail=f"{len(gone)} of the group's pods deleted"):
+        reached.append("restarted")
+    if record.node and QUARANTINE_TAINT in view.taints.get(record.node, set()) and \
+            record.mark("quarantined", detail=f"node {record.node} tainted"):
+        reached.append("quarantined")
+    if "traffic_off" in record.times and view.serving(group) and record.mark(
+            "recovered", detail=f"{group.name} serving again"
+            + (" (new pods)" if "restarted" in record.times else "")):
+        reached.append("recovered")
+    return reached

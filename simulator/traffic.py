@@ -1,0 +1,66 @@
+"""A small request generator in front of every model, as a router would be.
+
+Each tick it reads the model's Service endpoints as the API server has them (ready
+addresses of its EndpointSlices), picks the next one round-robin and sends a real
+completion to the engine behind that address. A request sent to a replica while one of
+its faults is between injection and traffic off counts against that fault: it reached a
+sick replica.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+from collections import Counter
+from collections.abc import Callable
+
+import aiohttp
+
+from simulator.timeline import ClusterView, FaultRecord
+from simulator.world import GroupRef
+
+RATE_PER_SECOND = 20.0
+TIMEOUT_S = 5.0
+
+
+class Traffic:
+    def __init__(self, view: ClusterView, groups: list[GroupRef],
+                 engines: dict[str, str], records: Callable[[], list[FaultRecord]]) -> None:
+        self._view = view
+        self._groups = groups
+        self._engines = engines  # pod IP → engine URL (the runtime's map)
+        self._records = records
+        self.counts: Counter[str] = Counter()  # sent, ok, failed, no_endpoint, sick
+        self._turn = itertools.count()
+
+    async def run(self) -> None:
+        async with aiohttp.ClientSession() as session, asyncio.TaskGroup() as tasks:
+            while True:
+                self._send_one(session, tasks)
+                await asyncio.sleep(1 / RATE_PER_SECOND)
+
+    def _send_one(self, session: aiohttp.ClientSession, tasks: asyncio.TaskGroup) -> None:
+        ips = sorted(ip for ip in self._view.ready_ips() if ip in self._engines)
+        if not ips:
+            self.counts["no_endpoint"] += 1
+            return
+        ip = ips[next(self._turn) % len(ips)]
+        group = self._view.group_of_ip(ip, self._groups)
+        for record in self._records():
+            if (group is not None and record.group == group and "injected" in record.times
+                    and "traffic_off" not in record.times):
+                record.sick_requests += 1
+                self.counts["sick"] += 1
+        self.counts["sent"] += 1
+        tasks.create_task(self._request(session, self._engines[ip]))
+
+    async def _request(self, session: aiohttp.ClientSession, url: str) -> None:
+        body = {"model": "sim", "prompt": [1, 2, 3], "max_tokens": 4}
+        ok = False
+        with contextlib.suppress(aiohttp.ClientError, OSError, TimeoutError):
+            async with session.post(f"{url}/v1/completions", json=body,
+                                    timeout=aiohttp.ClientTimeout(total=TIMEOUT_S)) as resp:
+                ok = resp.status == 200
+                await resp.read()
+        self.counts["ok" if ok else "failed"] += 1
