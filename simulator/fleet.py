@@ -307,6 +307,13 @@ class Runtime:
 
     # --- faults ------------------------------------------------------------------------
 
+    def reboot_agent(self, node: str) -> None:
+        """The node came back from a reboot: its agent starts again (a new boot id; the
+        findings of the last boot are gone with it)."""
+        agent = self.agents[node]
+        agent.stop(timeout=10)
+        agent.start(wait_ready=False)
+
     def pod_of(self, group: GroupRef, rank: int) -> PodProcesses | None:
         return self.pods.get(group.pod_name(rank))
 

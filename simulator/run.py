@@ -11,8 +11,9 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -226,8 +227,18 @@ class Simulation:
     # --- the run --------------------------------------------------------------------------
 
     async def run(self) -> Outcome:
-        t0 = time.monotonic()
         outcome = Outcome(self.scenario, self.records)
+        async with self.started(outcome):
+            await self._play()
+        outcome.failures = self.judge()
+        outcome.requests = dict(self.traffic.counts) if self.traffic else {}
+        return outcome
+
+    @contextlib.asynccontextmanager
+    async def started(self, outcome: Outcome | None = None) -> AsyncIterator[None]:
+        """The simulated cluster serving every group, with traffic flowing, for the body;
+        everything stopped after it (whatever happened)."""
+        t0 = time.monotonic()
         try:
             await self.setup()
             assert self.kube is not None
@@ -247,20 +258,39 @@ class Simulation:
                     tasks.create_task(runtime.probe_pods()),
                 ]
                 await self._wait_serving()
-                outcome.setup_seconds = time.monotonic() - t0
-                outcome.endpoints = runtime.endpoints()
-                self._show_endpoints(outcome.endpoints)
+                endpoints = runtime.endpoints()
+                if outcome is not None:
+                    outcome.setup_seconds = time.monotonic() - t0
+                    outcome.endpoints = endpoints
+                self._show_endpoints(endpoints)
                 self.traffic = Traffic(self.view, self.groups, runtime.engines,
                                        lambda: self.records)
                 background.append(tasks.create_task(self.traffic.run()))
-                await self._play()
+                yield
                 for task in background:
                     task.cancel()
-            outcome.failures = self.judge()
-            outcome.requests = dict(self.traffic.counts) if self.traffic else {}
-            return outcome
         finally:
             await self.teardown()
+
+    async def watch_until(self, done: Callable[[], bool], timeout: float) -> bool:
+        """Follow the open faults' steps (printing each) until ``done()`` or ``timeout``
+        seconds; whether ``done()`` held."""
+        end = time.monotonic() + timeout
+        detect_poll = 0.0
+        while True:
+            for record in self.records:
+                for step in update(record, self.view):
+                    self.printer.step(record, step)
+            if time.monotonic() >= detect_poll:
+                await self._detect()
+                detect_poll = time.monotonic() + 0.2
+            if done():
+                return True
+            if time.monotonic() >= end:
+                return False
+            self.changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.changed.wait(), 0.1)
 
     async def _wait_serving(self) -> None:
         assert self.cluster is not None
@@ -284,22 +314,11 @@ class Simulation:
         start = time.monotonic()
         pending = list(self.scenario.faults)
         end = start + self.scenario.duration
-        detect_poll = 0.0
-        while time.monotonic() < end:
-            now = time.monotonic() - start
-            while pending and pending[0].at <= now:
-                await self._inject(pending.pop(0))
-            for record in self.records:
-                for step in update(record, self.view):
-                    self.printer.step(record, step)
-            if time.monotonic() >= detect_poll:
-                await self._detect()
-                detect_poll = time.monotonic() + 0.2
-            if not pending and self._decided():
-                break
-            self.changed.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.changed.wait(), 0.1)
+        while pending:
+            wait = start + pending[0].at - time.monotonic()
+            await self.watch_until(lambda: False, max(0.0, wait))
+            await self.inject(pending.pop(0))
+        await self.watch_until(self._decided, max(0.0, end - time.monotonic()))
 
     def _decided(self) -> bool:
         """Every expectation met or already failed: nothing more to wait for."""
@@ -325,7 +344,8 @@ class Simulation:
         return next(g for g in self.groups if g.model.name == fault.target.model
                     and g.index == fault.target.group)
 
-    async def _inject(self, fault: Fault) -> None:
+    async def inject(self, fault: Fault) -> FaultRecord:
+        """Inject ``fault`` now; its record, from which the steps that follow are read."""
         assert self.runtime is not None
         group = self._group(fault)
         record = FaultRecord(fault, group)
@@ -335,10 +355,16 @@ class Simulation:
             record.node = pod["spec"].get("nodeName") if pod else None
             record.uids = frozenset(p["metadata"]["uid"] for p in self.view.group_pods(group))
             record.leader_ip = self.view.leader_ip(group)
+            pod_procs = self.runtime.pods.get(record.pod)
+            if fault.kind in NODE_FAULTS and record.node in self.runtime.agents:
+                record.daemon = self.runtime.agents[record.node]
+            elif pod_procs is not None:
+                record.daemon = pod_procs.sidecar
         detail = await asyncio.to_thread(self._apply, fault, record)
         record.mark("injected", detail=detail)
         self.records.append(record)
         self.printer.step(record, "injected")
+        return record
 
     def _apply(self, fault: Fault, record: FaultRecord) -> str:
         """Do the fault (blocking: files and local HTTP); what was done, for the timeline."""
@@ -363,7 +389,10 @@ class Simulation:
                 control.set(gpu, **{"ecc.uncorrected.volatile": int(p.get("count", 1))})
                 return f"uncorrectable ECC on {where}"
             control.reset(self.scenario.gpus_per_node)
-            return f"node {record.node} repaired (GPU faults cleared)"
+            if fault.kind == "clear":
+                return f"node {record.node}: GPU faults stopped"
+            self.runtime.reboot_agent(record.node)
+            return f"node {record.node} repaired and rebooted (agent restarted)"
         if fault.kind in ("engine_hang", "engine_crash"):
             assert record.pod is not None
             procs = self.runtime.pods[record.pod]
@@ -391,6 +420,8 @@ class Simulation:
                 self.printer.step(record, "detected")
 
     def _finding(self, record: FaultRecord) -> tuple[float, str] | None:
+        """Read from the daemon's own log ("finding raised", with its time): the log
+        outlives the process, which a group restart may already have stopped."""
         assert self.runtime is not None
         kind = record.fault.kind
         if kind == "kill_leader":
@@ -399,22 +430,18 @@ class Simulation:
                 return time.time(), f"{leader.identity} leads"
             return None
         classes = FINDING_CLASSES.get(kind)
-        if classes is None:
+        if classes is None or record.daemon is None:
             return None
-        if kind in NODE_FAULTS and record.node in self.runtime.agents:
-            daemon: Any = self.runtime.agents[record.node]
-        elif record.pod in self.runtime.pods:
-            daemon = self.runtime.pods[record.pod].sidecar
-        else:
-            return None
-        try:
-            findings = daemon.status()["findings"]
-        except Exception:  # a daemon between restarts; the next poll asks again
-            return None
-        for finding in findings:
-            if finding["fault_class"] in classes:
-                return float(finding["first_seen"]), \
-                    f"{finding['fault_class']} by {daemon.role}: {finding['message'][:80]}"
+        injected = record.times["injected"]
+        for line in record.daemon.log().splitlines():
+            if '"finding raised"' not in line:
+                continue
+            with contextlib.suppress(ValueError, KeyError):
+                entry = json.loads(line)
+                at = datetime.fromisoformat(entry["timestamp"]).timestamp()
+                if entry["fault_class"] in classes and at >= injected - 1.0:
+                    return at, (f"{entry['fault_class']} by {record.daemon.role}: "
+                                f"{entry['message'][:80]}")
         return None
 
     # --- judging ---------------------------------------------------------------------------

@@ -54,10 +54,15 @@ FAULT_KINDS: dict[str, str] = {
     "ecc": "the node's GPU counts `count` (default 1) uncorrectable ECC errors",
     "engine_hang": "the pod's engine stops stepping with requests running (NCCL-style hang)",
     "engine_crash": "the pod's engine process exits",
-    "node_repair": "the node's GPU faults are cleared (after a repair; lifts quarantine)",
+    "clear": "the node's GPU faults stop (the stand-in back to healthy); findings that "
+             "last until a reboot stay",
+    "node_repair": "the node is repaired and rebooted: GPU faults cleared, agent restarted "
+                   "(a new boot); the quarantine is lifted once its findings are gone",
     "kill_leader": "the leading controller replica is killed (SIGKILL)",
 }
-NODE_FAULTS = frozenset({"xid", "gpu_lost", "thermal", "ecc", "node_repair"})
+NODE_FAULTS = frozenset({"xid", "gpu_lost", "thermal", "ecc", "clear", "node_repair"})
+# Faults that stop the replica: a request sent to it before traffic is off is a lost one.
+STOPPING = frozenset({"xid", "gpu_lost", "ecc", "engine_hang", "engine_crash"})
 POD_FAULTS = frozenset({"engine_hang", "engine_crash"})
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m)?$")
 

@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from simulator.processes import DaemonProcess
 from simulator.scenario import Fault
 from simulator.world import GROUP_LABEL, GroupRef
 
@@ -40,6 +41,7 @@ class FaultRecord:
     uids: frozenset[str] = frozenset()  # the group's pods at injection
     leader_ip: str | None = None  # the replica's address in the Service at injection
     sick_requests: int = 0
+    daemon: DaemonProcess | None = None  # the agent or sidecar that should see the fault
 
     def at(self, step: str) -> float | None:
         """Seconds from injection to ``step``, or None if it has not happened."""

@@ -2,9 +2,9 @@
 
 Each tick it reads the model's Service endpoints as the API server has them (ready
 addresses of its EndpointSlices), picks the next one round-robin and sends a real
-completion to the engine behind that address. A request sent to a replica while one of
-its faults is between injection and traffic off counts against that fault: it reached a
-sick replica.
+completion to the engine behind that address. A request sent to a replica while a fault
+that stops it (``scenario.STOPPING``) is between injection and traffic off counts against
+that fault: it reached a sick replica.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 import aiohttp
 
+from simulator.scenario import STOPPING
 from simulator.timeline import ClusterView, FaultRecord
 from simulator.world import GroupRef
 
@@ -49,7 +50,7 @@ class Traffic:
         group = self._view.group_of_ip(ip, self._groups)
         for record in self._records():
             if (group is not None and record.group == group and "injected" in record.times
-                    and "traffic_off" not in record.times):
+                    and "traffic_off" not in record.times and record.fault.kind in STOPPING):
                 record.sick_requests += 1
                 self.counts["sick"] += 1
         self.counts["sent"] += 1

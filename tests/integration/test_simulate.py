@@ -1,0 +1,75 @@
+"""`gpu-supervisor simulate` through the real command: every shipped scenario passes its own
+expectations on the simulated cluster (real control plane, kwok nodes, real daemons), a
+scenario whose expectations fail exits 1, and a bad scenario exits 2 naming the field."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from simulator.scenario import shipped_names
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def simulate(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "supervisor", "simulate", *args],
+                          capture_output=True, text=True, timeout=timeout, check=False,
+                          cwd=ROOT, env=dict(os.environ))
+
+
+@pytest.mark.kube
+@pytest.mark.parametrize("name", shipped_names())
+def test_every_shipped_scenario_passes_its_expectations(name: str, tmp_path: Path) -> None:
+    report = tmp_path / "report.json"
+    proc = simulate("--scenario", name, "--report", str(report), "--workdir",
+                    str(tmp_path / "work"))
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+    assert f"PASSED: every expectation of {name} held" in proc.stdout
+    assert "Traceback" not in proc.stdout + proc.stderr
+    result = json.loads(report.read_text())
+    assert result["passed"] is True
+    assert result["failures"] == []
+    for fault in result["faults"]:
+        assert fault["injected_at"] > 0
+    # The live timeline named every daemon's endpoint.
+    assert "endpoints: controller" in proc.stdout
+    assert "endpoints: agent gpu-0" in proc.stdout
+
+
+@pytest.mark.kube
+def test_a_scenario_whose_expectation_fails_exits_1_and_says_which(tmp_path: Path) -> None:
+    """An XID the controller handles, expected to be ignored: the run fails, naming it."""
+    scenario = tmp_path / "wrong.yaml"
+    scenario.write_text(
+        "name: wrong\ncluster: {nodes: 4}\nmodels: [{name: m, replicas: 1, size: 2}]\n"
+        "faults: [{name: xid, at: 2s, kind: xid, target: m/0/0, code: 79}]\n"
+        "expect: [{fault: xid, quarantined: false}]\nduration: 30s\n")
+    report = tmp_path / "report.json"
+    proc = simulate("--scenario", str(scenario), "--report", str(report))
+    assert proc.returncode == 1, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert "FAILED: xid: node quarantined (expected no quarantine)" in proc.stdout
+    result = json.loads(report.read_text())
+    assert result["passed"] is False
+    (fault,) = result["faults"]
+    assert "quarantined" in fault["seconds_after_injection"]
+
+
+def test_a_bad_scenario_exits_2_naming_the_field(tmp_path: Path) -> None:
+    scenario = tmp_path / "bad.yaml"
+    scenario.write_text("models: [{name: m, replicas: 1, size: 2}]\n"
+                        "faults: [{at: 1s, kind: meteor, target: m/0/0}]\n")
+    proc = simulate("--scenario", str(scenario), timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "gpu-supervisor simulate: invalid scenario: faults[0].kind: must be one of xid, "
+        "gpu_lost, thermal, ecc, engine_hang, engine_crash, clear, node_repair, kill_leader, "
+        "got 'meteor'"]
+    proc = simulate("--scenario", "no-such-scenario", timeout=60)
+    assert proc.returncode == 2
+    assert "no shipped scenario of that name" in proc.stderr
