@@ -124,9 +124,15 @@ class PeerSockets:
         if current is not None:
             current[1].close()
         loop = asyncio.get_running_loop()
+        # Heartbeats leave from the address we listen on (when it is a specific one): on a
+        # host with several addresses the path to a peer is then the same both ways, and a
+        # firewall rule naming a member's address covers what it sends and receives.
+        local = None
+        if self.bound is not None and self.bound[0] not in ("0.0.0.0", "::"):
+            local = (self.bound[0], 0)
         transport, _ = await loop.create_datagram_endpoint(
             lambda: _Outbox(lambda: self._refused(rank, time.monotonic())),
-            remote_addr=address)
+            remote_addr=address, local_addr=local)
         self._out[rank] = (address, transport)
 
     def address(self, rank: int) -> tuple[str, int] | None:

@@ -34,6 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--report", type=Path, metavar="FILE",
                         help="write the JSON report here (every fault's injection, detection, "
                              "action and recovery times; requests to sick replicas)")
+    parser.add_argument("--plot", type=Path, metavar="FILE",
+                        help="draw the timeline as a PNG here (needs matplotlib: the "
+                             "gpu-supervisor[simulate] extra)")
     parser.add_argument("--workdir", type=Path, metavar="DIR",
                         help="keep logs, kubeconfigs and state here (default: a temporary "
                              "directory, removed at the end)")
@@ -54,12 +57,19 @@ def main(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"gpu-supervisor simulate: invalid scenario: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    if args.plot is not None:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            print("gpu-supervisor simulate: --plot needs matplotlib: pip install -e "
+                  "'.[simulate]'", file=sys.stderr)
+            return EXIT_CONFIG
     # The daemons log to their own files under the work directory; ours stays quiet.
     logsetup.configure("warning", json=False)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="gpu-supervisor-simulate-"))
     workdir.mkdir(parents=True, exist_ok=True)
     try:
-        outcome = asyncio.run(_simulate(scenario, workdir, args.report))
+        outcome = asyncio.run(_simulate(scenario, workdir, args.report, args.plot))
     except (KubeTestClusterError, SupervisorError, TimeoutError, OSError) as exc:
         print(f"gpu-supervisor simulate: {exc}", file=sys.stderr)
         if args.workdir:
@@ -73,7 +83,8 @@ def main(args: argparse.Namespace) -> int:
     return 0 if outcome.passed else EXIT_FAILED
 
 
-async def _simulate(scenario: Scenario, workdir: Path, report: Path | None) -> Outcome:
+async def _simulate(scenario: Scenario, workdir: Path, report: Path | None,
+                    plot: Path | None) -> Outcome:
     from simulator.run import simulate
 
-    return await simulate(scenario, workdir, sys.stdout, report)
+    return await simulate(scenario, workdir, sys.stdout, report, plot)

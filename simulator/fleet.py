@@ -12,10 +12,12 @@ the API server and runs what their containers would:
   sidecar`` beside it, reporting as the pod's ServiceAccount with a token bound to it.
 
 Processes listen on loopback: the two controllers on 127.0.0.2 and 127.0.0.3 (same report
-port; the reporters are given both addresses, as a headless Service would resolve), each
-sidecar's group heartbeats on a port fixed per (group, rank) so a recreated member is found
-at the same address. A pod's IP in the API is kwok's; :attr:`Runtime.engines` maps it to
-the engine that serves it.
+port; the reporters are given both addresses, as a headless Service would resolve); each
+node has an address of its own, 127.0.1.N, on which its pod's sidecar exchanges the group's
+heartbeats — so a cut between two nodes is an iptables rule between two addresses
+(:meth:`Runtime.cut`). A pod's processes start once every member of its group is scheduled
+(its peers' addresses follow from their nodes). A pod's IP in the API is kwok's;
+:attr:`Runtime.engines` maps it to the engine that serves it.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +55,8 @@ from supervisor.kube import KubeClient, rfc3339
 log = structlog.get_logger("simulator")
 
 CONTROLLER_HOSTS = ("127.0.0.2", "127.0.0.3")
+PEER_PORT = 18088  # every node's sidecar heartbeats on its node's own address
+CUT_TAG = "gpu-supervisor-simulate"  # the comment on our iptables rules
 REPORT_HOST = "localhost"  # the name on the report certificate; the addresses are listed
 
 
@@ -111,15 +116,18 @@ class Runtime:
     controllers: dict[str, ControllerProcess] = field(default_factory=dict)
     pods: dict[str, PodProcesses] = field(default_factory=dict)  # pod name → its processes
     engines: dict[str, str] = field(default_factory=dict)  # pod IP → engine URL
-    peer_ports: dict[tuple[str, int], int] = field(default_factory=dict)
+    node_ips: dict[str, str] = field(default_factory=dict)  # node → its loopback address
+    cuts: list[list[str]] = field(default_factory=list)  # iptables rules in place
     report_port: int = 0
 
     def __post_init__(self) -> None:
         self.tls_dir = report_tls(self.workdir / "report-tls")
         self.report_port = free_port(CONTROLLER_HOSTS[0])
-        for group in self.groups:
-            for rank in range(group.model.size):
-                self.peer_ports[(group.name, rank)] = free_port(kind=socket.SOCK_DGRAM)
+
+    def node_ip(self, node: str) -> str:
+        if node not in self.node_ips:
+            self.node_ips[node] = f"127.0.1.{len(self.node_ips) + 1}"
+        return self.node_ips[node]
 
     # --- credentials ---------------------------------------------------------------------
 
@@ -212,25 +220,30 @@ class Runtime:
                         or pod.get("status", {}).get("phase") != "Running"):
                     continue
                 live[_name(pod)] = pod
+            nodes = {name: pod["spec"]["nodeName"] for name, pod in live.items()}
             for name, procs in list(self.pods.items()):
                 if name not in live or live[name]["metadata"]["uid"] != procs.uid:
                     await asyncio.to_thread(self._stop_pod, name)
-            starts = [self._start_pod(by_name[pod["metadata"]["labels"][GROUP_LABEL]], pod)
-                      for name, pod in live.items() if name not in self.pods]
+            starts = []
+            for name, pod in live.items():
+                group = by_name[pod["metadata"]["labels"][GROUP_LABEL]]
+                members = [nodes.get(group.pod_name(r)) for r in range(group.model.size)]
+                if name not in self.pods and all(members):
+                    starts.append(self._start_pod(group, pod, [str(m) for m in members]))
             for outcome in await asyncio.gather(*starts, return_exceptions=True):
                 if isinstance(outcome, Exception):
                     log.warning("pod processes did not start", error=str(outcome))
             await asyncio.sleep(0.5)
 
-    async def _start_pod(self, group: GroupRef, pod: dict[str, Any]) -> None:
+    async def _start_pod(self, group: GroupRef, pod: dict[str, Any],
+                         member_nodes: list[str]) -> None:
         name = _name(pod)
         rank = int(pod["metadata"]["labels"]["sim.gpu-supervisor.io/rank"])
         workdir = self.workdir / "pods" / f"{name}-{pod['metadata']['uid'][:8]}"
         engine = EngineProcess(workdir, name="engine")
         await asyncio.to_thread(engine.start)
         token = await self._token_file(name, SERVING, "default", pod)
-        peers = [f"127.0.0.1:{self.peer_ports[(group.name, r)]}"
-                 for r in range(group.model.size)]
+        peers = [f"{self.node_ip(node)}:{PEER_PORT}" for node in member_nodes]
         lws = group.model.kind == "lws"
         settings = {
             "node_name": pod["spec"]["nodeName"],
@@ -307,6 +320,29 @@ class Runtime:
 
     # --- faults ------------------------------------------------------------------------
 
+    def cut(self, node: str, others: list[str]) -> list[list[str]]:
+        """Cut the links between ``node`` and each of ``others``, both ways: the group's
+        heartbeats between their addresses are dropped (iptables on loopback)."""
+        rules: list[list[str]] = []
+        me = self.node_ip(node)
+        for other in others:
+            there = self.node_ip(other)
+            for src, dst in ((me, there), (there, me)):
+                rule = ["INPUT", "-i", "lo", "-p", "udp", "-s", src, "-d", dst,
+                        "-m", "comment", "--comment", CUT_TAG, "-j", "DROP"]
+                subprocess.run(["iptables", "-w", "-I", *rule], check=True,
+                               capture_output=True)
+                rules.append(rule)
+        self.cuts += rules
+        return rules
+
+    def heal(self, rules: list[list[str]] | None = None) -> None:
+        """Remove ``rules`` (default: every cut of ours)."""
+        for rule in list(self.cuts if rules is None else rules):
+            subprocess.run(["iptables", "-w", "-D", *rule], check=False, capture_output=True)
+            if rule in self.cuts:
+                self.cuts.remove(rule)
+
     def reboot_agent(self, node: str) -> None:
         """The node came back from a reboot: its agent starts again (a new boot id; the
         findings of the last boot are gone with it)."""
@@ -326,6 +362,7 @@ class Runtime:
         return None
 
     def stop(self) -> None:
+        self.heal()
         for name in list(self.pods):
             self._stop_pod(name)
         for agent in self.agents.values():

@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import shutil
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -55,7 +57,7 @@ SETUP_TIMEOUT_S = 180.0
 FINDING_CLASSES: dict[str, set[str]] = {
     "xid": {"xid"}, "gpu_lost": {"gpu_lost"}, "thermal": {"thermal"},
     "ecc": {"ecc_uncorrectable"}, "engine_hang": {"engine_hang", "collective_hang"},
-    "engine_crash": {"engine_crash", "engine_unhealthy"},
+    "engine_crash": {"engine_crash", "engine_unhealthy"}, "partition": {"partition"},
 }
 
 
@@ -153,6 +155,7 @@ class Simulation:
     # --- set-up ------------------------------------------------------------------------
 
     async def setup(self) -> None:
+        self._needs_root()
         p = self.printer.line
         p("control plane: building once, then cached (a first build takes several minutes)")
         binary = await asyncio.to_thread(build_binary)
@@ -203,6 +206,30 @@ class Simulation:
           "and a sidecar per inference pod")
         await self.runtime.start_controllers()
         await self.runtime.start_agents()
+
+    async def heal(self, record: FaultRecord) -> None:
+        """Undo ``record``'s fault as an operator would after the incident: cut links
+        repaired; a node with GPU faults repaired and rebooted, and its quarantine lifted by
+        the controller before returning (so the next trial finds the spare capacity)."""
+        assert self.runtime is not None
+        runtime = self.runtime
+        if record.fault.kind == "partition":
+            await asyncio.to_thread(runtime.heal, record.undo)
+        elif record.fault.kind in NODE_FAULTS and record.node is not None:
+            node = record.node
+            await asyncio.to_thread(runtime.agents[node].control.reset,
+                                    self.scenario.gpus_per_node)
+            await asyncio.to_thread(runtime.reboot_agent, node)
+            from simulator.timeline import QUARANTINE_TAINT
+
+            await self.watch_until(
+                lambda: QUARANTINE_TAINT not in self.view.taints.get(node, set()), 120)
+
+    def _needs_root(self) -> None:
+        if any(f.kind in ("partition", "heal") for f in self.scenario.faults) and (
+                os.geteuid() != 0 or shutil.which("iptables") is None):
+            raise PermissionError("this scenario cuts links with iptables: run it as root "
+                                  "with iptables installed")
 
     async def _crd_ready(self) -> bool:
         assert self.kube is not None
@@ -325,8 +352,8 @@ class Simulation:
         by_name = {r.fault.name: r for r in self.records}
         for e in self.scenario.expect:
             record = by_name[e.fault]
-            if e.no_action:
-                return False  # only the whole duration proves nothing happened
+            if e.no_action or e.never:
+                return False  # only the whole duration proves something did not happen
             wanted = [s for s, v in (("traffic_off", e.traffic_off_within),
                                      ("restarted", e.restarted_within),
                                      ("recovered", e.recovered_within)) if v is not None]
@@ -362,6 +389,9 @@ class Simulation:
                 record.daemon = pod_procs.sidecar
         detail = await asyncio.to_thread(self._apply, fault, record)
         record.mark("injected", detail=detail)
+        for earlier in self.records:
+            if _undoes(fault.kind, record, earlier):
+                earlier.ended = True
         self.records.append(record)
         self.printer.step(record, "injected")
         return record
@@ -369,6 +399,7 @@ class Simulation:
     def _apply(self, fault: Fault, record: FaultRecord) -> str:
         """Do the fault (blocking: files and local HTTP); what was done, for the timeline."""
         assert self.runtime is not None
+        group = record.group
         p = fault.params
         gpu = int(p.get("gpu", 0))
         if fault.kind in NODE_FAULTS:
@@ -393,13 +424,27 @@ class Simulation:
                 return f"node {record.node}: GPU faults stopped"
             self.runtime.reboot_agent(record.node)
             return f"node {record.node} repaired and rebooted (agent restarted)"
-        if fault.kind in ("engine_hang", "engine_crash"):
+        if fault.kind == "heal":
+            self.runtime.heal()
+            return "every cut link works again"
+        if fault.kind == "partition":
+            assert record.node is not None
+            assert group is not None
+            others = [p["spec"]["nodeName"] for p in self.view.group_pods(group)
+                      if p["metadata"]["name"] != record.pod and p["spec"].get("nodeName")]
+            record.undo = self.runtime.cut(record.node, others)
+            return (f"links between node {record.node} ({record.pod}) and "
+                    f"{', '.join(others)} cut both ways")
+        if fault.kind in ("engine_hang", "engine_crash", "engine_resume"):
             assert record.pod is not None
             procs = self.runtime.pods[record.pod]
             if fault.kind == "engine_hang":
                 procs.engine.control(load=4)
                 procs.engine.control(hang=True)
                 return f"engine of {record.pod} hung with requests running"
+            if fault.kind == "engine_resume":
+                procs.engine.control(hang=False)
+                return f"engine of {record.pod} steps again"
             procs.engine.control(crash=True)
             return f"engine of {record.pod} crashed"
         leader = self.runtime.leader()
@@ -466,6 +511,16 @@ class Simulation:
             await asyncio.to_thread(self.cluster.stop)
 
 
+def _undoes(kind: str, undo: FaultRecord, fault: FaultRecord) -> bool:
+    """Whether fault ``undo`` (of ``kind``) ends the earlier ``fault``: its replica is well
+    again, so requests to it from now on did not reach a sick replica."""
+    if kind == "engine_resume":
+        return fault.fault.kind == "engine_hang" and fault.pod == undo.pod
+    if kind in ("clear", "node_repair"):
+        return fault.fault.kind in NODE_FAULTS and fault.node == undo.node
+    return kind == "heal" and fault.fault.kind == "partition"
+
+
 def _check(e: Expectation, record: FaultRecord, records: list[FaultRecord]) -> list[str]:
     out: list[str] = []
     for step, limit in (("traffic_off", e.traffic_off_within),
@@ -483,6 +538,10 @@ def _check(e: Expectation, record: FaultRecord, records: list[FaultRecord]) -> l
     if e.quarantined is not None and ("quarantined" in record.times) != e.quarantined:
         out.append(f"{e.fault}: node {'not ' if e.quarantined else ''}quarantined "
                    f"(expected {'' if e.quarantined else 'no '}quarantine)")
+    for step in e.never:
+        if step in record.times:
+            out.append(f"{e.fault}: {step.replace('_', ' ')} after {record.at(step):.2f} s "
+                       "(expected never)")
     if e.no_action:
         acted = [f"{r.fault.name}: {s}" for r in records for s in STEPS[2:] if s in r.times]
         if acted:
@@ -491,9 +550,10 @@ def _check(e: Expectation, record: FaultRecord, records: list[FaultRecord]) -> l
 
 
 async def simulate(scenario: Scenario, workdir: Path, out: TextIO,
-                   report: Path | None = None) -> Outcome:
+                   report: Path | None = None, plot: Path | None = None) -> Outcome:
     """Run ``scenario`` with its files under ``workdir`` (which must exist); the live
-    timeline and the summary go to ``out``; the JSON report to ``report``."""
+    timeline and the summary go to ``out``; the JSON report to ``report``, the timeline
+    drawn to ``plot``."""
     sim = Simulation(scenario, workdir, out)
     sim.printer.line(f"scenario {scenario.name}: {scenario.description}")
     outcome = await sim.run()
@@ -502,6 +562,11 @@ async def simulate(scenario: Scenario, workdir: Path, out: TextIO,
         text = json.dumps(outcome.as_json(), indent=2) + "\n"
         await asyncio.to_thread(report.write_text, text)
         sim.printer.line(f"report: {report}")
+    if plot is not None:
+        from simulator.plot import plot as draw
+
+        await asyncio.to_thread(draw, outcome, plot)
+        sim.printer.line(f"plot: {plot}")
     return outcome
 
 

@@ -28,6 +28,7 @@ naming the field, exit 2)::
         restarted_within: 60s  # injection → the group's pods deleted for recreation
         recovered_within: 120s # injection → the replica back in the endpoints
         quarantined: true      # the node got our taint
+        never: [restarted]     # steps that must not happen to this fault's group
         no_action: false       # true: nothing may happen (a transient that must be ignored)
     duration: 180s             # the run stops here at the latest
 """
@@ -54,16 +55,21 @@ FAULT_KINDS: dict[str, str] = {
     "ecc": "the node's GPU counts `count` (default 1) uncorrectable ECC errors",
     "engine_hang": "the pod's engine stops stepping with requests running (NCCL-style hang)",
     "engine_crash": "the pod's engine process exits",
+    "engine_resume": "the pod's engine steps again (after engine_hang)",
     "clear": "the node's GPU faults stop (the stand-in back to healthy); findings that "
              "last until a reboot stay",
     "node_repair": "the node is repaired and rebooted: GPU faults cleared, agent restarted "
                    "(a new boot); the quarantine is lifted once its findings are gone",
+    "partition": "the links between the pod's node and the nodes of the rest of its group "
+                 "are cut both ways (iptables on loopback; needs root)",
+    "heal": "every cut link works again",
     "kill_leader": "the leading controller replica is killed (SIGKILL)",
 }
 NODE_FAULTS = frozenset({"xid", "gpu_lost", "thermal", "ecc", "clear", "node_repair"})
 # Faults that stop the replica: a request sent to it before traffic is off is a lost one.
-STOPPING = frozenset({"xid", "gpu_lost", "ecc", "engine_hang", "engine_crash"})
-POD_FAULTS = frozenset({"engine_hang", "engine_crash"})
+STOPPING = frozenset({"xid", "gpu_lost", "ecc", "engine_hang", "engine_crash", "partition"})
+POD_FAULTS = frozenset({"engine_hang", "engine_crash", "engine_resume", "partition"})
+NO_TARGET = frozenset({"kill_leader", "heal"})
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m)?$")
 
 
@@ -116,6 +122,7 @@ class Expectation:
     restarted_within: float | None = None
     recovered_within: float | None = None
     quarantined: bool | None = None
+    never: tuple[str, ...] = ()
     no_action: bool = False
 
 
@@ -203,7 +210,7 @@ def parse(data: Any, source: str = "<scenario>") -> Scenario:
             raise ConfigError(f"{where}.kind", f"must be one of {', '.join(FAULT_KINDS)}, "
                               f"got {f.get('kind')!r}")
         target: Target | None = None
-        if kind != "kill_leader":
+        if kind not in NO_TARGET:
             target = _target(f.get("target"), f"{where}.target", by_name)
         params = {k: v for k, v in f.items() if k not in {"name", "at", "kind", "target"}}
         _unknown(params, {"gpu", "code", "celsius", "count"}, where)
@@ -218,7 +225,7 @@ def parse(data: Any, source: str = "<scenario>") -> Scenario:
         where = f"expect[{i}]"
         e = _mapping(raw, where)
         _unknown(e, {"fault", "traffic_off_within", "restarted_within", "recovered_within",
-                     "quarantined", "no_action"}, where)
+                     "quarantined", "never", "no_action"}, where)
         if e.get("fault") not in names:
             raise ConfigError(f"{where}.fault", f"must name a fault ({', '.join(names)})")
 
@@ -228,9 +235,13 @@ def parse(data: Any, source: str = "<scenario>") -> Scenario:
         quarantined = e.get("quarantined")
         if quarantined is not None and not isinstance(quarantined, bool):
             raise ConfigError(f"{where}.quarantined", "must be true or false")
+        never = e.get("never", [])
+        steps = ("detected", "traffic_off", "quarantined", "restarted", "recovered")
+        if not isinstance(never, list) or any(s not in steps for s in never):
+            raise ConfigError(f"{where}.never", f"must list steps out of {', '.join(steps)}")
         expects.append(Expectation(str(e["fault"]), opt("traffic_off_within"),
                                    opt("restarted_within"), opt("recovered_within"),
-                                   quarantined, bool(e.get("no_action", False))))
+                                   quarantined, tuple(never), bool(e.get("no_action", False))))
     policy = _mapping(doc.get("policy", {}), "policy")
     return Scenario(
         name=str(doc.get("name", Path(source).stem)),

@@ -42,6 +42,8 @@ class FaultRecord:
     leader_ip: str | None = None  # the replica's address in the Service at injection
     sick_requests: int = 0
     daemon: DaemonProcess | None = None  # the agent or sidecar that should see the fault
+    undo: list[list[str]] = field(default_factory=list)  # iptables rules of a partition
+    ended: bool = False  # undone by a later fault (resumed, cleared, healed, repaired)
 
     def at(self, step: str) -> float | None:
         """Seconds from injection to ``step``, or None if it has not happened."""

@@ -50,7 +50,8 @@ class Traffic:
         group = self._view.group_of_ip(ip, self._groups)
         for record in self._records():
             if (group is not None and record.group == group and "injected" in record.times
-                    and "traffic_off" not in record.times and record.fault.kind in STOPPING):
+                    and "traffic_off" not in record.times and not record.ended
+                    and record.fault.kind in STOPPING):
                 record.sick_requests += 1
                 self.counts["sick"] += 1
         self.counts["sent"] += 1

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from simulator.scenario import shipped_names
+from simulator.scenario import FAULT_KINDS, shipped_names
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -26,9 +26,9 @@ def simulate(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[st
 @pytest.mark.kube
 @pytest.mark.parametrize("name", shipped_names())
 def test_every_shipped_scenario_passes_its_expectations(name: str, tmp_path: Path) -> None:
-    report = tmp_path / "report.json"
-    proc = simulate("--scenario", name, "--report", str(report), "--workdir",
-                    str(tmp_path / "work"))
+    report, plot = tmp_path / "report.json", tmp_path / "timeline.png"
+    proc = simulate("--scenario", name, "--report", str(report), "--plot", str(plot),
+                    "--workdir", str(tmp_path / "work"))
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
     assert f"PASSED: every expectation of {name} held" in proc.stdout
     assert "Traceback" not in proc.stdout + proc.stderr
@@ -37,6 +37,7 @@ def test_every_shipped_scenario_passes_its_expectations(name: str, tmp_path: Pat
     assert result["failures"] == []
     for fault in result["faults"]:
         assert fault["injected_at"] > 0
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # The live timeline named every daemon's endpoint.
     assert "endpoints: controller" in proc.stdout
     assert "endpoints: agent gpu-0" in proc.stdout
@@ -67,9 +68,8 @@ def test_a_bad_scenario_exits_2_naming_the_field(tmp_path: Path) -> None:
     proc = simulate("--scenario", str(scenario), timeout=60)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        "gpu-supervisor simulate: invalid scenario: faults[0].kind: must be one of xid, "
-        "gpu_lost, thermal, ecc, engine_hang, engine_crash, clear, node_repair, kill_leader, "
-        "got 'meteor'"]
+        "gpu-supervisor simulate: invalid scenario: faults[0].kind: must be one of "
+        f"{', '.join(FAULT_KINDS)}, got 'meteor'"]
     proc = simulate("--scenario", "no-such-scenario", timeout=60)
     assert proc.returncode == 2
     assert "no shipped scenario of that name" in proc.stderr

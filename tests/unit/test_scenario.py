@@ -63,6 +63,8 @@ def test_a_valid_scenario_reads_as_written() -> None:
     (with_(expect=[{"fault": "g"}]), "expect[0].fault", "must name a fault"),
     (with_(expect=[{"fault": "f", "quarantined": "yes"}]), "expect[0].quarantined",
      "true or false"),
+    (with_(expect=[{"fault": "f", "never": ["exploded"]}]), "expect[0].never",
+     "must list steps"),
     (with_(speed=3), "speed", "unknown field"),
 ])
 def test_each_mistake_names_its_field(data: dict[str, Any], field: str, rule: str) -> None:
