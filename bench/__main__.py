@@ -13,7 +13,7 @@ from pathlib import Path
 def available() -> list[str]:
     here = Path(__file__).parent
     return sorted(m.name for m in pkgutil.iter_modules([str(here)])
-                  if m.name not in ("harness", "__main__", "fleet", "netns"))
+                  if m.name not in ("__main__", "fleet", "netns"))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -417,7 +417,8 @@ class PolicyEngine:
         decision = Decision(
             incident=inc.id, rule=rule.name, step=inc.step, action=action, target=target,
             reason=self._reason(rule, inc.step, action, target, signals, ctx.now),
-            dry_run=self.policy.dry_run, node_local=inc.node_local)
+            dry_run=self.policy.dry_run, node_local=inc.node_local,
+            opened=round(inc.opened_at + self._offset(), 3))
         if self._admit(decision, ctx):
             assert inc.targets is not None
             inc.targets[target] = _Status.IN_FLIGHT

@@ -105,6 +105,10 @@ class Decision:
     reason: str  # one sentence for people: why
     dry_run: bool  # only log it; confirm() all the same
     node_local: bool = False  # the cause is on one node: keep the group off it
+    # When the incident opened (wall clock, ms, as snapshots store it): the incident id
+    # comes back whenever the same rule fires for the same group again, this tells the
+    # incidents apart — a later one's restart is a new restart, not the old one replayed.
+    opened: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)

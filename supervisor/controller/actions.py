@@ -344,7 +344,9 @@ class ActionExecutor:
     # --- restart ---------------------------------------------------------------------------
 
     async def _restart_group(self, decision: Decision) -> None:
-        key = f"{decision.incident}#{decision.step}"
+        # This incident's restart, not an earlier incident's of the same rule and group
+        # (same id): that one's pods are long gone, and replaying it would delete nothing.
+        key = f"{decision.incident}@{decision.opened:.3f}#{decision.step}"
         intent = self.intents.get(key)
         if intent is None:
             group = self._model.groups.get(decision.target)

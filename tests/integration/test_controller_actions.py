@@ -7,6 +7,7 @@ the real API server, as the controller's watches would feed it.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -207,6 +208,28 @@ class TestControllerRestartGroup:
         pod = (await list_pods(rig.admin, rig.ns))["llama-0"]
         assert pod["metadata"]["uid"] == new_uid
         assert not pod["metadata"].get("deletionTimestamp")
+
+    async def test_the_same_group_failing_again_later_is_restarted_again(
+            self, rig: Rig) -> None:
+        """A later incident of the same rule and group (same incident id, later opening)
+        restarts the recreated group: its intent is its own, not the first incident's
+        replayed (whose pod UID is gone, which made the second restart a no-op)."""
+        nodes = await make_nodes(rig.admin, 2)
+        await make_lws_group(rig.admin, rig.ns, "llama", 0, nodes)
+        await rig.refresh()
+        first = dataclasses.replace(decision(Action.RESTART_GROUP, f"{rig.ns}/llama/0"),
+                                    opened=1.8e9)
+        old = (await list_pods(rig.admin, rig.ns))["llama-0"]
+        assert await rig.executor.execute(first)
+        await finish_deletion(rig.admin, rig.ns, "llama-0")
+        rig.model.delete_pod(old)  # what the controller's pod watch does
+        await make_lws_group(rig.admin, rig.ns, "llama", 0, nodes[:1])
+        await rig.refresh()
+        again = dataclasses.replace(first, opened=1.8e9 + 3600)
+        assert await rig.executor.execute(again)
+        pod = (await list_pods(rig.admin, rig.ns))["llama-0"]
+        assert pod["metadata"].get("deletionTimestamp"), "the recreated leader was not deleted"
+        assert len(rig.executor.intents) == 2
 
     async def test_generic_group_restart_deletes_every_pod(self, rig: Rig) -> None:
         """A generic (label-selector) group has no leader to delete: all its pods go."""

@@ -303,9 +303,28 @@ class TestLadder:
         (d,) = engine.evaluate([sig(since=T0 - 12)], VIEW).decisions
         assert d == Decision(
             incident="gpu-lost/group/g1", rule="gpu-lost", step=0, action=Action.FAIL_OVER,
-            target="g1", dry_run=False, node_local=True,
+            target="g1", dry_run=False, node_local=True, opened=WALL0,
             reason="gpu_lost (critical) on gpu GPU-1 on node n1 for 12s matched rule "
                    "gpu-lost, step 1 of 3: fail_over g1.")
+
+    def test_a_later_incident_of_the_same_rule_and_group_is_told_apart(
+            self, engine: PolicyEngine, clock: Clock) -> None:
+        """The incident id repeats when the same group fails again; the decision's
+        ``opened`` does not, so the second restart is not mistaken for the first one
+        (found by `python -m bench e2e`: the second restart of a group deleted nothing)."""
+        first = step(engine, [sig()]).decisions[0]
+        step(engine, [])  # recovered: the incident closes and is forgotten
+        clock.advance(60)
+        second = step(engine, [sig(since=clock.t)]).decisions[0]
+        assert (first.incident, first.step) == (second.incident, second.step)
+        assert (first.opened, second.opened) == (WALL0, WALL0 + 60)
+        # A new leader (another process, its monotonic clock elsewhere) continuing the
+        # incident names the same one.
+        fresh_clock = Clock(T0 - 900.0, wall_offset=clock.wall() - (T0 - 900.0))
+        fresh = PolicyEngine(engine.policy, fresh_clock, fresh_clock.wall)
+        fresh.restore(json.loads(json.dumps(engine.snapshot())))
+        (quarantine,) = fresh.evaluate([sig()], VIEW).decisions
+        assert (quarantine.action, quarantine.opened) == (Action.QUARANTINE, second.opened)
 
 
 class TestTargets:

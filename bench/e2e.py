@@ -1,0 +1,134 @@
+"""End to end on the simulated cluster: from a fault to traffic off the sick replica.
+
+``python -m bench e2e`` (``--quick``: 3 trials per kind instead of 20) starts the simulated
+cluster of ``gpu-supervisor simulate`` once — real control plane, kwok nodes, the chart's
+daemons as real processes with the shipped settings, the shipped policy acting (its cooldown
+set to 0 so that one group can be failed twenty times in a row) — and injects each fault kind
+again and again, one at a time, each into a serving group, waiting for the group to be
+recreated and serving before the next. Every time is measured from outside, on the API
+server: *traffic off* is the moment the replica's leader stops being a ready endpoint of its
+model's EndpointSlice.
+
+Printed per kind (seconds): ``<kind>_traffic_off_s_p50``/``_p99``, ``<kind>_detect_s_p99``
+(the daemon's first finding), ``<kind>_recovered_s_p99`` (back in the EndpointSlice with new
+pods), and ``<kind>_requests_to_sick_p99`` (requests the load generator, 20 a second over
+both groups, sent to the replica before its traffic was off). Kinds: ``xid_fatal`` (XID 79),
+``engine_crash`` (the leader's engine exits), ``nccl_hang`` (a worker's engine stops stepping
+with requests running: the data-plane symptom of a rank hung in a collective), and
+``partition`` (a worker cut off from the rest of its group with iptables on the heartbeats'
+ports).
+
+Baselines (``baseline_<kind>_traffic_off_s``) are the documented timers of the stock stack
+(vLLM, Kubernetes probes, LWS) for the same fault; none of them can be measured here within
+minutes (see the README for each timer's source).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from simulator.run import Simulation
+from simulator.scenario import Fault, Target, parse
+from simulator.timeline import FaultRecord
+
+TRIALS = 20
+KINDS = {  # figure name → (fault kind, rank hit)
+    "xid_fatal": ("xid", 1),
+    "engine_crash": ("engine_crash", 0),
+    "nccl_hang": ("engine_hang", 1),
+    "partition": ("partition", 1),
+}
+BASELINES = {  # seconds until today's stack takes the replica out of traffic
+    # Nothing reads XIDs; the other ranks wait in their collective until vLLM's
+    # VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS (300 s) ends the engine.
+    "xid_fatal": 300.0,
+    # vLLM's API server exits 5 s after its engine dies (watchdog_loop), then the container.
+    "engine_crash": 5.0,
+    # /health stays 200 while hung: the first timer is VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS.
+    "nccl_hang": 300.0,
+    # The node lifecycle controller marks the node NotReady after node-monitor-grace-period
+    # (50 s) — only if the whole node is cut; a link between two nodes: never.
+    "partition": 50.0,
+}
+RECOVERY_TIMEOUT_S = 180.0
+
+
+def _scenario() -> Any:
+    return parse({
+        "name": "bench-e2e", "description": "each fault kind again and again",
+        "cluster": {"nodes": 8, "gpus_per_node": 8},
+        "models": [{"name": "llama-70b", "replicas": 2, "size": 2}],
+        "policy": {"cooldown": "0s", "circuit_breaker": {"max_actions": 100000,
+                                                         "window": "10m"}},
+        "faults": [], "expect": [], "duration": "1s"}, "bench e2e")
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    index = min(len(ordered) - 1, max(0, round(q / 100 * len(ordered) + 0.5) - 1))
+    return round(ordered[index], 3)
+
+
+def _reached(record: FaultRecord, step: str) -> Callable[[], bool]:
+    return lambda: step in record.times
+
+
+async def _trials(sim: Simulation, trials: int) -> dict[str, list[FaultRecord]]:
+    assert sim.runtime is not None
+    done: dict[str, list[FaultRecord]] = {name: [] for name in KINDS}
+    for name, (kind, rank) in KINDS.items():
+        for i in range(trials):
+            group = sim.groups[i % len(sim.groups)]
+            serving = await sim.watch_until(
+                lambda: all(sim.view.serving(g) for g in sim.groups), RECOVERY_TIMEOUT_S)
+            if not serving:
+                raise TimeoutError(f"{name} trial {i}: groups not serving before injection")
+            fault = Fault(f"{name}-{i}", 0.0, kind, Target(group.model.name, group.index, rank),
+                          {"gpu": i % 8, "code": 79})
+            record = await sim.inject(fault)
+            recovered = await sim.watch_until(_reached(record, "recovered"),
+                                              RECOVERY_TIMEOUT_S)
+            if not recovered:
+                raise TimeoutError(f"{name} trial {i}: not recovered within "
+                                   f"{RECOVERY_TIMEOUT_S:.0f} s: {record.as_json()}")
+            await sim.heal(record)
+            done[name].append(record)
+    return done
+
+
+def run(quick: bool = False) -> dict[str, Any]:
+    trials = 3 if quick else TRIALS
+    workdir = Path(tempfile.mkdtemp(prefix="bench-e2e-"))
+    try:
+        sim = Simulation(_scenario(), workdir, sys.stderr)
+
+        async def go() -> dict[str, list[FaultRecord]]:
+            async with sim.started():
+                return await _trials(sim, trials)
+
+        records = asyncio.run(go())
+    finally:
+        if not os.environ.get("BENCH_KEEP_WORKDIR"):
+            shutil.rmtree(workdir, ignore_errors=True)
+    figures: dict[str, Any] = {"trials_per_kind": trials}
+    for name, found in records.items():
+        for step, label in (("traffic_off", "traffic_off_s"), ("detected", "detect_s"),
+                            ("recovered", "recovered_s")):
+            values = [v for r in found if (v := r.at(step)) is not None]
+            if step == "traffic_off":
+                figures[f"{name}_{label}_p50"] = _percentile(values, 50)
+            figures[f"{name}_{label}_p99"] = _percentile(values, 99)
+        figures[f"{name}_requests_to_sick_p99"] = _percentile(
+            [float(r.sick_requests) for r in found], 99)
+        figures[f"baseline_{name}_traffic_off_s"] = BASELINES[name]
+    figures["baseline_source"] = "documented timers of vLLM, Kubernetes and LWS (README)"
+    return figures
