@@ -95,6 +95,11 @@ async def _trials(sim: Simulation, trials: int) -> dict[str, list[FaultRecord]]:
             fault = Fault(f"{name}-{i}", 0.0, kind, Target(group.model.name, group.index, rank),
                           {"gpu": i % 8, "code": 79})
             record = await sim.inject(fault)
+            if kind == "partition":
+                # The cut link is repaired once the replica is out of traffic: the group
+                # recreated 30 s later may land on the same two nodes.
+                await sim.watch_until(_reached(record, "traffic_off"), RECOVERY_TIMEOUT_S)
+                await sim.heal(record)
             recovered = await sim.watch_until(_reached(record, "recovered"),
                                               RECOVERY_TIMEOUT_S)
             if not recovered:

@@ -53,6 +53,7 @@ from supervisor.sidecar.identity import Identity
 from supervisor.sidecar.membership import Membership
 
 log = structlog.get_logger(__name__)
+CONFIRM_REFUSED_SECONDS = 0.2  # the second look at an engine port that refused us
 
 NOT_READY_CLASSES = frozenset({FaultClass.ENGINE_CRASH, FaultClass.ENGINE_UNHEALTHY,
                                FaultClass.ENGINE_HANG, FaultClass.PARTITION,
@@ -157,7 +158,13 @@ class Sidecar:
                 self.last_canary = now
                 self._canary_task = asyncio.create_task(self._canary(self.engine),
                                                         name="engine-canary")
-            await asyncio.sleep(e.probe_seconds)
+            # A refused connection is confirmed at once, not a period later: nothing
+            # listening on the port is what a crash looks like, and the group's traffic
+            # waits for the confirmation (engine_crash needs failure_threshold refusals).
+            pause = e.probe_seconds
+            if 0 < self.engine_detector.refused < e.failure_threshold:
+                pause = min(pause, CONFIRM_REFUSED_SECONDS)
+            await asyncio.sleep(pause)
 
     async def _probe_engine_once(self, engine: EngineClient, timeout: float) -> None:
         det = self.engine_detector

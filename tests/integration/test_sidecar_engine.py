@@ -73,6 +73,21 @@ def test_crashed_engine_is_found_and_unready(tmp_path: Path, engine: EngineProce
         assert car.stop() == 0
 
 
+def test_a_refused_probe_is_confirmed_at_once_not_a_period_later(
+        tmp_path: Path, engine: EngineProcess) -> None:
+    """With a 30 s probe period the crash is still found within seconds: the second of
+    the two refusals engine_crash needs is asked for right after the first, not a period
+    later. (The sidecar's first probe, at its start, is the first refusal.)"""
+    engine.control(crash=True)
+    car = sidecar(tmp_path, engine, probe_seconds=30.0)
+    try:
+        crash = car.wait_for(lambda: car.findings("engine_crash"), timeout=15,
+                             what="engine_crash")[0]
+        assert crash["evidence"]["probes"] == 2
+    finally:
+        assert car.stop() == 0
+
+
 def test_failing_health_is_unhealthy(tmp_path: Path, engine: EngineProcess) -> None:
     """/health answers 503: engine_unhealthy, not a crash."""
     car = sidecar(tmp_path, engine)
