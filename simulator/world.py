@@ -46,7 +46,8 @@ SYSTEM_NODE = "system-0"
 REPORT_AUDIENCE = "gpu-supervisor"
 GROUP_LABEL = "sim.gpu-supervisor.io/group"  # every member of a group, whatever its kind
 
-# kind → (API path prefix, plural, namespaced): the kinds the chart and we create.
+# kind → (API path prefix, plural, namespaced): the kinds the chart renders and we create
+# (the tests' chart installs use it too).
 RESOURCES: dict[str, tuple[str, str, bool]] = {
     "Namespace": ("/api/v1", "namespaces", False),
     "ServiceAccount": ("/api/v1", "serviceaccounts", True),
@@ -65,6 +66,10 @@ RESOURCES: dict[str, tuple[str, str, bool]] = {
     "CustomResourceDefinition": ("/apis/apiextensions.k8s.io/v1",
                                  "customresourcedefinitions", False),
     "LeaderWorkerSet": ("/apis/leaderworkerset.x-k8s.io/v1", "leaderworkersets", True),
+    "ServiceMonitor": ("/apis/monitoring.coreos.com/v1", "servicemonitors", True),
+    "PodMonitor": ("/apis/monitoring.coreos.com/v1", "podmonitors", True),
+    "PrometheusRule": ("/apis/monitoring.coreos.com/v1", "prometheusrules", True),
+    "HTTPRoute": ("/apis/gateway.networking.k8s.io/v1", "httproutes", True),
 }
 
 

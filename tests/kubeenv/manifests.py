@@ -23,6 +23,8 @@ import yaml
 from kubernetes_asyncio.client import ApiClient
 from kubernetes_asyncio.client.exceptions import ApiException
 
+from simulator.world import RESOURCES
+
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "deploy" / "chart" / "gpu-supervisor"
 BUILD_HELM = ROOT / "scripts" / "build-helm.sh"
@@ -30,26 +32,6 @@ RBAC_KINDS = frozenset({"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "
                         "RoleBinding"})
 NAMESPACE = "gpu-supervisor"
 
-# kind → (API path prefix, plural, namespaced), for the kinds the chart renders.
-RESOURCES: dict[str, tuple[str, str, bool]] = {
-    "Namespace": ("/api/v1", "namespaces", False),
-    "ServiceAccount": ("/api/v1", "serviceaccounts", True),
-    "ConfigMap": ("/api/v1", "configmaps", True),
-    "Secret": ("/api/v1", "secrets", True),
-    "Service": ("/api/v1", "services", True),
-    "DaemonSet": ("/apis/apps/v1", "daemonsets", True),
-    "Deployment": ("/apis/apps/v1", "deployments", True),
-    "PodDisruptionBudget": ("/apis/policy/v1", "poddisruptionbudgets", True),
-    "ClusterRole": ("/apis/rbac.authorization.k8s.io/v1", "clusterroles", False),
-    "ClusterRoleBinding": ("/apis/rbac.authorization.k8s.io/v1", "clusterrolebindings", False),
-    "Role": ("/apis/rbac.authorization.k8s.io/v1", "roles", True),
-    "RoleBinding": ("/apis/rbac.authorization.k8s.io/v1", "rolebindings", True),
-    "ServiceMonitor": ("/apis/monitoring.coreos.com/v1", "servicemonitors", True),
-    "PodMonitor": ("/apis/monitoring.coreos.com/v1", "podmonitors", True),
-    "PrometheusRule": ("/apis/monitoring.coreos.com/v1", "prometheusrules", True),
-    "LeaderWorkerSet": ("/apis/leaderworkerset.x-k8s.io/v1", "leaderworkersets", True),
-    "HTTPRoute": ("/apis/gateway.networking.k8s.io/v1", "httproutes", True),
-}
 
 
 @functools.cache
