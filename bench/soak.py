@@ -32,8 +32,8 @@ from typing import Any
 from simulator.fleet import CUT_TAG
 from simulator.run import Simulation
 from simulator.scenario import parse
-from simulator.timeline import QUARANTINE_TAINT
 from simulator.world import GROUP_LABEL
+from supervisor.controller.actions import QUARANTINE_TAINT
 
 MINUTES = float(os.environ.get("BENCH_SOAK_MINUTES", "30"))
 LOSS = 0.01

@@ -47,6 +47,7 @@ from simulator.world import (
     model_service,
     system_node,
 )
+from supervisor.controller.actions import QUARANTINE_TAINT
 from supervisor.errors import KubeError
 from supervisor.kube import KubeClient
 
@@ -220,8 +221,6 @@ class Simulation:
             await asyncio.to_thread(runtime.agents[node].control.reset,
                                     self.scenario.gpus_per_node)
             await asyncio.to_thread(runtime.reboot_agent, node)
-            from simulator.timeline import QUARANTINE_TAINT
-
             await self.watch_until(
                 lambda: QUARANTINE_TAINT not in self.view.taints.get(node, set()), 120)
 

@@ -25,8 +25,8 @@ from typing import Any
 from simulator.processes import DaemonProcess
 from simulator.scenario import Fault
 from simulator.world import GROUP_LABEL, GroupRef
+from supervisor.controller.actions import QUARANTINE_TAINT
 
-QUARANTINE_TAINT = "gpu-supervisor.io/quarantine"
 STEPS = ("injected", "detected", "traffic_off", "quarantined", "restarted", "recovered")
 
 
