@@ -57,7 +57,8 @@ SETUP_TIMEOUT_S = 180.0
 # What the daemon that should see a fault reports it as.
 FINDING_CLASSES: dict[str, set[str]] = {
     "xid": {"xid"}, "gpu_lost": {"gpu_lost"}, "thermal": {"thermal"},
-    "ecc": {"ecc_uncorrectable"}, "engine_hang": {"engine_hang", "collective_hang"},
+    "ecc": {"ecc_uncorrectable"}, "nvlink_down": {"nvlink_down"},
+    "nvml_hang": {"gpu_unresponsive"}, "engine_hang": {"engine_hang", "collective_hang"},
     "engine_crash": {"engine_crash", "engine_unhealthy"}, "partition": {"partition"},
 }
 
@@ -418,6 +419,14 @@ class Simulation:
             if fault.kind == "ecc":
                 control.set(gpu, **{"ecc.uncorrected.volatile": int(p.get("count", 1))})
                 return f"uncorrectable ECC on {where}"
+            if fault.kind == "nvlink_down":
+                link = int(p.get("link", 0))
+                control.set(gpu, **{f"nvlink.{link}.active": 0})
+                return f"NVLink {link} of {where} down"
+            if fault.kind == "nvml_hang":
+                seconds = float(p.get("seconds", 60))
+                control.hang(gpu, seconds, ending=True)
+                return f"NVML calls on {where} block for {seconds:g} s"
             control.reset(self.scenario.gpus_per_node)
             if fault.kind == "clear":
                 return f"node {record.node}: GPU faults stopped"

@@ -53,6 +53,9 @@ FAULT_KINDS: dict[str, str] = {
     "gpu_lost": "the node's GPU stops answering NVML as lost",
     "thermal": "the node's GPU runs at `celsius` (default 95) — a thermal slowdown",
     "ecc": "the node's GPU counts `count` (default 1) uncorrectable ECC errors",
+    "nvlink_down": "NVLink `link` (default 0) of the node's GPU goes down",
+    "nvml_hang": "NVML calls on the node's GPU block for `seconds` (default 60): the GPU "
+                 "stops answering",
     "engine_hang": "the pod's engine stops stepping with requests running (NCCL-style hang)",
     "engine_crash": "the pod's engine process exits",
     "engine_resume": "the pod's engine steps again (after engine_hang)",
@@ -65,9 +68,11 @@ FAULT_KINDS: dict[str, str] = {
     "heal": "every cut link works again",
     "kill_leader": "the leading controller replica is killed (SIGKILL)",
 }
-NODE_FAULTS = frozenset({"xid", "gpu_lost", "thermal", "ecc", "clear", "node_repair"})
+NODE_FAULTS = frozenset({"xid", "gpu_lost", "thermal", "ecc", "nvlink_down", "nvml_hang",
+                         "clear", "node_repair"})
 # Faults that stop the replica: a request sent to it before traffic is off is a lost one.
-STOPPING = frozenset({"xid", "gpu_lost", "ecc", "engine_hang", "engine_crash", "partition"})
+STOPPING = frozenset({"xid", "gpu_lost", "ecc", "nvlink_down", "nvml_hang", "engine_hang",
+                      "engine_crash", "partition"})
 POD_FAULTS = frozenset({"engine_hang", "engine_crash", "engine_resume", "partition"})
 NO_TARGET = frozenset({"kill_leader", "heal"})
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m)?$")
@@ -213,7 +218,7 @@ def parse(data: Any, source: str = "<scenario>") -> Scenario:
         if kind not in NO_TARGET:
             target = _target(f.get("target"), f"{where}.target", by_name)
         params = {k: v for k, v in f.items() if k not in {"name", "at", "kind", "target"}}
-        _unknown(params, {"gpu", "code", "celsius", "count"}, where)
+        _unknown(params, {"gpu", "code", "celsius", "count", "link", "seconds"}, where)
         faults.append(Fault(str(f.get("name", f"{kind}-{i}")), seconds(f.get("at", 0),
                                                                         f"{where}.at"),
                             str(kind), target, params))
