@@ -5,8 +5,10 @@ default 30) runs the simulated cluster of ``gpu-supervisor simulate`` — the sh
 and the shipped policy, acting — under noise a healthy fleet produces:
 
 - single-sample thermal blips: a GPU reads 95 °C for one to two seconds;
-- XID 13 and XID 45 bursts (an application's illegal memory access, a preempted context:
-  the catalog's "ignore" rows) of 1 to 20 events;
+- XID 13 and XID 45 bursts (an application's illegal memory access, a preempted context)
+  of 1 to 20 events, each on a GPU whose turn it is in a shuffled round of every GPU: an
+  application crashing here and there — not one GPU failing again and again, which the
+  agent escalates by design (an XID in 3 separate incidents on one GPU within 10 minutes);
 - transient spikes: an engine three times slower for a few seconds;
 - 1 % of every heartbeat between the group's members dropped at random, all along
   (iptables ``statistic`` on the loopback addresses the sidecars use; needs root).
@@ -88,6 +90,9 @@ async def _noise(sim: Simulation, minutes: float, rng: random.Random) -> dict[st
     runtime = sim.runtime
     counts = {"thermal_blips": 0, "xid_bursts": 0, "engine_spikes": 0}
     actions = Actions(sim)
+    gpus = [(node, gpu) for node in sorted(runtime.agents)
+            for gpu in range(sim.scenario.gpus_per_node)]
+    xid_round: list[tuple[str, int]] = []
     end = time.monotonic() + minutes * 60
     while time.monotonic() < end:
         await sim.watch_until(lambda: False, rng.uniform(2.0, 6.0))
@@ -102,9 +107,11 @@ async def _noise(sim: Simulation, minutes: float, rng: random.Random) -> dict[st
             await asyncio.to_thread(control.unset, f"gpu.{gpu}.temp")
             counts["thermal_blips"] += 1
         elif what == "xid":
-            node = rng.choice(sorted(runtime.agents))
+            if not xid_round:
+                xid_round = rng.sample(gpus, len(gpus))
+            node, gpu = xid_round.pop()
             control = runtime.agents[node].control
-            await asyncio.to_thread(control.inject_xid, rng.randrange(8), rng.choice((13, 45)),
+            await asyncio.to_thread(control.inject_xid, gpu, rng.choice((13, 45)),
                                     rng.randint(1, 20))
             counts["xid_bursts"] += 1
         else:

@@ -42,6 +42,7 @@ from simulator.processes import (
     report_tls,
 )
 from simulator.world import (
+    FALLBACK_LABEL,
     GROUP_LABEL,
     REPORT_AUDIENCE,
     SERVING,
@@ -83,7 +84,7 @@ class PodProcesses:
     uid: str
     node: str
     engine: EngineProcess
-    sidecar: SidecarProcess
+    sidecar: SidecarProcess | None  # a fallback model's pod runs its engine alone
     probes: list[Probe] = field(default_factory=list)
     containers_ready: bool = False  # what we last wrote
 
@@ -221,8 +222,13 @@ class Runtime:
                     continue
                 live[_name(pod)] = pod
             nodes = {name: pod["spec"]["nodeName"] for name, pod in live.items()}
+            fallbacks = {_name(p): p for p in found.get("items", [])
+                         if p["metadata"].get("labels", {}).get(FALLBACK_LABEL)
+                         and not p["metadata"].get("deletionTimestamp")
+                         and p.get("status", {}).get("phase") == "Running"}
             for name, procs in list(self.pods.items()):
-                if name not in live or live[name]["metadata"]["uid"] != procs.uid:
+                pod = live.get(name) or fallbacks.get(name)
+                if pod is None or pod["metadata"]["uid"] != procs.uid:
                     await asyncio.to_thread(self._stop_pod, name)
             starts = []
             for name, pod in live.items():
@@ -230,6 +236,8 @@ class Runtime:
                 members = [nodes.get(group.pod_name(r)) for r in range(group.model.size)]
                 if name not in self.pods and all(members):
                     starts.append(self._start_pod(group, pod, [str(m) for m in members]))
+            starts += [self._start_fallback(pod) for name, pod in fallbacks.items()
+                       if name not in self.pods]
             for outcome in await asyncio.gather(*starts, return_exceptions=True):
                 if isinstance(outcome, Exception):
                     log.warning("pod processes did not start", error=str(outcome))
@@ -264,6 +272,18 @@ class Runtime:
         self.pods[name] = PodProcesses(
             pod["metadata"]["uid"], pod["spec"]["nodeName"], engine, sidecar,
             _probes(pod, {"engine": engine.url, "gpu-supervisor": sidecar.url}))
+        ip = pod.get("status", {}).get("podIP")
+        if ip:
+            self.engines[ip] = engine.url
+
+    async def _start_fallback(self, pod: dict[str, Any]) -> None:
+        """A fallback model's pod: its engine, nothing else (no group, no sidecar)."""
+        name = _name(pod)
+        engine = EngineProcess(self.workdir / "pods" / f"{name}-{pod['metadata']['uid'][:8]}",
+                               name="engine")
+        await asyncio.to_thread(engine.start)
+        self.pods[name] = PodProcesses(pod["metadata"]["uid"], pod["spec"]["nodeName"], engine,
+                                       None)
         ip = pod.get("status", {}).get("podIP")
         if ip:
             self.engines[ip] = engine.url
@@ -315,7 +335,8 @@ class Runtime:
         for ip, url in list(self.engines.items()):
             if url == procs.engine.url:
                 del self.engines[ip]
-        procs.sidecar.stop(timeout=5)
+        if procs.sidecar is not None:
+            procs.sidecar.stop(timeout=5)
         procs.engine.stop(timeout=5)
 
     # --- faults ------------------------------------------------------------------------
@@ -374,7 +395,8 @@ class Runtime:
         """Every daemon's HTTP endpoint, for the user: (what, URL)."""
         out = [(f"controller {n}", c.url) for n, c in self.controllers.items()]
         out += [(f"agent {n}", a.url) for n, a in sorted(self.agents.items())]
-        out += [(f"sidecar {n}", p.sidecar.url) for n, p in sorted(self.pods.items())]
+        out += [(f"sidecar {n}", p.sidecar.url) for n, p in sorted(self.pods.items())
+                if p.sidecar is not None]
         out += [(f"engine {n}", p.engine.url) for n, p in sorted(self.pods.items())]
         return out
 

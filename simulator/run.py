@@ -41,6 +41,11 @@ from simulator.world import (
     chart_objects,
     chart_settings,
     create,
+    degrade_topology,
+    fallback_deployment,
+    fallback_selector,
+    front_name,
+    front_service,
     gpu_node,
     groups_of,
     lws_object,
@@ -85,11 +90,24 @@ class Outcome:
 
 
 def policy_text(scenario: Scenario) -> str:
-    """The shipped policy, acting (``dry_run: false``), with the scenario's overrides."""
+    """The shipped policy, acting (``dry_run: false``), with the scenario's fallbacks as
+    degrade entries and its overrides on top."""
     policy = yaml.safe_load(SHIPPED_POLICY.read_text())
     policy["dry_run"] = False
+    if scenario.fallbacks:
+        policy["degrade"] = [{"model": f.for_model, "fallback": f.name, "floor": f.floor,
+                              "restore_after": f"{f.restore_after:g}s"}
+                             for f in scenario.fallbacks]
     policy.update(scenario.policy)
     return yaml.safe_dump(policy, sort_keys=False)
+
+
+def topology_of(scenario: Scenario) -> dict[str, Any] | None:
+    """The controller's topology file: the scenario's group kinds and its degrade targets."""
+    topology = dict(scenario.topology)
+    if scenario.fallbacks:
+        topology["degrade"] = [degrade_topology(f) for f in scenario.fallbacks]
+    return topology or None
 
 
 class Printer:
@@ -187,6 +205,11 @@ class Simulation:
             await create(kube, model_service(model))
             if model.kind == "lws":
                 await create(kube, lws_object(model))
+        for fallback in s.fallbacks:
+            await create(kube, front_service(fallback))
+            await create(kube, fallback_deployment(fallback, s.gpus_per_node))
+            self.view.fronts[fallback.for_model] = (front_name(fallback.for_model),
+                                                    fallback_selector(fallback.name))
         keeper = GroupKeeper(kube, self.groups, s.gpus_per_node)
         for group in self.groups:
             await keeper.create(group)
@@ -203,7 +226,7 @@ class Simulation:
             {k: v for k, v in agent_cfg.items() if k not in ("http", "reporting",
                                                                "kubernetes")},
             {k: ctl_cfg[k] for k in keep if k in ctl_cfg}, policy_text(s),
-            s.topology or None)
+            topology_of(s))
         p("daemons: two controller replicas, an agent per node (NVML stand-in), an engine "
           "and a sidecar per inference pod")
         await self.runtime.start_controllers()
@@ -280,6 +303,8 @@ class Simulation:
                         self.view.on_slice, self.changed)),
                     tasks.create_task(_follow(kube, "/api/v1/nodes", self.view.on_node,
                                               self.changed)),
+                    tasks.create_task(_follow(kube, f"/api/v1/namespaces/{SERVING}/services",
+                                              self.view.on_service, self.changed)),
                     tasks.create_task(self.keeper.run()),
                     tasks.create_task(runtime.follow_pods()),
                     tasks.create_task(runtime.probe_pods()),
@@ -325,9 +350,13 @@ class Simulation:
                         "the controller and Ready behind their Services")
 
         async def all_serving() -> bool:
-            return all(self.view.serving(g) for g in self.groups)
+            # A model with a fallback is degraded while its groups come up (fewer healthy
+            # than its floor) and restored restore_after later: the faults wait for that.
+            return all(self.view.serving(g) for g in self.groups) and not any(
+                self.view.degraded(m.name) for m in self.scenario.models)
 
-        await _until("every group serving", all_serving, SETUP_TIMEOUT_S, self.cluster)
+        await _until("every group serving, no model degraded", all_serving, SETUP_TIMEOUT_S,
+                     self.cluster)
         self.printer.line(f"serving: {', '.join(g.name for g in self.groups)} ready")
 
     def _show_endpoints(self, endpoints: list[tuple[str, str]]) -> None:
@@ -356,7 +385,9 @@ class Simulation:
                 return False  # only the whole duration proves something did not happen
             wanted = [s for s, v in (("traffic_off", e.traffic_off_within),
                                      ("restarted", e.restarted_within),
-                                     ("recovered", e.recovered_within)) if v is not None]
+                                     ("recovered", e.recovered_within),
+                                     ("degraded", e.degraded_within),
+                                     ("restored", e.restored_within)) if v is not None]
             if e.quarantined:
                 wanted.append("quarantined")
             if any(s not in record.times for s in wanted):
@@ -385,7 +416,7 @@ class Simulation:
             pod_procs = self.runtime.pods.get(record.pod)
             if fault.kind in NODE_FAULTS and record.node in self.runtime.agents:
                 record.daemon = self.runtime.agents[record.node]
-            elif pod_procs is not None:
+            elif pod_procs is not None and pod_procs.sidecar is not None:
                 record.daemon = pod_procs.sidecar
         detail = await asyncio.to_thread(self._apply, fault, record)
         record.mark("injected", detail=detail)
@@ -533,7 +564,9 @@ def _check(e: Expectation, record: FaultRecord, records: list[FaultRecord]) -> l
     out: list[str] = []
     for step, limit in (("traffic_off", e.traffic_off_within),
                         ("restarted", e.restarted_within),
-                        ("recovered", e.recovered_within)):
+                        ("recovered", e.recovered_within),
+                        ("degraded", e.degraded_within),
+                        ("restored", e.restored_within)):
         if limit is None:
             continue
         took = record.at(step)

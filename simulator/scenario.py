@@ -11,6 +11,8 @@ naming the field, exit 2)::
         replicas: 2            # pipeline groups serving the model
         size: 2                # pods per group, one GPU node each
         kind: lws              # or the name of a group kind from `topology` (below)
+    fallbacks:                 # degrade to a smaller model while too few groups are healthy
+      - {name: llama-8b, for: llama-70b, replicas: 2, floor: 2, restore_after: 30s}
     topology:                  # the controller's topology file, for non-LWS group kinds
       group_kinds: [{name: ray-workers, selector: "ray.io/node-type=worker",
                      group_label: "ray.io/group", model: llama-70b}]
@@ -28,6 +30,8 @@ naming the field, exit 2)::
         restarted_within: 60s  # injection → the group's pods deleted for recreation
         recovered_within: 120s # injection → the replica back in the endpoints
         quarantined: true      # the node got our taint
+        degraded_within: 20s   # injection → the model's Service sends to the fallback
+        restored_within: 90s   # injection → back to the model
         never: [restarted]     # steps that must not happen to this fault's group
         no_action: false       # true: nothing may happen (a transient that must be ignored)
     duration: 180s             # the run stops here at the latest
@@ -102,6 +106,18 @@ class Model:
 
 
 @dataclass(frozen=True, slots=True)
+class Fallback:
+    """A smaller model served by a Deployment (scaled from 0) while ``for_model`` has
+    fewer than ``floor`` healthy groups; back after ``restore_after`` seconds at the floor."""
+
+    name: str
+    for_model: str
+    replicas: int
+    floor: int
+    restore_after: float
+
+
+@dataclass(frozen=True, slots=True)
 class Target:
     model: str
     group: int
@@ -126,6 +142,8 @@ class Expectation:
     traffic_off_within: float | None = None
     restarted_within: float | None = None
     recovered_within: float | None = None
+    degraded_within: float | None = None
+    restored_within: float | None = None
     quarantined: bool | None = None
     never: tuple[str, ...] = ()
     no_action: bool = False
@@ -143,6 +161,7 @@ class Scenario:
     duration: float
     policy: dict[str, Any] = field(default_factory=dict)
     topology: dict[str, Any] = field(default_factory=dict)
+    fallbacks: tuple[Fallback, ...] = ()
     source: str = ""
 
     def model(self, name: str) -> Model:
@@ -176,8 +195,8 @@ def _unknown(obj: dict[str, Any], allowed: set[str], where: str) -> None:
 def parse(data: Any, source: str = "<scenario>") -> Scenario:
     """A validated scenario from its parsed YAML."""
     doc = _mapping(data, "<root>")
-    _unknown(doc, {"name", "description", "cluster", "models", "topology", "policy", "faults",
-                   "expect", "duration"}, "")
+    _unknown(doc, {"name", "description", "cluster", "models", "fallbacks", "topology",
+                   "policy", "faults", "expect", "duration"}, "")
     cluster = _mapping(doc.get("cluster", {}), "cluster")
     _unknown(cluster, {"nodes", "gpus_per_node"}, "cluster")
     nodes = _int(cluster, "nodes", "cluster", 4)
@@ -201,11 +220,25 @@ def parse(data: Any, source: str = "<scenario>") -> Scenario:
                               f"({', '.join(sorted(kinds)) or 'none defined'}), got {kind!r}")
         models.append(Model(name, _int(m, "replicas", where, 2), _int(m, "size", where, 2),
                             kind))
-    needed = sum(m.replicas * m.size for m in models)
+    by_name = {m.name: m for m in models}
+    fallbacks: list[Fallback] = []
+    for i, raw in enumerate(doc.get("fallbacks") or []):
+        where = f"fallbacks[{i}]"
+        f = _mapping(raw, where)
+        _unknown(f, {"name", "for", "replicas", "floor", "restore_after"}, where)
+        name = str(f.get("name", ""))
+        if not re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", name) or name in by_name:
+            raise ConfigError(f"{where}.name", "must be a DNS label naming no other model")
+        if f.get("for") not in by_name:
+            raise ConfigError(f"{where}.for", f"must name a model ({', '.join(by_name)})")
+        fallbacks.append(Fallback(name, str(f["for"]), _int(f, "replicas", where, 1),
+                                  _int(f, "floor", where, 1),
+                                  seconds(f.get("restore_after", "1m"),
+                                          f"{where}.restore_after")))
+    needed = sum(m.replicas * m.size for m in models) + sum(f.replicas for f in fallbacks)
     if needed > nodes:
         raise ConfigError("cluster.nodes", f"{nodes} nodes cannot hold {needed} pods (one GPU "
                           "node per pod); add nodes, and spares for restarts")
-    by_name = {m.name: m for m in models}
     faults: list[Fault] = []
     for i, raw in enumerate(doc.get("faults") or []):
         where = f"faults[{i}]"
@@ -230,7 +263,8 @@ def parse(data: Any, source: str = "<scenario>") -> Scenario:
         where = f"expect[{i}]"
         e = _mapping(raw, where)
         _unknown(e, {"fault", "traffic_off_within", "restarted_within", "recovered_within",
-                     "quarantined", "never", "no_action"}, where)
+                     "degraded_within", "restored_within", "quarantined", "never",
+                     "no_action"}, where)
         if e.get("fault") not in names:
             raise ConfigError(f"{where}.fault", f"must name a fault ({', '.join(names)})")
 
@@ -241,19 +275,21 @@ def parse(data: Any, source: str = "<scenario>") -> Scenario:
         if quarantined is not None and not isinstance(quarantined, bool):
             raise ConfigError(f"{where}.quarantined", "must be true or false")
         never = e.get("never", [])
-        steps = ("detected", "traffic_off", "quarantined", "restarted", "recovered")
+        steps = ("detected", "traffic_off", "quarantined", "restarted", "recovered",
+                 "degraded", "restored")
         if not isinstance(never, list) or any(s not in steps for s in never):
             raise ConfigError(f"{where}.never", f"must list steps out of {', '.join(steps)}")
-        expects.append(Expectation(str(e["fault"]), opt("traffic_off_within"),
-                                   opt("restarted_within"), opt("recovered_within"),
-                                   quarantined, tuple(never), bool(e.get("no_action", False))))
+        expects.append(Expectation(
+            str(e["fault"]), opt("traffic_off_within"), opt("restarted_within"),
+            opt("recovered_within"), opt("degraded_within"), opt("restored_within"),
+            quarantined, tuple(never), bool(e.get("no_action", False))))
     policy = _mapping(doc.get("policy", {}), "policy")
     return Scenario(
         name=str(doc.get("name", Path(source).stem)),
         description=str(doc.get("description", "")).strip(), nodes=nodes, gpus_per_node=gpus,
         models=tuple(models), faults=tuple(sorted(faults, key=lambda f: f.at)),
         expect=tuple(expects), duration=seconds(doc.get("duration", "180s"), "duration"),
-        policy=policy, topology=topology, source=source)
+        policy=policy, topology=topology, fallbacks=tuple(fallbacks), source=source)
 
 
 def _target(value: Any, where: str, models: dict[str, Model]) -> Target:

@@ -27,7 +27,8 @@ from simulator.scenario import Fault
 from simulator.world import GROUP_LABEL, GroupRef
 from supervisor.controller.actions import QUARANTINE_TAINT
 
-STEPS = ("injected", "detected", "traffic_off", "quarantined", "restarted", "recovered")
+STEPS = ("injected", "detected", "traffic_off", "quarantined", "restarted", "recovered",
+         "degraded", "restored")
 
 
 @dataclass
@@ -77,6 +78,9 @@ class ClusterView:
         self.pods: dict[str, dict[str, Any]] = {}  # name → pod
         self.ready_endpoints: dict[str, set[str]] = {}  # EndpointSlice name → ready IPs
         self.taints: dict[str, set[str]] = {}  # node → taint keys
+        self.selectors: dict[str, dict[str, str]] = {}  # Service → its selector
+        # model → (its front Service, the fallback's selector): degraded while they match
+        self.fronts: dict[str, tuple[str, dict[str, str]]] = {}
 
     def ready_ips(self) -> set[str]:
         out: set[str] = set()
@@ -101,6 +105,20 @@ class ClusterView:
             self.pods.pop(name, None)
         else:
             self.pods[name] = obj
+
+    def on_service(self, kind: str, obj: dict[str, Any]) -> None:
+        name = obj["metadata"]["name"]
+        if kind == "DELETED":
+            self.selectors.pop(name, None)
+        else:
+            self.selectors[name] = dict(obj.get("spec", {}).get("selector") or {})
+
+    def degraded(self, model: str) -> bool | None:
+        """Whether ``model``'s clients are sent to its fallback (None: it has none)."""
+        front = self.fronts.get(model)
+        if front is None:
+            return None
+        return self.selectors.get(front[0]) == front[1]
 
     def on_node(self, kind: str, obj: dict[str, Any]) -> None:
         name = obj["metadata"]["name"]
@@ -159,6 +177,13 @@ def update(record: FaultRecord, view: ClusterView) -> list[str]:
     if record.node and QUARANTINE_TAINT in view.taints.get(record.node, set()) and \
             record.mark("quarantined", detail=f"node {record.node} tainted"):
         reached.append("quarantined")
+    degraded = view.degraded(group.model.name)
+    if degraded and record.mark("degraded", detail=f"{group.model.name}'s clients sent to "
+                                "its fallback"):
+        reached.append("degraded")
+    if degraded is False and "degraded" in record.times and record.mark(
+            "restored", detail=f"{group.model.name}'s clients back on it"):
+        reached.append("restored")
     if "traffic_off" in record.times and view.serving(group) and record.mark(
             "recovered", detail=f"{group.name} serving again"
             + (" (new pods)" if "restarted" in record.times else "")):

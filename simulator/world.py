@@ -25,7 +25,7 @@ from typing import Any
 import structlog
 import yaml
 
-from simulator.scenario import Model, Scenario
+from simulator.scenario import Fallback, Model, Scenario
 from supervisor.controller.model import (
     LWS_GROUP,
     LWS_NAME,
@@ -193,11 +193,65 @@ def member_pod(group: GroupRef, rank: int, gpus: int, leader_uid: str | None) ->
              "topologyKey": "kubernetes.io/hostname"}]}}}}
 
 
+FALLBACK_LABEL = "sim.gpu-supervisor.io/fallback"
+
+
+def front_name(model: str) -> str:
+    """The Service clients use for ``model`` when it has a fallback: the controller moves
+    its selector to the fallback's pods while degraded."""
+    return f"{model}-front"
+
+
+def primary_selector(model: str) -> dict[str, str]:
+    return {MODEL_LABEL: model, "sim.gpu-supervisor.io/rank": "0"}
+
+
+def fallback_selector(fallback: str) -> dict[str, str]:
+    return {MODEL_LABEL: fallback}
+
+
+def front_service(fallback: Fallback) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": front_name(fallback.for_model), "namespace": SERVING},
+            "spec": {"selector": primary_selector(fallback.for_model),
+                     "ports": [{"name": "http", "port": 8000, "targetPort": 8000}]}}
+
+
+def fallback_deployment(fallback: Fallback, gpus: int) -> dict[str, Any]:
+    """The fallback model's Deployment, at 0 replicas until the controller degrades to it;
+    one engine per pod, a node's GPUs each."""
+    labels = {MODEL_LABEL: fallback.name, FALLBACK_LABEL: fallback.name}
+    return {"apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": {"name": fallback.name, "namespace": SERVING},
+            "spec": {"replicas": 0, "selector": {"matchLabels": labels},
+                     "template": {"metadata": {"labels": labels}, "spec": {
+                         "serviceAccountName": "default",
+                         "terminationGracePeriodSeconds": 0,
+                         "containers": [{"name": "engine", "image": "vllm/vllm-openai:v0.11.0",
+                                         "resources": {"limits": {
+                                             "nvidia.com/gpu": str(gpus)}}}]}}}}
+
+
+def degrade_topology(fallback: Fallback) -> dict[str, Any]:
+    """The controller's topology entry for degrading ``fallback.for_model``."""
+    def text(selector: dict[str, str]) -> str:
+        return ",".join(f"{k}={v}" for k, v in selector.items())
+
+    return {"model": fallback.for_model,
+            "workload": {"kind": "Deployment", "namespace": SERVING, "name": fallback.name,
+                         "replicas": fallback.replicas},
+            "traffic": {"kind": "Service", "namespace": SERVING,
+                        "name": front_name(fallback.for_model),
+                        "primary": text(primary_selector(fallback.for_model)),
+                        "fallback": text(fallback_selector(fallback.name))},
+            "ready_timeout_seconds": 120}
+
+
 def model_service(model: Model) -> dict[str, Any]:
     """The model's Service: its groups' leaders (rank 0), where requests enter a pipeline."""
     return {"apiVersion": "v1", "kind": "Service",
             "metadata": {"name": model.name, "namespace": SERVING},
-            "spec": {"selector": {MODEL_LABEL: model.name, "sim.gpu-supervisor.io/rank": "0"},
+            "spec": {"selector": primary_selector(model.name),
                      "ports": [{"name": "http", "port": 8000, "targetPort": 8000}]}}
 
 

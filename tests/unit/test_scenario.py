@@ -65,6 +65,10 @@ def test_a_valid_scenario_reads_as_written() -> None:
      "true or false"),
     (with_(expect=[{"fault": "f", "never": ["exploded"]}]), "expect[0].never",
      "must list steps"),
+    (with_(fallbacks=[{"name": "small", "for": "big"}]), "fallbacks[0].for", "must name"),
+    (with_(fallbacks=[{"name": "m", "for": "m"}]), "fallbacks[0].name", "no other model"),
+    (with_(fallbacks=[{"name": "s", "for": "m", "replicas": 3}]), "cluster.nodes",
+     "cannot hold 7 pods"),
     (with_(speed=3), "speed", "unknown field"),
 ])
 def test_each_mistake_names_its_field(data: dict[str, Any], field: str, rule: str) -> None:
