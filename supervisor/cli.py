@@ -45,7 +45,7 @@ def _role_flags(parser: argparse.ArgumentParser) -> None:
                         help="override log_level (default info)")
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(with_simulate: bool = False) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gpu-supervisor", description=DESCRIPTION,
                                      epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -92,9 +92,10 @@ def _parser() -> argparse.ArgumentParser:
         epilog="exit codes: 0 every expectation held; 1 one failed, or the cluster could not "
         "start; 2 a bad scenario or flag.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    from simulator import cli as simulator_cli
+    if with_simulate:  # the simulator stays out of the daemons' processes
+        from simulator import cli as simulator_cli
 
-    simulator_cli.add_arguments(simulate)
+        simulator_cli.add_arguments(simulate)
     return parser
 
 
@@ -152,7 +153,8 @@ def _check_agent(settings: Settings) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = _parser(with_simulate=argv[:1] == ["simulate"]).parse_args(argv)
     if args.command == "config-reference":
         print("| setting | default | unit | meaning |\n|---|---|---|---|")
         for name, default, unit, doc in reference():
