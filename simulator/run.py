@@ -383,6 +383,8 @@ class Simulation:
             record = by_name[e.fault]
             if e.no_action or e.never:
                 return False  # only the whole duration proves something did not happen
+            if e.quarantined is False and "recovered" not in record.times:
+                return False  # a quarantine may still come until the replica is back
             wanted = [s for s, v in (("traffic_off", e.traffic_off_within),
                                      ("restarted", e.restarted_within),
                                      ("recovered", e.recovered_within),
