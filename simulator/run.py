@@ -385,11 +385,7 @@ class Simulation:
                 return False  # only the whole duration proves something did not happen
             if e.quarantined is False and "recovered" not in record.times:
                 return False  # a quarantine may still come until the replica is back
-            wanted = [s for s, v in (("traffic_off", e.traffic_off_within),
-                                     ("restarted", e.restarted_within),
-                                     ("recovered", e.recovered_within),
-                                     ("degraded", e.degraded_within),
-                                     ("restored", e.restored_within)) if v is not None]
+            wanted = [step for step, _ in e.limits()]
             if e.quarantined:
                 wanted.append("quarantined")
             if any(s not in record.times for s in wanted):
@@ -519,7 +515,7 @@ class Simulation:
         if classes is None or record.daemon is None:
             return None
         injected = record.times["injected"]
-        for line in record.daemon.log().splitlines():
+        for line in _new_lines(record):
             if '"finding raised"' not in line:
                 continue
             with contextlib.suppress(ValueError, KeyError):
@@ -552,6 +548,23 @@ class Simulation:
             await asyncio.to_thread(self.cluster.stop)
 
 
+def _new_lines(record: FaultRecord) -> list[str]:
+    """The complete lines the daemon logged since the last look (its log is read from where
+    the last look stopped; a restarted daemon's new log is read from the start)."""
+    assert record.daemon is not None
+    try:
+        with record.daemon.log_path.open("rb") as log:
+            if log.seek(0, 2) < record.log_offset:
+                record.log_offset = 0
+            log.seek(record.log_offset)
+            data = log.read()
+    except FileNotFoundError:
+        return []
+    complete = data[:data.rfind(b"\n") + 1]
+    record.log_offset += len(complete)
+    return complete.decode(errors="replace").splitlines()
+
+
 def _undoes(kind: str, undo: FaultRecord, fault: FaultRecord) -> bool:
     """Whether fault ``undo`` (of ``kind``) ends the earlier ``fault``: its replica is well
     again, so requests to it from now on did not reach a sick replica."""
@@ -564,13 +577,7 @@ def _undoes(kind: str, undo: FaultRecord, fault: FaultRecord) -> bool:
 
 def _check(e: Expectation, record: FaultRecord, records: list[FaultRecord]) -> list[str]:
     out: list[str] = []
-    for step, limit in (("traffic_off", e.traffic_off_within),
-                        ("restarted", e.restarted_within),
-                        ("recovered", e.recovered_within),
-                        ("degraded", e.degraded_within),
-                        ("restored", e.restored_within)):
-        if limit is None:
-            continue
+    for step, limit in e.limits():
         took = record.at(step)
         if took is None:
             out.append(f"{e.fault}: {step.replace('_', ' ')} never happened "

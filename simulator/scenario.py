@@ -148,6 +148,13 @@ class Expectation:
     never: tuple[str, ...] = ()
     no_action: bool = False
 
+    def limits(self) -> list[tuple[str, float]]:
+        """(step, seconds after injection) for every step this expectation times."""
+        timed = (("traffic_off", self.traffic_off_within),
+                 ("restarted", self.restarted_within), ("recovered", self.recovered_within),
+                 ("degraded", self.degraded_within), ("restored", self.restored_within))
+        return [(step, limit) for step, limit in timed if limit is not None]
+
 
 @dataclass(frozen=True, slots=True)
 class Scenario:

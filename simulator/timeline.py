@@ -43,6 +43,7 @@ class FaultRecord:
     leader_ip: str | None = None  # the replica's address in the Service at injection
     sick_requests: int = 0
     daemon: DaemonProcess | None = None  # the agent or sidecar that should see the fault
+    log_offset: int = 0  # how far its log has been read
     undo: list[list[str]] = field(default_factory=list)  # iptables rules of a partition
     ended: bool = False  # undone by a later fault (resumed, cleared, healed, repaired)
 
