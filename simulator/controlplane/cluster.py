@@ -255,23 +255,11 @@ class KubeTestCluster:
         env["KUBE_TESTENV_PARENT_PID"] = str(os.getpid())
         etcd_log_path = workdir / "etcd.log"
         api_log_path = workdir / "apiserver.log"
-        etcd_log = etcd_log_path.open("wb")
+        etcd, etcd_log = _server(
+            [str(binary), "etcd", f"--data-dir={etcd_data}",
+             f"--listen-client-url={etcd_url}",
+             f"--listen-peer-url=http://127.0.0.1:{etcd_peer}"], etcd_log_path, env)
         logs: list[IO[bytes]] = [etcd_log]
-        etcd = subprocess.Popen(
-            [
-                str(binary),
-                "etcd",
-                f"--data-dir={etcd_data}",
-                f"--listen-client-url={etcd_url}",
-                f"--listen-peer-url=http://127.0.0.1:{etcd_peer}",
-            ],
-            stdin=subprocess.DEVNULL,
-            stdout=etcd_log,
-            stderr=subprocess.STDOUT,
-            env=env,
-            cwd=workdir,
-            start_new_session=True,
-        )
         cluster = cls(
             workdir=workdir,
             binary=binary,
@@ -287,17 +275,10 @@ class KubeTestCluster:
         deadline = t0 + STARTUP_TIMEOUT_S
         try:
             cluster._wait_etcd(etcd_url, deadline)
-            api_log = api_log_path.open("wb")
-            logs.append(api_log)
-            cluster._apiserver = subprocess.Popen(
+            cluster._apiserver, api_log = _server(
                 [str(binary), "apiserver", *cluster._apiserver_flags(etcd_url, api_port)],
-                stdin=subprocess.DEVNULL,
-                stdout=api_log,
-                stderr=subprocess.STDOUT,
-                env=env,
-                cwd=workdir,
-                start_new_session=True,
-            )
+                api_log_path, env)
+            logs.append(api_log)
             cluster._wait_apiserver(deadline)
         except BaseException:
             cluster.stop()
@@ -376,11 +357,8 @@ class KubeTestCluster:
         told to exit with us, stopped before the API server by :meth:`stop`."""
         env = dict(os.environ)
         env["KUBE_TESTENV_PARENT_PID"] = str(os.getpid())
-        log = (self.workdir / f"{name}.log").open("wb")
+        proc, log = _server(args, self.workdir / f"{name}.log", env)
         self._logs.append(log)
-        proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log,
-                                stderr=subprocess.STDOUT, env=env, cwd=self.workdir,
-                                start_new_session=True)
         self._components.append((name, proc))
         return proc
 
@@ -600,6 +578,17 @@ async def _create_if_missing(call: Any) -> None:
     except ApiException as exc:
         if exc.status != 409:
             raise
+
+
+def _server(args: list[str], log_path: Path, env: dict[str, str]
+            ) -> tuple[subprocess.Popen[bytes], IO[bytes]]:
+    """One control-plane process: output to ``log_path``, working directory beside it, in
+    its own session (Ctrl-C on the caller does not reach it; stop() does)."""
+    log = log_path.open("wb")
+    proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log,
+                            stderr=subprocess.STDOUT, env=env, cwd=log_path.parent,
+                            start_new_session=True)
+    return proc, log
 
 
 def _terminate(proc: subprocess.Popen[bytes], timeout: float) -> None:
