@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import shutil
 import sys
 import tempfile
@@ -40,6 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workdir", type=Path, metavar="DIR",
                         help="keep logs, kubeconfigs and state here (default: a temporary "
                              "directory, removed at the end)")
+    parser.add_argument("--torch-python", metavar="PATH",
+                        help="an interpreter with torch, for scenarios that run the "
+                             "all-reduce checks (default: this one, if it has torch)")
     parser.add_argument("--list", action="store_true",
                         help="list the shipped scenarios and fault kinds, then exit")
 
@@ -54,6 +58,7 @@ def main(args: argparse.Namespace) -> int:
         return 0
     try:
         scenario = load(args.scenario)
+        torch_python = _torch_python(scenario, args.torch_python)
     except ConfigError as exc:
         print(f"gpu-supervisor simulate: invalid scenario: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -69,7 +74,8 @@ def main(args: argparse.Namespace) -> int:
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="gpu-supervisor-simulate-"))
     workdir.mkdir(parents=True, exist_ok=True)
     try:
-        outcome = asyncio.run(_simulate(scenario, workdir, args.report, args.plot))
+        outcome = asyncio.run(_simulate(scenario, workdir, args.report, args.plot,
+                                        torch_python))
     except (KubeTestClusterError, SupervisorError, TimeoutError, OSError) as exc:
         print(f"gpu-supervisor simulate: {exc}", file=sys.stderr)
         if args.workdir:
@@ -83,8 +89,24 @@ def main(args: argparse.Namespace) -> int:
     return 0 if outcome.passed else EXIT_FAILED
 
 
+def _torch_python(scenario: Scenario, given: str | None) -> str:
+    """The interpreter of the sidecars' all-reduce workers, when the scenario runs them:
+    ``--torch-python``, else this one if it can import torch."""
+    if not scenario.collective:
+        return ""
+    if given:
+        if shutil.which(given) is None:
+            raise ConfigError("--torch-python", f"{given!r} is not an executable")
+        return given
+    if importlib.util.find_spec("torch") is not None:
+        return sys.executable
+    raise ConfigError("--torch-python", f"scenario {scenario.name} runs the all-reduce "
+                      "checks, which need torch: pip install -e '.[collective]', or name an "
+                      "interpreter that has it")
+
+
 async def _simulate(scenario: Scenario, workdir: Path, report: Path | None,
-                    plot: Path | None) -> Outcome:
+                    plot: Path | None, torch_python: str) -> Outcome:
     from simulator.run import simulate
 
-    return await simulate(scenario, workdir, sys.stdout, report, plot)
+    return await simulate(scenario, workdir, sys.stdout, report, plot, torch_python)

@@ -24,9 +24,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import signal
 import socket
 import subprocess
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -89,6 +93,59 @@ class PodProcesses:
     containers_ready: bool = False  # what we last wrote
 
 
+class Stall:
+    """One process held back with SIGSTOP/SIGCONT from a thread of its own (the way a
+    debugger would freeze it): stopped for good, or run ``share`` of each slice.
+
+    The slice is long because short ones hardly slow an all-reduce: loopback's socket
+    buffers take a peer's whole message while the rank is stopped, and the rank catches
+    up within its next few milliseconds. Stopped for most of every 200 ms, each step of a
+    ring all-reduce waits for it."""
+
+    SLICE_SECONDS = 0.2
+
+    def __init__(self, pid: int, share: float) -> None:
+        self.pid = pid
+        self.share = share
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"stall-{pid}", daemon=True)
+
+    def start(self) -> None:
+        os.kill(self.pid, signal.SIGSTOP)
+        if self.share > 0:
+            self._thread.start()
+
+    def _run(self) -> None:
+        run, stop = self.SLICE_SECONDS * self.share, self.SLICE_SECONDS * (1 - self.share)
+        try:
+            while not self._done.is_set():
+                os.kill(self.pid, signal.SIGCONT)
+                time.sleep(run)
+                os.kill(self.pid, signal.SIGSTOP)
+                time.sleep(stop)
+        except ProcessLookupError:
+            return  # the worker is gone (its pod was deleted): nothing left to hold
+
+    def end(self) -> None:
+        self._done.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGCONT)
+
+
+def merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``over`` merged into ``base`` mapping by mapping (a scenario's settings over the
+    daemon's own)."""
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merged(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
 def _probes(pod: dict[str, Any], urls: dict[str, str]) -> list[Probe]:
     out: list[Probe] = []
     for container in pod["spec"]["containers"]:
@@ -113,12 +170,15 @@ class Runtime:
     controller_settings: dict[str, Any]
     policy: str
     topology: dict[str, Any] | None
+    sidecar_settings: dict[str, Any] = field(default_factory=dict)  # merged over each pod's
     agents: dict[str, AgentProcess] = field(default_factory=dict)
     controllers: dict[str, ControllerProcess] = field(default_factory=dict)
     pods: dict[str, PodProcesses] = field(default_factory=dict)  # pod name → its processes
     engines: dict[str, str] = field(default_factory=dict)  # pod IP → engine URL
     node_ips: dict[str, str] = field(default_factory=dict)  # node → its loopback address
     cuts: list[list[str]] = field(default_factory=list)  # iptables rules in place
+    stalls: list[Stall] = field(default_factory=list)  # collective workers held back
+    store_ports: dict[str, int] = field(default_factory=dict)  # group → rendezvous port
     report_port: int = 0
 
     def __post_init__(self) -> None:
@@ -263,6 +323,12 @@ class Runtime:
             "engine": {"url": engine.url},
             "reporting": self._reporting(token),
         }
+        settings = merged(settings, self.sidecar_settings)
+        if settings.get("collective", {}).get("enabled"):
+            # The leader's rendezvous store listens on every address (torch's TCPStore
+            # does): on one machine, each group needs a port of its own.
+            port = self.store_ports.setdefault(group.name, free_port())
+            settings = merged(settings, {"collective": {"port": port}})
         sidecar = SidecarProcess(workdir, name, settings)
         try:
             await asyncio.to_thread(sidecar.start)
@@ -357,6 +423,19 @@ class Runtime:
         self.cuts += rules
         return rules
 
+    def stall_worker(self, pod: str, share: float = 0.0) -> Callable[[], None]:
+        """Hold back the all-reduce worker of ``pod``'s sidecar: stopped outright (``share``
+        0: a rank hung in a collective) or let run ``share`` of every 200 ms (a straggler,
+        as a GPU held at a fraction of its clocks would make it). Returns what
+        lets it run freely again; the stall also ends when the worker exits."""
+        procs = self.pods[pod]
+        assert procs.sidecar is not None
+        pid = procs.sidecar.collective_worker()
+        stalls = Stall(pid, share)
+        stalls.start()
+        self.stalls.append(stalls)
+        return stalls.end
+
     def heal(self, rules: list[list[str]] | None = None) -> None:
         """Remove ``rules`` (default: every cut of ours)."""
         for rule in list(self.cuts if rules is None else rules):
@@ -384,6 +463,8 @@ class Runtime:
 
     def stop(self) -> None:
         self.heal()
+        for stall in self.stalls:
+            stall.end()
         for name in list(self.pods):
             self._stop_pod(name)
         for agent in self.agents.values():

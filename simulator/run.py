@@ -21,15 +21,26 @@ from typing import Any, TextIO
 
 import yaml
 
+from probes.nvml_standin.control import StandinControl
 from simulator.controlplane.cluster import (
     CRD_DIR,
     KubeTestCluster,
     build_binary,
     build_kwok,
+    crd_files,
 )
 from simulator.controlplane.machinery import start_machinery
-from simulator.fleet import Runtime
-from simulator.scenario import NODE_FAULTS, Expectation, Fault, Scenario
+from simulator.fleet import Runtime, merged
+from simulator.scenario import (
+    AT_BOOT,
+    COLLECTIVE_FAULTS,
+    COUNTING,
+    NODE_FAULTS,
+    THROTTLE_BITS,
+    Expectation,
+    Fault,
+    Scenario,
+)
 from simulator.timeline import STEPS, ClusterView, FaultRecord, update
 from simulator.traffic import Traffic
 from simulator.world import (
@@ -44,10 +55,12 @@ from simulator.world import (
     degrade_topology,
     fallback_deployment,
     fallback_selector,
+    fallback_service,
     front_name,
     front_service,
     gpu_node,
     groups_of,
+    http_route,
     lws_object,
     model_service,
     system_node,
@@ -59,13 +72,32 @@ from supervisor.kube import KubeClient
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED_POLICY = ROOT / "policies" / "default.yaml"
 SETUP_TIMEOUT_S = 180.0
+ROUTES = f"/apis/gateway.networking.k8s.io/v1/namespaces/{SERVING}/httproutes"
 # What the daemon that should see a fault reports it as.
 FINDING_CLASSES: dict[str, set[str]] = {
     "xid": {"xid"}, "gpu_lost": {"gpu_lost"}, "thermal": {"thermal"},
     "ecc": {"ecc_uncorrectable"}, "nvlink_down": {"nvlink_down"},
     "nvml_hang": {"gpu_unresponsive"}, "engine_hang": {"engine_hang", "collective_hang"},
     "engine_crash": {"engine_crash", "engine_unhealthy"}, "partition": {"partition"},
+    "engine_unhealthy": {"engine_unhealthy"},
+    "row_remap": {"row_remap"}, "retired_pages": {"retired_pages"},
+    "pcie_degraded": {"pcie_degraded"}, "pcie_replays": {"pcie_replays"},
+    "ecc_storm": {"ecc_correctable_storm"}, "nvlink_errors": {"nvlink_errors"},
+    "clock_throttle": {"clock_throttle"}, "driver_error": {"driver_error"},
+    "gpu_missing": {"gpu_missing"}, "collective_hang": {"collective_hang"},
+    "collective_slow": {"collective_slow"},
 }
+
+
+@dataclass
+class Counting:
+    """An error counter of one GPU that climbs for as long as its fault lasts."""
+
+    record: FaultRecord
+    gpu: int
+    key: str
+    per_second: float
+    since: float = field(default_factory=time.monotonic)
 
 
 @dataclass
@@ -113,9 +145,10 @@ def topology_of(scenario: Scenario) -> dict[str, Any] | None:
 class Printer:
     """The live timeline: one line per step, seconds since the scenario started."""
 
-    def __init__(self, out: TextIO) -> None:
+    def __init__(self, out: TextIO, names: int = 16) -> None:
         self._out = out
         self.start = time.monotonic()
+        self.names = names  # the width of the fault-name column
 
     def line(self, text: str) -> None:
         print(f"{time.monotonic() - self.start:7.1f}s  {text}", file=self._out, flush=True)
@@ -124,7 +157,7 @@ class Printer:
         after = record.at(step)
         when = "" if after is None or step == "injected" else f" (+{after:.2f} s)"
         detail = record.detail.get(step, "")
-        self.line(f"{record.fault.name:<16} {step.replace('_', ' '):<12}{when}"
+        self.line(f"{record.fault.name:<{self.names}} {step.replace('_', ' '):<12}{when}"
                   + (f"  {detail}" if detail else ""))
 
 
@@ -158,10 +191,13 @@ async def _until(what: str, check: Callable[[], Awaitable[bool]], timeout: float
 
 
 class Simulation:
-    def __init__(self, scenario: Scenario, workdir: Path, out: TextIO) -> None:
+    def __init__(self, scenario: Scenario, workdir: Path, out: TextIO,
+                 torch_python: str = "") -> None:
         self.scenario = scenario
+        self.torch_python = torch_python  # for the all-reduce workers, when the scenario has them
+        self.counting: list[Counting] = []
         self.workdir = workdir
-        self.printer = Printer(out)
+        self.printer = Printer(out, max([16, *(len(f.name) for f in scenario.faults)]))
         self.out = out
         self.groups = groups_of(scenario)
         self.view = ClusterView()
@@ -187,7 +223,11 @@ class Simulation:
         await asyncio.to_thread(start_machinery, self.cluster, kwok)
         self.kube = kube = await KubeClient.connect(
             str(self.workdir / "cluster" / "admin.kubeconfig"))
-        for crd in sorted(CRD_DIR.glob("*.yaml")):
+        crds = sorted(CRD_DIR.glob("*.yaml"))
+        if self._routes:
+            p("control plane: fetching the Gateway API CRDs (once, then cached)")
+            crds = await asyncio.to_thread(crd_files)
+        for crd in crds:
             await create(kube, yaml.safe_load(crd.read_text()))
         s = self.scenario
         p(f"cluster: {s.nodes} GPU nodes x {s.gpus_per_node} GPUs played by kwok, the chart "
@@ -200,14 +240,20 @@ class Simulation:
             await create(kube, obj)
         await create(kube, {"apiVersion": "v1", "kind": "Namespace",
                             "metadata": {"name": SERVING}})
-        await _until("the LeaderWorkerSet CRD established", self._crd_ready, 30, self.cluster)
+        await _until("the CRDs established", self._crd_ready, 30, self.cluster)
         for model in s.models:
             await create(kube, model_service(model))
             if model.kind == "lws":
                 await create(kube, lws_object(model))
         for fallback in s.fallbacks:
-            await create(kube, front_service(fallback))
             await create(kube, fallback_deployment(fallback, s.gpus_per_node))
+            if fallback.traffic == "httproute":
+                await create(kube, fallback_service(fallback))
+                await create(kube, http_route(fallback))
+                self.view.routes[fallback.for_model] = (front_name(fallback.for_model),
+                                                        fallback.name)
+                continue
+            await create(kube, front_service(fallback))
             self.view.fronts[fallback.for_model] = (front_name(fallback.for_model),
                                                     fallback_selector(fallback.name))
         keeper = GroupKeeper(kube, self.groups, s.gpus_per_node)
@@ -220,13 +266,17 @@ class Simulation:
         ctl_cfg = chart_settings(objects, "controller")["controller"]
         keep = ("lease_name", "state_configmap", "allowed_reporters", "allowed_pod_reporters",
                 "token_audiences")
+        sidecar_cfg = s.settings.get("sidecar", {})
+        if s.collective:
+            sidecar_cfg = merged(sidecar_cfg, {"collective": {"python": self.torch_python}})
         self.runtime = Runtime(
             self.workdir / "daemons", kube, self.cluster.url, self.cluster.ca_file,
             self.groups, s.gpus_per_node,
-            {k: v for k, v in agent_cfg.items() if k not in ("http", "reporting",
-                                                               "kubernetes")},
+            merged({k: v for k, v in agent_cfg.items() if k not in ("http", "reporting",
+                                                                      "kubernetes")},
+                   s.settings.get("agent", {})),
             {k: ctl_cfg[k] for k in keep if k in ctl_cfg}, policy_text(s),
-            topology_of(s))
+            topology_of(s), sidecar_settings=sidecar_cfg)
         p("daemons: two controller replicas, an agent per node (NVML stand-in), an engine "
           "and a sidecar per inference pod")
         await self.runtime.start_controllers()
@@ -254,11 +304,18 @@ class Simulation:
             raise PermissionError("this scenario cuts links with iptables: run it as root "
                                   "with iptables installed")
 
+    @property
+    def _routes(self) -> bool:
+        """Whether a model's clients come through an HTTPRoute."""
+        return any(f.traffic == "httproute" for f in self.scenario.fallbacks)
+
     async def _crd_ready(self) -> bool:
         assert self.kube is not None
         try:
             await self.kube.request("GET", f"/apis/leaderworkerset.x-k8s.io/v1/namespaces/"
                                     f"{SERVING}/leaderworkersets")
+            if self._routes:
+                await self.kube.request("GET", ROUTES)
         except KubeError:
             return False
         return True
@@ -291,38 +348,48 @@ class Simulation:
         t0 = time.monotonic()
         try:
             await self.setup()
-            assert self.kube is not None
-            assert self.runtime is not None
-            kube, runtime = self.kube, self.runtime
-            async with asyncio.TaskGroup() as tasks:
-                background = [
-                    tasks.create_task(_follow(kube, f"/api/v1/namespaces/{SERVING}/pods",
-                                              self.view.on_pod, self.changed)),
-                    tasks.create_task(_follow(
-                        kube, f"/apis/discovery.k8s.io/v1/namespaces/{SERVING}/endpointslices",
-                        self.view.on_slice, self.changed)),
-                    tasks.create_task(_follow(kube, "/api/v1/nodes", self.view.on_node,
-                                              self.changed)),
-                    tasks.create_task(_follow(kube, f"/api/v1/namespaces/{SERVING}/services",
-                                              self.view.on_service, self.changed)),
-                    tasks.create_task(self.keeper.run()),
-                    tasks.create_task(runtime.follow_pods()),
-                    tasks.create_task(runtime.probe_pods()),
-                ]
-                await self._wait_serving()
-                endpoints = runtime.endpoints()
-                if outcome is not None:
-                    outcome.setup_seconds = time.monotonic() - t0
-                    outcome.endpoints = endpoints
-                self._show_endpoints(endpoints)
-                self.traffic = Traffic(self.view, self.groups, runtime.engines,
-                                       lambda: self.records)
-                background.append(tasks.create_task(self.traffic.run()))
+            async with _first_error(), self._serving(outcome, t0):
                 yield
-                for task in background:
-                    task.cancel()
         finally:
             await self.teardown()
+
+    @contextlib.asynccontextmanager
+    async def _serving(self, outcome: Outcome | None, t0: float) -> AsyncIterator[None]:
+        """Every watch, the group keeper, the pod runtime and traffic running, and every
+        group serving, for the body."""
+        assert self.kube is not None
+        assert self.runtime is not None
+        kube, runtime = self.kube, self.runtime
+        async with asyncio.TaskGroup() as tasks:
+            background = [
+                tasks.create_task(_follow(kube, f"/api/v1/namespaces/{SERVING}/pods",
+                                          self.view.on_pod, self.changed)),
+                tasks.create_task(_follow(
+                    kube, f"/apis/discovery.k8s.io/v1/namespaces/{SERVING}/endpointslices",
+                    self.view.on_slice, self.changed)),
+                tasks.create_task(_follow(kube, "/api/v1/nodes", self.view.on_node,
+                                          self.changed)),
+                tasks.create_task(_follow(kube, f"/api/v1/namespaces/{SERVING}/services",
+                                          self.view.on_service, self.changed)),
+                *([tasks.create_task(_follow(kube, ROUTES, self.view.on_route,
+                                             self.changed))] if self._routes else []),
+                tasks.create_task(self.keeper.run()),
+                tasks.create_task(runtime.follow_pods()),
+                tasks.create_task(runtime.probe_pods()),
+            ]
+            await self._wait_serving()
+            endpoints = runtime.endpoints()
+            if outcome is not None:
+                outcome.setup_seconds = time.monotonic() - t0
+                outcome.endpoints = endpoints
+            self._show_endpoints(endpoints)
+            self.traffic = Traffic(self.view, self.groups, runtime.engines,
+                                   lambda: self.records)
+            background.append(tasks.create_task(self.traffic.run()))
+            background.append(tasks.create_task(self._count_errors()))
+            yield
+            for task in background:
+                task.cancel()
 
     async def watch_until(self, done: Callable[[], bool], timeout: float) -> bool:
         """Follow the open faults' steps (printing each) until ``done()`` or ``timeout``
@@ -412,12 +479,16 @@ class Simulation:
             record.uids = frozenset(p["metadata"]["uid"] for p in self.view.group_pods(group))
             record.leader_ip = self.view.leader_ip(group)
             pod_procs = self.runtime.pods.get(record.pod)
+            if fault.kind in COLLECTIVE_FAULTS:
+                # The group's leader runs the checks, so its sidecar reports what they find.
+                pod_procs = self.runtime.pods.get(group.pod_name(0))
             if fault.kind in NODE_FAULTS and record.node in self.runtime.agents:
                 record.daemon = self.runtime.agents[record.node]
             elif pod_procs is not None and pod_procs.sidecar is not None:
                 record.daemon = pod_procs.sidecar
+        began = time.time()  # a reboot takes a moment: the fault starts when it does
         detail = await asyncio.to_thread(self._apply, fault, record)
-        record.mark("injected", detail=detail)
+        record.mark("injected", began, detail)
         for earlier in self.records:
             if _undoes(fault.kind, record, earlier):
                 earlier.ended = True
@@ -456,6 +527,9 @@ class Simulation:
                 seconds = float(p.get("seconds", 60))
                 control.hang(gpu, seconds, ending=True)
                 return f"NVML calls on {where} block for {seconds:g} s"
+            if fault.kind not in ("clear", "node_repair"):
+                return self._apply_gpu(fault, record, control, gpu, where)
+            self.counting = [c for c in self.counting if c.record.node != record.node]
             control.reset(self.scenario.gpus_per_node)
             if fault.kind == "clear":
                 return f"node {record.node}: GPU faults stopped"
@@ -472,7 +546,19 @@ class Simulation:
             record.undo = self.runtime.cut(record.node, others)
             return (f"links between node {record.node} ({record.pod}) and "
                     f"{', '.join(others)} cut both ways")
-        if fault.kind in ("engine_hang", "engine_crash", "engine_resume"):
+        if fault.kind in COLLECTIVE_FAULTS:
+            assert record.pod is not None
+            if fault.kind == "collective_resume":
+                for earlier in self.records:
+                    if earlier.pod == record.pod and earlier.release is not None:
+                        earlier.release()
+                return f"all-reduce worker of {record.pod} runs freely again"
+            share = float(p.get("share", 0.05)) if fault.kind == "collective_slow" else 0.0
+            record.release = self.runtime.stall_worker(record.pod, share)
+            if share:
+                return f"all-reduce worker of {record.pod} held to {share:.0%} of the time"
+            return f"all-reduce worker of {record.pod} stopped dead (SIGSTOP)"
+        if fault.kind in ("engine_hang", "engine_crash", "engine_unhealthy", "engine_resume"):
             assert record.pod is not None
             procs = self.runtime.pods[record.pod]
             if fault.kind == "engine_hang":
@@ -480,8 +566,11 @@ class Simulation:
                 procs.engine.control(hang=True)
                 return f"engine of {record.pod} hung with requests running"
             if fault.kind == "engine_resume":
-                procs.engine.control(hang=False)
+                procs.engine.control(hang=False, unhealthy=False)
                 return f"engine of {record.pod} steps again"
+            if fault.kind == "engine_unhealthy":
+                procs.engine.control(unhealthy=True)
+                return f"engine of {record.pod} answers /health with 503"
             procs.engine.control(crash=True)
             return f"engine of {record.pod} crashed"
         leader = self.runtime.leader()
@@ -490,6 +579,64 @@ class Simulation:
         leader.kill()
         record.detail["leader"] = leader.identity
         return f"controller {leader.identity} (the leader) killed"
+
+    def _apply_gpu(self, fault: Fault, record: FaultRecord, control: StandinControl,
+                   gpu: int, where: str) -> str:
+        """The agent's other fault classes: memory repairs, PCIe, clocks, error storms (the
+        stand-in's keys), and what a node brings back from a reboot."""
+        assert self.runtime is not None
+        assert record.node is not None
+        p = fault.params
+        kind = fault.kind
+        if kind == "row_remap":
+            state = str(p.get("state", "failure"))
+            control.set(gpu, **{"remap.failure": 1} if state == "failure" else
+                        {"remap.uncorrectable": 4096} if state == "limit" else
+                        {"remap.pending": 1})
+            return f"row remap {state} on {where}"
+        if kind == "retired_pages":
+            state = str(p.get("state", "limit"))
+            if state == "pending":
+                control.set(gpu, **{"retired.pending": 1})
+                return f"page retirement pending on {where}"
+            count = int(p.get("count", 64))
+            control.set(gpu, **{"retired.dbe": count})
+            return f"{count} pages retired on {where}"
+        if kind == "pcie_degraded":
+            width = int(p.get("width", 8))
+            control.set(gpu, **{"pcie.width": width})
+            return f"PCIe link of {where} at x{width} of x16"
+        if kind == "clock_throttle":
+            reason = str(p.get("reason", "hw_slowdown"))
+            control.set(gpu, clocks_event_reasons=THROTTLE_BITS[reason])
+            return f"clocks of {where} held down ({reason})"
+        if kind in COUNTING:
+            key, default = COUNTING[kind]
+            per_minute = float(p.get("per_minute", default))
+            self.counting.append(Counting(record, gpu, key.format(link=int(p.get("link", 0))),
+                                          per_minute / 60))
+            return f"{kind.replace('_', ' ')}: {per_minute:g} per minute on {where}"
+        assert kind in AT_BOOT
+        if kind == "driver_error":
+            control.update({"init_error": 9})  # NVML_ERROR_DRIVER_NOT_LOADED
+            what = "its driver does not load"
+        else:
+            control.set(gpu, handle_error=999)  # NVML_ERROR_UNKNOWN: enumerated, cannot open
+            what = f"GPU {gpu} cannot be opened"
+        self.runtime.reboot_agent(record.node)
+        return f"node {record.node} rebooted and {what}"
+
+    async def _count_errors(self) -> None:
+        """Every second, each counting fault's counter where its rate has brought it."""
+        assert self.runtime is not None
+        runtime = self.runtime
+        while True:
+            for c in list(self.counting):
+                assert c.record.node is not None
+                value = int((time.monotonic() - c.since) * c.per_second)
+                await asyncio.to_thread(runtime.agents[c.record.node].control.set, c.gpu,
+                                        **{c.key: value})
+            await asyncio.sleep(1.0)
 
     async def _detect(self) -> None:
         """The first finding of each open fault, from the daemon that should see it."""
@@ -548,6 +695,18 @@ class Simulation:
             await asyncio.to_thread(self.cluster.stop)
 
 
+@contextlib.asynccontextmanager
+async def _first_error() -> AsyncIterator[None]:
+    """A background task's failure as itself (a setup timeout is a one-line error for the
+    command to print), not wrapped in the task group's ExceptionGroup."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise
+
+
 def _new_lines(record: FaultRecord) -> list[str]:
     """The complete lines the daemon logged since the last look (its log is read from where
     the last look stopped; a restarted daemon's new log is read from the start)."""
@@ -569,7 +728,9 @@ def _undoes(kind: str, undo: FaultRecord, fault: FaultRecord) -> bool:
     """Whether fault ``undo`` (of ``kind``) ends the earlier ``fault``: its replica is well
     again, so requests to it from now on did not reach a sick replica."""
     if kind == "engine_resume":
-        return fault.fault.kind == "engine_hang" and fault.pod == undo.pod
+        return fault.fault.kind in ("engine_hang", "engine_unhealthy") and fault.pod == undo.pod
+    if kind == "collective_resume":
+        return fault.fault.kind in COLLECTIVE_FAULTS and fault.pod == undo.pod
     if kind in ("clear", "node_repair"):
         return fault.fault.kind in NODE_FAULTS and fault.node == undo.node
     return kind == "heal" and fault.fault.kind == "partition"
@@ -600,11 +761,12 @@ def _check(e: Expectation, record: FaultRecord, records: list[FaultRecord]) -> l
 
 
 async def simulate(scenario: Scenario, workdir: Path, out: TextIO,
-                   report: Path | None = None, plot: Path | None = None) -> Outcome:
+                   report: Path | None = None, plot: Path | None = None,
+                   torch_python: str = "") -> Outcome:
     """Run ``scenario`` with its files under ``workdir`` (which must exist); the live
     timeline and the summary go to ``out``; the JSON report to ``report``, the timeline
     drawn to ``plot``."""
-    sim = Simulation(scenario, workdir, out)
+    sim = Simulation(scenario, workdir, out, torch_python)
     sim.printer.line(f"scenario {scenario.name}: {scenario.description}")
     outcome = await sim.run()
     summary(outcome, sim.printer)

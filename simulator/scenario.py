@@ -12,11 +12,15 @@ naming the field, exit 2)::
         size: 2                # pods per group, one GPU node each
         kind: lws              # or the name of a group kind from `topology` (below)
     fallbacks:                 # degrade to a smaller model while too few groups are healthy
-      - {name: llama-8b, for: llama-70b, replicas: 2, floor: 2, restore_after: 30s}
+      - {name: llama-8b, for: llama-70b, replicas: 2, floor: 2, restore_after: 30s,
+         traffic: service}     # or httproute: clients reach the model through an HTTPRoute
     topology:                  # the controller's topology file, for non-LWS group kinds
       group_kinds: [{name: ray-workers, selector: "ray.io/node-type=worker",
                      group_label: "ray.io/group", model: llama-70b}]
     policy: {cooldown: 2m}     # merged over the shipped policy (which runs dry_run: false here)
+    settings:                  # merged over the daemons' settings, validated like a config file
+      sidecar: {collective: {enabled: true, period_seconds: 3}}
+      agent: {detectors: {pcie_width_for_seconds: 10}}
     faults:
       - name: xid-79           # how expectations refer to it
         at: 10s                # after every group serves
@@ -26,7 +30,9 @@ naming the field, exit 2)::
         code: 79
     expect:
       - fault: xid-79
+        detected_within: 2s    # injection → the finding, in the log of the daemon that sees it
         traffic_off_within: 5s # injection → the replica out of its Service's endpoints
+        quarantined_within: 5s # injection → the node tainted (or `quarantined: true`, untimed)
         restarted_within: 60s  # injection → the group's pods deleted for recreation
         recovered_within: 120s # injection → the replica back in the endpoints
         quarantined: true      # the node got our taint
@@ -62,7 +68,9 @@ FAULT_KINDS: dict[str, str] = {
                  "stops answering",
     "engine_hang": "the pod's engine stops stepping with requests running (NCCL-style hang)",
     "engine_crash": "the pod's engine process exits",
-    "engine_resume": "the pod's engine steps again (after engine_hang)",
+    "engine_unhealthy": "the pod's engine answers its health check with 503",
+    "engine_resume": "the pod's engine steps again and is healthy (after engine_hang or "
+                     "engine_unhealthy)",
     "clear": "the node's GPU faults stop (the stand-in back to healthy); findings that "
              "last until a reboot stay",
     "node_repair": "the node is repaired and rebooted: GPU faults cleared, agent restarted "
@@ -71,14 +79,56 @@ FAULT_KINDS: dict[str, str] = {
                  "are cut both ways (iptables on loopback; needs root)",
     "heal": "every cut link works again",
     "kill_leader": "the leading controller replica is killed (SIGKILL)",
+    "row_remap": "a row remap on the node's GPU: `state` failure (the default; the GPU needs "
+                 "replacing), limit (over the uncorrectable-row limit) or pending (until a "
+                 "GPU reset)",
+    "retired_pages": "page retirement on the node's GPU: `state` limit (the default; `count` "
+                     "pages retired, default 64) or pending (until a GPU reset)",
+    "pcie_degraded": "the GPU's PCIe link runs at `width` lanes (default 8) of its 16",
+    "pcie_replays": "the GPU's PCIe replay counter climbs `per_minute` (default 600) for as "
+                    "long as the fault lasts",
+    "ecc_storm": "the GPU counts `per_minute` (default 600) correctable ECC errors for as "
+                 "long as the fault lasts",
+    "nvlink_errors": "NVLink `link` (default 0) of the GPU counts `per_minute` (default "
+                     "60000) CRC errors for as long as the fault lasts",
+    "clock_throttle": "the GPU's clocks are held down by `reason` (default hw_slowdown; "
+                      "hw_thermal, hw_power_brake, sw_thermal)",
+    "driver_error": "the node reboots and its driver does not load: NVML cannot be "
+                    "initialised (the agent restarted)",
+    "gpu_missing": "the node reboots and its GPU cannot be opened (the agent restarted): "
+                   "fewer GPUs than the Node's capacity",
+    "collective_hang": "the pod's all-reduce worker stops dead (SIGSTOP): a rank stuck in a "
+                       "collective; needs the scenario's `collective` checks",
+    "collective_slow": "the pod's all-reduce worker runs `share` (default 0.05) of the time "
+                       "(stopped and continued every 200 ms): a straggler rank",
+    "collective_resume": "the pod's all-reduce worker runs freely again",
 }
+THROTTLE_BITS = {"hw_slowdown": 0x8, "sw_thermal": 0x20, "hw_thermal": 0x40,
+                 "hw_power_brake": 0x80}
+# Faults that count an error for as long as they last: (stand-in key, default per minute).
+COUNTING = {"pcie_replays": ("pcie.replay", 600.0),
+            "ecc_storm": ("ecc.corrected.volatile", 600.0),
+            "nvlink_errors": ("nvlink.{link}.crc_flit", 60000.0)}
+# Faults found at the agent's start only: the simulator restarts the node's agent.
+AT_BOOT = frozenset({"driver_error", "gpu_missing"})
 NODE_FAULTS = frozenset({"xid", "gpu_lost", "thermal", "ecc", "nvlink_down", "nvml_hang",
-                         "clear", "node_repair"})
+                         "clear", "node_repair", "row_remap", "retired_pages",
+                         "pcie_degraded", "clock_throttle", *COUNTING, *AT_BOOT})
 # Faults that stop the replica: a request sent to it before traffic is off is a lost one.
 STOPPING = frozenset({"xid", "gpu_lost", "ecc", "nvlink_down", "nvml_hang", "engine_hang",
-                      "engine_crash", "partition"})
-POD_FAULTS = frozenset({"engine_hang", "engine_crash", "engine_resume", "partition"})
+                      "engine_crash", "engine_unhealthy", "partition", "row_remap",
+                      "collective_hang", *AT_BOOT})
+COLLECTIVE_FAULTS = frozenset({"collective_hang", "collective_slow", "collective_resume"})
+POD_FAULTS = frozenset({"engine_hang", "engine_crash", "engine_unhealthy", "engine_resume",
+                        "partition",
+                        *COLLECTIVE_FAULTS})
+# What each fault's parameters may be (beyond name, at, kind, target).
+PARAMS = {"gpu", "code", "celsius", "count", "link", "seconds", "state", "width",
+          "per_minute", "reason", "share"}
+STATES = {"row_remap": ("failure", "limit", "pending"), "retired_pages": ("limit", "pending")}
 NO_TARGET = frozenset({"kill_leader", "heal"})
+# Faults that end earlier ones rather than being faults of their own.
+UNDOING = frozenset({"clear", "node_repair", "heal", "engine_resume", "collective_resume"})
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m)?$")
 
 
@@ -115,6 +165,10 @@ class Fallback:
     replicas: int
     floor: int
     restore_after: float
+    # How clients reach the model: "service" (a front Service whose selector the controller
+    # moves to the fallback's pods) or "httproute" (a Gateway API HTTPRoute whose backend
+    # weights it moves from the model's Service to the fallback's).
+    traffic: str = "service"
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,24 +190,21 @@ class Fault:
     params: dict[str, Any] = field(default_factory=dict)
 
 
+TIMED_STEPS = ("detected", "traffic_off", "quarantined", "restarted", "recovered",
+               "degraded", "restored")
+
+
 @dataclass(frozen=True, slots=True)
 class Expectation:
     fault: str
-    traffic_off_within: float | None = None
-    restarted_within: float | None = None
-    recovered_within: float | None = None
-    degraded_within: float | None = None
-    restored_within: float | None = None
+    within: dict[str, float] = field(default_factory=dict)  # step → seconds after injection
     quarantined: bool | None = None
     never: tuple[str, ...] = ()
     no_action: bool = False
 
     def limits(self) -> list[tuple[str, float]]:
         """(step, seconds after injection) for every step this expectation times."""
-        timed = (("traffic_off", self.traffic_off_within),
-                 ("restarted", self.restarted_within), ("recovered", self.recovered_within),
-                 ("degraded", self.degraded_within), ("restored", self.restored_within))
-        return [(step, limit) for step, limit in timed if limit is not None]
+        return [(step, self.within[step]) for step in TIMED_STEPS if step in self.within]
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,7 +220,14 @@ class Scenario:
     policy: dict[str, Any] = field(default_factory=dict)
     topology: dict[str, Any] = field(default_factory=dict)
     fallbacks: tuple[Fallback, ...] = ()
+    settings: dict[str, dict[str, Any]] = field(default_factory=dict)  # agent/sidecar → mapping
     source: str = ""
+
+    @property
+    def collective(self) -> bool:
+        """Whether the sidecars run the all-reduce checks (which need torch)."""
+        sidecar = self.settings.get("sidecar", {})
+        return bool(sidecar.get("collective", {}).get("enabled", False))
 
     def model(self, name: str) -> Model:
         return next(m for m in self.models if m.name == name)
@@ -203,7 +261,7 @@ def parse(data: Any, source: str = "<scenario>") -> Scenario:
     """A validated scenario from its parsed YAML."""
     doc = _mapping(data, "<root>")
     _unknown(doc, {"name", "description", "cluster", "models", "fallbacks", "topology",
-                   "policy", "faults", "expect", "duration"}, "")
+                   "policy", "settings", "faults", "expect", "duration"}, "")
     cluster = _mapping(doc.get("cluster", {}), "cluster")
     _unknown(cluster, {"nodes", "gpus_per_node"}, "cluster")
     nodes = _int(cluster, "nodes", "cluster", 4)
@@ -232,16 +290,20 @@ def parse(data: Any, source: str = "<scenario>") -> Scenario:
     for i, raw in enumerate(doc.get("fallbacks") or []):
         where = f"fallbacks[{i}]"
         f = _mapping(raw, where)
-        _unknown(f, {"name", "for", "replicas", "floor", "restore_after"}, where)
+        _unknown(f, {"name", "for", "replicas", "floor", "restore_after", "traffic"}, where)
         name = str(f.get("name", ""))
         if not re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", name) or name in by_name:
             raise ConfigError(f"{where}.name", "must be a DNS label naming no other model")
         if f.get("for") not in by_name:
             raise ConfigError(f"{where}.for", f"must name a model ({', '.join(by_name)})")
+        traffic = f.get("traffic", "service")
+        if traffic not in ("service", "httproute"):
+            raise ConfigError(f"{where}.traffic", f"must be service or httproute, got "
+                              f"{traffic!r}")
         fallbacks.append(Fallback(name, str(f["for"]), _int(f, "replicas", where, 1),
                                   _int(f, "floor", where, 1),
                                   seconds(f.get("restore_after", "1m"),
-                                          f"{where}.restore_after")))
+                                          f"{where}.restore_after"), traffic))
     needed = sum(m.replicas * m.size for m in models) + sum(f.replicas for f in fallbacks)
     if needed > nodes:
         raise ConfigError("cluster.nodes", f"{nodes} nodes cannot hold {needed} pods (one GPU "
@@ -258,7 +320,8 @@ def parse(data: Any, source: str = "<scenario>") -> Scenario:
         if kind not in NO_TARGET:
             target = _target(f.get("target"), f"{where}.target", by_name)
         params = {k: v for k, v in f.items() if k not in {"name", "at", "kind", "target"}}
-        _unknown(params, {"gpu", "code", "celsius", "count", "link", "seconds"}, where)
+        _unknown(params, PARAMS, where)
+        _check_params(kind, params, where)
         faults.append(Fault(str(f.get("name", f"{kind}-{i}")), seconds(f.get("at", 0),
                                                                         f"{where}.at"),
                             str(kind), target, params))
@@ -269,34 +332,66 @@ def parse(data: Any, source: str = "<scenario>") -> Scenario:
     for i, raw in enumerate(doc.get("expect") or []):
         where = f"expect[{i}]"
         e = _mapping(raw, where)
-        _unknown(e, {"fault", "traffic_off_within", "restarted_within", "recovered_within",
-                     "degraded_within", "restored_within", "quarantined", "never",
-                     "no_action"}, where)
+        _unknown(e, {"fault", "quarantined", "never", "no_action",
+                     *(f"{step}_within" for step in TIMED_STEPS)}, where)
         if e.get("fault") not in names:
             raise ConfigError(f"{where}.fault", f"must name a fault ({', '.join(names)})")
-
-        def opt(key: str, where: str = where, e: dict[str, Any] = e) -> float | None:
-            return None if e.get(key) is None else seconds(e[key], f"{where}.{key}")
-
+        within = {step: seconds(e[f"{step}_within"], f"{where}.{step}_within")
+                  for step in TIMED_STEPS if e.get(f"{step}_within") is not None}
         quarantined = e.get("quarantined")
         if quarantined is not None and not isinstance(quarantined, bool):
             raise ConfigError(f"{where}.quarantined", "must be true or false")
         never = e.get("never", [])
-        steps = ("detected", "traffic_off", "quarantined", "restarted", "recovered",
-                 "degraded", "restored")
-        if not isinstance(never, list) or any(s not in steps for s in never):
-            raise ConfigError(f"{where}.never", f"must list steps out of {', '.join(steps)}")
-        expects.append(Expectation(
-            str(e["fault"]), opt("traffic_off_within"), opt("restarted_within"),
-            opt("recovered_within"), opt("degraded_within"), opt("restored_within"),
-            quarantined, tuple(never), bool(e.get("no_action", False))))
+        if not isinstance(never, list) or any(s not in TIMED_STEPS for s in never):
+            raise ConfigError(f"{where}.never",
+                              f"must list steps out of {', '.join(TIMED_STEPS)}")
+        expects.append(Expectation(str(e["fault"]), within, quarantined, tuple(never),
+                                   bool(e.get("no_action", False))))
     policy = _mapping(doc.get("policy", {}), "policy")
+    settings = _settings(doc.get("settings", {}))
+    if any(f.kind in COLLECTIVE_FAULTS for f in faults) and not \
+            settings.get("sidecar", {}).get("collective", {}).get("enabled"):
+        raise ConfigError("settings.sidecar.collective.enabled",
+                          "must be true: a collective_* fault needs the all-reduce checks")
     return Scenario(
         name=str(doc.get("name", Path(source).stem)),
         description=str(doc.get("description", "")).strip(), nodes=nodes, gpus_per_node=gpus,
         models=tuple(models), faults=tuple(sorted(faults, key=lambda f: f.at)),
         expect=tuple(expects), duration=seconds(doc.get("duration", "180s"), "duration"),
-        policy=policy, topology=topology, fallbacks=tuple(fallbacks), source=source)
+        policy=policy, topology=topology, fallbacks=tuple(fallbacks), settings=settings,
+        source=source)
+
+
+def _check_params(kind: str, params: dict[str, Any], where: str) -> None:
+    """The parameters whose values are names, and fractions, checked here (numbers are
+    checked where they are used, as ``int()``/``float()``)."""
+    state = params.get("state")
+    if state is not None and kind not in STATES:
+        raise ConfigError(f"{where}.state", f"means nothing for {kind}")
+    if state is not None and state not in STATES[kind]:
+        raise ConfigError(f"{where}.state", f"must be one of {', '.join(STATES[kind])} for "
+                          f"{kind}, got {state!r}")
+    reason = params.get("reason")
+    if reason is not None and reason not in THROTTLE_BITS:
+        raise ConfigError(f"{where}.reason", f"must be one of {', '.join(THROTTLE_BITS)}, "
+                          f"got {reason!r}")
+    share = params.get("share")
+    if share is not None and not (isinstance(share, int | float) and 0 < share < 1):
+        raise ConfigError(f"{where}.share", f"must be a fraction between 0 and 1, got {share!r}")
+
+
+def _settings(value: Any) -> dict[str, dict[str, Any]]:
+    """The scenario's daemon settings, checked now by the same loader the daemons use (a
+    mistake exits 2 naming ``settings.<daemon>.<field>``, not a daemon that dies later)."""
+    from supervisor import config
+
+    raw = _mapping(value, "settings")
+    _unknown(raw, {"agent", "sidecar"}, "settings")
+    out: dict[str, dict[str, Any]] = {}
+    for daemon, mapping in raw.items():
+        out[daemon] = _mapping(mapping, f"settings.{daemon}")
+        config.parse(out[daemon], f"settings.{daemon}.")
+    return out
 
 
 def _target(value: Any, where: str, models: dict[str, Model]) -> Target:

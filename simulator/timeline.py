@@ -19,6 +19,7 @@ Requests that reached a sick replica (between injection and traffic off) are cou
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,6 +46,7 @@ class FaultRecord:
     daemon: DaemonProcess | None = None  # the agent or sidecar that should see the fault
     log_offset: int = 0  # how far its log has been read
     undo: list[list[str]] = field(default_factory=list)  # iptables rules of a partition
+    release: Callable[[], None] | None = None  # lets a stalled all-reduce worker run again
     ended: bool = False  # undone by a later fault (resumed, cleared, healed, repaired)
 
     def at(self, step: str) -> float | None:
@@ -82,6 +84,9 @@ class ClusterView:
         self.selectors: dict[str, dict[str, str]] = {}  # Service → its selector
         # model → (its front Service, the fallback's selector): degraded while they match
         self.fronts: dict[str, tuple[str, dict[str, str]]] = {}
+        # model → (its HTTPRoute, the fallback's Service); route → backend → weight
+        self.routes: dict[str, tuple[str, str]] = {}
+        self.route_weights: dict[str, dict[str, int]] = {}
 
     def ready_ips(self) -> set[str]:
         out: set[str] = set()
@@ -115,11 +120,28 @@ class ClusterView:
             self.selectors[name] = dict(obj.get("spec", {}).get("selector") or {})
 
     def degraded(self, model: str) -> bool | None:
-        """Whether ``model``'s clients are sent to its fallback (None: it has none)."""
+        """Whether ``model``'s clients are sent to its fallback (None: it has none): its
+        front Service selects the fallback's pods, or its HTTPRoute weighs only the
+        fallback's Service."""
+        route = self.routes.get(model)
+        if route is not None:
+            weights = self.route_weights.get(route[0], {})
+            return weights.get(route[1], 0) > 0 and weights.get(model, 0) == 0
         front = self.fronts.get(model)
         if front is None:
             return None
         return self.selectors.get(front[0]) == front[1]
+
+    def on_route(self, kind: str, obj: dict[str, Any]) -> None:
+        name = obj["metadata"]["name"]
+        if kind == "DELETED":
+            self.route_weights.pop(name, None)
+            return
+        weights: dict[str, int] = {}
+        for rule in obj.get("spec", {}).get("rules") or []:
+            for ref in rule.get("backendRefs") or []:
+                weights[ref["name"]] = weights.get(ref["name"], 0) + int(ref.get("weight", 1))
+        self.route_weights[name] = weights
 
     def on_node(self, kind: str, obj: dict[str, Any]) -> None:
         name = obj["metadata"]["name"]

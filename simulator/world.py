@@ -232,19 +232,42 @@ def fallback_deployment(fallback: Fallback, gpus: int) -> dict[str, Any]:
                                              "nvidia.com/gpu": str(gpus)}}}]}}}}
 
 
+def fallback_service(fallback: Fallback) -> dict[str, Any]:
+    """The fallback model's own Service: an HTTPRoute's second backend."""
+    return {"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": fallback.name, "namespace": SERVING},
+            "spec": {"selector": fallback_selector(fallback.name),
+                     "ports": [{"name": "http", "port": 8000, "targetPort": 8000}]}}
+
+
+def http_route(fallback: Fallback) -> dict[str, Any]:
+    """The HTTPRoute clients use for ``fallback.for_model``: all weight on the model's
+    Service, none on the fallback's, until the controller moves it. Its Gateway need not
+    exist: nothing here plays a gateway, the weights are what is judged."""
+    return {"apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+            "metadata": {"name": front_name(fallback.for_model), "namespace": SERVING},
+            "spec": {"parentRefs": [{"name": "inference"}],
+                     "rules": [{"backendRefs": [
+                         {"name": fallback.for_model, "port": 8000, "weight": 100},
+                         {"name": fallback.name, "port": 8000, "weight": 0}]}]}}
+
+
 def degrade_topology(fallback: Fallback) -> dict[str, Any]:
     """The controller's topology entry for degrading ``fallback.for_model``."""
     def text(selector: dict[str, str]) -> str:
         return ",".join(f"{k}={v}" for k, v in selector.items())
 
+    traffic = {"kind": "Service", "namespace": SERVING, "name": front_name(fallback.for_model),
+               "primary": text(primary_selector(fallback.for_model)),
+               "fallback": text(fallback_selector(fallback.name))}
+    if fallback.traffic == "httproute":
+        traffic = {"kind": "HTTPRoute", "namespace": SERVING,
+                   "name": front_name(fallback.for_model), "primary": fallback.for_model,
+                   "fallback": fallback.name}
     return {"model": fallback.for_model,
             "workload": {"kind": "Deployment", "namespace": SERVING, "name": fallback.name,
                          "replicas": fallback.replicas},
-            "traffic": {"kind": "Service", "namespace": SERVING,
-                        "name": front_name(fallback.for_model),
-                        "primary": text(primary_selector(fallback.for_model)),
-                        "fallback": text(fallback_selector(fallback.name))},
-            "ready_timeout_seconds": 120}
+            "traffic": traffic, "ready_timeout_seconds": 120}
 
 
 def model_service(model: Model) -> dict[str, Any]:

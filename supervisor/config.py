@@ -448,6 +448,14 @@ def load(path: Path | None = None, env: Mapping[str, str] | None = None) -> Sett
     return settings
 
 
+def parse(raw: Mapping[str, Any], prefix: str = "") -> Settings:
+    """Settings from an already parsed mapping (no file, no environment), validated; a
+    mistake is a ``ConfigError`` naming the field under ``prefix``."""
+    settings: Settings = _build(Settings, raw, prefix)
+    settings.validate()
+    return settings
+
+
 def _build(cls: type[Any], raw: Mapping[str, Any], prefix: str) -> Any:
     hints = typing.get_type_hints(cls)
     known = {f.name: f for f in dataclasses.fields(cls)}

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from simulator.scenario import FAULT_KINDS, shipped_names
+from simulator.processes import vllm_python
+from simulator.scenario import FAULT_KINDS, load, shipped_names
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -27,8 +28,10 @@ def simulate(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[st
 @pytest.mark.parametrize("name", shipped_names())
 def test_every_shipped_scenario_passes_its_expectations(name: str, tmp_path: Path) -> None:
     report, plot = tmp_path / "report.json", tmp_path / "timeline.png"
+    # The all-reduce workers need torch: the cached vLLM venv's (this venv has none).
+    torch = ["--torch-python", vllm_python()] if load(name).collective else []
     proc = simulate("--scenario", name, "--report", str(report), "--plot", str(plot),
-                    "--workdir", str(tmp_path / "work"))
+                    "--workdir", str(tmp_path / "work"), *torch)
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
     assert f"PASSED: every expectation of {name} held" in proc.stdout
     assert "Traceback" not in proc.stdout + proc.stderr
@@ -59,6 +62,18 @@ def test_a_scenario_whose_expectation_fails_exits_1_and_says_which(tmp_path: Pat
     assert result["passed"] is False
     (fault,) = result["faults"]
     assert "quarantined" in fault["seconds_after_injection"]
+
+
+def test_a_collective_scenario_without_torch_exits_2_saying_how_to_get_it() -> None:
+    proc = simulate("--scenario", "collective-hang", timeout=60)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "need torch" in proc.stderr
+    assert "--torch-python" in proc.stderr
+    assert "control plane" not in proc.stdout  # refused before building anything
+    proc = simulate("--scenario", "collective-hang", "--torch-python", "/no/such/python",
+                    timeout=60)
+    assert proc.returncode == 2
+    assert "'/no/such/python' is not an executable" in proc.stderr
 
 
 def test_a_bad_scenario_exits_2_naming_the_field(tmp_path: Path) -> None:

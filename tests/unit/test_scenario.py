@@ -7,8 +7,18 @@ from typing import Any
 import pytest
 import yaml
 
-from simulator.scenario import SCENARIOS, load, parse, seconds, shipped_names
+from simulator.run import FINDING_CLASSES
+from simulator.scenario import (
+    FAULT_KINDS,
+    SCENARIOS,
+    UNDOING,
+    load,
+    parse,
+    seconds,
+    shipped_names,
+)
 from supervisor.errors import ConfigError
+from supervisor.findings import FaultClass
 
 BASE: dict[str, Any] = {
     "cluster": {"nodes": 6}, "models": [{"name": "m", "replicas": 2, "size": 2}],
@@ -32,6 +42,24 @@ def test_every_shipped_scenario_is_valid_and_documented() -> None:
         assert scenario.expect, f"{name} expects nothing"
 
 
+def test_every_fault_class_the_daemons_report_has_a_shipped_scenario() -> None:
+    """Each class the agent, the sidecar and the all-reduce checks report is what some
+    shipped scenario injects and waits to see found. A kind covers the class named like it,
+    or its only class (engine_hang may also be found as a collective_hang: that does not
+    count for collective_hang)."""
+    covered = set()
+    for name in shipped_names():
+        for fault in load(name).faults:
+            classes = FINDING_CLASSES.get(fault.kind, set())
+            covered |= {c for c in classes if c == fault.kind or len(classes) == 1}
+    assert set(FaultClass) - covered == set()
+
+
+def test_every_fault_kind_does_something_the_simulator_knows() -> None:
+    for kind in FAULT_KINDS:
+        assert kind in FINDING_CLASSES or kind in UNDOING or kind == "kill_leader", kind
+
+
 def test_a_scenario_kind_other_than_lws_is_shipped() -> None:
     kinds = {m.kind for name in shipped_names() for m in load(name).models}
     assert kinds - {"lws"}
@@ -42,7 +70,7 @@ def test_a_valid_scenario_reads_as_written() -> None:
     (fault,) = scenario.faults
     assert (fault.at, fault.kind, str(fault.target), fault.params) == (5.0, "xid", "m/1/1",
                                                                       {"gpu": 3})
-    assert scenario.expect[0].traffic_off_within == 5.0
+    assert scenario.expect[0].limits() == [("traffic_off", 5.0)]
     assert scenario.duration == 180.0
 
 
@@ -70,6 +98,22 @@ def test_a_valid_scenario_reads_as_written() -> None:
     (with_(fallbacks=[{"name": "s", "for": "m", "replicas": 3}]), "cluster.nodes",
      "cannot hold 7 pods"),
     (with_(speed=3), "speed", "unknown field"),
+    (with_(faults=[{"kind": "row_remap", "target": "m/0/0", "state": "melted"}]),
+     "faults[0].state", "failure, limit, pending"),
+    (with_(faults=[{"kind": "xid", "target": "m/0/0", "state": "pending"}]),
+     "faults[0].state", "means nothing for xid"),
+    (with_(faults=[{"kind": "clock_throttle", "target": "m/0/0", "reason": "sw_power_cap"}]),
+     "faults[0].reason", "hw_slowdown"),
+    (with_(faults=[{"kind": "collective_slow", "target": "m/0/0", "share": 1.5}],
+           settings={"sidecar": {"collective": {"enabled": True}}}),
+     "faults[0].share", "between 0 and 1"),
+    (with_(faults=[{"name": "f", "kind": "collective_hang", "target": "m/0/0"}]),
+     "settings.sidecar.collective.enabled", "needs the all-reduce checks"),
+    (with_(settings={"sidecar": {"collective": {"period_seconds": -1}}}),
+     "settings.sidecar.collective.period_seconds", ""),
+    (with_(settings={"controller": {}}), "settings.controller", "unknown field"),
+    (with_(expect=[{"fault": "f", "detected_within": "soon"}]), "expect[0].detected_within",
+     "duration"),
 ])
 def test_each_mistake_names_its_field(data: dict[str, Any], field: str, rule: str) -> None:
     with pytest.raises(ConfigError) as info:
@@ -87,3 +131,19 @@ def test_durations() -> None:
 def test_shipped_scenarios_are_plain_yaml_files() -> None:
     for path in SCENARIOS.glob("*.yaml"):
         assert isinstance(yaml.safe_load(path.read_text()), dict)
+
+
+def test_every_timed_step_can_be_expected() -> None:
+    scenario = parse(with_(expect=[{"fault": "f", "detected_within": "1s",
+                                    "quarantined_within": "4s", "recovered_within": "90s"}]))
+    assert scenario.expect[0].limits() == [("detected", 1.0), ("quarantined", 4.0),
+                                           ("recovered", 90.0)]
+
+
+def test_scenario_settings_reach_the_daemons_as_written() -> None:
+    settings = {"sidecar": {"collective": {"enabled": True, "period_seconds": 3}},
+                "agent": {"detectors": {"pcie_width_for_seconds": 10}}}
+    scenario = parse(with_(settings=settings))
+    assert scenario.settings == settings
+    assert scenario.collective
+    assert not parse(BASE).collective
