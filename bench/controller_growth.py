@@ -14,7 +14,10 @@ node added beyond the previous size.
 On the last line's object, also the worst over the sizes: ``cpu_us_per_report``,
 ``rss_kib_per_node``, and ``nodes_per_core`` — how many nodes one controller core absorbs at
 the default heartbeat from the worst measured CPU per report
-(1 s / cpu_us_per_report * heartbeat).
+(1 s / cpu_us_per_report * heartbeat). And the split of the controller's CPU into a fixed
+part and a part per report, fitted (least squares) over the sizes' CPU per second against
+their reports per second: ``fixed_cpu_ms_per_s`` (Lease, timers, watches: what it spends
+with no reports at all) and ``cpu_us_per_added_report`` (what each further report costs).
 """
 
 from __future__ import annotations
@@ -52,6 +55,22 @@ def _one(nodes: int) -> dict[str, Any]:
             "reports_dropped": figures["reports_dropped"]}
 
 
+def cost_split(sizes: list[dict[str, Any]]) -> dict[str, float]:
+    """CPU per second = fixed + per report x reports per second, fitted over the sizes."""
+    points = [(s["reports_per_second"], s["cpu_us_per_report"] * s["reports_per_second"] / 1e3)
+              for s in sizes]  # (reports/s, CPU ms/s)
+    if len(points) < 2:
+        return {}
+    mean_x = sum(x for x, _ in points) / len(points)
+    mean_y = sum(y for _, y in points) / len(points)
+    spread = sum((x - mean_x) ** 2 for x, _ in points)
+    if not spread:
+        return {}
+    slope = sum((x - mean_x) * (y - mean_y) for x, y in points) / spread  # ms per report
+    return {"fixed_cpu_ms_per_s": round(mean_y - slope * mean_x, 1),
+            "cpu_us_per_added_report": round(slope * 1e3, 1)}
+
+
 def run(quick: bool = False) -> dict[str, Any]:
     lean_tls_buffers()  # the load generator holds a TLS stream per agent, as the controller
     per_size: dict[str, Any] = {}
@@ -66,7 +85,7 @@ def run(quick: bool = False) -> dict[str, Any]:
             (larger["rss_mib"] - smaller["rss_mib"]) * 1024
             / max(1, larger["nodes"] - smaller["nodes"]), 1)
     cpu = max(s["cpu_us_per_report"] for s in sizes)
-    return {"sizes": per_size, "cpu_us_per_report": cpu,
+    return {"sizes": per_size, "cpu_us_per_report": cpu, **cost_split(sizes),
             "rss_kib_per_node": max(s["rss_kib_per_node"] for s in sizes),
             "rss_kib_per_added_node": max((s.get("rss_kib_per_added_node", 0.0)
                                            for s in sizes), default=0.0),
