@@ -53,8 +53,9 @@ def main(args: argparse.Namespace) -> int:
         for name in shipped_names():
             print(name)
         print("\nfault kinds:")
+        width = max(len(kind) for kind in FAULT_KINDS)
         for kind, what in FAULT_KINDS.items():
-            print(f"  {kind:<13} {what}")
+            print(f"  {kind:<{width}} {what}")
         return 0
     try:
         scenario = load(args.scenario)

@@ -25,6 +25,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -43,6 +45,7 @@ from simulator.processes import (
     ControllerProcess,
     EngineProcess,
     SidecarProcess,
+    merged,
     report_tls,
 )
 from simulator.world import (
@@ -61,7 +64,7 @@ log = structlog.get_logger("simulator")
 
 CONTROLLER_HOSTS = ("127.0.0.2", "127.0.0.3")
 PEER_PORT = 18088  # every node's sidecar heartbeats on its node's own address
-CUT_TAG = "gpu-supervisor-simulate"  # the comment on our iptables rules
+CUT_TAG = "gpu-supervisor-simulate"  # the comment on our iptables rules, with our pid
 REPORT_HOST = "localhost"  # the name on the report certificate; the addresses are listed
 
 
@@ -132,18 +135,6 @@ class Stall:
             self._thread.join()
         with contextlib.suppress(ProcessLookupError):
             os.kill(self.pid, signal.SIGCONT)
-
-
-def merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    """``over`` merged into ``base`` mapping by mapping (a scenario's settings over the
-    daemon's own)."""
-    out = dict(base)
-    for key, value in over.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = merged(out[key], value)
-        else:
-            out[key] = value
-    return out
 
 
 def _probes(pod: dict[str, Any], urls: dict[str, str]) -> list[Probe]:
@@ -308,9 +299,9 @@ class Runtime:
         name = _name(pod)
         rank = int(pod["metadata"]["labels"]["sim.gpu-supervisor.io/rank"])
         workdir = self.workdir / "pods" / f"{name}-{pod['metadata']['uid'][:8]}"
+        token = await self._token_file(name, SERVING, "default", pod)  # before any process
         engine = EngineProcess(workdir, name="engine")
         await asyncio.to_thread(engine.start)
-        token = await self._token_file(name, SERVING, "default", pod)
         peers = [f"{self.node_ip(node)}:{PEER_PORT}" for node in member_nodes]
         lws = group.model.kind == "lws"
         settings = {
@@ -416,7 +407,8 @@ class Runtime:
             there = self.node_ip(other)
             for src, dst in ((me, there), (there, me)):
                 rule = ["INPUT", "-i", "lo", "-p", "udp", "-s", src, "-d", dst,
-                        "-m", "comment", "--comment", CUT_TAG, "-j", "DROP"]
+                        "-m", "comment", "--comment", f"{CUT_TAG} pid={os.getpid()}",
+                        "-j", "DROP"]
                 subprocess.run(["iptables", "-w", "-I", *rule], check=True,
                                capture_output=True)
                 rules.append(rule)
@@ -435,6 +427,25 @@ class Runtime:
         stalls.start()
         self.stalls.append(stalls)
         return stalls.end
+
+    @staticmethod
+    def clear_stale_cuts() -> int:
+        """Remove the cuts a simulation that no longer runs left behind (one killed with
+        SIGKILL cannot remove its own): they would cut this run's links too. Rules of a
+        simulation still running are left alone. How many were removed."""
+        listed = subprocess.run(["iptables", "-w", "-S", "INPUT"], capture_output=True,
+                                text=True, check=False)
+        removed = 0
+        for line in listed.stdout.splitlines():
+            found = re.search(rf"{CUT_TAG} pid=(\d+)", line)
+            if found is None or Path(f"/proc/{found.group(1)}").exists():
+                continue
+            rule = shlex.split(line)
+            if rule[:1] == ["-A"]:
+                subprocess.run(["iptables", "-w", "-D", *rule[1:]], capture_output=True,
+                               check=False)
+                removed += 1
+        return removed
 
     def heal(self, rules: list[list[str]] | None = None) -> None:
         """Remove ``rules`` (default: every cut of ours)."""

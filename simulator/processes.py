@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import hashlib
 import itertools
 import json
 import os
+import shutil
 import signal
 import ssl
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -27,6 +30,8 @@ from typing import Any
 import yaml
 
 from probes.nvml_standin.control import StandinControl
+
+ROOT = Path(__file__).resolve().parents[1]  # the source tree
 
 FAST_SETTINGS: dict[str, Any] = {
     "nvml": {"probe_interval_seconds": 0.2, "call_timeout_seconds": 1.0},
@@ -59,11 +64,12 @@ def _spawn(args: list[str], log: Any, env: dict[str, str] | None = None
     return proc
 
 
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+def merged(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """``extra`` merged into ``base`` mapping by mapping (settings over settings)."""
     out = dict(base)
     for key, value in extra.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
+            out[key] = merged(out[key], value)
         else:
             out[key] = value
     return out
@@ -124,13 +130,15 @@ class AgentProcess(DaemonProcess):
 
     def __init__(self, workdir: Path, gpus: int = 8, settings: dict[str, Any] | None = None,
                  env: dict[str, str] | None = None, node_name: str = "node-under-test",
-                 fast: bool = True) -> None:
+                 fast: bool = True, python: str = sys.executable) -> None:
         """``fast``: test timings (FAST_SETTINGS) under ``settings``; off, the shipped
-        defaults and ``settings`` only, as deployed."""
+        defaults and ``settings`` only, as deployed. ``python``: the interpreter (another
+        one than ours runs this tree's code through ``PYTHONPATH``)."""
+        self.python = python
         self.workdir = workdir
         self.node_name = node_name
         self.gpus = gpus
-        self.settings = _merge(FAST_SETTINGS if fast else {}, settings or {})
+        self.settings = merged(FAST_SETTINGS if fast else {}, settings or {})
         self.env = env or {}
         self.sim_dir = workdir / "sim"
         self.log_path = workdir / "agent.log"
@@ -143,9 +151,11 @@ class AgentProcess(DaemonProcess):
         config = self.workdir / "agent.yaml"
         config.write_text(yaml.safe_dump(self.settings))
         env = {**os.environ, **self.env}
+        if self.python != sys.executable:
+            env["PYTHONPATH"] = str(ROOT)
         with self.log_path.open("wb") as log:
             self.proc = _spawn(
-                [sys.executable, "-m", "supervisor", "agent", "--config", str(config),
+                [self.python, "-m", "supervisor", "agent", "--config", str(config),
                  "--simulate-gpus", str(self.gpus), "--simulate-dir", str(self.sim_dir),
                  "--listen", "127.0.0.1:0", "--node-name", self.node_name], log, env)
         assert self.proc is not None
@@ -181,7 +191,7 @@ def metric_value(text: str, name: str, **labels: str) -> float | None:
     return None
 
 
-MAKE_REPORT_CERT = Path(__file__).resolve().parents[1] / "deploy" / "tls" / \
+MAKE_REPORT_CERT = ROOT / "deploy" / "tls" / \
     "make-report-cert.sh"
 
 
@@ -223,7 +233,7 @@ class ControllerProcess(DaemonProcess):
                            "tls_key_file": str(self.tls_dir / "tls.key")},
         }
         if fast:
-            base = _merge(base, {
+            base = merged(base, {
                 "kubernetes": {"request_timeout_seconds": 5.0},
                 "controller": {"lease_duration_seconds": 3.0, "renew_deadline_seconds": 2.0,
                                "retry_period_seconds": 0.5, "evaluation_interval_seconds": 0.5,
@@ -237,7 +247,7 @@ class ControllerProcess(DaemonProcess):
             path = workdir / f"topology-{identity}.yaml"
             path.write_text(yaml.safe_dump(topology))
             base["controller"]["topology_file"] = str(path)
-        self.settings = _merge(base, settings or {})
+        self.settings = merged(base, settings or {})
         self.proc: subprocess.Popen[bytes] | None = None
         self.url = ""
         self.report_url = ""
@@ -434,7 +444,39 @@ class SidecarProcess(DaemonProcess):
         raise RuntimeError("no collective worker running")
 
 
-VLLM_INSTALL = Path(__file__).resolve().parents[1] / "tests" / "vllm" / "install.sh"
+IMAGE_LOCK = ROOT / "deploy" / "image" / "requirements.lock"
+
+
+def image_python() -> str:
+    """An interpreter with the image's dependencies and nothing else — exactly
+    ``deploy/image/requirements.lock``, hash-checked, as the Dockerfile installs them — for
+    measuring a daemon as deployed: the test venv also holds test tools (import-linter
+    brings rich, which structlog then imports: 8 MiB more in every daemon). Built once per
+    lock under the cache directory; our own code comes from this tree (``PYTHONPATH``)."""
+    lock = IMAGE_LOCK.read_bytes()
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    venv = base / "gpu-supervisor" / "image-venv" / hashlib.sha256(lock).hexdigest()[:16]
+    python = venv / "bin" / "python"
+    if python.exists():
+        return str(python)
+    venv.parent.mkdir(parents=True, exist_ok=True)
+    building = Path(tempfile.mkdtemp(prefix=".build-", dir=venv.parent))
+    try:
+        subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(building)],
+                       check=True)
+        subprocess.run([sys.executable, "-m", "pip", "--python", str(building / "bin" / "python"),
+                        "install", "--quiet", "--disable-pip-version-check",
+                        "--require-hashes", "--no-deps", "-r", str(IMAGE_LOCK)], check=True)
+        # A venv's scripts name its own path: built where it will stay, then renamed into
+        # place atomically (a concurrent builder's rename wins, and this one is dropped).
+        with contextlib.suppress(OSError):
+            building.rename(venv)
+    finally:
+        shutil.rmtree(building, ignore_errors=True)
+    return str(python)
+
+
+VLLM_INSTALL = ROOT / "tests" / "vllm" / "install.sh"
 TINY_LLAMA = {  # random weights (--load-format dummy); head_dim 64, which CPU attention takes
     "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 128,
     "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 2,

@@ -30,7 +30,8 @@ from simulator.controlplane.cluster import (
     crd_files,
 )
 from simulator.controlplane.machinery import start_machinery
-from simulator.fleet import Runtime, merged
+from simulator.fleet import Runtime
+from simulator.processes import merged
 from simulator.scenario import (
     AT_BOOT,
     COLLECTIVE_FAULTS,
@@ -213,6 +214,10 @@ class Simulation:
     async def setup(self) -> None:
         self._needs_root()
         p = self.printer.line
+        if os.geteuid() == 0 and shutil.which("iptables") is not None:
+            stale = await asyncio.to_thread(Runtime.clear_stale_cuts)
+            if stale:
+                p(f"iptables: removed {stale} cut(s) left by a simulation that was killed")
         p("control plane: building once, then cached (a first build takes several minutes)")
         binary = await asyncio.to_thread(build_binary)
         kwok = await asyncio.to_thread(build_kwok)
@@ -792,7 +797,8 @@ def summary(outcome: Outcome, printer: Printer) -> None:
           f"{record.sick_requests} requests reached the sick replica")
     r = outcome.requests
     p(f"  requests: {r.get('sent', 0)} sent, {r.get('ok', 0)} answered, "
-      f"{r.get('failed', 0)} failed")
+      f"{r.get('failed', 0)} failed"
+      + (f", {r['fallback']} served by a fallback model" if r.get("fallback") else ""))
     if outcome.passed:
         p(f"PASSED: every expectation of {outcome.scenario.name} held")
     else:

@@ -98,7 +98,7 @@ FAULT_KINDS: dict[str, str] = {
     "gpu_missing": "the node reboots and its GPU cannot be opened (the agent restarted): "
                    "fewer GPUs than the Node's capacity",
     "collective_hang": "the pod's all-reduce worker stops dead (SIGSTOP): a rank stuck in a "
-                       "collective; needs the scenario's `collective` checks",
+                       "collective (needs `settings: {sidecar: {collective: {enabled: true}}}`)",
     "collective_slow": "the pod's all-reduce worker runs `share` (default 0.05) of the time "
                        "(stopped and continued every 200 ms): a straggler rank",
     "collective_resume": "the pod's all-reduce worker runs freely again",

@@ -80,6 +80,7 @@ class ClusterView:
     def __init__(self) -> None:
         self.pods: dict[str, dict[str, Any]] = {}  # name → pod
         self.ready_endpoints: dict[str, set[str]] = {}  # EndpointSlice name → ready IPs
+        self.slice_service: dict[str, str] = {}  # EndpointSlice name → its Service
         self.taints: dict[str, set[str]] = {}  # node → taint keys
         self.selectors: dict[str, dict[str, str]] = {}  # Service → its selector
         # model → (its front Service, the fallback's selector): degraded while they match
@@ -94,11 +95,31 @@ class ClusterView:
             out |= ips
         return out
 
+    def service_ips(self, service: str) -> set[str]:
+        """The ready addresses behind ``service`` (its EndpointSlices')."""
+        out: set[str] = set()
+        for name, ips in self.ready_endpoints.items():
+            if self.slice_service.get(name) == service:
+                out |= ips
+        return out
+
+    def entry(self, model: str) -> list[tuple[str, int]]:
+        """Where ``model``'s clients go: (Service, weight) — its HTTPRoute's backends, or
+        its front Service, or its own Service."""
+        route = self.routes.get(model)
+        if route is not None:
+            return sorted(self.route_weights.get(route[0], {}).items())
+        front = self.fronts.get(model)
+        return [(front[0] if front else model, 1)]
+
     def on_slice(self, kind: str, obj: dict[str, Any]) -> None:
         name = obj["metadata"]["name"]
         if kind == "DELETED":
             self.ready_endpoints.pop(name, None)
+            self.slice_service.pop(name, None)
             return
+        self.slice_service[name] = obj["metadata"].get("labels", {}).get(
+            "kubernetes.io/service-name", "")
         ready: set[str] = set()
         for endpoint in obj.get("endpoints") or []:
             if (endpoint.get("conditions") or {}).get("ready"):

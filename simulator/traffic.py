@@ -1,10 +1,13 @@
-"""A small request generator in front of every model, as a router would be.
+"""A small request generator in front of every model, as its clients would be.
 
-Each tick it reads the model's Service endpoints as the API server has them (ready
-addresses of its EndpointSlices), picks the next one round-robin and sends a real
-completion to the engine behind that address. A request sent to a replica while a fault
-that stops it (``scenario.STOPPING``) is between injection and traffic off counts against
-that fault: it reached a sick replica.
+Each tick it takes the next model and goes where its clients go: through its HTTPRoute
+(a backend Service picked in proportion to the route's weights, as a gateway would), its
+front Service (whose selector the controller moves to a fallback), or its own Service.
+It reads that Service's ready endpoints as the API server has them (its EndpointSlices),
+picks the next one round-robin and sends a real completion to the engine behind that
+address. A request sent to a replica while a fault that stops it (``scenario.STOPPING``)
+is between injection and traffic off counts against that fault: it reached a sick
+replica. Requests answered by a fallback model's engine are counted as such.
 """
 
 from __future__ import annotations
@@ -32,8 +35,11 @@ class Traffic:
         self._groups = groups
         self._engines = engines  # pod IP → engine URL (the runtime's map)
         self._records = records
-        self.counts: Counter[str] = Counter()  # sent, ok, failed, no_endpoint, sick
-        self._turn = itertools.count()
+        self.counts: Counter[str] = Counter()  # sent, ok, failed, no_endpoint, sick, fallback
+        self._models = sorted({g.model.name for g in groups})
+        self._model_turn = itertools.count()
+        self._turn = itertools.count()  # which ready endpoint comes next
+        self._weighted = itertools.count()  # which share of a route's weight comes next
 
     async def run(self) -> None:
         async with aiohttp.ClientSession() as session, asyncio.TaskGroup() as tasks:
@@ -41,13 +47,31 @@ class Traffic:
                 self._send_one(session, tasks)
                 await asyncio.sleep(1 / RATE_PER_SECOND)
 
+    def _service(self, model: str) -> str | None:
+        """The Service this request of ``model``'s goes to (weighted round-robin over a
+        route's backends; None when every weight is 0)."""
+        backends = [(name, w) for name, w in self._view.entry(model) if w > 0]
+        total = sum(w for _, w in backends)
+        if not total:
+            return None
+        k = next(self._weighted) % total
+        for name, weight in backends:
+            if k < weight:
+                return name
+            k -= weight
+        return None
+
     def _send_one(self, session: aiohttp.ClientSession, tasks: asyncio.TaskGroup) -> None:
-        ips = sorted(ip for ip in self._view.ready_ips() if ip in self._engines)
+        model = self._models[next(self._model_turn) % len(self._models)]
+        service = self._service(model)
+        ips = sorted(ip for ip in self._view.service_ips(service or "") if ip in self._engines)
         if not ips:
             self.counts["no_endpoint"] += 1
             return
         ip = ips[next(self._turn) % len(ips)]
         group = self._view.group_of_ip(ip, self._groups)
+        if group is None:  # not a pipeline group's leader: a fallback model's pod
+            self.counts["fallback"] += 1
         for record in self._records():
             if (group is not None and record.group == group and "injected" in record.times
                     and "traffic_off" not in record.times and not record.ended

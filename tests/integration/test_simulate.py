@@ -40,6 +40,8 @@ def test_every_shipped_scenario_passes_its_expectations(name: str, tmp_path: Pat
     assert result["failures"] == []
     for fault in result["faults"]:
         assert fault["injected_at"] > 0
+    if load(name).fallbacks:  # degraded: clients (through the route or the front) reached it
+        assert result["requests"].get("fallback", 0) > 0, result["requests"]
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # The live timeline named every daemon's endpoint.
     assert "endpoints: controller" in proc.stdout
@@ -88,3 +90,33 @@ def test_a_bad_scenario_exits_2_naming_the_field(tmp_path: Path) -> None:
     proc = simulate("--scenario", "no-such-scenario", timeout=60)
     assert proc.returncode == 2
     assert "no shipped scenario of that name" in proc.stderr
+
+
+@pytest.mark.netns
+def test_cuts_left_by_a_killed_simulation_are_removed_and_a_running_ones_are_kept() -> None:
+    """A simulation killed with SIGKILL leaves its iptables cuts; the next one removes them
+    before it starts (they would cut its own links), but not a live simulation's."""
+    from simulator.fleet import CUT_TAG, Runtime
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+
+    def rule(pid: int) -> list[str]:
+        return ["INPUT", "-i", "lo", "-p", "udp", "-s", "127.0.1.250", "-d", "127.0.1.251",
+                "-m", "comment", "--comment", f"{CUT_TAG} pid={pid}", "-j", "DROP"]
+
+    def present(pid: int) -> bool:
+        listed = subprocess.run(["iptables", "-w", "-S", "INPUT"], capture_output=True,
+                                text=True, check=True).stdout
+        return f"{CUT_TAG} pid={pid}" in listed
+
+    for pid in (gone.pid, os.getpid()):
+        subprocess.run(["iptables", "-w", "-I", *rule(pid)], check=True)
+    try:
+        assert Runtime.clear_stale_cuts() == 1
+        assert not present(gone.pid)
+        assert present(os.getpid())
+    finally:
+        for pid in (gone.pid, os.getpid()):
+            subprocess.run(["iptables", "-w", "-D", *rule(pid)], check=False,
+                           capture_output=True)
