@@ -6,6 +6,9 @@ object with its agent pod (bench/fleet.py); the agent runs with its ServiceAccou
 credentials for the API server and, for reports, a token bound to its agent pod (as the
 chart projects it), verifying the controller's certificate; the controller is a real process
 with its report endpoint on TLS. Shipped defaults otherwise (detectors, 10 s heartbeat).
+The agent runs on an interpreter with the image's dependencies only
+(``deploy/image/requirements.lock``, built once and cached): the test venv's tools are not
+in the image and would be counted in its memory.
 
 Figures:
 - ``cpu_percent_of_core``: CPU time the agent process used (user+system, from
@@ -32,7 +35,7 @@ from typing import Any
 
 from bench.fleet import populate
 from simulator.controlplane.cluster import KubeTestCluster, build_binary
-from simulator.processes import AgentProcess, ControllerProcess
+from simulator.processes import AgentProcess, ControllerProcess, image_python
 from tests.kubeenv import manifests
 
 CODES = [8, 11, 13, 31, 32, 48, 62, 64, 68, 74, 79, 94, 95, 109, 119]
@@ -126,7 +129,8 @@ def run(quick: bool = False) -> dict[str, Any]:
                 release.namespace, release.service_account("controller")))
             ctl = ControllerProcess(workdir, cluster.write_kubeconfig(workdir / "kc", ctl_token),
                                     "bench", settings=release.controller_settings()).start()
-            agent = AgentProcess(workdir / "agent", gpus=8, node_name=node, settings={
+            agent = AgentProcess(workdir / "agent", gpus=8, node_name=node,
+                                 python=image_python(), settings={
                 "nvml": {"probe_interval_seconds": 1.0, "call_timeout_seconds": 5.0},
                 "kubernetes": {"enabled": "true", "kubeconfig": str(kubeconfig)},
                 "reporting": {"controller_url": ctl.report_url, "token_file": str(token_file),
