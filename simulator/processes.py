@@ -434,14 +434,19 @@ class SidecarProcess(DaemonProcess):
         return [f for f in self.status()["findings"]
                 if fault_class is None or f["fault_class"] == fault_class]
 
-    def collective_worker(self) -> int:
-        """The pid of this sidecar's collective worker process."""
+    def collective_worker(self, timeout: float = 10.0) -> int:
+        """The pid of this sidecar's collective worker process (waiting up to ``timeout``
+        seconds for one: the sidecar restarts a worker that exited)."""
         assert self.proc is not None
-        for pid in _descendants(self.proc.pid):
-            with contextlib.suppress(OSError):
-                if b"probes.collective" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                    return pid
-        raise RuntimeError("no collective worker running")
+        deadline = time.monotonic() + timeout
+        while True:
+            for pid in _descendants(self.proc.pid):
+                with contextlib.suppress(OSError):
+                    if b"probes.collective" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                        return pid
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"sidecar {self.name}: no collective worker running")
+            time.sleep(0.1)
 
 
 IMAGE_LOCK = ROOT / "deploy" / "image" / "requirements.lock"

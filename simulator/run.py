@@ -297,6 +297,7 @@ class Simulation:
             await asyncio.to_thread(runtime.heal, record.undo)
         elif record.fault.kind in NODE_FAULTS and record.node is not None:
             node = record.node
+            self.counting = [c for c in self.counting if c.record.node != node]
             await asyncio.to_thread(runtime.agents[node].control.reset,
                                     self.scenario.gpus_per_node)
             await asyncio.to_thread(runtime.reboot_agent, node)
