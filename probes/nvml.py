@@ -42,6 +42,13 @@ _ECC_AGGREGATE = (
     ("ecc_uncorrected_aggregate", pynvml.NVML_MEMORY_ERROR_TYPE_UNCORRECTED,
      pynvml.NVML_AGGREGATE_ECC),
 )
+# NVLink error totals over every link, in the order NvLinkSample takes them.
+_NVLINK_TOTAL_FIELDS = (
+    pynvml.NVML_FI_DEV_NVLINK_REPLAY_ERROR_COUNT_TOTAL,
+    pynvml.NVML_FI_DEV_NVLINK_RECOVERY_ERROR_COUNT_TOTAL,
+    pynvml.NVML_FI_DEV_NVLINK_CRC_FLIT_ERROR_COUNT_TOTAL,
+    pynvml.NVML_FI_DEV_NVLINK_CRC_DATA_ERROR_COUNT_TOTAL,
+)
 
 
 def _ecc_count(handle: Any, error_type: int, counter_type: int) -> int:
@@ -249,17 +256,34 @@ class Nvml:
         states = self._link_count_and_states(handle)
         if not states:
             return None
-        totals = [0, 0, 0, 0]
-        counters = (pynvml.NVML_NVLINK_ERROR_DL_REPLAY, pynvml.NVML_NVLINK_ERROR_DL_RECOVERY,
-                    pynvml.NVML_NVLINK_ERROR_DL_CRC_FLIT, pynvml.NVML_NVLINK_ERROR_DL_CRC_DATA)
-        for link in range(len(states)):
-            for i, counter in enumerate(counters):
-                with contextlib.suppress(pynvml.NVMLError_NotSupported):
-                    totals[i] += int(pynvml.nvmlDeviceGetNvLinkErrorCounter(handle, link,
-                                                                            counter))
+        totals = self._nvlink_totals(handle)
+        if totals is None:  # no field values (older drivers): each link's counters in turn
+            totals = [0, 0, 0, 0]
+            counters = (pynvml.NVML_NVLINK_ERROR_DL_REPLAY,
+                        pynvml.NVML_NVLINK_ERROR_DL_RECOVERY,
+                        pynvml.NVML_NVLINK_ERROR_DL_CRC_FLIT,
+                        pynvml.NVML_NVLINK_ERROR_DL_CRC_DATA)
+            for link in range(len(states)):
+                for i, counter in enumerate(counters):
+                    with contextlib.suppress(pynvml.NVMLError_NotSupported):
+                        totals[i] += int(pynvml.nvmlDeviceGetNvLinkErrorCounter(
+                            handle, link, counter))
         return NvLinkSample(links=len(states), active=sum(states), replay_errors=totals[0],
                             recovery_errors=totals[1], crc_flit_errors=totals[2],
                             crc_data_errors=totals[3])
+
+    @staticmethod
+    def _nvlink_totals(handle: Any) -> list[int] | None:
+        """The four error counters summed over every link, in one call (NVML's field
+        values, as DCGM reads them) rather than one call per link and counter — 72 on an
+        H100, the largest part of a detail sample. None where the driver cannot."""
+        try:
+            values = pynvml.nvmlDeviceGetFieldValues(handle, list(_NVLINK_TOTAL_FIELDS))
+        except (pynvml.NVMLError_NotSupported, pynvml.NVMLError_FunctionNotFound):
+            return None
+        if any(v.nvmlReturn != pynvml.NVML_SUCCESS for v in values):
+            return None
+        return [int(v.value.ullVal) for v in values]
 
     def open_xid_events(self, indices: list[int]) -> XidEventSet:
         """Register every GPU in ``indices`` for XID events. GPUs that refuse are skipped."""

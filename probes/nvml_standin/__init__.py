@@ -98,6 +98,11 @@ key                            default                      answers
 ``nvlink.<K>.crc_flit``        0                            GetNvLinkErrorCounter(K, DL_CRC_FLIT=2)
 ``nvlink.<K>.crc_data``        0                            GetNvLinkErrorCounter(K, DL_CRC_DATA=3)
 ``nvlink.<K>.ecc_data``        0                            GetNvLinkErrorCounter(K, DL_ECC_DATA=4)
+(NVLink counters)              summed over the links        nvmlDeviceGetFieldValues: the NVLink
+                                                            *_ERROR_COUNT_TOTAL fields (replay 52,
+                                                            recovery 59, CRC flit 38, CRC data 45,
+                                                            ECC data 160); other fields answer
+                                                            NOT_SUPPORTED in their entry
 ``pcie.gen`` / ``gen_max``     5 / 5                        GetCurrPcieLinkGeneration / GetMax...
 ``pcie.width`` / ``width_max`` 16 / 16                      GetCurrPcieLinkWidth / GetMax...
 ``pcie.replay``                0                            GetPcieReplayCounter

@@ -1201,6 +1201,66 @@ nvmlReturn_t nvmlDeviceGetNvLinkErrorCounter(nvmlDevice_t device, unsigned int l
     END
 }
 
+/* nvmlFieldValue_t as nvml.h lays it out (40 bytes: pynvml's c_nvmlFieldValue_t). */
+typedef struct {
+    unsigned int fieldId;
+    unsigned int scopeId;
+    long long timestamp;   /* microseconds */
+    long long latencyUsec;
+    int valueType;         /* nvmlValueType_t */
+    int nvmlReturn;
+    union {
+        double dVal;
+        unsigned int uiVal;
+        unsigned long ulVal;
+        unsigned long long ullVal;
+        long long sllVal;
+        int siVal;
+        unsigned short usVal;
+    } value;
+} nvmlFieldValue_t;
+
+#define NVML_VALUE_TYPE_UNSIGNED_LONG_LONG 3
+/* The NVLink error totals over every link (NVML_FI_DEV_NVLINK_*_ERROR_COUNT_TOTAL): what a
+ * monitor reads in one call instead of one per link and counter. Other fields answer
+ * NOT_SUPPORTED in their own nvmlReturn, as NVML does for a field a GPU lacks. */
+nvmlReturn_t nvmlDeviceGetFieldValues(nvmlDevice_t device, int valuesCount, nvmlFieldValue_t *values)
+{
+    if (!values || valuesCount < 0)
+        return NVML_ERROR_INVALID_ARGUMENT;
+    BEGIN("nvmlDeviceGetFieldValues", device, NULL)
+    long long now = now_us();
+    for (int i = 0; i < valuesCount; i++) {
+        nvmlFieldValue_t *v = &values[i];
+        unsigned long long total = 0;
+        int which; /* link_t counter: replay 0, recovery 1, crc_flit 2, crc_data 3, ecc_data 4 */
+        switch (v->fieldId) {
+        case 52: which = 0; break;  /* REPLAY_ERROR_COUNT_TOTAL */
+        case 59: which = 1; break;  /* RECOVERY_ERROR_COUNT_TOTAL */
+        case 38: which = 2; break;  /* CRC_FLIT_ERROR_COUNT_TOTAL */
+        case 45: which = 3; break;  /* CRC_DATA_ERROR_COUNT_TOTAL */
+        case 160: which = 4; break; /* ECC_DATA_ERROR_COUNT_TOTAL */
+        default: which = -1; break;
+        }
+        v->timestamp = now;
+        v->latencyUsec = 0;
+        v->valueType = NVML_VALUE_TYPE_UNSIGNED_LONG_LONG;
+        if (which < 0 || g->nvlink_count == 0) {
+            v->nvmlReturn = NVML_ERROR_NOT_SUPPORTED;
+            v->value.ullVal = 0;
+            continue;
+        }
+        for (unsigned int k = 0; k < g->nvlink_count; k++) {
+            const link_t *l = &g->links[k];
+            total += which == 0 ? l->replay : which == 1 ? l->recovery : which == 2 ? l->crc_flit
+                   : which == 3 ? l->crc_data : l->ecc_data;
+        }
+        v->nvmlReturn = NVML_SUCCESS;
+        v->value.ullVal = total;
+    }
+    END
+}
+
 SIMPLE_GETTER(nvmlDeviceGetCurrPcieLinkGeneration, unsigned int, g->pcie_gen)
 SIMPLE_GETTER(nvmlDeviceGetMaxPcieLinkGeneration, unsigned int, g->pcie_gen_max)
 SIMPLE_GETTER(nvmlDeviceGetCurrPcieLinkWidth, unsigned int, g->pcie_width)

@@ -88,9 +88,14 @@ def test_correctable_ecc_storm(agent: AgentProcess) -> None:
     assert finding_metric(agent, gpu, "ecc_correctable_storm") == 1
 
 
-def test_nvlink_error_storm(agent: AgentProcess) -> None:
-    """NVLink CRC counters growing past the per-second limit raise nvlink_errors."""
-    gpu = 1
+@pytest.mark.parametrize("per_link", [False, True], ids=["field-values", "per-link"])
+def test_nvlink_error_storm(agent: AgentProcess, per_link: bool) -> None:
+    """NVLink CRC counters growing past the per-second limit raise nvlink_errors — read as
+    NVML's field values (one call for every link), or, where a driver has no field values,
+    link by link."""
+    gpu = 1 if not per_link else 2
+    if per_link:
+        agent.control.unsupported(gpu, ["nvmlDeviceGetFieldValues"])
     for step in range(1, 8):
         agent.control.update({f"gpu.{gpu}.nvlink.0.crc_flit": step * 1000})
         agent.wait_for(lambda s=step: agent.status()["gpus"][gpu]["sample"]["nvlink"]

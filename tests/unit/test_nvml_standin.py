@@ -62,11 +62,11 @@ def conv(v):
         return v
     if isinstance(v, bytes):
         return v.decode()
-    if isinstance(v, (list, tuple)):
+    if isinstance(v, (list, tuple, ctypes.Array)):
         return [conv(x) for x in v]
     if isinstance(v, dict):
         return {k: conv(x) for k, x in v.items()}
-    if isinstance(v, ctypes.Structure):
+    if isinstance(v, (ctypes.Structure, ctypes.Union)):
         return {f[0]: conv(getattr(v, f[0])) for f in v._fields_}
     if isinstance(v, ctypes._Pointer):
         return {"gpu": addr_to_gpu.get(ctypes.cast(v, ctypes.c_void_p).value, -1)}
@@ -511,6 +511,23 @@ def test_every_field_is_read_live_after_set(ctl: StandinControl, child: NvmlChil
         updates.update({prefix + key: value for key, value in f.updates.items()})
     ctl.update(updates)
     assert read_all() == [f.after for f in FIELDS]
+
+
+def test_field_values_give_the_nvlink_error_totals_over_every_link(
+        ctl: StandinControl, child: NvmlChild) -> None:
+    """nvmlDeviceGetFieldValues answers the NVLink *_ERROR_COUNT_TOTAL fields with the sum
+    over the GPU's links, in one call; a field it does not know is NOT_SUPPORTED in its own
+    entry, and a GPU without NVLink answers every field so."""
+    ctl.set(1, nvlink__count=4, nvlink__0__crc_flit=5, nvlink__3__crc_flit=7,
+            nvlink__1__replay=11, nvlink__2__recovery=13, nvlink__3__crc_data=17)
+    fields = [38, 45, 52, 59, 1]  # CRC flit, CRC data, replay, recovery totals; a temperature
+    values = child.call("nvmlDeviceGetFieldValues", 1, fields)
+    assert [v["fieldId"] for v in values] == fields
+    assert [v["nvmlReturn"] for v in values] == [0, 0, 0, 0, 3]
+    assert [v["value"]["ullVal"] for v in values[:4]] == [12, 17, 11, 13]
+    assert all(v["valueType"] == 3 and v["timestamp"] > 0 for v in values[:4])
+    ctl.set(1, nvlink__count=0)
+    assert [v["nvmlReturn"] for v in child.call("nvmlDeviceGetFieldValues", 1, [38])] == [3]
 
 
 def test_set_helper_maps_double_underscore_to_dots(ctl: StandinControl, child: NvmlChild) -> None:
