@@ -156,9 +156,15 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = _parser(with_simulate=argv[:1] == ["simulate"]).parse_args(argv)
     if args.command == "config-reference":
-        print("| setting | default | unit | meaning |\n|---|---|---|---|")
-        for name, default, unit, doc in reference():
-            print(f"| `{name}` | `{default}` | {unit} | {doc} |")
+        lines = ["| setting | default | unit | meaning |", "|---|---|---|---|"]
+        lines += [f"| `{name}` | `{default}` | {unit} | {doc} |"
+                  for name, default, unit, doc in reference()]
+        try:
+            print("\n".join(lines), flush=True)
+        except BrokenPipeError:
+            # The reader stopped early (| head): not an error. Point stdout at /dev/null
+            # so that the interpreter's final flush does not fail again on exit.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
 
     if args.command == "simulate":

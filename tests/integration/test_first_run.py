@@ -224,3 +224,18 @@ class TestSimulation:
         assert kept["level"] == "warning" and kept["kept"] == {"gpu.1.temp": "91"}
         assert state.exists()  # the user's directory is theirs to remove
 
+
+
+def test_config_reference_into_a_reader_that_stops_early_is_not_an_error() -> None:
+    """``gpu-supervisor config-reference | head -1``: the reader closes the pipe before the
+    table is written; the command exits 0 without a BrokenPipeError traceback."""
+    read, write = os.pipe()
+    os.close(read)  # a reader that is already gone
+    try:
+        proc = subprocess.run([sys.executable, "-m", "supervisor", "config-reference"],
+                              stdout=write, stderr=subprocess.PIPE, text=True, timeout=60,
+                              check=False, cwd=ROOT)
+    finally:
+        os.close(write)
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
