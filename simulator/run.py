@@ -90,6 +90,12 @@ FINDING_CLASSES: dict[str, set[str]] = {
 }
 
 
+# A row_remap fault's state → the stand-in's keys (limit: past the uncorrectable-row limit).
+ROW_REMAP_STATES: dict[str, dict[str, int | str]] = {
+    "failure": {"remap.failure": 1}, "limit": {"remap.uncorrectable": 4096},
+    "pending": {"remap.pending": 1}}
+
+
 @dataclass
 class Counting:
     """An error counter of one GPU that climbs for as long as its fault lasts."""
@@ -596,9 +602,7 @@ class Simulation:
         kind = fault.kind
         if kind == "row_remap":
             state = str(p.get("state", "failure"))
-            control.set(gpu, **{"remap.failure": 1} if state == "failure" else
-                        {"remap.uncorrectable": 4096} if state == "limit" else
-                        {"remap.pending": 1})
+            control.set(gpu, **ROW_REMAP_STATES[state])
             return f"row remap {state} on {where}"
         if kind == "retired_pages":
             state = str(p.get("state", "limit"))

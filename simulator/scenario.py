@@ -321,7 +321,7 @@ def parse(data: Any, source: str = "<scenario>") -> Scenario:
             target = _target(f.get("target"), f"{where}.target", by_name)
         params = {k: v for k, v in f.items() if k not in {"name", "at", "kind", "target"}}
         _unknown(params, PARAMS, where)
-        _check_params(kind, params, where)
+        _check_params(kind, params, where, gpus)
         faults.append(Fault(str(f.get("name", f"{kind}-{i}")), seconds(f.get("at", 0),
                                                                         f"{where}.at"),
                             str(kind), target, params))
@@ -362,9 +362,25 @@ def parse(data: Any, source: str = "<scenario>") -> Scenario:
         source=source)
 
 
-def _check_params(kind: str, params: dict[str, Any], where: str) -> None:
-    """The parameters whose values are names, and fractions, checked here (numbers are
-    checked where they are used, as ``int()``/``float()``)."""
+INT_PARAMS = ("gpu", "code", "celsius", "count", "link", "width")
+NUMBER_PARAMS = ("seconds", "per_minute", "share")
+
+
+def _check_params(kind: str, params: dict[str, Any], where: str, gpus: int) -> None:
+    """Each parameter's value: whole numbers, numbers, names out of a list, fractions; a
+    GPU the node has."""
+    for key in INT_PARAMS:
+        value = params.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or value < 0):
+            raise ConfigError(f"{where}.{key}", f"must be a whole number >= 0, got {value!r}")
+    for key in NUMBER_PARAMS:
+        value = params.get(key)
+        if value is not None and (isinstance(value, bool)
+                                  or not isinstance(value, int | float) or value < 0):
+            raise ConfigError(f"{where}.{key}", f"must be a number >= 0, got {value!r}")
+    if params.get("gpu", 0) >= gpus:
+        raise ConfigError(f"{where}.gpu", f"the nodes have GPUs 0..{gpus - 1}")
     state = params.get("state")
     if state is not None and kind not in STATES:
         raise ConfigError(f"{where}.state", f"means nothing for {kind}")

@@ -114,6 +114,12 @@ def test_a_valid_scenario_reads_as_written() -> None:
     (with_(settings={"controller": {}}), "settings.controller", "unknown field"),
     (with_(expect=[{"fault": "f", "detected_within": "soon"}]), "expect[0].detected_within",
      "duration"),
+    (with_(faults=[{"kind": "xid", "target": "m/0/0", "gpu": "three"}]), "faults[0].gpu",
+     "whole number"),
+    (with_(faults=[{"kind": "xid", "target": "m/0/0", "gpu": 8}]), "faults[0].gpu",
+     "GPUs 0..7"),
+    (with_(faults=[{"kind": "ecc_storm", "target": "m/0/0", "per_minute": "many"}]),
+     "faults[0].per_minute", "number"),
 ])
 def test_each_mistake_names_its_field(data: dict[str, Any], field: str, rule: str) -> None:
     with pytest.raises(ConfigError) as info:
