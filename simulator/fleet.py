@@ -423,10 +423,10 @@ class Runtime:
         procs = self.pods[pod]
         assert procs.sidecar is not None
         pid = procs.sidecar.collective_worker()
-        stalls = Stall(pid, share)
-        stalls.start()
-        self.stalls.append(stalls)
-        return stalls.end
+        stall = Stall(pid, share)
+        stall.start()
+        self.stalls.append(stall)
+        return stall.end
 
     @staticmethod
     def clear_stale_cuts() -> int:

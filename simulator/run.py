@@ -803,7 +803,7 @@ def summary(outcome: Outcome, printer: Printer) -> None:
     r = outcome.requests
     p(f"  requests: {r.get('sent', 0)} sent, {r.get('ok', 0)} answered, "
       f"{r.get('failed', 0)} failed"
-      + (f", {r['fallback']} served by a fallback model" if r.get("fallback") else ""))
+      + (f", {r['fallback']} answered by a fallback model" if r.get("fallback") else ""))
     if outcome.passed:
         p(f"PASSED: every expectation of {outcome.scenario.name} held")
     else:

@@ -70,8 +70,6 @@ class Traffic:
             return
         ip = ips[next(self._turn) % len(ips)]
         group = self._view.group_of_ip(ip, self._groups)
-        if group is None:  # not a pipeline group's leader: a fallback model's pod
-            self.counts["fallback"] += 1
         for record in self._records():
             if (group is not None and record.group == group and "injected" in record.times
                     and "traffic_off" not in record.times and not record.ended
@@ -79,9 +77,11 @@ class Traffic:
                 record.sick_requests += 1
                 self.counts["sick"] += 1
         self.counts["sent"] += 1
-        tasks.create_task(self._request(session, self._engines[ip]))
+        # Not a pipeline group's leader: a fallback model's pod.
+        tasks.create_task(self._request(session, self._engines[ip], fallback=group is None))
 
-    async def _request(self, session: aiohttp.ClientSession, url: str) -> None:
+    async def _request(self, session: aiohttp.ClientSession, url: str,
+                       fallback: bool = False) -> None:
         body = {"model": "sim", "prompt": [1, 2, 3], "max_tokens": 4}
         ok = False
         with contextlib.suppress(aiohttp.ClientError, OSError, TimeoutError):
@@ -90,3 +90,5 @@ class Traffic:
                 ok = resp.status == 200
                 await resp.read()
         self.counts["ok" if ok else "failed"] += 1
+        if ok and fallback:
+            self.counts["fallback"] += 1
