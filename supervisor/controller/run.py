@@ -17,6 +17,7 @@ from supervisor.kube import KubeClient
 from supervisor.metrics import new_registry
 from supervisor.runtime.clock import SystemClock
 from supervisor.runtime.tasks import TaskGroup
+from supervisor.runtime.wakeups import loop_factory
 from supervisor.tls import ServerCertificate, lean_tls_buffers
 
 log = structlog.get_logger(__name__)
@@ -62,5 +63,8 @@ async def run_controller(settings: Settings) -> None:
 
 
 def run(settings: Settings) -> int:
-    asyncio.run(run_controller(settings))
+    c = settings.controller
+    with asyncio.Runner(loop_factory=loop_factory(c.wakeup_window_seconds,
+                                                  c.wakeup_batch)) as runner:
+        runner.run(run_controller(settings))
     return 0

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import selectors
+import socket
 import threading
+from collections.abc import Callable
 
 import pytest
 
 from supervisor.errors import DeadlineExceeded
 from supervisor.runtime.deadline import BlockingWorker, WorkerBusy, with_deadline
 from supervisor.runtime.tasks import TaskGroup
+from supervisor.runtime.wakeups import CoalescingSelector, loop_factory
 
 
 class TestBlockingWorker:
@@ -120,3 +124,126 @@ class TestTaskGroup:
         task.cancel()
         await asyncio.sleep(0)
         await asyncio.gather(task, return_exceptions=True)
+
+
+class TestCoalescingSelector:
+    """Wake-ups are held back only while events come fast, within the hold after the last
+    I/O wake-up, never past the loop's timeout, and never after a quiet spell. A fake
+    clock and sleep make it exact; the sockets are real."""
+
+    @staticmethod
+    def rig(window: float) -> tuple[CoalescingSelector, list[float], list[float],
+                                    Callable[[], None]]:
+        now = [100.0]
+        slept: list[float] = []
+
+        def sleep(seconds: float) -> None:
+            slept.append(seconds)
+            now[0] += seconds
+
+        sel = CoalescingSelector(window, clock=lambda: now[0], sleep=sleep)
+        a, b = socket.socketpair()
+        sel.register(a, selectors.EVENT_READ)
+        b.send(b"x")  # a stays readable: every select finds it
+
+        def close() -> None:
+            sel.close()
+            a.close()
+            b.close()
+        return sel, now, slept, close
+
+    @staticmethod
+    def busy(sel: CoalescingSelector, now: list[float], rate: float) -> None:
+        """A second of events at ``rate``, each served at once (work queued: timeout 0)."""
+        for _ in range(int(rate) + 2):
+            sel.select(0)
+            now[0] += 1 / rate
+
+    def test_event_within_the_hold_waits_for_its_rest(self) -> None:
+        sel, now, slept, close = self.rig(0.1)
+        try:
+            self.busy(sel, now, 100)
+            hold = sel.hold
+            assert hold == pytest.approx(0.1, rel=0.02)
+            assert len(sel.select(None)) == 1
+            assert slept == [pytest.approx(hold - 0.01)] and sel.held == 1
+        finally:
+            close()
+
+    def test_quiet_spell_longer_than_the_hold_is_served_at_once(self) -> None:
+        sel, now, slept, close = self.rig(0.1)
+        try:
+            self.busy(sel, now, 100)
+            now[0] += 0.2
+            assert len(sel.select(None)) == 1 and slept == [] and sel.held == 0
+        finally:
+            close()
+
+    def test_never_sleeps_past_the_timeout_nor_when_work_is_queued(self) -> None:
+        sel, _, slept, close = self.rig(0.1)
+        try:
+            self.busy(sel, _, 100)
+            sel.select(0)  # ready callbacks queued: no holding back
+            assert slept == []
+            sel.select(0.02)  # a timer due in 20 ms
+            assert slept == [pytest.approx(0.02)]
+        finally:
+            close()
+
+    def test_hold_aims_at_a_batch_per_wake_up_at_the_measured_rate(self) -> None:
+        """At 400 events a second, 10 per wake-up is 25 ms of hold, under the 100 ms cap;
+        at 60 a second the cap; under 50 a second (half a batch per window), no hold."""
+        sel, now, slept, close = self.rig(0.1)
+        try:
+            assert sel.hold == 0.0  # rate not known yet: as the plain loop
+            self.busy(sel, now, 400)
+            assert sel.rate == pytest.approx(400, rel=0.01)
+            assert sel.hold == pytest.approx(0.025, rel=0.01)
+            sel.select(None)
+            assert slept[-1] == pytest.approx(0.025 - 1 / 400, rel=0.01)
+            self.busy(sel, now, 60)
+            assert sel.hold == pytest.approx(0.1)
+            self.busy(sel, now, 30)
+            assert sel.hold == 0.0
+            before = len(slept)
+            sel.select(None)
+            assert len(slept) == before
+        finally:
+            close()
+
+    def test_window_zero_is_the_plain_selector(self) -> None:
+        sel, now, slept, close = self.rig(0.0)
+        try:
+            self.busy(sel, now, 400)
+            for _ in range(3):
+                assert len(sel.select(None)) == 1
+            assert slept == [] and sel.held == 0
+        finally:
+            close()
+
+    def test_a_loop_built_by_the_factory_runs_coroutines_over_real_sockets(self) -> None:
+        """The loop the controller runs on: a TCP echo over loopback completes."""
+        async def echo_once() -> bytes:
+            async def handle(reader: asyncio.StreamReader,
+                             writer: asyncio.StreamWriter) -> None:
+                writer.write(await reader.readline())
+                await writer.drain()
+                writer.close()
+
+            server = await asyncio.start_server(handle, "127.0.0.1", 0)
+            port = server.sockets[0].getsockname()[1]
+            try:
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.write(b"hello\n")
+                line = await reader.readline()
+                writer.close()
+                await writer.wait_closed()
+                return line
+            finally:
+                server.close()
+                await server.wait_closed()
+
+        with asyncio.Runner(loop_factory=loop_factory(0.01)) as runner:
+            assert runner.run(echo_once()) == b"hello\n"
+            selector = runner.get_loop()._selector  # type: ignore[attr-defined]
+            assert isinstance(selector, CoalescingSelector)
