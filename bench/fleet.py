@@ -12,6 +12,7 @@ the point is what the controller's watches and caches carry, not any vendor's ex
 from __future__ import annotations
 
 import asyncio
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -190,7 +191,17 @@ class Fleet:
     pod_group: dict[str, int] = field(default_factory=dict)  # serving pod → group index
 
     def group_of(self, node: str) -> int:
-        return self.nodes.index(node) // self.group_size
+        return int(node.rsplit("-", 1)[1]) // self.group_size  # gpu-node-<index>
+
+
+async def raw(call: Any) -> Any:
+    """The JSON an API call answered, read as plain dicts: building the client's model
+    objects for 16,384 Nodes of ~20 KB would take longer than the API server's writes."""
+    resp = await call
+    try:
+        return json.loads(await resp.read())
+    finally:
+        resp.release()
 
 
 async def populate(api: client.ApiClient, n: int, group_size: int, namespace: str,
@@ -200,9 +211,12 @@ async def populate(api: client.ApiClient, n: int, group_size: int, namespace: st
     core: Any = client.CoreV1Api(api)  # plain dict bodies; the stubs want model objects
     fleet = Fleet([f"gpu-node-{i:05d}" for i in range(n)], group_size)
     objects = [node_object(name, i) for i, name in enumerate(fleet.nodes)]
-    await bounded(32, [core.create_node(obj) for obj in objects])
-    await bounded(32, [core.patch_node_status(obj["metadata"]["name"],
-                                              {"status": obj["status"]}) for obj in objects])
+    await bounded(32, [raw(core.create_node(obj, _preload_content=False))
+                       for obj in objects])
+    await bounded(32, [raw(core.patch_node_status(obj["metadata"]["name"],
+                                                  {"status": obj["status"]},
+                                                  _preload_content=False))
+                       for obj in objects])
     await core.create_namespace({"metadata": {"name": SERVING}})
     pods = []
     for i, node in enumerate(fleet.nodes):
@@ -210,17 +224,19 @@ async def populate(api: client.ApiClient, n: int, group_size: int, namespace: st
         name = f"llama-{group}" if worker == 0 else f"llama-{group}-{worker}"
         fleet.pod_group[name] = group
         pods.append(serving_pod(name, node, group, worker))
-    await bounded(32, [core.create_namespaced_pod(SERVING, body) for body in pods])
+    await bounded(32, [raw(core.create_namespaced_pod(SERVING, body, _preload_content=False))
+                       for body in pods])
     status = {"status": {"phase": "Running", "conditions": [
         {"type": "ContainersReady", "status": "True"}, {"type": "Ready", "status": "True"},
         {"type": READINESS_GATE, "status": "True"}]}}
-    await bounded(32, [core.patch_namespaced_pod_status(p["metadata"]["name"], SERVING, status)
-                       for p in pods])
-    agents = await bounded(32, [core.create_namespaced_pod(
-        namespace, agent_pod(f"agent-{i:05d}", node, namespace, agent_sa))
-        for i, node in enumerate(fleet.nodes)])
+    await bounded(32, [raw(core.patch_namespaced_pod_status(
+        p["metadata"]["name"], SERVING, status, _preload_content=False)) for p in pods])
+    agents = await bounded(32, [raw(core.create_namespaced_pod(
+        namespace, agent_pod(f"agent-{i:05d}", node, namespace, agent_sa),
+        _preload_content=False)) for i, node in enumerate(fleet.nodes)])
 
-    fleet.agent_pods = {pod.spec.node_name: (pod.metadata.name, pod.metadata.uid)
+    fleet.agent_pods = {pod["spec"]["nodeName"]: (pod["metadata"]["name"],
+                                                   pod["metadata"]["uid"])
                         for pod in agents}
     tokens = await bounded(32, [agent_token(api, namespace, agent_sa, *fleet.agent_pods[n])
                                 for n in fleet.nodes])
