@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import selectors
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Iterator
 
 import pytest
 
@@ -132,8 +133,9 @@ class TestCoalescingSelector:
     clock and sleep make it exact; the sockets are real."""
 
     @staticmethod
-    def rig(window: float) -> tuple[CoalescingSelector, list[float], list[float],
-                                    Callable[[], None]]:
+    @contextlib.contextmanager
+    def rig(window: float) -> Iterator[tuple[CoalescingSelector, list[float], list[float]]]:
+        """The selector on a fake clock, a socket always readable, and the sleeps taken."""
         now = [100.0]
         slept: list[float] = []
 
@@ -143,14 +145,14 @@ class TestCoalescingSelector:
 
         sel = CoalescingSelector(window, clock=lambda: now[0], sleep=sleep)
         a, b = socket.socketpair()
-        sel.register(a, selectors.EVENT_READ)
-        b.send(b"x")  # a stays readable: every select finds it
-
-        def close() -> None:
+        try:
+            sel.register(a, selectors.EVENT_READ)
+            b.send(b"x")  # a stays readable: every select finds it
+            yield sel, now, slept
+        finally:
             sel.close()
             a.close()
             b.close()
-        return sel, now, slept, close
 
     @staticmethod
     def busy(sel: CoalescingSelector, now: list[float], rate: float) -> None:
@@ -160,41 +162,31 @@ class TestCoalescingSelector:
             now[0] += 1 / rate
 
     def test_event_within_the_hold_waits_for_its_rest(self) -> None:
-        sel, now, slept, close = self.rig(0.1)
-        try:
+        with self.rig(0.1) as (sel, now, slept):
             self.busy(sel, now, 100)
             hold = sel.hold
             assert hold == pytest.approx(0.1, rel=0.02)
             assert len(sel.select(None)) == 1
             assert slept == [pytest.approx(hold - 0.01)] and sel.held == 1
-        finally:
-            close()
 
     def test_quiet_spell_longer_than_the_hold_is_served_at_once(self) -> None:
-        sel, now, slept, close = self.rig(0.1)
-        try:
+        with self.rig(0.1) as (sel, now, slept):
             self.busy(sel, now, 100)
             now[0] += 0.2
             assert len(sel.select(None)) == 1 and slept == [] and sel.held == 0
-        finally:
-            close()
 
     def test_never_sleeps_past_the_timeout_nor_when_work_is_queued(self) -> None:
-        sel, _, slept, close = self.rig(0.1)
-        try:
-            self.busy(sel, _, 100)
+        with self.rig(0.1) as (sel, now, slept):
+            self.busy(sel, now, 100)
             sel.select(0)  # ready callbacks queued: no holding back
             assert slept == []
             sel.select(0.02)  # a timer due in 20 ms
             assert slept == [pytest.approx(0.02)]
-        finally:
-            close()
 
     def test_hold_aims_at_a_batch_per_wake_up_at_the_measured_rate(self) -> None:
         """At 400 events a second, 10 per wake-up is 25 ms of hold, under the 100 ms cap;
         at 60 a second the cap; under 50 a second (half a batch per window), no hold."""
-        sel, now, slept, close = self.rig(0.1)
-        try:
+        with self.rig(0.1) as (sel, now, slept):
             assert sel.hold == 0.0  # rate not known yet: as the plain loop
             self.busy(sel, now, 400)
             assert sel.rate == pytest.approx(400, rel=0.01)
@@ -208,18 +200,13 @@ class TestCoalescingSelector:
             before = len(slept)
             sel.select(None)
             assert len(slept) == before
-        finally:
-            close()
 
     def test_window_zero_is_the_plain_selector(self) -> None:
-        sel, now, slept, close = self.rig(0.0)
-        try:
+        with self.rig(0.0) as (sel, now, slept):
             self.busy(sel, now, 400)
             for _ in range(3):
                 assert len(sel.select(None)) == 1
             assert slept == [] and sel.held == 0
-        finally:
-            close()
 
     def test_a_loop_built_by_the_factory_runs_coroutines_over_real_sockets(self) -> None:
         """The loop the controller runs on: a TCP echo over loopback completes."""
