@@ -58,6 +58,7 @@ from bench.agent_footprint import _cpu_seconds, _rss_mib
 from bench.fleet import SERVING, Fleet, agent_token, bounded, populate
 from simulator.controlplane.cluster import KubeTestCluster, build_binary
 from simulator.processes import ControllerProcess, gpu_finding, node_report
+from supervisor.config import ControllerSettings, ReportingSettings
 from supervisor.controller.model import READINESS_GATE
 from supervisor.tls import lean_tls_buffers
 from tests.kubeenv import manifests
@@ -71,11 +72,13 @@ rules:
     then:
       - action: fail_over
 """
-HEARTBEAT = 10.0
+# The daemons' defaults, as shipped: the agents' heartbeat, the controller's review rate
+# for new tokens and the life of a report stream.
+HEARTBEAT = ReportingSettings().heartbeat_seconds
+REVIEWS_PER_SECOND = ControllerSettings().token_reviews_per_second
+STREAM_SECONDS = ControllerSettings().report_stream_seconds
 SINGLE_FAULTS = 60  # faults one at a time, on distinct groups
 SINGLE_FAULT_SECONDS = 15.0  # ... over this long (4 a second)
-REVIEWS_PER_SECOND = 100.0  # the controller's default token_reviews_per_second
-STREAM_SECONDS = 1800.0  # the controller's default report_stream_seconds
 
 
 class LoadGenerator:

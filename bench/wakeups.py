@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import ssl
 import subprocess
 import sys
@@ -24,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.controller_scale import _place
 from simulator.processes import report_tls, tls_client
 
 CONNECTIONS = 1024
@@ -103,7 +103,6 @@ async def _load(port: int, tls: ssl.SSLContext) -> dict[str, float]:
 
 
 def _variant(tls_dir: Path, window: float) -> dict[str, float]:
-    cpus = sorted(os.sched_getaffinity(0))
     server = subprocess.Popen(
         [sys.executable, "-c", "import sys; from bench.wakeups import serve; "
          "serve(*sys.argv[1:])", str(tls_dir), str(window)],
@@ -113,12 +112,9 @@ def _variant(tls_dir: Path, window: float) -> dict[str, float]:
         word, _, port = server.stdout.readline().partition(" ")
         if word != "listening":
             raise RuntimeError("the server did not start")
-        if len(cpus) >= 2:  # the server on a core of its own, as the controller is
-            os.sched_setaffinity(server.pid, {cpus[-1]})
-            os.sched_setaffinity(0, set(cpus[:-1]))
+        _place(server.pid, [])  # the server on a core of its own, as the controller is
         return asyncio.run(_load(int(port), tls_client(tls_dir)))
     finally:
-        os.sched_setaffinity(0, set(cpus))
         server.terminate()
         server.wait(timeout=30)
 
