@@ -5,8 +5,8 @@ message every 10 s. Spread over 1,024 nodes that is ~100 messages a second, and 
 plain loop each one is a wake-up of its own: the thread sleeps, the message arrives, the
 loop runs for one message and sleeps again. On shared virtual machines the wake-up, not
 the message, is most of the cost, most likely as caches are cold after the sleep
-(``python -m bench wakeups``: a bare TLS server with nothing else in it spends 215 to 265 µs
-of CPU per message when every message wakes the loop, 55 to 63 µs on this one).
+(``python -m bench wakeups``: a bare TLS server with nothing else in it spends 120 to 265 µs
+of CPU per message when every message wakes the loop, 54 to 63 µs on this one).
 
 So the selector here holds I/O back after each wake-up for a while and then serves
 everything that arrived meanwhile in one pass — the interrupt moderation a network card
