@@ -66,7 +66,8 @@ async def _deployment(cluster: KubeTestCluster, workdir: Path
     async with await cluster.api_client() as admin:
         release = await manifests.install_rbac(admin)
         fleet = await populate(admin, 1, 1, release.namespace,
-                               release.service_account("agent"))
+                               release.service_account("agent"),
+                               release.agent_pod_labels())
     node = fleet.nodes[0]
     token_file = workdir / "report-token"
     token_file.write_text(fleet.tokens[node])

@@ -34,7 +34,8 @@ async def _writes(cluster: KubeTestCluster, nodes: int) -> dict[str, Any]:
     async with await cluster.api_client() as admin:
         release = await manifests.install_rbac(admin)
         fleet = await populate(admin, nodes, 8, release.namespace,
-                               release.service_account("agent"))
+                               release.service_account("agent"),
+                               release.agent_pod_labels())
     leaders = sorted(pod for pod, group in fleet.pod_group.items()
                      if pod == f"llama-{group}")
     tls = ssl.create_default_context(cafile=str(cluster.ca_file))

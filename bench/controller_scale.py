@@ -142,9 +142,15 @@ class LoadGenerator:
                 continue
             self.connects += 1
             async with ws:
+                try:  # the controller opens with its epoch, which reports echo
+                    hello = json.loads((await ws.receive(timeout=10.0)).data)
+                    epoch = str(hello["epoch"])
+                except (TypeError, ValueError, KeyError, TimeoutError):
+                    self._drop()
+                    continue
                 reader = asyncio.create_task(self._replies(ws))
                 try:
-                    reconnect = await self._stream(ws, node)
+                    reconnect = await self._stream(ws, node, epoch)
                 finally:
                     await ws.close()
                     await reader
@@ -152,7 +158,8 @@ class LoadGenerator:
                 self.reconnects += 1
                 token = self.renewed.get(node, token)
 
-    async def _stream(self, ws: aiohttp.ClientWebSocketResponse, node: str) -> bool:
+    async def _stream(self, ws: aiohttp.ClientWebSocketResponse, node: str, epoch: str
+                      ) -> bool:
         """Reports on ``ws`` until ``self.until``; True when it is this agent's time to
         reconnect."""
         wake = self.wake[node]
@@ -160,7 +167,8 @@ class LoadGenerator:
         while not ws.closed:
             if wake.is_set():
                 wake.clear()
-                body = node_report(node, self.faulty.get(node, []), 0, boot=self.boots[node])
+                body = node_report(node, self.faulty.get(node, []), 0, boot=self.boots[node],
+                                   epoch=epoch)
             else:
                 body = {"kind": "Tick", "sent_at": time.time()}
             self.sequence[node] += 1
@@ -322,7 +330,8 @@ async def _scenario(cluster: KubeTestCluster, workdir: Path, nodes: int, group_s
     async with await cluster.api_client() as admin:
         release = await manifests.install_rbac(admin)
         fleet = await populate(admin, nodes, group_size, release.namespace,
-                               release.service_account("agent"))
+                               release.service_account("agent"),
+                               release.agent_pod_labels())
     ctl_token = await cluster.service_account_token(release.namespace,
                                                     release.service_account("controller"))
     kubeconfig = cluster.write_kubeconfig(workdir / "kc", ctl_token)
@@ -330,7 +339,11 @@ async def _scenario(cluster: KubeTestCluster, workdir: Path, nodes: int, group_s
                             settings=release.controller_settings(
                                 # the shipped defaults, not the test suite's short Lease
                                 lease_duration_seconds=15.0, renew_deadline_seconds=10.0,
-                                retry_period_seconds=2.0, evaluation_interval_seconds=1.0))
+                                retry_period_seconds=2.0, evaluation_interval_seconds=1.0,
+                                # Every simulated agent connects from this one loopback
+                                # address, where each real one has its own: its allowance
+                                # is the whole review rate.
+                                source_reviews_per_second=REVIEWS_PER_SECOND))
     await asyncio.to_thread(ctl.start)
     assert ctl.proc is not None
     _place(ctl.proc.pid, cluster.pids)

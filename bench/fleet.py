@@ -169,12 +169,13 @@ def serving_pod(name: str, node: str, group: int, worker: int) -> dict[str, Any]
     }
 
 
-def agent_pod(name: str, node: str, namespace: str, service_account: str) -> dict[str, Any]:
+def agent_pod(name: str, node: str, namespace: str, service_account: str,
+              labels: dict[str, str]) -> dict[str, Any]:
+    """An agent pod as the chart's DaemonSet creates it (``labels``: its pod labels, which
+    the controller's ``agent_pod_selector`` matches)."""
     return {
         "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": name, "namespace": namespace,
-                     "labels": {"app.kubernetes.io/name": "gpu-supervisor",
-                                "app.kubernetes.io/component": "agent"}},
+        "metadata": {"name": name, "namespace": namespace, "labels": labels},
         "spec": {"nodeName": node, "serviceAccountName": service_account,
                  "automountServiceAccountToken": False,
                  "containers": [{"name": "agent", "image": "gpu-supervisor:0.1.0",
@@ -205,7 +206,7 @@ async def raw(call: Any) -> Any:
 
 
 async def populate(api: client.ApiClient, n: int, group_size: int, namespace: str,
-                   agent_sa: str) -> Fleet:
+                   agent_sa: str, agent_labels: dict[str, str]) -> Fleet:
     """Nodes (status patched in, as the kubelet would), serving pods Ready with our gate
     True, an agent pod per node and its pod-bound report token."""
     core: Any = client.CoreV1Api(api)  # plain dict bodies; the stubs want model objects
@@ -232,7 +233,7 @@ async def populate(api: client.ApiClient, n: int, group_size: int, namespace: st
     await bounded(32, [raw(core.patch_namespaced_pod_status(
         p["metadata"]["name"], SERVING, status, _preload_content=False)) for p in pods])
     agents = await bounded(32, [raw(core.create_namespaced_pod(
-        namespace, agent_pod(f"agent-{i:05d}", node, namespace, agent_sa),
+        namespace, agent_pod(f"agent-{i:05d}", node, namespace, agent_sa, agent_labels),
         _preload_content=False)) for i, node in enumerate(fleet.nodes)])
 
     fleet.agent_pods = {pod["spec"]["nodeName"]: (pod["metadata"]["name"],

@@ -32,13 +32,22 @@ from tests.kubeenv import manifests
 FLOOD = 300
 
 
-def forged_token(serial: int) -> str:
-    """Shaped like a ServiceAccount token for us (audience, expiry), signed by nobody."""
-    def part(obj: dict[str, Any]) -> str:
-        return base64.urlsafe_b64encode(json.dumps(obj).encode()).decode().rstrip("=")
+def key_id(token: str) -> str:
+    """The key id (``kid``) in a JWT's header: which of the issuer's keys signed it."""
+    head = token.split(".", maxsplit=1)[0]
+    return str(json.loads(base64.urlsafe_b64decode(head + "=" * (-len(head) % 4)))["kid"])
+
+
+def forged_token(serial: int, kid: str = "x") -> str:
+    """Shaped like a ServiceAccount token for us (audience, expiry; the cluster's key id
+    when ``kid`` is given), with a signature of the right length made by nobody."""
+    def part(obj: dict[str, Any] | bytes) -> str:
+        raw = obj if isinstance(obj, bytes) else json.dumps(obj).encode()
+        return base64.urlsafe_b64encode(raw).decode().rstrip("=")
     claims = {"aud": [REPORT_AUDIENCE], "exp": int(time.time()) + 3600, "iss": "attacker",
               "sub": f"system:serviceaccount:x:bogus-{serial}"}
-    return f"{part({'alg': 'RS256', 'kid': 'x'})}.{part(claims)}.{part({'sig': serial})}"
+    signature = serial.to_bytes(8, "big") * 32  # 256 bytes, as an RSA-2048 signature
+    return f"{part({'alg': 'RS256', 'kid': kid})}.{part(claims)}.{part(signature)}"
 
 
 async def _round(ctl: ControllerProcess, token: str, serial: int) -> tuple[float, list[int]]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import hashlib
+import http.client
 import itertools
 import json
 import os
@@ -21,6 +22,7 @@ import sys
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
 from collections.abc import Callable
@@ -251,6 +253,7 @@ class ControllerProcess(DaemonProcess):
         self.proc: subprocess.Popen[bytes] | None = None
         self.url = ""
         self.report_url = ""
+        self._epoch: str | None = None
 
     @property
     def tls(self) -> ssl.SSLContext | None:
@@ -259,6 +262,7 @@ class ControllerProcess(DaemonProcess):
             else None
 
     def start(self) -> ControllerProcess:
+        self._epoch = None
         config = self.workdir / f"controller-{self.identity}.yaml"
         config.write_text(yaml.safe_dump(self.settings))
         with self.log_path.open("wb") as log:
@@ -275,19 +279,36 @@ class ControllerProcess(DaemonProcess):
 
     def post_report(self, token: str, body: Any, *, raw: bytes | None = None,
                     content_type: str = "application/json",
-                    path: str = "/v1/reports/node") -> tuple[int, str]:
+                    path: str = "/v1/reports/node", source: str = "127.0.0.1"
+                    ) -> tuple[int, str]:
+        """POST one report from ``source`` (any 127.0.0.0/8 address: the controller keeps
+        an allowance per source address). A report without an ``epoch`` gets this
+        process's, as a reporter that heard it would send; give one to send another."""
+        if isinstance(body, dict) and body.get("kind") in ("NodeReport", "PodReport") and \
+                "epoch" not in body:
+            body = {**body, "epoch": self.epoch()}
         data = raw if raw is not None else json.dumps(body).encode()
         headers = {"Content-Type": content_type}
         if token:
             headers["Authorization"] = f"Bearer {token}"
-        req = urllib.request.Request(self.report_url + path, data=data, headers=headers,
-                                     method="POST")
+        parts = urllib.parse.urlsplit(self.report_url)
+        conn_type = http.client.HTTPSConnection if parts.scheme == "https" else \
+            http.client.HTTPConnection
+        kwargs: dict[str, Any] = {"context": self.tls} if parts.scheme == "https" else {}
+        conn = conn_type(parts.hostname or "", parts.port, timeout=10,
+                         source_address=(source, 0), **kwargs)
         try:
-            with urllib.request.urlopen(req, timeout=10, context=self.tls) as resp:
-                return resp.status, resp.read().decode()
-        except urllib.error.HTTPError as exc:
-            with exc:  # closes the connection (TLS sockets warn when left to the GC)
-                return exc.code, exc.read().decode()
+            conn.request("POST", path, body=data, headers=headers)
+            resp = conn.getresponse()
+            return resp.status, resp.read().decode()
+        finally:
+            conn.close()
+
+    def epoch(self) -> str:
+        """The epoch this controller process hands out (reports echo it)."""
+        if self._epoch is None:
+            self._epoch = str(self.status()["report_epoch"])
+        return self._epoch
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -332,13 +353,17 @@ BOOT = {"id": uuid.uuid4().hex, "started_at": time.time()}  # this process, as o
 
 
 def node_report(node: str, findings: list[dict[str, Any]], sequence: int | None = None,
-                gpus: int = 8, boot: dict[str, Any] | None = None) -> dict[str, Any]:
-    """A NodeReport as the agent sends it (see Agent.report). Each call gets a higher
-    sequence than the last (so reports are fresh) unless ``sequence`` is given."""
+                gpus: int = 8, boot: dict[str, Any] | None = None, epoch: str | None = None
+                ) -> dict[str, Any]:
+    """A NodeReport as the agent sends it (see Agent.report), echoing the controller's
+    ``epoch`` when given (without one the controller holds the report's content; see
+    ``ControllerProcess.post_report``). Each call gets a higher sequence than the last (so
+    reports are fresh) unless ``sequence`` is given."""
     now = time.time()
     return {"apiVersion": "gpu-supervisor/v1", "kind": "NodeReport", "node": node,
             "agent_version": "bench", "boot": boot or BOOT,
             "sequence": next(_SEQUENCE) if sequence is None else sequence, "sent_at": now,
+            **({} if epoch is None else {"epoch": epoch}),
             "gpus": [{"index": i, "uuid": f"GPU-{node}-{i}", "pci_bus_id": f"0:{i}",
                       "name": "H100", "lost": False} for i in range(gpus)],
             "findings": findings, "conditions": {}}

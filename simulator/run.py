@@ -276,7 +276,7 @@ class Simulation:
         agent_cfg = chart_settings(objects, "agent")
         ctl_cfg = chart_settings(objects, "controller")["controller"]
         keep = ("lease_name", "state_configmap", "allowed_reporters", "allowed_pod_reporters",
-                "token_audiences")
+                "agent_pod_selector", "token_audiences")
         sidecar_cfg = s.settings.get("sidecar", {})
         if s.collective:
             sidecar_cfg = merged(sidecar_cfg, {"collective": {"python": self.torch_python}})

@@ -335,6 +335,11 @@ class ControllerSettings:
         "identities (shell patterns) allowed to POST pod reports (sidecars run as their "
         "inference pod's ServiceAccount); each may report only for its own pod (the token "
         "must be bound to it)")
+    agent_pod_selector: str = setting(
+        "", "label selector of the agent pods (in the controller's namespace); set, a node "
+        "report's token must be bound to a live agent pod on the node it reports for, and "
+        "its stream closes when that pod is deleted. The chart sets its DaemonSet's labels; "
+        "empty = any token bound to the node (through a pod, or to the Node itself)")
     token_audiences: list[str] = setting(
         ["gpu-supervisor"], "audiences a report token must carry, checked through "
         "TokenReview; a token for the API server's own audience is refused. Empty = the API "
@@ -350,6 +355,13 @@ class ControllerSettings:
     token_reviews_per_second: float = setting(
         100.0, "TokenReviews of tokens not in the cache, per second (bursts of twice that); "
         "over it a report gets 429 and its sender retries later", "1/s", gt=0)
+    source_failures_per_second: float = setting(
+        5.0, "tokens from one source address that may fail authentication (forged, expired, "
+        "for a deleted pod), per second, bursts of twice that; over it the source gets 429 "
+        "before any signature is checked, and no one else is slowed", "1/s", gt=0)
+    source_reviews_per_second: float = setting(
+        20.0, "TokenReviews one source address may cost per second (bursts of twice that), "
+        "out of token_reviews_per_second", "1/s", gt=0)
     report_max_bytes: int = setting(1048576, "largest report body accepted", "bytes", gt=0)
     report_read_timeout_seconds: float = setting(
         10.0, "a report body must arrive within this long (408 else)", "s", gt=0)

@@ -525,17 +525,18 @@ class KubeClient:
     async def request(self, method: str, path: str, *, query: Mapping[str, str] | None = None,
                       body: Any = None, content_type: str = "application/json",
                       retry: bool = True, ok_statuses: frozenset[int] = frozenset(),
-                      fence: Fence | None = None, discard_body: bool = False
-                      ) -> dict[str, Any]:
+                      fence: Fence | None = None, discard_body: bool = False,
+                      accept: str | None = None) -> dict[str, Any]:
         """One API request with JSON in and out. Statuses in ``ok_statuses`` return {}.
 
         Writes of the controller pass its ``fence`` (see ``_call``). With ``discard_body``
         a success is not parsed — the answer to a pod status patch is the whole Pod, JSON
         the caller never reads and, in a burst of fail-overs, a large share of the CPU — and
-        returns a minimal Status instead."""
+        returns a minimal Status instead. ``accept``: a media type other than JSON's
+        that the answer comes as (still JSON text, e.g. ``application/jwk-set+json``)."""
         # Asked to discard the answer, ask the API server for the object's metadata only
         # (it transforms write responses as it does reads); plain JSON if it cannot.
-        accept = METADATA_ONLY if discard_body else None
+        accept = METADATA_ONLY if discard_body else accept
 
         async def call() -> dict[str, Any]:
             status, data = await self._transport.request(

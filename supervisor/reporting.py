@@ -17,7 +17,11 @@ with its current token. A controller without streams (404 on the handshake: an o
 version) gets each report POSTed instead.
 
 Every report and tick carries this process's boot identity (random per start), a sequence
-and ``sent_at``, so the controller can tell a replayed or stale report from a new one.
+and ``sent_at``, so the controller can tell a replayed or stale report from a new one; and
+every report echoes the *epoch* the replica handed out (the first message of a stream, and
+every answer), so that replica can tell a report made since it started from an old one
+replayed after its restart. A report the replica *held* for want of its epoch (a POST
+after a restart) is sent again at once, with it.
 """
 
 from __future__ import annotations
@@ -77,6 +81,7 @@ class Reporter:
         self._tls = tls
         self._ready = ready
         self._links: dict[str, asyncio.Event] = {}  # replica address → its dirty flag
+        self._epochs: dict[str, str] = {}  # replica address → the epoch it handed out
         self._log_gate = Throttled(clock.monotonic)
         self.boot = {"id": uuid.uuid4().hex, "started_at": clock.wall()}
         self.retry_after = 0.0  # seconds the controller asked us to wait (429)
@@ -177,8 +182,10 @@ class Reporter:
             headers["Authorization"] = f"Bearer {token}"
         return headers
 
-    def _stamped(self, body: dict[str, Any]) -> str:
+    def _stamped(self, body: dict[str, Any], address: str) -> str:
         self.sequence += 1
+        if body.get("kind") != "Tick":
+            body["epoch"] = self._epochs.get(address, "")
         body["boot"] = self.boot
         body["sequence"] = self.sequence
         body["sent_at"] = self._clock.wall()
@@ -240,10 +247,15 @@ class Reporter:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT,
                             int(3 * self._heartbeat * 1000))
         refused = asyncio.Event()  # a flag, never waited on: send the full state next time
+        hello = asyncio.Event()  # the replica's epoch arrived
         async with ws, asyncio.TaskGroup() as tasks:
-            tasks.create_task(self._replies(ws, address, dirty, refused))
+            tasks.create_task(self._replies(ws, address, dirty, refused, hello))
             try:
-                await self._send_stream(ws, dirty, refused)
+                # The first report should carry the epoch the replica opens with (a
+                # replica without epochs never sends one: then after the deadline).
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(hello.wait(), timeout=self._timeout)
+                await self._send_stream(ws, address, dirty, refused)
             finally:
                 await ws.close()
         code = ws.close_code
@@ -251,15 +263,15 @@ class Reporter:
             raise ReportRejected(f"stream to {address} ended (close code {code})")
         return int(code)
 
-    async def _send_stream(self, ws: aiohttp.ClientWebSocketResponse, dirty: asyncio.Event,
-                           refused: asyncio.Event) -> None:
+    async def _send_stream(self, ws: aiohttp.ClientWebSocketResponse, address: str,
+                           dirty: asyncio.Event, refused: asyncio.Event) -> None:
         while not ws.closed:
             if dirty.is_set() or refused.is_set():
                 dirty.clear()
                 refused.clear()
-                message = self._stamped(self._snapshot())
+                message = self._stamped(self._snapshot(), address)
             else:
-                message = self._stamped({"kind": "Tick"})
+                message = self._stamped({"kind": "Tick"}, address)
             try:
                 await ws.send_str(message)
             except ConnectionError:
@@ -269,11 +281,13 @@ class Reporter:
                 await asyncio.wait_for(dirty.wait(), timeout=self._heartbeat)
 
     async def _replies(self, ws: aiohttp.ClientWebSocketResponse, address: str,
-                       dirty: asyncio.Event, refused: asyncio.Event) -> None:
-        """The controller's answers: an acknowledgement per full report, and a refusal for
-        anything it did not accept. After a refusal the next message (at the heartbeat, not
-        at once: a sender whose clock is off would otherwise be refused in a tight loop)
-        carries the full state rather than a tick of a report the controller lacks."""
+                       dirty: asyncio.Event, refused: asyncio.Event,
+                       hello: asyncio.Event) -> None:
+        """The controller's answers: its epoch first, then an acknowledgement per full
+        report, and a refusal for anything it did not accept. After a refusal the next
+        message (at the heartbeat, not at once: a sender whose clock is off would otherwise
+        be refused in a tight loop) carries the full state rather than a tick of a report
+        the controller lacks. A report held for want of the epoch goes again at once."""
         try:
             async for msg in ws:
                 if msg.type != aiohttp.WSMsgType.TEXT:
@@ -282,7 +296,15 @@ class Reporter:
                     reply = json.loads(msg.data)
                 except ValueError:
                     continue
-                if isinstance(reply, dict) and reply.get("status") != 202:
+                if not isinstance(reply, dict):
+                    continue
+                if self._learn_epoch(address, reply):
+                    hello.set()
+                if reply.get("kind") == "Hello":
+                    continue
+                if reply.get("held") and reply.get("status") == 202:
+                    dirty.set()
+                if reply.get("status") != 202:
                     self._failed(ReportRejected(
                         f"{address} refused report {reply.get('sequence')}: "
                         f"{reply.get('status')} {str(reply.get('error'))[:200]}"))
@@ -296,21 +318,38 @@ class Reporter:
 
     async def _post(self, session: aiohttp.ClientSession, address: str) -> None:
         self._links[address].clear()
-        body = self._stamped(self._snapshot())
+        body = self._stamped(self._snapshot(), address)
         headers = {**self._token_headers(), "Content-Type": "application/json"}
         url, extra = self._url(address, self._path)
 
-        async def post() -> None:
+        async def post() -> bool:
             async with session.post(url, data=body, headers=headers, **extra) as resp:
+                text = await resp.text()
+                try:
+                    answer = json.loads(text)
+                except ValueError:
+                    answer = None
+                if isinstance(answer, dict):
+                    self._learn_epoch(address, answer)
                 if resp.status >= 300:
                     if resp.status == 429:  # the controller is rate-limiting token reviews
                         self._asked_to_wait(resp.headers.get("Retry-After"))
-                    text = (await resp.text())[:200]
-                    raise ReportRejected(f"{address} answered {resp.status}: {text}")
+                    raise ReportRejected(f"{address} answered {resp.status}: {text[:200]}")
+                return isinstance(answer, dict) and bool(answer.get("held"))
 
-        await with_deadline(f"report to {address}", post(), self._timeout)
+        held = await with_deadline(f"report to {address}", post(), self._timeout)
         self._sent()
         self.last_error = None
+        if held:  # made before we knew the replica's epoch: again, with it
+            self._links[address].set()
+
+    def _learn_epoch(self, address: str, message: dict[str, Any]) -> bool:
+        """Remember the epoch a replica handed out; True if ``message`` carried one."""
+        epoch = message.get("epoch")
+        if not isinstance(epoch, str) or not epoch:
+            return False
+        self._epochs[address] = epoch
+        return True
 
     def _asked_to_wait(self, retry_after: str | None) -> None:
         """Honour Retry-After (429: the controller is rate-limiting token reviews, say after

@@ -63,11 +63,25 @@ class ControllerCollector:
         yield degraded
         reports = CounterMetricFamily(f"{P}reports", "Reports received, by outcome",
                                       labels=["outcome"])
-        for outcome in ("accepted", "unauthenticated", "forbidden", "malformed", "invalid",
+        for outcome in ("accepted", "unauthenticated", "forbidden", "unbound",
+                        "forbidden_finding", "unknown_sender", "malformed", "invalid",
                         "too_large", "bad_content_type", "auth_unavailable", "throttled",
                         "stale", "skewed"):
             reports.add_metric([outcome], c.ingest.outcomes.get(outcome, 0))
         yield reports
+        yield CounterMetricFamily(f"{P}reports_held", "Accepted reports without this "
+                                  "controller's epoch (made before it started, or by a "
+                                  "reporter that has not heard it yet): their content is "
+                                  "held, not acted on", value=c.ingest.held)
+        refused = CounterMetricFamily(f"{P}report_findings_refused", "Reports refused for "
+                                      "claiming more than their sender may: a fault class "
+                                      "its role does not observe, or a subject that is not "
+                                      "its own", labels=["route", "field"])
+        for route in ("node", "pod"):
+            for field in ("fault_class", "subject"):
+                refused.add_metric([route, field], c.ingest.refused_findings.get(
+                    (route, field), 0))
+        yield refused
         yield CounterMetricFamily(f"{P}report_ticks", "Accepted reports that were ticks (a "
                                   "stream's \"my last report still holds\")",
                                   value=c.ingest.ticks)
@@ -77,8 +91,15 @@ class ControllerCollector:
                                       "not in the cache, by outcome", labels=["outcome"])
         reviews.add_metric(["reviewed"], c.tokens.reviews)
         reviews.add_metric(["not_plausible"], c.tokens.prefiltered)
+        reviews.add_metric(["forged"], c.tokens.forged)
         reviews.add_metric(["throttled"], c.tokens.throttled)
+        reviews.add_metric(["source_throttled"], c.tokens.source_throttled)
         yield reviews
+        yield gauge("token_reviews_waiting", "TokenReviews sent and not answered yet",
+                    c.tokens.review_waiting)
+        yield gauge("issuer_keys", "Public keys of the cluster's ServiceAccount issuer "
+                    "known (0: report tokens are checked by TokenReview only)",
+                    len(c.keys.status()["keys"]))
         actions = CounterMetricFamily(f"{P}actions", "Actions carried out, by outcome",
                                       labels=["action", "outcome"])
         for (action, outcome), n in sorted(c.executor.outcomes.items()):

@@ -5,9 +5,14 @@ Fed from three sources and nothing else:
 - node reports (``accept_report``): each agent's active findings, replaced wholesale by
   every report, so a cleared finding disappears with the next report;
 - pod reports (``accept_pod_report``): each sidecar's findings about its engine and its
-  group, mapped to the group of the reporting pod; a sidecar silent for
-  ``silence_seconds`` no longer counts (its pod may be gone, or cut off — then its peers'
-  reports carry the partition);
+  group, kept by the reporting pod's UID and mapped to that pod's group (the ingest has
+  bound the report to the pod and taken its node from the Pod object); a sidecar silent
+  for ``silence_seconds`` no longer counts (its pod may be gone, or cut off — then its
+  peers' reports carry the partition);
+
+A report the ingest could not prove was made after this controller started (it lacks our
+epoch: ``confirmed`` False) is *held*: it tells us its sender is alive and nothing else —
+it neither raises nor clears a finding.
 - the Node watch: Ready condition and cordon state;
 - the Pod watch: group membership from labels, readiness of each member;
 - the LeaderWorkerSet watch: how many pods make a complete group, and the model label.
@@ -132,8 +137,8 @@ class HealthModel:
         self.nodes: dict[str, NodeInfo] = {}
         self.groups: dict[str, GroupInfo] = {}
         self._pod_group: dict[str, str] = {}  # uid → group key
-        self._pod_uid: dict[str, str] = {}  # "namespace/name" → uid
-        # Sidecar reports by "namespace/name"; those with findings also in _pod_attention.
+        # Sidecar reports by the reporting pod's UID; those with findings also in
+        # _pod_attention. A new pod of the same name is another sender with its own entry.
         self.pod_reports: dict[str, PodReportState] = {}
         self._pod_attention: set[str] = set()
         self._groups_by_node: dict[str, set[str]] = {}
@@ -200,7 +205,6 @@ class HealthModel:
         group.pods[uid] = pod
         self._track_gate(pod)
         self._pod_group[uid] = key
-        self._pod_uid[f"{pod.namespace}/{pod.name}"] = uid
         if node:
             self._groups_by_node.setdefault(node, set()).add(key)
         self.changed.set()
@@ -214,11 +218,8 @@ class HealthModel:
     def delete_pod(self, obj: dict[str, Any]) -> None:
         meta = obj.get("metadata", {})
         uid = meta.get("uid", "")
-        name = f"{meta.get('namespace', '')}/{meta.get('name', '')}"
-        if self._pod_uid.get(name) == uid:
-            del self._pod_uid[name]
-            self.pod_reports.pop(name, None)  # its sidecar's findings go with it
-            self._pod_attention.discard(name)
+        self.pod_reports.pop(uid, None)  # its sidecar's findings go with it
+        self._pod_attention.discard(uid)
         self.ungated.pop(uid, None)
         key = self._pod_group.pop(uid, None)
         if key is None:
@@ -311,6 +312,8 @@ class HealthModel:
         was_silent = info.last_report is None or received - info.last_report > \
             self.silence_seconds
         info.last_report = received
+        if not report.confirmed:  # held: alive, and nothing more (module docstring)
+            return
         actionable = any(f.severity != "info" for f in report.findings)
         if actionable and info.became_bad_at is None:
             info.became_bad_at = received
@@ -327,7 +330,9 @@ class HealthModel:
             self.changed.set()
 
     def accept_pod_report(self, report: PodReport, received: float) -> None:
-        key = report.pod
+        if not report.confirmed:  # held (module docstring)
+            return
+        key = report.uid
         state = self.pod_reports.get(key)
         was_silent = state is None or received - state.received > self.silence_seconds
         before = _finding_keys(state.report if state else None)
@@ -340,10 +345,10 @@ class HealthModel:
         if was_silent or _finding_keys(report) != before:
             self.changed.set()
 
-    def _pod_of(self, key: str) -> PodInfo | None:
-        uid = self._pod_uid.get(key)
-        group = self.groups.get(self._pod_group.get(uid or "", ""))
-        return None if group is None or uid is None else group.pods.get(uid)
+    def pod(self, uid: str) -> PodInfo | None:
+        """The group member with this UID, as the Pod watch has it."""
+        group = self.groups.get(self._pod_group.get(uid, ""))
+        return None if group is None else group.pods.get(uid)
 
     def _fresh_pod_reports(self, now: float) -> list[tuple[PodReportState, PodInfo]]:
         """Sidecar reports with findings, fresh, from pods we know the group of."""
@@ -353,7 +358,7 @@ class HealthModel:
             if state is None or not state.report.findings:
                 self._pod_attention.discard(key)
                 continue
-            pod = self._pod_of(key)
+            pod = self.pod(key)
             if pod is not None and now - state.received <= self.silence_seconds:
                 out.append((state, pod))
         return out
@@ -393,8 +398,9 @@ class HealthModel:
         for state, pod in self._fresh_pod_reports(now):
             for f in state.report.findings:
                 age = max(0.0, state.report.sent_at - f.first_seen)
-                # A finding may name another member's node (a collective check localized
-                # the slow member): that node is where the cause sits.
+                # A finding may name another member of the group (a collective check
+                # localized the slow member): the ingest took that member's node from its
+                # Pod object, and that node is where the cause sits.
                 out.append(Signal(
                     fault_class=f.fault_class, severity=f.severity,
                     subject_kind=f.subject_kind, subject_id=f.subject_id,
@@ -434,8 +440,8 @@ class HealthModel:
             times = [self.nodes[n].became_bad_at for n in group.nodes
                      if n in self.nodes and self.nodes[n].became_bad_at is not None]
             times += [state.became_bad_at for p in group.pods.values()
-                      if (state := self.pod_reports.get(f"{p.namespace}/{p.name}"))
-                      is not None and state.became_bad_at is not None]
+                      if (state := self.pod_reports.get(p.uid)) is not None
+                      and state.became_bad_at is not None]
         else:
             info = self.nodes.get(target)
             times = [info.became_bad_at] if info and info.became_bad_at is not None else []

@@ -37,9 +37,11 @@ from policies.schema import PolicyError, default_policy, load_policy_file
 from supervisor import __version__
 from supervisor.config import Settings
 from supervisor.controller.actions import ActionExecutor
+from supervisor.controller.auth import IssuerKeys, TokenCache
 from supervisor.controller.election import LeaseElector
-from supervisor.controller.ingest import Ingest, NodeReport, TokenCache
+from supervisor.controller.ingest import Ingest, NodeReport
 from supervisor.controller.model import LWS_NAME, HealthModel
+from supervisor.controller.senders import Senders
 from supervisor.controller.store import StateStore
 from supervisor.controller.topology import Topology
 from supervisor.errors import Fenced, KubeError, KubeTemporaryError
@@ -160,10 +162,16 @@ class Controller:
         self.executor = ActionExecutor(kube, self.model, clock, fence=self,
                                        intents={}, save=self.persist,
                                        degrade_targets=topology.degrade)
+        self.keys = IssuerKeys(kube, clock)
         self.tokens = TokenCache(kube, clock, c.token_cache_seconds, c.token_audiences,
-                                 c.token_reviews_per_second)
+                                 c.token_reviews_per_second, keys=self.keys,
+                                 source_failures_per_second=c.source_failures_per_second,
+                                 source_reviews_per_second=c.source_reviews_per_second)
+        self.senders = Senders(self.model, agents_watched=bool(c.agent_pod_selector),
+                               synced=lambda: all(r.synced for r in self.reflectors))
         self.ingest = Ingest(self.tokens, c.allowed_reporters, c.report_max_bytes,
-                             self._accept, clock, accept_pod=self.model.accept_pod_report,
+                             self._accept, clock, directory=self.senders,
+                             accept_pod=self.model.accept_pod_report,
                              allowed_pods=c.allowed_pod_reporters,
                              max_skew=c.report_max_skew_seconds,
                              read_timeout=c.report_read_timeout_seconds,
@@ -171,12 +179,16 @@ class Controller:
         self.reflectors = [
             Reflector(kube, "/api/v1/nodes", "", self.model.upsert_node, self.model.delete_node),
             Reflector(kube, "/api/v1/pods", LWS_NAME, self.model.upsert_pod,
-                      self.model.delete_pod),
+                      self._pod_deleted),
             Reflector(kube, "/apis/leaderworkerset.x-k8s.io/v1/leaderworkersets", "",
                       self.model.upsert_lws, self.model.delete_lws, optional=True),
             *(Reflector(kube, "/api/v1/pods", k.selector, self.model.upsert_pod,
-                        self.model.delete_pod) for k in topology.kinds),
+                        self._pod_deleted) for k in topology.kinds),
         ]
+        if c.agent_pod_selector:
+            self.reflectors.append(Reflector(
+                kube, f"/api/v1/namespaces/{c.namespace}/pods", c.agent_pod_selector,
+                self.senders.upsert_agent, self._agent_deleted))
         self.state_loaded = False
         self.suspect: str | None = None
         self.policy_error: str | None = None
@@ -313,6 +325,16 @@ class Controller:
 
     def _accept(self, report: NodeReport, received: float) -> None:
         self.model.accept_report(report, received)
+
+    def _pod_deleted(self, obj: dict[str, Any]) -> None:
+        """A group member is gone: out of the model, and its sidecar's token (valid for a
+        while yet) speaks for nobody."""
+        self.model.delete_pod(obj)
+        self.ingest.sender_gone(obj.get("metadata", {}).get("uid", ""))
+
+    def _agent_deleted(self, obj: dict[str, Any]) -> None:
+        self.senders.delete_agent(obj)
+        self.ingest.sender_gone(obj.get("metadata", {}).get("uid", ""))
 
     def quorum_problem(self) -> str | None:
         if not all(r.synced for r in self.reflectors):
@@ -484,6 +506,7 @@ class Controller:
 
     def start(self, group: TaskGroup) -> None:
         group.start("lease", self.elector.run())
+        group.start("issuer-keys", self.keys.run())
         for i, reflector in enumerate(self.reflectors):
             group.start(f"watch-{i}-{reflector.path.rsplit('/', 1)[-1]}", reflector.run())
         group.start("decide", self._decide_loop())
@@ -494,6 +517,7 @@ class Controller:
     async def stop(self) -> None:
         for task in [*self._inflight.values(), *self._admit_tasks]:
             task.cancel()
+        await self.keys.close()
         await self.elector.release()
 
     def ready(self) -> dict[str, bool]:
@@ -522,9 +546,17 @@ class Controller:
             "reports": dict(self.ingest.outcomes),
             "report_ticks": self.ingest.ticks,
             "report_streams": len(self.ingest.streams),
+            "report_epoch": self.ingest.epoch,
+            "reports_held": self.ingest.held,
+            "refused_findings": {f"{route}/{field}": n for (route, field), n
+                                 in sorted(self.ingest.refused_findings.items())},
             "token_reviews": self.tokens.reviews,
+            "token_reviews_waiting": self.tokens.review_waiting,
             "tokens_prefiltered": self.tokens.prefiltered,
+            "tokens_forged": self.tokens.forged,
             "token_reviews_throttled": self.tokens.throttled,
+            "tokens_source_throttled": self.tokens.source_throttled,
+            "issuer_keys": self.keys.status(),
             "evaluations": self.evaluations,
             "gc": {"frozen_objects": gc.get_freeze_count(),
                    "full_passes": gc.get_stats()[2]["collections"],

@@ -11,6 +11,7 @@ from typing import Any
 
 from kubernetes_asyncio import client
 
+from simulator.controlplane.cluster import REPORT_AUDIENCE
 from supervisor.controller.model import LWS_GROUP, LWS_NAME, LWS_WORKER, READINESS_GATE
 
 
@@ -96,3 +97,40 @@ async def finish_deletion(api: client.ApiClient, ns: str, name: str) -> None:
             return
         await asyncio.sleep(0.05)
     raise AssertionError(f"pod {ns}/{name} did not go away")
+
+
+async def agent_pod(api: client.ApiClient, namespace: str, account: str,
+                    labels: dict[str, str], node: str) -> dict[str, Any]:
+    """An agent pod on ``node``, as the chart's DaemonSet would have created it (its labels,
+    its ServiceAccount)."""
+    core = client.CoreV1Api(api)
+    body = {"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": unique(f"agent-{node}")[:63], "labels": labels},
+            "spec": {"nodeName": node, "serviceAccountName": account,
+                     "automountServiceAccountToken": False,
+                     "containers": [{"name": "agent", "image": "gpu-supervisor:test"}]}}
+    created = await core.create_namespaced_pod(namespace, body)
+    return dict(api.sanitize_for_serialization(created))
+
+
+async def pod_token(api: client.ApiClient, pod: dict[str, Any],
+                    expiration_seconds: int = 3600) -> str:
+    """A report token bound to ``pod`` (its ServiceAccount, our audience), as the kubelet
+    projects one into it."""
+    core = client.CoreV1Api(api)
+    meta = pod["metadata"]
+    body: Any = {"spec": {"audiences": [REPORT_AUDIENCE],
+                          "expirationSeconds": expiration_seconds,
+                          "boundObjectRef": {"apiVersion": "v1", "kind": "Pod",
+                                             "name": meta["name"], "uid": meta["uid"]}}}
+    resp = await core.create_namespaced_service_account_token(
+        pod["spec"]["serviceAccountName"], meta["namespace"], body)
+    return str(resp.status.token)
+
+
+async def agent_token(api: client.ApiClient, release: Any, node: str) -> str:
+    """A report token of an agent of ``release`` (a ``manifests.Release``) on ``node``:
+    an agent pod with the chart's labels on that node, and a token bound to it."""
+    pod = await agent_pod(api, release.namespace, release.service_account("agent"),
+                          release.agent_pod_labels(), node)
+    return await pod_token(api, pod)

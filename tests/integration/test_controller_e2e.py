@@ -10,7 +10,7 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from simulator.controlplane.cluster import REPORT_AUDIENCE, KubeTestCluster
 from simulator.processes import ControllerProcess, gpu_finding, node_report
 from supervisor.controller.actions import QUARANTINE_TAINT
 from tests.integration.cluster_objects import (
+    agent_token,
     finish_deletion,
     list_pods,
     make_lws_group,
@@ -54,10 +55,26 @@ class Env:
     cluster: KubeTestCluster
     admin: client.ApiClient
     controller_kubeconfig: Path
-    agent_token: str
     ns: str
     workdir: Path
     release: manifests.Release  # the chart's RBAC and names this test's daemons run with
+    tokens: dict[str, str] = field(default_factory=dict)  # node → its agent's report token
+
+    def token(self, node: str) -> str:
+        """The report token of the agent on ``node`` (see ``nodes_with_agents``)."""
+        return self.tokens[node]
+
+    async def agents_on(self, nodes: list[str]) -> None:
+        """An agent pod of the release on each node, and its report token."""
+        for node in nodes:
+            self.tokens[node] = await agent_token(self.admin, self.release, node)
+
+
+async def nodes_with_agents(env: Env, count: int) -> list[str]:
+    """``count`` Ready nodes, each with an agent pod whose token reports for it."""
+    nodes = await make_nodes(env.admin, count)
+    await env.agents_on(nodes)
+    return nodes
 
 
 @pytest.fixture(name="env")
@@ -68,12 +85,10 @@ async def _env(kube_cluster: KubeTestCluster, tmp_path: Path) -> AsyncIterator[E
         release = await manifests.install_rbac(admin, unique("gs"))
         token = await kube_cluster.service_account_token(
             release.namespace, release.service_account("controller"))
-        agent_token = await kube_cluster.service_account_token(
-            release.namespace, release.service_account("agent"), audiences=[REPORT_AUDIENCE])
         ns = unique("serving")
         await kube_cluster.ensure_namespace(ns)
         yield Env(kube_cluster, admin, kube_cluster.write_kubeconfig(tmp_path / "kc", token),
-                  agent_token, ns, tmp_path, release)
+                  ns, tmp_path, release)
 
 
 def controller(env: Env, identity: str, policy: str = POLICY) -> ControllerProcess:
@@ -118,20 +133,22 @@ class TestControllerIngest:
         shape 422 naming the field, oversized 413 — and the controller keeps running."""
         ctl = controller(env, "ingest").start()
         try:
+            await env.agents_on(["node-x"])
+            ctl.wait_for(lambda: ctl.get("/readyz")[0] == 200, what="watches synced")
             good = node_report("node-x", [])
             assert ctl.post_report("", good)[0] == 401
             assert ctl.post_report("not-a-token", good)[0] == 401
             other = await env.cluster.service_account_token(env.ns, "someone-else",
                                                             audiences=[REPORT_AUDIENCE])
             assert ctl.post_report(other, good)[0] == 403
-            assert ctl.post_report(env.agent_token, None, raw=b"{nope")[0] == 400
-            code, body = ctl.post_report(env.agent_token, {**good, "findings": [{"x": 1}]})
+            assert ctl.post_report(env.token("node-x"), None, raw=b"{nope")[0] == 400
+            code, body = ctl.post_report(env.token("node-x"), {**good, "findings": [{"x": 1}]})
             assert code == 422 and "findings[0].severity" in body
-            code, body = ctl.post_report(env.agent_token, {**good, "kind": "Other"})
+            code, body = ctl.post_report(env.token("node-x"), {**good, "kind": "Other"})
             assert code == 422 and "kind" in body
-            assert ctl.post_report(env.agent_token, None, raw=b"x" * (2 << 20))[0] == 413
-            assert ctl.post_report(env.agent_token, good, content_type="text/plain")[0] == 415
-            assert ctl.post_report(env.agent_token, good)[0] == 202
+            assert ctl.post_report(env.token("node-x"), None, raw=b"x" * (2 << 20))[0] == 413
+            assert ctl.post_report(env.token("node-x"), good, content_type="text/plain")[0] == 415
+            assert ctl.post_report(env.token("node-x"), good)[0] == 202
             status = ctl.status()
             assert status["reports"]["accepted"] == 1
             assert status["reports"]["unauthenticated"] == 2
@@ -159,7 +176,7 @@ class TestControllerFailover:
             self, env: Env) -> None:
         """Leader A fails the group over, is SIGKILLed; B takes the Lease, loads the incident
         and continues the ladder: the group is restarted exactly once, never again."""
-        nodes = await make_nodes(env.admin, 2)
+        nodes = await nodes_with_agents(env, 2)
         await make_lws_group(env.admin, env.ns, "llama", 0, nodes, model="llama-70b")
         a = controller(env, "ctl-a").start()
         b = controller(env, "ctl-b").start()
@@ -168,7 +185,7 @@ class TestControllerFailover:
             standby = b if leader is a else a
             report = node_report(nodes[1], [gpu_finding(nodes[1], 3)])
             for c in (leader, standby):  # the Service may route to either
-                assert c.post_report(env.agent_token, report)[0] == 202
+                assert c.post_report(env.token(nodes[1]), report)[0] == 202
 
             await until(lambda: all_gated(env), what="group failed over")
             leader.kill()  # mid-incident: restart_group is still 4 s away
@@ -179,7 +196,7 @@ class TestControllerFailover:
 
             # Keep the agent's report fresh for the survivor while it takes over.
             async def refresh_and_check() -> bool:
-                standby.post_report(env.agent_token, node_report(nodes[1], [
+                standby.post_report(env.token(nodes[1]), node_report(nodes[1], [
                     gpu_finding(nodes[1], 3, age=10)]))
                 return await restarted()
             await until(refresh_and_check, timeout=30, what="restart by the new leader")
@@ -215,7 +232,7 @@ rules:
 
 async def leader_with_groups(env: Env, groups: int, policy: str,
                              name: str = "solo") -> tuple[ControllerProcess, list[str]]:
-    nodes = await make_nodes(env.admin, groups)
+    nodes = await nodes_with_agents(env, groups)
     for i, node in enumerate(nodes):
         await make_lws_group(env.admin, env.ns, "llama", i, [node], model="llama-70b")
     ctl = controller(env, name, policy=policy).start()
@@ -240,7 +257,7 @@ class TestControllerSafety:
             "budgets: {max_groups_disrupted: 1, min_healthy_groups: 0}"))
         try:
             for node in nodes:
-                assert ctl.post_report(env.agent_token, node_report(
+                assert ctl.post_report(env.token(node), node_report(
                     node, [gpu_finding(node, 0)]))[0] == 202
 
             async def refused_two() -> bool:
@@ -259,7 +276,7 @@ class TestControllerSafety:
             "circuit_breaker: {max_actions: 2, window: 10m}"))
         try:
             for node in nodes:
-                ctl.post_report(env.agent_token, node_report(node, [gpu_finding(node, 0)]))
+                ctl.post_report(env.token(node), node_report(node, [gpu_finding(node, 0)]))
 
             async def tripped() -> bool:
                 status = await asyncio.to_thread(ctl.status)
@@ -277,7 +294,7 @@ class TestControllerSafety:
 
             async def all_three() -> bool:
                 for node in nodes:  # the agents keep reporting
-                    ctl.post_report(env.agent_token, node_report(node, [gpu_finding(node, 0)]))
+                    ctl.post_report(env.token(node), node_report(node, [gpu_finding(node, 0)]))
                 return len(await terminating(env)) == 3
             await until(all_three, what="third restart after reset")
             cm = await core.read_namespaced_config_map(state, env.release.namespace)
@@ -305,14 +322,14 @@ rules:
             return any(t.key == QUARANTINE_TAINT for t in raw.spec.taints or [])
         try:
             hot = [gpu_finding(node, 0, "thermal", "warning")]
-            ctl.post_report(env.agent_token, node_report(node, hot))
+            ctl.post_report(env.token(node), node_report(node, hot))
             await until(quarantined, what="quarantine")
-            ctl.post_report(env.agent_token, node_report(node, []))
+            ctl.post_report(env.token(node), node_report(node, []))
 
             async def lifted() -> bool:
                 return not await quarantined()
             await until(lifted, what="quarantine lifted")
-            ctl.post_report(env.agent_token, node_report(node, hot))
+            ctl.post_report(env.token(node), node_report(node, hot))
 
             async def cooldown_refusal() -> bool:
                 status = await asyncio.to_thread(ctl.status)
@@ -333,7 +350,7 @@ rules:
                                         "leaderworkerset.sigs.k8s.io/group-index": "0",
                                         "leaderworkerset.sigs.k8s.io/worker-index": "1"}))
             await mark_running(core, env.ns, "llama-0-1", gate=False)
-            ctl.post_report(env.agent_token, node_report(nodes[0], [gpu_finding(nodes[0], 0)]))
+            ctl.post_report(env.token(nodes[0]), node_report(nodes[0], [gpu_finding(nodes[0], 0)]))
 
             async def logged() -> bool:
                 log = ctl.log()
@@ -361,7 +378,7 @@ rules:
             await until(rejected, what="reload rejected")
             status = await asyncio.to_thread(ctl.status)
             assert "rules[0].then[0].action" in status["policy_error"]
-            ctl.post_report(env.agent_token, node_report(nodes[0], [gpu_finding(nodes[0], 0)]))
+            ctl.post_report(env.token(nodes[0]), node_report(nodes[0], [gpu_finding(nodes[0], 0)]))
 
             async def restarted() -> bool:
                 return len(await terminating(env)) == 1
@@ -376,10 +393,10 @@ rules:
             "budgets: {max_groups_disrupted: 10, min_healthy_groups: 0}"),)
         try:
             for node in nodes:
-                ctl.post_report(env.agent_token, node_report(node, []))
+                ctl.post_report(env.token(node), node_report(node, []))
             # silence_seconds is 3 here: three agents fall silent, one reports a fault.
             await asyncio.sleep(4)
-            ctl.post_report(env.agent_token, node_report(nodes[0], [gpu_finding(nodes[0], 0)]))
+            ctl.post_report(env.token(nodes[0]), node_report(nodes[0], [gpu_finding(nodes[0], 0)]))
 
             async def suspect() -> bool:
                 status = await asyncio.to_thread(ctl.status)
@@ -404,12 +421,12 @@ class TestControllerWithAgent:
         readiness gates of the group's pods False on the API server."""
         from simulator.processes import AgentProcess
 
-        nodes = await make_nodes(env.admin, 2)
+        nodes = await nodes_with_agents(env, 2)
         await make_lws_group(env.admin, env.ns, "llama", 0, nodes, model="llama-70b")
         ctl = controller(env, "with-agent", policy=POLICY.replace(
             "fault_classes: [gpu_lost]", "fault_classes: [gpu_lost, xid]")).start()
         token_file = env.workdir / "agent-token"
-        token_file.write_text(env.agent_token)
+        token_file.write_text(env.token(nodes[0]))
         agent = AgentProcess(env.workdir / "agent", gpus=2, node_name=nodes[0], settings={
             "reporting": {"controller_url": ctl.report_url, "token_file": str(token_file),
                           "ca_file": str(ctl.tls_dir / "ca.crt"),
@@ -438,27 +455,15 @@ class TestControllerNodeBinding:
     async def test_pod_bound_token_may_only_report_for_its_own_node(self, env: Env) -> None:
         """An agent token bound to a pod on node A is refused (403) when it reports for node
         B, and accepted for A: one compromised agent cannot get other nodes quarantined."""
-        node_a, node_b = await make_nodes(env.admin, 2)
-        core = client.CoreV1Api(env.admin)
-        agent_sa = env.release.service_account("agent")
-        pod = await core.create_namespaced_pod(env.release.namespace, {
-            "apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": unique("agent")},
-            "spec": {"nodeName": node_a, "serviceAccountName": agent_sa,
-                     "automountServiceAccountToken": False,
-                     "containers": [{"name": "agent", "image": "gpu-supervisor:0.1.0"}]}})
-        request = await core.create_namespaced_service_account_token(
-            agent_sa, env.release.namespace, {
-                "spec": {"audiences": [REPORT_AUDIENCE], "expirationSeconds": 3600,
-                         "boundObjectRef": {"kind": "Pod", "apiVersion": "v1",
-                                            "name": pod.metadata.name,
-                                            "uid": pod.metadata.uid}}})
-        token = request.status.token
+        node_a, node_b = await nodes_with_agents(env, 2)
         ctl = controller(env, "binding").start()
         try:
-            code, body = ctl.post_report(token, node_report(node_b, []))
+            # Until its watches have listed, the controller cannot tell an agent pod from
+            # any other: it answers 503, come back shortly.
+            ctl.wait_for(lambda: ctl.get("/readyz")[0] == 200, what="watches synced")
+            code, body = ctl.post_report(env.token(node_a), node_report(node_b, []))
             assert code == 403 and f"bound to node {node_a}" in body
-            assert ctl.post_report(token, node_report(node_a, []))[0] == 202
+            assert ctl.post_report(env.token(node_a), node_report(node_a, []))[0] == 202
         finally:
             ctl.stop()
 
@@ -467,7 +472,7 @@ class TestControllerAdmission:
     async def test_new_pods_get_the_readiness_gate_of_their_group(self, env: Env) -> None:
         """Pods listing our readiness gate would never turn Ready on their own: the leader
         sets it True on a healthy group's new pods, False on a failed-over group's."""
-        nodes = await make_nodes(env.admin, 3)
+        nodes = await nodes_with_agents(env, 3)
         await make_lws_group(env.admin, env.ns, "llama", 0, nodes[:2], gate=False)
         ctl = controller(env, "admit").start()
         try:
@@ -481,7 +486,7 @@ class TestControllerAdmission:
                 return await gates() == {"llama-0": "True", "llama-0-1": "True"}
             await until(admitted, what="new pods admitted")
             # Fail the group over, then a replacement member appears: it joins gated False.
-            ctl.post_report(env.agent_token, node_report(nodes[0], [gpu_finding(nodes[0], 0)]))
+            ctl.post_report(env.token(nodes[0]), node_report(nodes[0], [gpu_finding(nodes[0], 0)]))
             await until(lambda: all_gated(env), what="group failed over")
             core = client.CoreV1Api(env.admin)
             await core.create_namespaced_pod(env.ns, pod_body(
@@ -603,7 +608,7 @@ class TestFencingAcrossLeaderChanges:
         write and its Lease renewals are held. B takes over, fails the group over itself,
         then puts it back once the fault clears. When A's held write finally reaches the
         API server it fails its precondition: the group stays in traffic."""
-        nodes = await make_nodes(env.admin, 2)
+        nodes = await nodes_with_agents(env, 2)
         await make_lws_group(env.admin, env.ns, "llama", 0, nodes, model="llama-70b")
         proxy = await ApiProxy(env.cluster).start()
         token = (await asyncio.to_thread(env.controller_kubeconfig.read_text))
@@ -626,11 +631,11 @@ class TestFencingAcrossLeaderChanges:
             # A has reviewed the agent's token before its path goes slow. (Every blocking
             # call runs in a thread here: the proxy lives on this test's event loop.)
             post = asyncio.to_thread
-            assert (await post(a.post_report, env.agent_token,
+            assert (await post(a.post_report, env.token(nodes[1]),
                                node_report(nodes[1], [])))[0] == 202
             proxy.hold()
             fault = [gpu_finding(nodes[1], 3)]
-            assert (await post(a.post_report, env.agent_token,
+            assert (await post(a.post_report, env.token(nodes[1]),
                                node_report(nodes[1], fault)))[0] == 202
 
             async def a_wrote_something() -> bool:
@@ -639,14 +644,14 @@ class TestFencingAcrossLeaderChanges:
 
             async def b_leads_and_failed_over() -> bool:
                 assert b is not None
-                await post(b.post_report, env.agent_token, node_report(nodes[1], fault))
+                await post(b.post_report, env.token(nodes[1]), node_report(nodes[1], fault))
                 status = await asyncio.to_thread(b.status)
                 return bool(status["leader"]) and await all_gated(env)
             await until(b_leads_and_failed_over, timeout=30, what="B failed the group over")
 
             async def b_recovered() -> bool:
                 assert b is not None
-                await post(b.post_report, env.agent_token, node_report(nodes[1], []))
+                await post(b.post_report, env.token(nodes[1]), node_report(nodes[1], []))
                 return await gates(env) == {"True"}
             await until(b_recovered, timeout=30, what="B put the group back")
 
@@ -680,7 +685,7 @@ class TestTimersAcrossLeaderChanges:
         """A fails the group over and 12 s later (no action since) is SIGKILLed. B takes
         over and restarts the group when the ladder's ``after: 20s`` ends — about 20 s
         after the fail-over — not 20 s after its own take-over."""
-        nodes = await make_nodes(env.admin, 2)
+        nodes = await nodes_with_agents(env, 2)
         await make_lws_group(env.admin, env.ns, "llama", 0, nodes, model="llama-70b")
         policy = POLICY.replace("""      - action: quarantine
       - action: restart_group
@@ -695,17 +700,17 @@ class TestTimersAcrossLeaderChanges:
 
             async def report_and_gated() -> bool:
                 for c in (leader, standby):
-                    c.post_report(env.agent_token, node_report(nodes[1], fault))
+                    c.post_report(env.token(nodes[1]), node_report(nodes[1], fault))
                 return await all_gated(env)
             await until(report_and_gated, what="group failed over")
             failed_over_at = time.monotonic()
             while time.monotonic() - failed_over_at < 12:
-                standby.post_report(env.agent_token, node_report(nodes[1], fault))
+                standby.post_report(env.token(nodes[1]), node_report(nodes[1], fault))
                 await asyncio.sleep(1)
             leader.kill()
 
             async def restarted() -> bool:
-                standby.post_report(env.agent_token, node_report(nodes[1], fault))
+                standby.post_report(env.token(nodes[1]), node_report(nodes[1], fault))
                 pods = await list_pods(env.admin, env.ns)
                 return bool(pods["llama-0"]["metadata"].get("deletionTimestamp"))
             await until(restarted, timeout=40, what="restart by the new leader")
@@ -727,13 +732,13 @@ class TestXidIncidentsEndToEnd:
         and crashed again, twice) is the GPU: the node is quarantined."""
         from simulator.processes import AgentProcess
 
-        nodes = await make_nodes(env.admin, 1)
+        nodes = await nodes_with_agents(env, 1)
         await make_lws_group(env.admin, env.ns, "llama", 0, nodes, model="llama-70b")
         ctl = ControllerProcess(env.workdir, env.controller_kubeconfig, "xid-default",
                                 settings=env.release.controller_settings())
         await asyncio.to_thread(ctl.start)
         token_file = env.workdir / "agent-token"
-        token_file.write_text(env.agent_token)
+        token_file.write_text(env.token(nodes[0]))
         agent = AgentProcess(env.workdir / "agent", gpus=2, node_name=nodes[0], settings={
             "detectors": {"xid_incident_gap_seconds": 1.0},
             "reporting": {"controller_url": ctl.report_url, "token_file": str(token_file),
@@ -794,7 +799,7 @@ class TestSidecarToController:
         on both pods); the engine resumes: the gate is True again."""
         from simulator.processes import EngineProcess, SidecarProcess
 
-        nodes = await make_nodes(env.admin, 2)
+        nodes = await nodes_with_agents(env, 2)
         pods = await make_lws_group(env.admin, env.ns, "llama", 0, nodes, model="llama-70b")
         ctl = controller(env, "with-sidecars", policy=ENGINE_HANG_POLICY)
         await asyncio.to_thread(ctl.start)
@@ -856,7 +861,7 @@ class TestSidecarToController:
     async def test_a_pod_token_may_only_report_for_its_own_pod(self, env: Env) -> None:
         """A sidecar's token is bound to its pod: a report about another pod is 403, a
         token not bound to any pod is 403, the right pod's report is accepted."""
-        nodes = await make_nodes(env.admin, 2)
+        nodes = await nodes_with_agents(env, 2)
         pods = await make_lws_group(env.admin, env.ns, "llama", 0, nodes)
         ctl = controller(env, "pod-binding").start()
         try:
@@ -885,7 +890,7 @@ class TestSidecarToController:
     async def test_collective_slow_quarantines_the_named_member_node(self, env: Env) -> None:
         """The group's leader reports collective_slow localized to the worker on node B:
         the controller quarantines node B — where the cause is — not the reporter's node."""
-        nodes = await make_nodes(env.admin, 2)
+        nodes = await nodes_with_agents(env, 2)
         pods = await make_lws_group(env.admin, env.ns, "llama", 0, nodes)
         ctl = controller(env, "collective-slow", policy="""
 budgets: {max_groups_disrupted: 4, min_healthy_groups: 0}

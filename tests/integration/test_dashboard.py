@@ -60,7 +60,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from simulator.controlplane.cluster import REPORT_AUDIENCE, KubeTestCluster
+from simulator.controlplane.cluster import KubeTestCluster
 from simulator.processes import (
     AgentProcess,
     ControllerProcess,
@@ -71,7 +71,7 @@ from simulator.processes import (
     node_report,
     vllm_python,
 )
-from tests.integration.cluster_objects import make_lws_group, make_nodes, unique
+from tests.integration.cluster_objects import agent_token, make_lws_group, make_nodes, unique
 from tests.kubeenv import manifests
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -406,7 +406,7 @@ AGENT_FAULT_CLASSES = {"ecc_uncorrectable", "thermal", "clock_throttle"}
 @dataclass
 class Cluster:
     controller_kubeconfig: Path
-    agent_token: str
+    agent_tokens: dict[str, str]  # node → the report token of an agent pod there
     namespace: str
     nodes: list[str]  # [agent's node, the group's second node, a node that goes silent]
     release: manifests.Release  # the chart's RBAC and names the daemons run with
@@ -423,12 +423,12 @@ async def prepare_cluster(cluster: KubeTestCluster, workdir: Path) -> Cluster:
         nodes = await make_nodes(admin, 3, prefix="dash")
         await make_lws_group(admin, ns, "llama", 0, nodes[:2], model=MODEL)
         await make_lws_group(admin, ns, "llama", 1, nodes[2:], model=MODEL)
+        agent_tokens = {node: await agent_token(admin, release, node)
+                        for node in (nodes[0], nodes[2])}
     controller_token = await cluster.service_account_token(
         release.namespace, release.service_account("controller"))
-    agent_token = await cluster.service_account_token(
-        release.namespace, release.service_account("agent"), audiences=[REPORT_AUDIENCE])
     return Cluster(cluster.write_kubeconfig(workdir / "kubeconfig", controller_token),
-                   agent_token, ns, nodes, release)
+                   agent_tokens, ns, nodes, release)
 
 
 @dataclass
@@ -488,7 +488,7 @@ def run_scenario(stack: Stack, engine: EngineProcess) -> None:
     ctl.wait_for(lambda: ctl.status()["reports"].get("accepted", 0) >= 1,
                  what="a report from the agent")
     # The third node reports once and then never again: silent after silence_seconds.
-    code, body = ctl.post_report(stack.cluster.agent_token,
+    code, body = ctl.post_report(stack.cluster.agent_tokens[stack.cluster.nodes[2]],
                                  node_report(stack.cluster.nodes[2], [], gpus=2))
     assert code == 202, body
 
@@ -532,7 +532,7 @@ def _stack(kube_cluster: KubeTestCluster, tmp_path_factory: pytest.TempPathFacto
         ctl.start()
 
         token_file = workdir / "agent-token"
-        token_file.write_text(cluster.agent_token)
+        token_file.write_text(cluster.agent_tokens[cluster.nodes[0]])
         (workdir / "agent").mkdir()
         agent = AgentProcess(workdir / "agent", gpus=4, node_name=node_a, settings={
             "reporting": {"controller_url": ctl.report_url, "token_file": str(token_file),

@@ -20,7 +20,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from bench.report_flood import forged_token
+from bench.report_flood import forged_token, key_id
 from simulator.controlplane.cluster import REPORT_AUDIENCE, KubeTestCluster
 from simulator.processes import (
     AgentProcess,
@@ -30,7 +30,7 @@ from simulator.processes import (
     report_tls,
 )
 from supervisor.config import ReportingSettings
-from tests.integration.cluster_objects import unique
+from tests.integration.cluster_objects import agent_token, unique
 from tests.kubeenv import manifests
 
 pytestmark = pytest.mark.kube
@@ -40,19 +40,23 @@ pytestmark = pytest.mark.kube
 class Env:
     cluster: KubeTestCluster
     kubeconfig: Path
-    token: str  # the agent's report token (our audience)
+    token: str  # the report token of the agent on node n1 (bound to its pod)
     workdir: Path
     release: manifests.Release
+
+    async def agent_token(self, node: str) -> str:
+        """The report token of an agent pod of this release on ``node``."""
+        async with await self.cluster.api_client() as admin:
+            return await agent_token(admin, self.release, node)
 
 
 @pytest.fixture(name="env")
 async def _env(kube_cluster: KubeTestCluster, tmp_path: Path) -> Env:
     async with await kube_cluster.api_client() as admin:
         release = await manifests.install_rbac(admin, unique("gs"))
+        agent = await agent_token(admin, release, "n1")
     token = await kube_cluster.service_account_token(release.namespace,
                                                      release.service_account("controller"))
-    agent = await kube_cluster.service_account_token(
-        release.namespace, release.service_account("agent"), audiences=[REPORT_AUDIENCE])
     return Env(kube_cluster, kube_cluster.write_kubeconfig(tmp_path / "kc", token), agent,
                tmp_path, release)
 
@@ -62,13 +66,13 @@ def controller(env: Env, name: str, **settings: Any) -> ControllerProcess:
                              settings=env.release.controller_settings(**settings))
 
 
-def reporting_agent(env: Env, ctl: ControllerProcess, name: str, node: str, *,
-                    ca_file: Path | None = None, heartbeat: float = 1.0, gpus: int = 1
-                    ) -> AgentProcess:
-    """An agent reporting to ``ctl`` with the report token, trusting ``ca_file`` (the
-    controller's CA unless given)."""
-    token_file = env.workdir / "token"
-    token_file.write_text(env.token)
+async def reporting_agent(env: Env, ctl: ControllerProcess, name: str, node: str, *,
+                          ca_file: Path | None = None, heartbeat: float = 1.0, gpus: int = 1
+                          ) -> AgentProcess:
+    """An agent on ``node`` reporting to ``ctl`` with the report token of an agent pod
+    there, trusting ``ca_file`` (the controller's CA unless given)."""
+    token_file = env.workdir / f"token-{name}"
+    token_file.write_text(await env.agent_token(node))
     return AgentProcess(env.workdir / name, gpus=gpus, node_name=node, settings={
         "reporting": {"controller_url": ctl.report_url, "token_file": str(token_file),
                       "ca_file": str(ca_file or ctl.tls_dir / "ca.crt"),
@@ -104,7 +108,7 @@ class TestEncryptionAndTrust:
         nothing (so its token never leaves); with the right bundle its reports arrive."""
         other_ca = report_tls(env.workdir / "other-ca")
         ctl = controller(env, "verify").start()
-        agent = reporting_agent(env, ctl, "agent", "n-verify", ca_file=other_ca / "ca.crt")
+        agent = await reporting_agent(env, ctl, "agent", "n-verify", ca_file=other_ca / "ca.crt")
         try:
             agent.start()
             agent.wait_for(lambda: agent.status()["reporting"]["failed"] >= 2,
@@ -113,7 +117,7 @@ class TestEncryptionAndTrust:
             assert ctl.status()["reports"].get("accepted", 0) == 0
         finally:
             agent.stop()
-        good = reporting_agent(env, ctl, "agent2", "n-verify")
+        good = await reporting_agent(env, ctl, "agent2", "n-verify")
         try:
             good.start()
             good.wait_for(lambda: ctl.status()["reports"].get("accepted", 0) >= 1,
@@ -178,19 +182,20 @@ class TestTokens:
         info.value.close()
         assert info.value.code == 401
 
-    async def test_flood_of_bogus_tokens_is_capped_and_valid_reports_still_answer(
+    async def test_forged_tokens_cost_no_review_and_valid_reports_still_answer(
             self, env: Env) -> None:
-        """300 reports with distinct tokens shaped like ours (valid-looking JWTs, bad
-        signatures) cost at most the review burst in TokenReviews — the rest get 429 —
-        and a valid report sent in the middle of the flood is accepted within an agent's
-        report deadline (reporting.timeout_seconds): the flood does not cost agents their
-        reports."""
+        """300 reports with distinct tokens shaped like ours — our audience, the cluster's
+        own key id, bad signatures — cost no TokenReview at all: the signature check
+        refuses the first few (401), the source's allowance the rest before any check
+        (429); a valid report sent in the middle of the flood, from the same address, is
+        accepted within an agent's report deadline."""
         ctl = controller(env, "flood", token_reviews_per_second=10).start()
         try:
             assert ctl.post_report(env.token, node_report("n1", []))[0] == 202  # cached
             tls = ctl.tls
             url = ctl.report_url + "/v1/reports/node"
             body = json.dumps(node_report("n1", []))
+            kid = key_id(env.token)
             async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(
                     ssl=tls, limit=100)) as session:
 
@@ -201,10 +206,10 @@ class TestTokens:
                         return resp.status
 
                 flood_started = time.monotonic()
-                flood = [asyncio.create_task(post(forged_token(i)))
+                flood = [asyncio.create_task(post(forged_token(i, kid)))
                          for i in range(300)]
                 await asyncio.sleep(0.05)
-                valid = json.dumps(node_report("n1", []))
+                valid = json.dumps(node_report("n1", [], epoch=ctl.epoch()))
                 deadline = aiohttp.ClientTimeout(total=ReportingSettings().timeout_seconds)
                 async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(
                         ssl=tls), timeout=deadline) as own, own.post(url, data=valid, headers={
@@ -214,11 +219,13 @@ class TestTokens:
                 statuses = await asyncio.gather(*flood)
                 flood_seconds = time.monotonic() - flood_started
             assert set(statuses) <= {401, 429}
-            assert statuses.count(429) >= 250
             status = ctl.status()
-            # The valid token, the burst (twice the rate), and what the rate refilled.
-            assert status["token_reviews"] <= 1 + 20 + 10 * flood_seconds + 1
-            assert status["reports"]["throttled"] == statuses.count(429)
+            assert status["token_reviews"] == 1  # the valid token, before the flood
+            assert status["tokens_forged"] == statuses.count(401)
+            # The source's allowance: its burst (twice 5/s) and what refilled meanwhile.
+            assert statuses.count(401) <= 10 + 5 * flood_seconds + 1
+            assert status["tokens_source_throttled"] == statuses.count(429)
+            assert status["issuer_keys"]["keys"] == [kid]
             # The log holds one line per kind of rejection, not one per request.
             assert ctl.log().count('"outcome": "throttled"') <= 2
         finally:
@@ -227,10 +234,17 @@ class TestTokens:
     async def test_a_crowd_throttled_together_is_told_to_come_back_spread_out(
             self, env: Env) -> None:
         """A fleet reconnecting at once (a controller restart) must not retry every second,
-        each attempt a refused TLS handshake: once 300 senders were throttled within a
-        second at 10 reviews/s, the next are told to come back at random times spread over
-        the ~30 s their reviews take (at most a minute)."""
-        ctl = controller(env, "crowd", token_reviews_per_second=10).start()
+        each attempt a refused TLS handshake: once 300 senders with genuine tokens were
+        throttled within a second at 10 reviews/s, the next are told to come back at random
+        times spread over the ~30 s their reviews take (at most a minute)."""
+        ctl = controller(env, "crowd", token_reviews_per_second=10,
+                         source_reviews_per_second=1000,
+                         source_failures_per_second=1000).start()
+        # Signed by the cluster, so they get past the signature to TokenReview (bound to
+        # no pod, each is refused after its review: that does not matter here).
+        tokens = await asyncio.gather(*(env.cluster.service_account_token(
+            env.release.namespace, env.release.service_account("agent"),
+            audiences=[REPORT_AUDIENCE]) for _ in range(340)))
         try:
             url = ctl.report_url + "/v1/reports/node"
             body = json.dumps(node_report("n1", []))
@@ -244,24 +258,33 @@ class TestTokens:
                         after = resp.headers.get("Retry-After")
                         return float(after) if resp.status == 429 and after else None
 
-                first = await asyncio.gather(*(post(forged_token(i)) for i in range(300)))
+                first = await asyncio.gather(*(post(t) for t in tokens[:300]))
                 await asyncio.sleep(1.2)
                 later = [a for a in await asyncio.gather(
-                    *(post(forged_token(1000 + i)) for i in range(40))) if a is not None]
+                    *(post(t) for t in tokens[300:])) if a is not None]
             assert min(a for a in first if a is not None) <= 2  # before the crowd was seen
-            assert len(later) >= 20  # the rest: reviewed with what the rate refilled (401)
+            assert len(later) >= 20  # the rest: reviewed with what the rate refilled
             assert min(later) >= 10 and max(later) <= 60
             assert len(set(later)) >= 5  # spread, not one herd coming back together
         finally:
             ctl.stop()
 
-    async def test_garbage_tokens_cost_no_review_at_all(self, env: Env) -> None:
-        """Tokens that are not JWTs for our audience are refused before any API call."""
+    async def test_garbage_tokens_cost_no_review_and_only_their_source_is_slowed(
+            self, env: Env) -> None:
+        """Tokens that are not JWTs for our audience are refused before any API call
+        (401); past its allowance the sending address is refused before even that (429),
+        while another address — an honest agent beside the attacker — is not."""
         ctl = controller(env, "garbage").start()
         try:
-            for i in range(20):
-                assert ctl.post_report(f"garbage-{i}", node_report("n1", []))[0] == 401
-            assert ctl.status()["token_reviews"] == 0
+            codes = [ctl.post_report(f"garbage-{i}", node_report("n1", []))[0]
+                     for i in range(20)]
+            assert set(codes) == {401, 429}
+            assert codes[:10] == [401] * 10  # the burst: twice source_failures_per_second
+            assert ctl.post_report("garbage-x", node_report("n1", []),
+                                   source="127.0.0.2")[0] == 401
+            assert ctl.post_report(env.token, node_report("n1", []),
+                                   source="127.0.0.3")[0] == 202
+            assert ctl.status()["token_reviews"] == 1  # the honest agent's token only
         finally:
             ctl.stop()
 
@@ -366,7 +389,7 @@ class TestStreams:
         token, reviewed again."""
         ctl = controller(env, "stream", token_cache_seconds=1.0,
                          report_stream_seconds=2.0).start()
-        agent = reporting_agent(env, ctl, "agent", "n-stream", heartbeat=0.2, gpus=2)
+        agent = await reporting_agent(env, ctl, "agent", "n-stream", heartbeat=0.2, gpus=2)
         try:
             agent.start()
             agent.wait_for(lambda: ctl.status()["report_ticks"] >= 5, what="ticks")
@@ -396,7 +419,7 @@ class TestStreams:
         """Every report refused (here: any skew at all is too much) — the agent sends the
         full state again at each heartbeat, not at once after each refusal."""
         ctl = controller(env, "refusing", report_max_skew_seconds=1e-6).start()
-        agent = reporting_agent(env, ctl, "agent", "n-refused", heartbeat=0.5)
+        agent = await reporting_agent(env, ctl, "agent", "n-refused", heartbeat=0.5)
         try:
             agent.start()
             agent.wait_for(lambda: ctl.status()["reports"].get("skewed", 0) >= 1,
@@ -412,9 +435,10 @@ class TestStreams:
             ctl.stop()
 
     async def test_a_stream_refuses_what_a_post_would_and_carries_on(self, env: Env) -> None:
-        """Over one stream: no token → the handshake's 401; a tick before any report, a
-        replayed tick, a report of another sender and non-JSON are each refused with the
-        POST's status, and the stream goes on accepting what is right."""
+        """Over one stream: no token → the handshake's 401; the controller opens with its
+        epoch; a tick before any report, a replayed tick, a stale one and non-JSON are each
+        refused with the POST's status and the stream goes on accepting what is right; a
+        report for another node is refused (403) and ends the stream."""
         ctl = controller(env, "stream-refusals").start()
         url = "wss" + ctl.report_url.removeprefix("https") + "/v1/reports/node/stream"
         async with aiohttp.ClientSession() as session:
@@ -424,6 +448,9 @@ class TestStreams:
                 assert refused.value.status == 401
                 async with session.ws_connect(url, ssl=ctl.tls, headers={
                         "Authorization": f"Bearer {env.token}"}) as ws:
+                    hello = await ws.receive_json(timeout=5)
+                    assert hello == {"kind": "Hello", "epoch": ctl.epoch()}
+
                     async def answer(message: Any) -> dict[str, Any]:
                         await ws.send_json(message)
                         reply: dict[str, Any] = await ws.receive_json(timeout=5)
@@ -434,20 +461,26 @@ class TestStreams:
                                 "sent_at": time.time() if sent_at is None else sent_at}
 
                     assert (await answer(tick(1)))["status"] == 409
-                    report = node_report("n1", [], sequence=10)
-                    assert await answer(report) == {"sequence": 10, "status": 202}
+                    report = node_report("n1", [], sequence=10, epoch=hello["epoch"])
+                    assert await answer(report) == {"sequence": 10, "status": 202,
+                                                    "epoch": hello["epoch"], "held": False}
                     await ws.send_json(tick(11))  # accepted: no reply
                     stale = await answer(tick(11))
                     assert stale["status"] == 409 and "not newer" in stale["error"]
                     assert (await answer(tick(12, time.time() - 600)))["status"] == 409
-                    other = await answer(node_report("n2", [], sequence=13))
-                    assert other["status"] == 422 and "node/n1" in other["error"]
                     await ws.send_str("{not json")
                     assert (await ws.receive_json(timeout=5))["status"] == 400
-                    assert (await answer(node_report("n1", [], sequence=14)))["status"] == 202
+                    assert (await answer(node_report("n1", [], sequence=14,
+                                                     epoch=hello["epoch"])))["status"] == 202
+                    other = await answer(node_report("n2", [], sequence=15,
+                                                     epoch=hello["epoch"]))
+                    assert other["status"] == 403 and "may not report for n2" in other["error"]
+                    closing = await ws.receive(timeout=5)
+                    assert closing.type == aiohttp.WSMsgType.CLOSE
+                    assert ws.close_code == aiohttp.WSCloseCode.POLICY_VIOLATION
                 status = ctl.status()
                 assert status["report_ticks"] == 1
                 assert status["reports"] == {"unauthenticated": 1, "accepted": 3, "stale": 2,
-                                             "skewed": 1, "invalid": 1, "malformed": 1}
+                                             "skewed": 1, "malformed": 1, "forbidden": 1}
             finally:
                 ctl.stop()

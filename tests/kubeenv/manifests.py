@@ -93,7 +93,13 @@ class Release:
         by this release's RBAC: its Lease, state ConfigMap and agent identity."""
         ctl = self.config("controller")["controller"]
         return {"controller": {k: ctl[k] for k in ("lease_name", "state_configmap",
-                                                   "allowed_reporters")} | extra}
+                                                   "allowed_reporters",
+                                                   "agent_pod_selector")} | extra}
+
+    def agent_pod_labels(self) -> dict[str, str]:
+        """The labels the chart's DaemonSet gives its agent pods."""
+        template = self.one("DaemonSet", "agent")["spec"]["template"]
+        return dict(template["metadata"]["labels"])
 
 
 def render(release: str = NAMESPACE, namespace: str = NAMESPACE,

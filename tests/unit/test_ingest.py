@@ -7,13 +7,8 @@ import json
 
 import pytest
 
-from supervisor.controller.ingest import (
-    ReplayGuard,
-    ReportInvalid,
-    TokenBucket,
-    jwt_plausible,
-    parse_node_report,
-)
+from supervisor.controller.auth import TokenBucket, jwt_plausible
+from supervisor.controller.ingest import ReplayGuard, ReportInvalid, parse_node_report
 from supervisor.runtime.clock import ManualClock
 
 
