@@ -430,9 +430,19 @@ class Simulation:
 
         async def all_serving() -> bool:
             # A model with a fallback is degraded while its groups come up (fewer healthy
-            # than its floor) and restored restore_after later: the faults wait for that.
-            return all(self.view.serving(g) for g in self.groups) and not any(
-                self.view.degraded(m.name) for m in self.scenario.models)
+            # than its floor) and restored restore_after later — its traffic given back
+            # over the drain, then the fallback scaled down: the faults wait for all that.
+            if not all(self.view.serving(g) for g in self.groups) or any(
+                    self.view.degraded(m.name) for m in self.scenario.models):
+                return False
+            assert self.kube is not None
+            for fallback in self.scenario.fallbacks:
+                scale = await self.kube.request(
+                    "GET", f"/apis/apps/v1/namespaces/{SERVING}/deployments/"
+                           f"{fallback.name}/scale")
+                if scale.get("spec", {}).get("replicas"):
+                    return False
+            return True
 
         await _until("every group serving, no model degraded", all_serving, SETUP_TIMEOUT_S,
                      self.cluster)

@@ -267,7 +267,9 @@ def degrade_topology(fallback: Fallback) -> dict[str, Any]:
     return {"model": fallback.for_model,
             "workload": {"kind": "Deployment", "namespace": SERVING, "name": fallback.name,
                          "replicas": fallback.replicas},
-            "traffic": traffic, "ready_timeout_seconds": 120}
+            # Restore gives traffic back over 10 s here (30 s by default) so a scenario
+            # sees the whole cycle within its few minutes.
+            "traffic": traffic, "ready_timeout_seconds": 120, "drain_seconds": 10}
 
 
 def model_service(model: Model) -> dict[str, Any]:

@@ -62,8 +62,11 @@ class NvmlSettings:
         500, "how long one XID event wait blocks; bounds how fast the event thread stops",
         "ms", gt=0)
     expected_gpus: int = setting(
-        0, "GPUs this node should have; fewer visible is a critical gpu_missing finding. "
-        "0 = the Node's nvidia.com/gpu capacity when the agent can read it", "GPUs", ge=0)
+        0, "physical GPUs this node should have; fewer visible is a critical gpu_missing "
+        "finding. 0 = the Node's GPU feature discovery label nvidia.com/gpu.count (physical "
+        "GPUs, shared or not), except under MIG's single strategy; never the "
+        "nvidia.com/gpu capacity, which counts time-slicing replicas and MIG devices",
+        "GPUs", ge=0)
     init_retry_max_seconds: float = setting(
         60.0, "NVML initialisation is retried with doubling waits up to this long while the "
         "driver is down (the agent stays up and reports it)", "s", gt=0)

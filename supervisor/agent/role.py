@@ -228,7 +228,7 @@ class Agent:
         self._check_gpu_count()
 
     def expect_gpus(self, count: int, source: str) -> None:
-        """How many GPUs this node should have (config, else the Node's capacity)."""
+        """How many GPUs this node should have (config, else the Node's physical count)."""
         if self.settings.nvml.expected_gpus:
             count, source = self.settings.nvml.expected_gpus, "nvml.expected_gpus"
         self.expected_gpus = (count, source)

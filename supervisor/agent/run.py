@@ -12,6 +12,7 @@ from pathlib import Path
 import structlog
 
 from probes.nvml import Nvml
+from supervisor.agent.inventory import physical_gpus
 from supervisor.agent.metrics import AgentCollector, ProbeHistograms
 from supervisor.agent.node_status import NodeConditionPublisher
 from supervisor.agent.role import Agent
@@ -100,7 +101,7 @@ async def run_agent(settings: Settings, *, simulate_dir: Path | None = None) -> 
             agent.listeners.append(publisher.poke)
             group.start("node-conditions", publisher.run())
             if not settings.nvml.expected_gpus:
-                group.start("expected-gpus", _expect_node_capacity(kube, agent),
+                group.start("expected-gpus", _expect_physical_gpus(kube, agent),
                             finishable=True)
         if settings.reporting.controller_url:
             reporter = Reporter.from_settings(settings.reporting, agent.report, clock,
@@ -117,18 +118,22 @@ async def run_agent(settings: Settings, *, simulate_dir: Path | None = None) -> 
     await serve(settings, group, app, start, cleanup)
 
 
-async def _expect_node_capacity(kube: KubeClient, agent: Agent) -> None:
-    """The Node's ``nvidia.com/gpu`` capacity is how many GPUs the agent should see."""
+async def _expect_physical_gpus(kube: KubeClient, agent: Agent) -> None:
+    """How many GPUs the Node says this node physically has (``inventory``)."""
     try:
         node = await kube.read_node(agent.node)
     except SupervisorError as exc:
-        log.warning("cannot read the Node's GPU capacity; no expected GPU count",
+        log.warning("cannot read the Node's GPU count; no expected GPU count",
                     error=str(exc))
         return
-    capacity = str(node.get("status", {}).get("capacity", {}).get("nvidia.com/gpu", ""))
-    if capacity.isdigit() and int(capacity) > 0:
-        agent.expect_gpus(int(capacity), "Node capacity nvidia.com/gpu")
-
+    found = physical_gpus(node)
+    if found is None:
+        log.info("the Node states no physical GPU count (no GPU feature discovery labels, "
+                 "or MIG's single strategy, where they count MIG devices): GPUs missing "
+                 "are judged against nvml.expected_gpus only",
+                 capacity=node.get("status", {}).get("capacity", {}).get("nvidia.com/gpu"))
+        return
+    agent.expect_gpus(*found)
 
 
 def run(settings: Settings, *, simulate_gpus: int | None, simulate_dir: str | None) -> int:

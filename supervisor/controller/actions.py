@@ -20,9 +20,11 @@
 Fencing: every request carries the controller's ``Fence``, so no attempt — first or
 retried — is sent once this replica's Lease is gone or about to be, and none outlives it.
 A request already on its way can still arrive late (a slow network, a stopped process);
-readiness-gate writes therefore carry the pod's ``resourceVersion`` as a precondition, so a
-write decided on a stale view fails with 409 instead of landing on top of whatever a newer
-leader wrote since. Every action ends in an Event, a counter and a structured log line.
+so every write is conditional — the readiness gate, the node's taint and condition, the
+scale subresource and the traffic object on the ``resourceVersion`` last read, a restart's
+deletes on the pods' UIDs — and a write decided on a stale view fails with 409 instead of
+landing on top of whatever a newer leader wrote since. (Events are new objects: nothing to
+overwrite.) Every action ends in an Event, a counter and a structured log line.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ QUARANTINE_CONDITION = "GPUSupervisorQuarantined"
 TRAFFIC_ANNOTATION = "gpu-supervisor.io/traffic-before-degrade"
 COMPONENT = "gpu-supervisor-controller"
 GATE_WRITE_ATTEMPTS = 3  # precondition conflicts re-read the pod and try again
+DRAIN_STEPS = 4  # a restore gives an HTTPRoute's traffic back a quarter at a time
 REFUSAL_EVENT_EVERY_SECONDS = 600.0  # a refusal repeats every evaluation; its Event does not
 
 # When the current action's first request was answered (None: not yet). Task-local: every
@@ -96,7 +99,8 @@ class DegradeTarget:
     model: str
     workload: Workload
     traffic: Traffic
-    ready_timeout: float = 600.0
+    ready_timeout: float = 600.0  # for the fallback's endpoints to be ready
+    drain_seconds: float = 30.0  # restore moves traffic back over this long
 
 
 def _selector(text: str) -> dict[str, str]:
@@ -104,12 +108,25 @@ def _selector(text: str) -> dict[str, str]:
 
 
 class DegradeRefused(SupervisorError):
-    """The traffic object cannot carry the fallback: shifting would drop traffic."""
+    """Moving traffic now would drop it: the traffic object cannot carry the fallback, or
+    the side it would move to has no ready endpoint. ``note`` says what was (not) done."""
 
-    def __init__(self, traffic: Traffic, why: str) -> None:
+    def __init__(self, traffic: Traffic, why: str, *, reason: str = "DegradeRefused",
+                 note: str = "Nothing was scaled or shifted") -> None:
         super().__init__(f"{traffic.kind} {traffic.namespace}/{traffic.name}: {why}")
         self.traffic = traffic
         self.why = why
+        self.reason = reason
+        self.note = note
+
+
+def _between(after: dict[str, int], before: dict[str, int], fraction: float
+             ) -> dict[str, int]:
+    """Weights ``fraction`` of the way back from ``after`` (degraded) to ``before``: the
+    primary's share returns, the fallback's shrinks, their sum stays what it was."""
+    primary = round(before["primary"] * fraction)
+    total = after["primary"] + after["fallback"]
+    return {"primary": primary, "fallback": max(before["fallback"], total - primary)}
 
 
 def _weight(ref: dict[str, Any]) -> int:
@@ -154,6 +171,9 @@ class ActionExecutor:
         self.intents = intents
         self._save = save
         self._degrade = degrade_targets or {}
+        # What holds a model's degrade or restore back right now (model → reason, message,
+        # since): the controller's own findings, in /status and metrics until it clears.
+        self.blocked: dict[str, dict[str, Any]] = {}
         self.outcomes: Counter[tuple[str, str]] = Counter()
         self.latencies: list[float] = []  # detection → first API write, seconds
         # Follow-up requests (the other pods of a group, Events) queue here so that in a
@@ -197,6 +217,8 @@ class ActionExecutor:
             return False
         except DegradeRefused as exc:
             self.outcomes[(str(decision.action), "refused")] += 1
+            self.blocked.setdefault(decision.target, {"since": self._clock.wall()}).update(
+                action=str(decision.action), reason=exc.reason, message=str(exc))
             await self._tell_refusal(exc, decision)
             return False
         except (KubeError, TimeoutError) as exc:
@@ -405,13 +427,33 @@ class ActionExecutor:
                 return result
         raise KubeTemporaryError(f"node {name} kept changing under us", status=409)
 
-    async def _node_condition(self, name: str, status: bool, reason: str, message: str
-                              ) -> None:
-        now = self._clock.wall()
-        cond = KubeClient.condition(QUARANTINE_CONDITION, status, reason, message[:1000], now,
-                                    now)
-        await self._write("PATCH", f"/api/v1/nodes/{name}/status",
-                          body={"status": {"conditions": [cond]}}, content_type=STRATEGIC_MERGE)
+    async def _node_condition(self, node: dict[str, Any], status: bool, reason: str,
+                              message: str) -> None:
+        """Our quarantine condition on ``node`` (as our taint write left it), with its
+        resourceVersion as the precondition. The condition says what the taint says: on a
+        409 the node is read again and the condition written only while our taint is
+        still as we left it — a newer leader that has lifted (or set) the quarantine
+        since is not contradicted by our late write. Fenced like every write."""
+        name = node["metadata"]["name"]
+        for _ in range(5):
+            now = self._clock.wall()
+            cond = KubeClient.condition(QUARANTINE_CONDITION, status, reason, message[:1000],
+                                        now, now)
+            body = {"metadata": {"resourceVersion": node["metadata"]["resourceVersion"]},
+                    "status": {"conditions": [cond]}}
+            if await self._write("PATCH", f"/api/v1/nodes/{name}/status", body=body,
+                                 content_type=STRATEGIC_MERGE,
+                                 ok_statuses=frozenset({404, 409}), discard_body=True):
+                return
+            node = await self._kube.request("GET", f"/api/v1/nodes/{name}",
+                                            ok_statuses=frozenset({404}), fence=self._fence)
+            tainted = any(t.get("key") == QUARANTINE_TAINT
+                          for t in node.get("spec", {}).get("taints") or [])
+            if not node or tainted != status:
+                log.info("quarantine condition not written: the node changed since",
+                         node=name, wanted=status, tainted=tainted)
+                return
+        raise KubeTemporaryError(f"node {name} kept changing under us", status=409)
 
     async def _quarantine(self, decision: Decision) -> None:
         changed = False
@@ -438,7 +480,7 @@ class ActionExecutor:
         if not changed:
             return
         self._record_latency(decision.target)
-        await self._node_condition(decision.target, True, "Quarantined", decision.reason)
+        await self._node_condition(node, True, "Quarantined", decision.reason)
         await self._event({"kind": "Node", "apiVersion": "v1", "name": decision.target},
                           decision, "NodeQuarantined")
 
@@ -460,7 +502,7 @@ class ActionExecutor:
         node = await self._patch_node(decision.target, mutate)
         if node is None:
             return
-        await self._node_condition(decision.target, False, "QuarantineLifted", decision.reason)
+        await self._node_condition(node, False, "QuarantineLifted", decision.reason)
         await self._event({"kind": "Node", "apiVersion": "v1", "name": decision.target},
                           decision, "NodeQuarantineLifted", warning=False)
 
@@ -472,21 +514,60 @@ class ActionExecutor:
 
     async def _scale(self, workload: Workload, replicas: int) -> None:
         """Set replicas through the scale subresource — the only write the controller's
-        RBAC allows on a workload, so it can never rewrite the pod template."""
-        await self._write("PATCH", f"{workload.path}/scale",
-                          body={"spec": {"replicas": replicas}}, content_type=MERGE)
+        RBAC allows on a workload, so it can never rewrite the pod template — with the
+        resourceVersion just read as the precondition: a deposed leader's late write
+        (a restore's scale to zero arriving after the new leader's degrade) fails with 409
+        instead of landing. A conflict is read again and retried, fenced, so only a
+        leader still holding the Lease tries again."""
+        path = f"{workload.path}/scale"
+        for _ in range(5):
+            current = await self._kube.request("GET", path, fence=self._fence)
+            if int(current.get("spec", {}).get("replicas") or 0) == replicas:
+                return
+            version = current.get("metadata", {}).get("resourceVersion", "")
+            if await self._write("PATCH", path, body={
+                    "metadata": {"resourceVersion": version}, "spec": {"replicas": replicas}},
+                    content_type=MERGE, ok_statuses=frozenset({409}), retry=False):
+                return
+        raise KubeTemporaryError(f"{workload.kind} {workload.namespace}/{workload.name} kept "
+                                 "changing under us", status=409)
 
-    async def _wait_ready(self, workload: Workload, replicas: int, timeout: float) -> None:
+    async def _ready_endpoints(self, traffic: Traffic, side: str) -> int:
+        """Ready endpoints behind one side ("primary" or "fallback") of ``traffic``: for an
+        HTTPRoute, those of the backend Service's EndpointSlices (what the gateway sends
+        to); for a Service switched by selector, the Ready pods the selector picks (what
+        its EndpointSlices will hold once it points there)."""
+        name = traffic.primary if side == "primary" else traffic.fallback
+        if traffic.kind == "HTTPRoute":
+            slices = await self._kube.request(
+                "GET", f"/apis/discovery.k8s.io/v1/namespaces/{traffic.namespace}"
+                       "/endpointslices",
+                query={"labelSelector": f"kubernetes.io/service-name={name}"},
+                fence=self._fence)
+            ready = set()
+            for item in slices.get("items") or []:
+                for ep in item.get("endpoints") or []:
+                    # Unset means unknown, which consumers are told to read as ready.
+                    if (ep.get("conditions") or {}).get("ready") is not False:
+                        ready.add(tuple(ep.get("addresses") or ()))
+            return len(ready)
+        pods = await self._kube.request(
+            "GET", f"/api/v1/namespaces/{traffic.namespace}/pods",
+            query={"labelSelector": name}, fence=self._fence)
+        return sum(1 for pod in pods.get("items") or []
+                   if not pod["metadata"].get("deletionTimestamp")
+                   and any(c.get("type") == "Ready" and c.get("status") == "True"
+                           for c in pod.get("status", {}).get("conditions") or []))
+
+    async def _wait_serving(self, traffic: Traffic, side: str, want: int, timeout: float
+                            ) -> int:
+        """Until ``want`` endpoints of ``side`` are ready, or ``timeout``; how many are."""
         deadline = self._clock.monotonic() + timeout
         while True:
-            obj = await self._kube.request("GET", workload.path, fence=self._fence)
-            ready = int(obj.get("status", {}).get("readyReplicas") or 0)
-            if ready >= replicas:
-                return
-            if self._clock.monotonic() > deadline:
-                raise TimeoutError(f"{workload.kind} {workload.namespace}/{workload.name}: "
-                                   f"{ready}/{replicas} ready after {timeout:g}s")
-            await asyncio.sleep(1.0)
+            ready = await self._ready_endpoints(traffic, side)
+            if ready >= want or self._clock.monotonic() >= deadline:
+                return ready
+            await asyncio.sleep(min(1.0, max(0.0, deadline - self._clock.monotonic())))
 
     async def _traffic(self, traffic: Traffic) -> dict[str, Any]:
         obj = await self._kube.request("GET", traffic.path, ok_statuses=frozenset({404}),
@@ -532,30 +613,58 @@ class ActionExecutor:
                            "namespace": traffic.namespace, "name": traffic.name}, decision,
                           "TrafficShiftedToFallback")
 
-    async def _unshift(self, traffic: Traffic, decision: Decision) -> None:
+    async def _unshift(self, traffic: Traffic, decision: Decision, drain: float = 0.0
+                       ) -> None:
         """Fallback → primary: put back only what ``_shift`` changed, and only where it is
-        still what we set — a weight or selector someone edited since is theirs."""
-        obj = await self._traffic(traffic)
-        annotations = obj.get("metadata", {}).get("annotations") or {}
-        raw = annotations.pop(TRAFFIC_ANNOTATION, None)
-        if raw is None:
-            return
-        plan = json.loads(raw)
-        kept: list[str] = []
-        if traffic.kind == "HTTPRoute":
-            rules = obj.get("spec", {}).get("rules") or []
-            for step in plan:
-                rule = rules[step["rule"]] if step["rule"] < len(rules) else {}
-                kept += self._set_weights(rule, traffic, step["before"], only_if=step["after"])
-        elif obj.get("spec", {}).get("selector") == plan["after"]:
-            obj["spec"]["selector"] = plan["before"]
-        else:
-            kept.append("selector")
-        if kept:
-            log.warning("restore left edited traffic settings alone", kind=traffic.kind,
-                        name=f"{traffic.namespace}/{traffic.name}", kept=kept)
-        obj["metadata"]["annotations"] = annotations
-        await self._write("PUT", traffic.path, body=obj)
+        still what we set — a weight or selector someone edited since is theirs.
+
+        Over ``drain`` seconds: an HTTPRoute's weights step back in ``DRAIN_STEPS`` steps,
+        so the primary's groups take the load a share at a time and the fallback's
+        requests finish; a Service's selector switches at once, and the drain is waited
+        out before the caller scales the fallback down. Each step is a write conditional
+        on the route as we left it; the annotation records the step reached, so a
+        successor continues from there instead of taking it for someone's edit."""
+        steps = DRAIN_STEPS if traffic.kind == "HTTPRoute" and drain > 0 else 1
+        while True:
+            obj = await self._traffic(traffic)
+            annotations = obj.get("metadata", {}).get("annotations") or {}
+            raw = annotations.get(TRAFFIC_ANNOTATION)
+            if raw is None:
+                return
+            plan = json.loads(raw)
+            kept: list[str] = []
+            if traffic.kind == "HTTPRoute":
+                done = max(int(s_.get("stepped", 0)) for s_ in plan) + 1
+                fraction = min(1.0, done / steps)
+                rules = obj.get("spec", {}).get("rules") or []
+                for entry in plan:
+                    rule = rules[entry["rule"]] if entry["rule"] < len(rules) else {}
+                    now = entry.get("now", entry["after"])
+                    weights = _between(entry["after"], entry["before"], fraction)
+                    kept += self._set_weights(rule, traffic, weights, only_if=now)
+                    entry["now"], entry["stepped"] = weights, done
+                last = fraction >= 1.0
+            elif obj.get("spec", {}).get("selector") == plan["after"]:
+                obj["spec"]["selector"] = plan["before"]
+                last = True
+            else:
+                kept.append("selector")
+                last = True
+            if kept:
+                log.warning("restore left edited traffic settings alone", kind=traffic.kind,
+                            name=f"{traffic.namespace}/{traffic.name}", kept=kept)
+                last = True
+            if last:
+                annotations.pop(TRAFFIC_ANNOTATION)
+            else:
+                annotations[TRAFFIC_ANNOTATION] = json.dumps(plan)
+            obj["metadata"]["annotations"] = annotations
+            # The object keeps the resourceVersion we read: a concurrent edit makes this 409.
+            await self._write("PUT", traffic.path, body=obj)
+            if drain > 0:
+                await asyncio.sleep(drain / steps)  # the step's share of the drain
+            if last:
+                break
         await self._event({"kind": traffic.kind, "apiVersion": obj.get("apiVersion", "v1"),
                            "namespace": traffic.namespace, "name": traffic.name}, decision,
                           "TrafficRestoredToPrimary", warning=False)
@@ -592,20 +701,45 @@ class ActionExecutor:
             await self._save()
         await self._scale(target.workload, target.workload.replicas)
         self._record_latency(decision.target)
-        await self._wait_ready(target.workload, target.workload.replicas, target.ready_timeout)
+        # Traffic moves only to endpoints that serve: all the replicas we asked for, or —
+        # after ready_timeout — whatever part of them is ready (some capacity beats the
+        # none the primary has left); none at all, and nothing moves.
+        wanted = target.workload.replicas
+        ready = await self._wait_serving(target.traffic, "fallback", wanted,
+                                         target.ready_timeout)
+        if ready == 0:
+            raise DegradeRefused(
+                target.traffic, f"fallback {target.traffic.fallback} has no ready endpoint "
+                                f"{target.ready_timeout:g}s after it was scaled to {wanted}",
+                reason="FallbackNotServing",
+                note=f"{target.workload.kind} {target.workload.name} is scaled to {wanted} "
+                     "but no traffic was moved to it; check why its pods do not become "
+                     "Ready")
+        if ready < wanted:
+            log.warning("degrading to a fallback that is only partly ready",
+                        model=decision.target, ready=ready, wanted=wanted)
         await self._shift(target.traffic, decision)
+        self.blocked.pop(decision.target, None)
 
     async def _restore_model(self, decision: Decision) -> None:
         target = self._degrade.get(decision.target)
         if target is None:
             raise KubeTemporaryError(f"no degrade target configured for {decision.target}")
-        await self._unshift(target.traffic, decision)
+        # Traffic goes back only to endpoints that serve: healthy groups are not enough
+        # while their pods are not (yet) Ready behind the route.
+        if await self._ready_endpoints(target.traffic, "primary") == 0:
+            raise DegradeRefused(
+                target.traffic, f"the primary {target.traffic.primary} has no ready "
+                                "endpoint", reason="PrimaryNotServing",
+                note="Traffic stays on the fallback until the primary's endpoints are ready")
+        await self._unshift(target.traffic, decision, target.drain_seconds)
         key = f"degrade/{decision.target}"
         intent = self.intents.get(key)
         if intent is not None:
             await self._scale(target.workload, int(intent["replicas_before"]))
             del self.intents[key]
             await self._save()
+        self.blocked.pop(decision.target, None)
 
     async def _tell_refusal(self, refusal: DegradeRefused, decision: Decision) -> None:
         """An Event and an error line per refusal reason — again only after a while, since
@@ -616,16 +750,16 @@ class ActionExecutor:
         if last is not None and now - last < REFUSAL_EVENT_EVERY_SECONDS:
             return
         self._refusals_told[told] = now
-        log.error("degrade refused: it would drop traffic", model=decision.target,
-                  error=str(refusal))
+        log.error("traffic not moved: it would be dropped", model=decision.target,
+                  action=str(decision.action), reason=refusal.reason, error=str(refusal))
         traffic = refusal.traffic
         api = ("gateway.networking.k8s.io/v1" if traffic.kind == "HTTPRoute" else "v1")
+        verb = "degrading" if decision.action is Action.DEGRADE else "restoring"
         await self._event({"kind": traffic.kind, "apiVersion": api,
                            "namespace": traffic.namespace, "name": traffic.name},
-                          decision, "DegradeRefused",
-                          note=f"Not degrading {decision.target} to {traffic.fallback}: "
-                               f"{refusal.why}. Nothing was scaled or shifted; fix the "
-                               f"{traffic.kind} or the controller's topology file.")
+                          decision, refusal.reason,
+                          note=f"Not {verb} {decision.target} ({traffic.primary} ↔ "
+                               f"{traffic.fallback}): {refusal.why}. {refusal.note}.")
 
     async def _notify(self, decision: Decision) -> None:
         group = self._model.groups.get(decision.target)

@@ -61,6 +61,14 @@ class ControllerCollector:
         for model, on in sorted(c.engine.degrade_states().items()):
             degraded.add_metric([model], 1 if on else 0)
         yield degraded
+        blocked = GaugeMetricFamily(f"{P}degrade_blocked", "1 while a model's degrade or "
+                                    "restore is held back because the side traffic would move "
+                                    "to has no ready endpoint (reason FallbackNotServing or "
+                                    "PrimaryNotServing); absent otherwise",
+                                    labels=["model", "reason"])
+        for model, info in sorted(c.executor.blocked.items()):
+            blocked.add_metric([model, str(info.get("reason", ""))], 1)
+        yield blocked
         reports = CounterMetricFamily(f"{P}reports", "Reports received, by outcome",
                                       labels=["outcome"])
         for outcome in ("accepted", "unauthenticated", "forbidden", "unbound",

@@ -567,6 +567,9 @@ class Controller:
                               if self.evaluation_seconds else None},
             "incidents": self.engine.incidents(),
             "refusals": self.refusals,
+            # The controller's own findings: what holds a degrade or restore back.
+            "degrade_blocked": [{"model": model, **info} for model, info
+                                in sorted(self.executor.blocked.items())],
             "actions": {f"{a}/{o}": n for (a, o), n in sorted(self.executor.outcomes.items())},
             "decision_latency_ms": {
                 "count": len(lat),

@@ -14,7 +14,8 @@
                   primary: llama-70b, fallback: llama-8b}   # backendRef names
         # or: traffic: {kind: Service, namespace: serving, name: llm,
         #               primary: "model=llama-70b", fallback: "model=llama-8b"}  # selectors
-        ready_timeout_seconds: 600
+        ready_timeout_seconds: 600   # for the fallback's endpoints to be ready
+        drain_seconds: 30            # restore gives traffic back over this long
 """
 
 from __future__ import annotations
@@ -66,7 +67,8 @@ def parse_topology(raw: Any, where: str = "topology") -> Topology:
     degrade: dict[str, DegradeTarget] = {}
     for i, raw_target in enumerate(raw.get("degrade") or []):
         w = f"{where}.degrade[{i}]"
-        item = _map(raw_target, w, {"model", "workload", "traffic", "ready_timeout_seconds"})
+        item = _map(raw_target, w, {"model", "workload", "traffic", "ready_timeout_seconds",
+                                    "drain_seconds"})
         wl = _map(item.get("workload"), f"{w}.workload", {"kind", "namespace", "name",
                                                           "replicas"})
         replicas = wl.get("replicas")
@@ -75,8 +77,11 @@ def parse_topology(raw: Any, where: str = "topology") -> Topology:
         tr = _map(item.get("traffic"), f"{w}.traffic", {"kind", "namespace", "name", "primary",
                                                         "fallback"})
         timeout = item.get("ready_timeout_seconds", 600)
-        if not isinstance(timeout, int | float) or timeout <= 0:
+        if not isinstance(timeout, int | float) or isinstance(timeout, bool) or timeout <= 0:
             raise ConfigError(f"{w}.ready_timeout_seconds", "must be a number > 0")
+        drain = item.get("drain_seconds", 30)
+        if not isinstance(drain, int | float) or isinstance(drain, bool) or drain < 0:
+            raise ConfigError(f"{w}.drain_seconds", "must be a number >= 0")
         model = _str(item, "model", w)
         degrade[model] = DegradeTarget(
             model=model,
@@ -89,7 +94,7 @@ def parse_topology(raw: Any, where: str = "topology") -> Topology:
                             name=_str(tr, "name", f"{w}.traffic"),
                             primary=_str(tr, "primary", f"{w}.traffic"),
                             fallback=_str(tr, "fallback", f"{w}.traffic")),
-            ready_timeout=float(timeout))
+            ready_timeout=float(timeout), drain_seconds=float(drain))
     return Topology(kinds=kinds, degrade=degrade)
 
 

@@ -179,14 +179,26 @@ async def test_agent_process_publishes_xid_condition_to_apiserver(
         assert await asyncio.to_thread(agent.stop) == 0
 
 
+async def label_gpus(admin: client.ApiClient, node: str, capacity: int,
+                     labels: dict[str, str]) -> None:
+    """The Node as the device plugin and GPU feature discovery leave it."""
+    core = client.CoreV1Api(admin)
+    await core.patch_node(node, {"metadata": {"labels": labels}})
+    await core.patch_node_status(node, {"status": {
+        "capacity": {"nvidia.com/gpu": str(capacity)},
+        "allocatable": {"nvidia.com/gpu": str(capacity)}}})
+
+
 async def test_driver_down_and_missing_gpu_reach_the_node(
         admin: client.ApiClient, agent_kubeconfig: Path, tmp_path: Path) -> None:
     """With the driver down the agent still publishes: GPUDriverProblem True on the Node.
-    Once NVML answers with 7 GPUs on a Node whose capacity says 8, GPUMissing is True
-    ("7 of 8 GPUs visible", expected from the Node's nvidia.com/gpu capacity)."""
+    Once NVML answers with 7 GPUs on a Node GPU feature discovery labels with 8, GPUMissing
+    is True ("7 of 8 GPUs visible", expected from the label)."""
     node = await make_node(admin)
-    await client.CoreV1Api(admin).patch_node_status(node, {"status": {
-        "capacity": {"nvidia.com/gpu": "8"}, "allocatable": {"nvidia.com/gpu": "8"}}})
+    await label_gpus(admin, node, 8, {"nvidia.com/gpu.count": "8",
+                                      "nvidia.com/gpu.replicas": "1",
+                                      "nvidia.com/gpu.sharing-strategy": "none",
+                                      "nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"})
     agent = AgentProcess(tmp_path, gpus=7, node_name=node, settings={
         "nvml": {"init_retry_max_seconds": 1.0},
         "kubernetes": {"enabled": "true", "kubeconfig": str(agent_kubeconfig)}})
@@ -205,7 +217,50 @@ async def test_driver_down_and_missing_gpu_reach_the_node(
         agent.control.update({"init_error": 0})
         missing = await condition("GPUMissing")
         assert missing["message"].startswith("7 of 8 GPUs visible (expected from Node "
-                                             "capacity nvidia.com/gpu)")
+                                             "label nvidia.com/gpu.count)")
         assert (await conditions(admin, node))["GPUDriverProblem"]["status"] == "False"
+    finally:
+        assert await asyncio.to_thread(agent.stop) == 0
+
+
+@pytest.mark.parametrize(("capacity", "labels", "expected"), [
+    # Time-slicing, replicas 8 (the GPU Operator's labels; capacity counts the replicas).
+    (32, {"nvidia.com/gpu.count": "4", "nvidia.com/gpu.replicas": "8",
+          "nvidia.com/gpu.sharing-strategy": "time-slicing",
+          "nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3-SHARED"},
+     {"count": 4, "from": "Node label nvidia.com/gpu.count, time-slicing x8"}),
+    # MPS, replicas 4.
+    (16, {"nvidia.com/gpu.count": "4", "nvidia.com/gpu.replicas": "4",
+          "nvidia.com/gpu.sharing-strategy": "mps",
+          "nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3-SHARED"},
+     {"count": 4, "from": "Node label nvidia.com/gpu.count, mps x4"}),
+    # MIG single, seven 1g.10gb devices per GPU: capacity and gpu.count both count them.
+    (28, {"nvidia.com/gpu.count": "28", "nvidia.com/mig.strategy": "single",
+          "nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3-MIG-1g.10gb",
+          "nvidia.com/gpu.replicas": "1", "nvidia.com/gpu.sharing-strategy": "none"},
+     None),
+], ids=["time-sliced", "mps", "mig-single"])
+async def test_shared_gpus_are_not_counted_as_missing(
+        admin: client.ApiClient, agent_kubeconfig: Path, tmp_path: Path, capacity: int,
+        labels: dict[str, str], expected: dict[str, Any] | None) -> None:
+    """A node whose 4 GPUs are shared advertises more nvidia.com/gpu than it has GPUs: the
+    agent expects the physical count from the labels (none under MIG single, where they
+    count MIG devices), never the capacity — no gpu_missing, GPUMissing stays False."""
+    node = await make_node(admin)
+    await label_gpus(admin, node, capacity, labels)
+    agent = AgentProcess(tmp_path, gpus=4, node_name=node, settings={"kubernetes": {
+        "enabled": "true", "kubeconfig": str(agent_kubeconfig)}})
+    await asyncio.to_thread(agent.start)
+    try:
+        agent.wait_for(lambda: agent.status()["kubernetes"]["writes"] >= 1, what="published")
+        if expected is not None:
+            agent.wait_for(lambda: agent.status()["driver"]["expected_gpus"] == expected,
+                           what="the expected count from the labels")
+        else:
+            agent.wait_for(lambda: "no physical GPU count" in agent.log(),
+                           what="the agent saying the Node states no physical count")
+            assert agent.status()["driver"]["expected_gpus"] is None
+        assert agent.findings("gpu_missing") == []
+        assert (await conditions(admin, node))["GPUMissing"]["status"] == "False"
     finally:
         assert await asyncio.to_thread(agent.stop) == 0

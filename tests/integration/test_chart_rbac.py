@@ -48,10 +48,11 @@ class Api:
         self.session = aiohttp.ClientSession()
 
     async def call(self, method: str, path: str, body: Any = None,
-                   content_type: str = "application/json", **query: str
+                   content_type: str = "application/json",
+                   accept: str = "application/json", **query: str
                    ) -> tuple[int, dict[str, Any]]:
         headers = {"Authorization": f"Bearer {self.token}", "Content-Type": content_type,
-                   "Accept": "application/json"}
+                   "Accept": accept}
         data = None if body is None else json.dumps(body)
         async with self.session.request(method, self.url + path, data=data, params=query,
                                         headers=headers, ssl=self.ssl) as resp:
@@ -192,15 +193,25 @@ def controller_calls(world: World, release: manifests.Release, agent_token: str
             "POST", "/api/v1/namespaces/default/events", event("default", "Node", node)),
         # restart group: delete its pods
         "delete a pod": lambda a: a.call("DELETE", f"{ns}/pods/{world.worker}"),
+        # ingest: the issuer keys report tokens are checked against (every
+        # ServiceAccount may read them: the API server's own bootstrap policy)
+        "read the issuer keys": lambda a: a.call("GET", "/openid/v1/jwks",
+                                                 accept="application/jwk-set+json"),
+        # ingest: which pods are our agents
+        "list agent pods": lambda a: a.call(
+            "GET", f"{own}/pods", labelSelector=cfg["agent_pod_selector"]),
         # degrade: scale through /scale, read readiness, shift traffic
-        "read a Deployment": lambda a: a.call("GET", apps),
         "read a Deployment's scale": lambda a: a.call("GET", f"{apps}/scale"),
         "scale a Deployment": lambda a: a.call("PATCH", f"{apps}/scale",
                                                {"spec": {"replicas": 1}}, MERGE),
-        "read an LWS": lambda a: a.call("GET", lws),
         "read an LWS's scale": lambda a: a.call("GET", f"{lws}/scale"),
         "scale an LWS": lambda a: a.call("PATCH", f"{lws}/scale", {"spec": {"replicas": 2}},
                                          MERGE),
+        "count a backend's ready endpoints": lambda a: a.call(
+            "GET", f"/apis/discovery.k8s.io/v1/namespaces/{world.ns}/endpointslices",
+            labelSelector="kubernetes.io/service-name=small"),
+        "count a selector's ready pods": lambda a: a.call(
+            "GET", f"{ns}/pods", labelSelector="model=small"),
         "read an HTTPRoute": lambda a: a.call("GET", route),
         "shift an HTTPRoute's weights": lambda a: read_then_put(a, route),
         "read a Service": lambda a: a.call("GET", f"{ns}/services/llm"),

@@ -9,8 +9,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -29,6 +30,7 @@ from supervisor.controller.actions import (
 from supervisor.controller.model import READINESS_GATE, GroupKind, HealthModel
 from supervisor.kube import METADATA_ONLY, KubeClient
 from supervisor.runtime.clock import SystemClock
+from tests.integration.api_proxy import ApiProxy
 from tests.integration.cluster_objects import (
     finish_deletion,
     list_pods,
@@ -51,6 +53,8 @@ class Rig:
     executor: ActionExecutor
     saved: list[dict[str, Any]] = field(default_factory=list)
     leader: bool = True
+    cluster: KubeTestCluster | None = None
+    kubeconfig: Path | None = None  # the controller's credentials
 
     def remaining(self) -> float:
         """The executor's fence: a comfortable Lease while ``leader``, none otherwise."""
@@ -87,7 +91,8 @@ async def _rig(kube_cluster: KubeTestCluster, tmp_path: Any) -> AsyncIterator[Ri
                             kinds=[GroupKind("ray", "ray.io/node-type=worker", "ray.io/group",
                                              "llama-70b")],
                             quarantine_taint=QUARANTINE_TAINT)
-        rig = Rig(admin=admin, kube=kube, ns=ns, model=model, executor=None)  # type: ignore[arg-type]
+        rig = Rig(admin=admin, kube=kube, ns=ns, model=model, executor=None,  # type: ignore[arg-type]
+                  cluster=kube_cluster, kubeconfig=kubeconfig)
 
         async def save() -> None:
             rig.saved.append(json.loads(json.dumps(rig.executor.intents)))
@@ -327,6 +332,31 @@ class TestControllerQuarantine:
         assert not [t for t in raw.spec.taints or [] if t.key == QUARANTINE_TAINT]
 
 
+async def endpoints(rig: Rig, service: str, ready: int, not_ready: int = 0) -> None:
+    """An EndpointSlice of ``service`` as the EndpointSlice controller writes it."""
+    eps = [{"addresses": [f"10.1.{i // 250}.{i % 250 + 1}"], "conditions": {"ready": True}}
+           for i in range(ready)]
+    eps += [{"addresses": [f"10.2.{i // 250}.{i % 250 + 1}"], "conditions": {"ready": False}}
+            for i in range(not_ready)]
+    await client.DiscoveryV1Api(rig.admin).create_namespaced_endpoint_slice(rig.ns, {
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"generateName": f"{service}-",
+                     "labels": {"kubernetes.io/service-name": service}},
+        "addressType": "IPv4", "endpoints": eps, "ports": [{"name": "http", "port": 8000}]})
+
+
+async def ready_pods(rig: Rig, labels: dict[str, str], count: int) -> None:
+    """Pods matching ``labels``, Ready, as the kubelet would report them."""
+    core = client.CoreV1Api(rig.admin)
+    for _ in range(count):
+        pod = await core.create_namespaced_pod(rig.ns, {
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"generateName": "serving-", "labels": labels},
+            "spec": {"containers": [{"name": "c", "image": "x"}]}})
+        await core.patch_namespaced_pod_status(pod.metadata.name, rig.ns, {"status": {
+            "phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}})
+
+
 class TestControllerDegrade:
     async def _deployment(self, rig: Rig, name: str, replicas: int) -> None:
         apps = client.AppsV1Api(rig.admin)
@@ -337,14 +367,13 @@ class TestControllerDegrade:
                                   "spec": {"containers": [{"name": "c", "image": "x"}]}}}})
 
     async def _become_ready(self, rig: Rig, name: str, replicas: int) -> None:
-        """Play the Deployment controller: report the pods ready once scaled up."""
+        """Play the Deployment and EndpointSlice controllers: once the fallback is scaled
+        up, its Service (named like it) has that many ready endpoints."""
         apps = client.AppsV1Api(rig.admin)
         for _ in range(100):
             dep = await apps.read_namespaced_deployment(name, rig.ns)
             if dep.spec.replicas == replicas:
-                await apps.patch_namespaced_deployment_status(name, rig.ns, {"status": {
-                    "replicas": replicas, "readyReplicas": replicas,
-                    "availableReplicas": replicas}})
+                await endpoints(rig, name, replicas)
                 return
             await asyncio.sleep(0.05)
         raise AssertionError("fallback was never scaled")
@@ -364,7 +393,8 @@ class TestControllerDegrade:
                                                  "httproutes", route)
         rig.executor._degrade = {"llama-70b": DegradeTarget(
             "llama-70b", Workload("Deployment", rig.ns, "llama-8b", 2),
-            Traffic("HTTPRoute", rig.ns, "llm", "llama-70b", "llama-8b"), ready_timeout=30)}
+            Traffic("HTTPRoute", rig.ns, "llm", "llama-70b", "llama-8b"), ready_timeout=30,
+            drain_seconds=0)}
 
         async def weights() -> dict[str, int]:
             obj = await co.get_namespaced_custom_object("gateway.networking.k8s.io", "v1",
@@ -386,6 +416,7 @@ class TestControllerDegrade:
         restore = Decision(incident="degrade/llama-70b", rule="degrade", step=-1,
                            action=Action.RESTORE, target="llama-70b",
                            reason="primary healthy", dry_run=False)
+        await endpoints(rig, "llama-70b", 1)  # the primary serves again
         assert await rig.executor.execute(restore)
         assert await weights() == {"llama-70b": 100, "llama-8b": 0}
         assert (await apps.read_namespaced_deployment("llama-8b", rig.ns)).spec.replicas == 0
@@ -401,8 +432,9 @@ class TestControllerDegrade:
         rig.executor._degrade = {"big": DegradeTarget(
             "big", Workload("Deployment", rig.ns, "small", 1),
             Traffic("Service", rig.ns, "llm", "model=big,tier=serving",
-                    "model=small,tier=serving"), ready_timeout=30)}
-        await self._become_ready(rig, "small", 1)
+                    "model=small,tier=serving"), ready_timeout=30, drain_seconds=0)}
+        await ready_pods(rig, {"model": "small", "tier": "serving"}, 1)
+        await ready_pods(rig, {"model": "big", "tier": "serving"}, 1)
         d = Decision(incident="degrade/big", rule="degrade", step=-1, action=Action.DEGRADE,
                      target="big", reason="capacity", dry_run=False)
         assert await rig.executor.execute(d)
@@ -427,10 +459,12 @@ class TestControllerDegrade:
         rules: list[dict[str, Any]] = obj["spec"]["rules"]
         return rules
 
-    def _target(self, rig: Rig, replicas: int = 2) -> None:
+    def _target(self, rig: Rig, replicas: int = 2, *, ready_timeout: float = 30,
+                drain: float = 0) -> None:
         rig.executor._degrade = {"llama-70b": DegradeTarget(
             "llama-70b", Workload("Deployment", rig.ns, "llama-8b", replicas),
-            Traffic("HTTPRoute", rig.ns, "llm", "llama-70b", "llama-8b"), ready_timeout=30)}
+            Traffic("HTTPRoute", rig.ns, "llm", "llama-70b", "llama-8b"),
+            ready_timeout=ready_timeout, drain_seconds=drain)}
 
     DEGRADE = Decision(incident="degrade/llama-70b", rule="degrade", step=-1,
                        action=Action.DEGRADE, target="llama-70b", reason="capacity",
@@ -479,6 +513,7 @@ class TestControllerDegrade:
         await co.patch_namespaced_custom_object(
             "gateway.networking.k8s.io", "v1", rig.ns, "httproutes", "llm",
             [{"op": "replace", "path": "/spec/rules", "value": rules}])
+        await endpoints(rig, "llama-70b", 1)
         assert await rig.executor.execute(self.RESTORE)
         rules = await self._rules(rig)
         assert {r["name"]: r["weight"] for r in rules[0]["backendRefs"]} == {
@@ -516,8 +551,179 @@ class TestControllerDegrade:
                                    degrade_targets=rig.executor._degrade)
         assert await successor.execute(self.DEGRADE)
         assert successor.intents["degrade/llama-70b"] == {"replicas_before": 1}
+        await endpoints(rig, "llama-70b", 1)
         assert await successor.execute(self.RESTORE)
         assert (await apps.read_namespaced_deployment("llama-8b", rig.ns)).spec.replicas == 1
+
+
+    async def test_a_fallback_that_never_becomes_ready_gets_no_traffic(
+            self, rig: Rig) -> None:
+        """The fallback is scaled up but its endpoints never turn ready: after
+        ready_timeout the degrade is refused — the route still sends everything to the
+        primary — and the executor holds a finding saying why, with a Warning Event."""
+        await self._deployment(rig, "llama-8b", 0)
+        await self._route(rig, [{"backendRefs": [{"name": "llama-70b", "port": 8000},
+                                                 {"name": "llama-8b", "port": 8000,
+                                                  "weight": 0}]}])
+        await endpoints(rig, "llama-8b", ready=0, not_ready=2)
+        self._target(rig, ready_timeout=2)
+        assert not await rig.executor.execute(self.DEGRADE)
+        assert [r.get("weight", 1) for r in (await self._rules(rig))[0]["backendRefs"]] \
+            == [1, 0]
+        blocked = rig.executor.blocked["llama-70b"]
+        assert blocked["reason"] == "FallbackNotServing"
+        assert "llama-8b has no ready endpoint" in blocked["message"]
+        events = await events_for(rig, "llm")
+        assert [(e.type, e.reason) for e in events] == [("Warning", "FallbackNotServing")]
+        assert "no traffic was moved" in events[0].message
+        # Its endpoints turn ready: the next attempt moves the traffic and clears it.
+        await endpoints(rig, "llama-8b", ready=2)
+        assert await rig.executor.execute(self.DEGRADE)
+        assert "llama-70b" not in rig.executor.blocked
+
+    async def test_restore_waits_for_the_primarys_endpoints_then_drains_in_steps(
+            self, rig: Rig) -> None:
+        """Traffic goes back only once the primary has ready endpoints; then a quarter at
+        a time over drain_seconds, and the fallback is scaled down only at the end."""
+        await self._deployment(rig, "llama-8b", 0)
+        await self._route(rig, [{"backendRefs": [{"name": "llama-70b", "port": 8000,
+                                                  "weight": 100},
+                                                 {"name": "llama-8b", "port": 8000,
+                                                  "weight": 0}]}])
+        self._target(rig, drain=2.0)
+        task = asyncio.create_task(rig.executor.execute(self.DEGRADE))
+        await self._become_ready(rig, "llama-8b", 2)
+        assert await task
+        assert not await rig.executor.execute(self.RESTORE)  # no primary endpoint yet
+        assert rig.executor.blocked["llama-70b"]["reason"] == "PrimaryNotServing"
+        assert await self._weights(rig) == {"llama-70b": 0, "llama-8b": 100}
+
+        await endpoints(rig, "llama-70b", 2)
+        apps = client.AppsV1Api(rig.admin)
+        restoring = asyncio.create_task(rig.executor.execute(self.RESTORE))
+        seen = []
+        while not restoring.done():
+            weights = await self._weights(rig)
+            replicas = (await apps.read_namespaced_deployment("llama-8b", rig.ns)).spec.replicas
+            if not seen or seen[-1] != (weights, replicas):
+                seen.append((weights, replicas))
+            await asyncio.sleep(0.05)
+        assert await restoring
+        primary = [w["llama-70b"] for w, _ in seen]
+        assert primary == sorted(primary) and 0 < primary[1] < 100  # stepped back, upwards
+        assert all(r == 2 for w, r in seen if w["llama-70b"] < 100)  # still scaled meanwhile
+        assert await self._weights(rig) == {"llama-70b": 100, "llama-8b": 0}
+        assert (await apps.read_namespaced_deployment("llama-8b", rig.ns)).spec.replicas == 0
+        assert "llama-70b" not in rig.executor.blocked
+
+    async def _weights(self, rig: Rig) -> dict[str, int]:
+        return {r["name"]: r.get("weight", 1) for r in (await self._rules(rig))[0]["backendRefs"]}
+
+
+class Switch:
+    """A fence a test turns off: the Lease running out at a moment of its choosing."""
+
+    leader = True
+
+    def remaining(self) -> float:
+        return 30.0 if self.leader else 0.0
+
+
+async def until_held(proxy: ApiProxy) -> None:
+    for _ in range(500):
+        if proxy.held:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("no request was held")
+
+
+class TestLateWritesOfADeposedLeader:
+    """A leader's write held on its way to the API server (a stopped process, a slow path,
+    a request queued by priority and fairness) must not land after its Lease is gone."""
+
+    async def _held_executor(self, rig: Rig, hold: Callable[[str, str], bool],
+                             fence: Any) -> tuple[ActionExecutor, ApiProxy, KubeClient]:
+        assert rig.cluster is not None and rig.kubeconfig is not None
+        proxy = await ApiProxy(rig.cluster, hold_from=hold).start()
+        config = json.loads(rig.kubeconfig.read_text())
+        config["clusters"][0]["cluster"] = {"server": proxy.url}
+        slow = rig.kubeconfig.with_name("kc-through-proxy")
+        slow.write_text(json.dumps(config))
+        kube = await KubeClient.connect(str(slow))
+        executor = ActionExecutor(kube, rig.model, SystemClock(), fence=fence, intents={},
+                                  save=_noop, degrade_targets=rig.executor._degrade)
+        return executor, proxy, kube
+
+    async def test_a_late_scale_to_zero_does_not_land_after_the_new_leaders_degrade(
+            self, rig: Rig) -> None:
+        """Leader A restores a model: its scale of the fallback to 0 is held. A's Lease
+        runs out; the new leader degrades the model again and scales the fallback up. When
+        A's write reaches the API server it fails its precondition and A, fenced, does not
+        try again: the fallback keeps the new leader's replicas."""
+        apps = client.AppsV1Api(rig.admin)
+        await apps.create_namespaced_deployment(rig.ns, {
+            "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "llama-8b"},
+            "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "llama-8b"}},
+                     "template": {"metadata": {"labels": {"app": "llama-8b"}},
+                                  "spec": {"containers": [{"name": "c", "image": "x"}]}}}})
+        await client.CustomObjectsApi(rig.admin).create_namespaced_custom_object(
+            "gateway.networking.k8s.io", "v1", rig.ns, "httproutes", {
+                "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+                "metadata": {"name": "llm"}, "spec": {"parentRefs": [{"name": "gw"}],
+                "rules": [{"backendRefs": [{"name": "llama-70b", "port": 8000},
+                                           {"name": "llama-8b", "port": 8000,
+                                            "weight": 0}]}]}})
+        await endpoints(rig, "llama-70b", 1)
+        rig.executor._degrade = {"llama-70b": DegradeTarget(
+            "llama-70b", Workload("Deployment", rig.ns, "llama-8b", 3),
+            Traffic("HTTPRoute", rig.ns, "llm", "llama-70b", "llama-8b"), drain_seconds=0)}
+        a_leads = Switch()
+        a, proxy, kube = await self._held_executor(
+            rig, lambda method, path: method == "PATCH" and path.endswith("/scale"), a_leads)
+        a.intents["degrade/llama-70b"] = {"replicas_before": 0}
+        try:
+            restoring = asyncio.create_task(a.execute(TestControllerDegrade.RESTORE))
+            await until_held(proxy)
+            a_leads.leader = False  # A's Lease runs out while its write is on its way
+            # The new leader degrades: the fallback goes to 3.
+            await apps.patch_namespaced_deployment_scale("llama-8b", rig.ns,
+                                                         {"spec": {"replicas": 3}})
+            proxy.release()
+            assert not await restoring
+            assert a.outcomes[("restore", "fenced")] == 1
+            assert [s for m, _, s in proxy.late_statuses if m == "PATCH"] == [409]
+            dep = await apps.read_namespaced_deployment("llama-8b", rig.ns)
+            assert dep.spec.replicas == 3
+        finally:
+            await proxy.close()
+            await kube.close()
+
+    async def test_a_late_quarantine_condition_does_not_land_after_the_lift(
+            self, rig: Rig) -> None:
+        """Leader A quarantines a node: taint written, its condition write held. The new
+        leader lifts the quarantine. A's late condition fails its precondition and is not
+        tried again: the node does not read as quarantined while untainted."""
+        (node,) = await make_nodes(rig.admin, 1)
+        a_leads = Switch()
+        a, proxy, kube = await self._held_executor(
+            rig, lambda method, path: method == "PATCH" and path.endswith("/status"), a_leads)
+        try:
+            quarantining = asyncio.create_task(a.execute(decision(Action.QUARANTINE, node)))
+            await until_held(proxy)
+            a_leads.leader = False
+            assert await rig.executor.execute(decision(Action.UNQUARANTINE, node, step=-1))
+            proxy.release()
+            assert not await quarantining
+            raw = rig.admin.sanitize_for_serialization(
+                await client.CoreV1Api(rig.admin).read_node(node))
+            assert not [t for t in raw["spec"].get("taints") or []
+                        if t["key"] == QUARANTINE_TAINT]
+            cond = next(c for c in raw["status"]["conditions"]
+                        if c["type"] == QUARANTINE_CONDITION)
+            assert cond["status"] == "False"
+        finally:
+            await proxy.close()
+            await kube.close()
 
 
 class TestWriteCost:
