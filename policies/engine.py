@@ -19,6 +19,14 @@ Incidents
     says so, the nodes it quarantined are released (``unquarantine``) — each once no finding
     on that node matches the rule either (a group restarted elsewhere leaves the node as sick
     as it was); then it is forgotten.
+
+Suspects
+    A quarantine step's targets are the nodes of the incident's node-local signals; a node
+    whose signals only *suspect* it (``Signal.suspect``: the cause may sit there, unproven)
+    gets the soft form instead, ``suspect`` — new work prefers other nodes, nothing is
+    cordoned — in a lane of its own, so a quarantine proven later is not mistaken for one
+    already in place. It is lifted (``unsuspect``) when its incident closes, once no finding
+    on the node matches the rule any more, whatever ``lift_quarantine`` says.
     A signal coming back before anything was released resumes the incident where it was.
 
 Shared targets
@@ -83,9 +91,12 @@ SNAPSHOT_VERSION = 2  # 1 stored ages (relative to the save); 2 stores wall-cloc
 WALL_STEP_TOLERANCE = 0.5  # seconds the wall clock may move against the monotonic one
 
 _TRAFFIC, _CORDON, _RESTART, _DEGRADE = "traffic", "cordon", "restart", "degrade"
+_SUSPECT = "suspect"
+_HELD_LANES = (_TRAFFIC, _CORDON, _SUSPECT)  # what an incident holds until it lets go
 _LANE: Mapping[Action, str | None] = {
     Action.FAIL_OVER: _TRAFFIC, Action.RECOVER: _TRAFFIC,
     Action.QUARANTINE: _CORDON, Action.UNQUARANTINE: _CORDON,
+    Action.SUSPECT: _SUSPECT, Action.UNSUSPECT: _SUSPECT,
     Action.RESTART_GROUP: _RESTART,
     Action.DEGRADE: _DEGRADE, Action.RESTORE: _DEGRADE,
     Action.NOTIFY: None,  # an Event per incident; nothing to race
@@ -93,7 +104,9 @@ _LANE: Mapping[Action, str | None] = {
 _COOLDOWN = frozenset({Action.FAIL_OVER, Action.RESTART_GROUP, Action.QUARANTINE})
 _DISRUPTIVE = frozenset({Action.FAIL_OVER, Action.RESTART_GROUP})
 _COUNTED = frozenset({Action.FAIL_OVER, Action.RESTART_GROUP, Action.QUARANTINE,
-                      Action.DEGRADE, Action.RESTORE})
+                      Action.SUSPECT, Action.DEGRADE, Action.RESTORE})
+_RELEASE = {_TRAFFIC: Action.RECOVER, _CORDON: Action.UNQUARANTINE,
+            _SUSPECT: Action.UNSUSPECT}
 
 _Key = tuple[str, int, Action, str]  # (incident, step, action, target): one decision
 
@@ -133,11 +146,14 @@ class _Incident:
     released_any: bool = False  # a recover/unquarantine was confirmed since closing
     failed_over: set[str] = field(default_factory=set)  # held: out of traffic because of us
     quarantined: set[str] = field(default_factory=set)  # held: quarantined because of us
+    suspected: set[str] = field(default_factory=set)  # held: suspected because of us
     restarted: set[str] = field(default_factory=set)
     history: list[_Done] = field(default_factory=list)
 
     def held(self, lane: str) -> set[str]:
-        return self.failed_over if lane == _TRAFFIC else self.quarantined
+        if lane == _TRAFFIC:
+            return self.failed_over
+        return self.quarantined if lane == _CORDON else self.suspected
 
 
 @dataclass(slots=True)
@@ -259,7 +275,7 @@ class PolicyEngine:
 
     def _drop(self, inc: _Incident) -> None:
         del self._incidents[inc.id]
-        for lane in (_TRAFFIC, _CORDON):
+        for lane in _HELD_LANES:
             for target in inc.held(lane):
                 self._unindex(inc.id, lane, target)
         # Its decisions in flight stay tracked: their confirmations still feed cooldowns
@@ -364,10 +380,8 @@ class PolicyEngine:
         """A closing incident picks up where it was if it has not started letting go."""
         if inc.released_any:
             return False
-        return not any((inc.id, -1, action, target) in self._in_flight
-                       for action, held in ((Action.RECOVER, inc.failed_over),
-                                            (Action.UNQUARANTINE, inc.quarantined))
-                       for target in held)
+        return not any((inc.id, -1, _RELEASE[lane], target) in self._in_flight
+                       for lane in _HELD_LANES for target in inc.held(lane))
 
     # --- the ladder ------------------------------------------------------------------------
 
@@ -383,7 +397,8 @@ class PolicyEngine:
                                             _Status.PENDING)
             for target, status in inc.targets.items():
                 if status is _Status.PENDING:
-                    self._decide_step(inc, rule, step.action, target, signals, ctx)
+                    action = self._action_for(inc, step.action, target, signals)
+                    self._decide_step(inc, rule, action, target, signals, ctx)
             if not self._advance(inc):
                 return
 
@@ -399,17 +414,27 @@ class PolicyEngine:
         if action is Action.QUARANTINE:
             if inc.scope == "node":
                 return [inc.scope_id]
-            return sorted({s.node for s in signals if s.node_local and s.node is not None})
+            return sorted({s.node for s in signals
+                           if (s.node_local or s.suspect) and s.node is not None})
         return [inc.scope_id]  # notify: about the incident's own subject
 
+    @staticmethod
+    def _action_for(inc: _Incident, action: Action, target: str, signals: list[Signal]
+                    ) -> Action:
+        """A quarantine of a node only suspected (no node-local signal on it) is the soft
+        form, ``suspect``."""
+        if action is not Action.QUARANTINE or inc.scope == "node" or any(
+                s.node_local and s.node == target for s in signals):
+            return action
+        return Action.SUSPECT
     def _decide_step(self, inc: _Incident, rule: Rule, action: Action, target: str,
                      signals: list[Signal], ctx: _Pass) -> None:
         lane = _LANE[action]
         if lane is not None:
             if (lane, target) in self._busy:
                 return  # another decision on this target is out; wait for its outcome
-            if action in (Action.FAIL_OVER, Action.QUARANTINE) and self._holders.get(
-                    (lane, target)):
+            if action in (Action.FAIL_OVER, Action.QUARANTINE, Action.SUSPECT) and \
+                    self._holders.get((lane, target)):
                 # Already out of traffic / quarantined for another incident: share it.
                 self._hold(inc, lane, target)
                 self._mark_done(inc, action, target, ctx.now, shared=True)
@@ -459,7 +484,8 @@ class PolicyEngine:
 
     def _release(self, inc: _Incident, ctx: _Pass) -> None:
         rule = self._rules[inc.rule]
-        for lane, action in ((_TRAFFIC, Action.RECOVER), (_CORDON, Action.UNQUARANTINE)):
+        for lane in _HELD_LANES:
+            action = _RELEASE[lane]
             for target in sorted(inc.held(lane)):
                 if (inc.id, -1, action, target) in self._in_flight:
                     continue
@@ -469,7 +495,8 @@ class PolicyEngine:
                     continue
                 if (lane, target) in self._busy:
                     continue  # another incident is acting on it right now
-                if action is Action.UNQUARANTINE and (rule.name, target) in ctx.sick_nodes:
+                if action in (Action.UNQUARANTINE, Action.UNSUSPECT) and \
+                        (rule.name, target) in ctx.sick_nodes:
                     # The group's incident may close because the group left the node (it was
                     # restarted elsewhere); the node is as sick as before. Lifted when the
                     # node's own findings clear (a GPU reset, a reboot), not before.
@@ -477,6 +504,10 @@ class PolicyEngine:
                 if action is Action.RECOVER:
                     reason = (f"No finding matches rule {rule.name} for {inc.scope} "
                               f"{inc.scope_id} any more: put group {target} back in traffic.")
+                elif action is Action.UNSUSPECT:
+                    reason = (f"No finding matches rule {rule.name} for {inc.scope} "
+                              f"{inc.scope_id} any more: node {target} is no longer a "
+                              "suspect.")
                 else:
                     reason = (f"No finding matches rule {rule.name} for {inc.scope} "
                               f"{inc.scope_id} any more: lift the quarantine of node {target}.")
@@ -489,7 +520,7 @@ class PolicyEngine:
         self._forget_if_finished(inc)
 
     def _forget_if_finished(self, inc: _Incident) -> None:
-        if inc.closed_at is None or inc.failed_over or inc.quarantined:
+        if inc.closed_at is None or inc.failed_over or inc.quarantined or inc.suspected:
             return
         if inc.targets is not None and any(s is _Status.IN_FLIGHT
                                            for s in inc.targets.values()):
@@ -658,6 +689,8 @@ class PolicyEngine:
             self._hold(inc, _TRAFFIC, target)
         elif action is Action.QUARANTINE:
             self._hold(inc, _CORDON, target)
+        elif action is Action.SUSPECT:
+            self._hold(inc, _SUSPECT, target)
         elif action is Action.RESTART_GROUP:
             inc.restarted.add(target)
         self._mark_done(inc, action, target, now)
@@ -760,7 +793,10 @@ class PolicyEngine:
                     if action is Action.FAIL_OVER:
                         inc.failed_over.update(was_in_flight)
                     elif action is Action.QUARANTINE:
+                        # Which of them were only suspected is not kept: either release
+                        # of a node we did not mark is a no-op.
                         inc.quarantined.update(was_in_flight)
+                        inc.suspected.update(was_in_flight)
                 inc.step = min(inc.step, len(rule.then))
                 incidents[inc.id] = inc
             cooldowns = {(Action(c["action"]), str(c["target"])): float(c["until"]) - offset
@@ -782,7 +818,7 @@ class PolicyEngine:
         self._busy = {}
         self._holders = {}
         for inc in incidents.values():
-            for lane in (_TRAFFIC, _CORDON):
+            for lane in _HELD_LANES:
                 for target in inc.held(lane):
                     self._holders.setdefault((lane, target), set()).add(inc.id)
         self._cooldowns = cooldowns
@@ -817,6 +853,7 @@ class PolicyEngine:
                           "age_seconds": now - d.at, "shared": d.shared}
                          for d in inc.history],
                 "failed_over": sorted(inc.failed_over), "quarantined": sorted(inc.quarantined),
+                "suspected": sorted(inc.suspected),
             })
         for model, state in self._degrade.items():
             if state.degraded:
@@ -843,7 +880,7 @@ def _incident_to_json(inc: _Incident, w: Callable[[float | None], float | None]
         "step_done_at": w(inc.step_done_at),
         "node_local": inc.node_local, "released_any": inc.released_any,
         "failed_over": sorted(inc.failed_over), "quarantined": sorted(inc.quarantined),
-        "restarted": sorted(inc.restarted),
+        "suspected": sorted(inc.suspected), "restarted": sorted(inc.restarted),
         "history": [{"step": d.step, "action": str(d.action), "target": d.target,
                      "at": w(d.at), "shared": d.shared} for d in inc.history],
     }
@@ -876,6 +913,7 @@ def _incident_from_json(raw: Mapping[str, Any], m: Callable[[Any], float | None]
         released_any=bool(raw["released_any"]),
         failed_over={str(g) for g in raw["failed_over"]},
         quarantined={str(n) for n in raw["quarantined"]},
+        suspected={str(n) for n in raw.get("suspected", ())},  # absent before suspects
         restarted={str(g) for g in raw["restarted"]},
         history=[_Done(int(d["step"]), Action(d["action"]), str(d["target"]),
                        required(d["at"]), bool(d["shared"])) for d in raw["history"]],

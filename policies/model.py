@@ -28,6 +28,8 @@ FAULT_CLASSES: frozenset[str] = frozenset({
     # Found across a group by the sidecars, or by the controller itself.
     "collective_hang", "fail_slow", "partition", "node_down", "engine_crash", "engine_hang",
     "engine_unhealthy", "collective_slow",
+    # Found by the controller: a group's application-class XIDs followed it across nodes.
+    "workload_crash_loop",
 })
 """Every fault class the detectors raise (the README lists them). A policy naming another
 one is rejected (a typo would otherwise make a rule that silently never matches); callers
@@ -36,7 +38,7 @@ with more classes pass their own set to ``load_policy``."""
 
 class Action(enum.StrEnum):
     """What the action layer can do. Rules name four of them (``LADDER_ACTIONS``); recover,
-    unquarantine, degrade and restore are the engine's own moves."""
+    unquarantine, suspect, unsuspect, degrade and restore are the engine's own moves."""
 
     FAIL_OVER = "fail_over"  # take a group out of traffic (readiness gate False on its pods)
     RECOVER = "recover"  # put a failed-over group back in traffic (incident closed)
@@ -46,6 +48,10 @@ class Action(enum.StrEnum):
     NOTIFY = "notify"  # only an Event, a log line and a metric
     DEGRADE = "degrade"  # scale up the fallback model and shift traffic to it
     RESTORE = "restore"  # shift back to the primary and scale the fallback down
+    # A quarantine step's soft form, for a node the cause *may* sit on (``Signal.suspect``):
+    # new work prefers other nodes (a PreferNoSchedule taint), nothing is cordoned.
+    SUSPECT = "suspect"
+    UNSUSPECT = "unsuspect"  # lift it (its incident closed)
 
 
 LADDER_ACTIONS: tuple[Action, ...] = (
@@ -66,6 +72,10 @@ class Signal:
     groups: tuple[str, ...]  # keys of the pipeline groups affected; may be empty
     node_local: bool  # the cause sits on one node: quarantine it before restarting elsewhere
     since: float  # monotonic time the finding was first seen
+    # The cause may sit on ``node``, unproven (an application-class XID seen under one
+    # workload only): a quarantine step only steers new work away from the node (SUSPECT),
+    # so a restart elsewhere tells the workload's fault from the GPU's.
+    suspect: bool = False
 
     def __post_init__(self) -> None:
         # A misspelt severity would make every rule ignore the finding without a trace.

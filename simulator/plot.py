@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 
 COLOURS = {"detected": "#1f77b4", "traffic_off": "#d62728", "quarantined": "#9467bd",
            "restarted": "#ff7f0e", "recovered": "#2ca02c", "degraded": "#8c564b",
-           "restored": "#17becf"}
+           "restored": "#17becf", "crash_loop": "#e377c2", "breaker": "#000000"}
 
 
 def plot(outcome: Outcome, path: Path) -> None:

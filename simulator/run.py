@@ -37,10 +37,12 @@ from simulator.scenario import (
     COLLECTIVE_FAULTS,
     COUNTING,
     NODE_FAULTS,
+    REPEATING,
     THROTTLE_BITS,
     Expectation,
     Fault,
     Scenario,
+    seconds,
 )
 from simulator.timeline import STEPS, ClusterView, FaultRecord, update
 from simulator.traffic import Traffic
@@ -86,7 +88,8 @@ FINDING_CLASSES: dict[str, set[str]] = {
     "ecc_storm": {"ecc_correctable_storm"}, "nvlink_errors": {"nvlink_errors"},
     "clock_throttle": {"clock_throttle"}, "driver_error": {"driver_error"},
     "gpu_missing": {"gpu_missing"}, "collective_hang": {"collective_hang"},
-    "collective_slow": {"collective_slow"},
+    "collective_slow": {"collective_slow"}, "app_crash_loop": {"xid"},
+    "gpu_app_xids": {"xid"},
 }
 
 
@@ -94,6 +97,20 @@ FINDING_CLASSES: dict[str, set[str]] = {
 ROW_REMAP_STATES: dict[str, dict[str, int | str]] = {
     "failure": {"remap.failure": 1}, "limit": {"remap.uncorrectable": 4096},
     "pending": {"remap.pending": 1}}
+
+
+@dataclass
+class Repeating:
+    """XIDs every ``every`` seconds until ``until`` (monotonic): on the node the fault's pod
+    runs on now (``follow``), or on the fault's node while a serving pod is on it."""
+
+    record: FaultRecord
+    gpu: int
+    code: int
+    every: float
+    until: float
+    follow: bool
+    due: float = 0.0  # monotonic: the next one
 
 
 @dataclass
@@ -203,6 +220,7 @@ class Simulation:
         self.scenario = scenario
         self.torch_python = torch_python  # for the all-reduce workers, when the scenario has them
         self.counting: list[Counting] = []
+        self.repeating: list[Repeating] = []
         self.workdir = workdir
         self.printer = Printer(out, max([16, *(len(f.name) for f in scenario.faults)]))
         self.out = out
@@ -304,6 +322,7 @@ class Simulation:
         elif record.fault.kind in NODE_FAULTS and record.node is not None:
             node = record.node
             self.counting = [c for c in self.counting if c.record.node != node]
+            self.repeating = [r for r in self.repeating if r.record is not record]
             await asyncio.to_thread(runtime.agents[node].control.reset,
                                     self.scenario.gpus_per_node)
             await asyncio.to_thread(runtime.reboot_agent, node)
@@ -399,6 +418,8 @@ class Simulation:
                                    lambda: self.records)
             background.append(tasks.create_task(self.traffic.run()))
             background.append(tasks.create_task(self._count_errors()))
+            background.append(tasks.create_task(self._repeat_xids()))
+            background.append(tasks.create_task(self._watch_controllers()))
             yield
             for task in background:
                 task.cancel()
@@ -546,9 +567,21 @@ class Simulation:
                 control.set(gpu, **{f"nvlink.{link}.active": 0})
                 return f"NVLink {link} of {where} down"
             if fault.kind == "nvml_hang":
-                seconds = float(p.get("seconds", 60))
-                control.hang(gpu, seconds, ending=True)
-                return f"NVML calls on {where} block for {seconds:g} s"
+                hang = float(p.get("seconds", 60))
+                control.hang(gpu, hang, ending=True)
+                return f"NVML calls on {where} block for {hang:g} s"
+            if fault.kind in REPEATING:
+                code = int(p.get("code", 13))
+                every = seconds(p.get("every", 10), "every")
+                lasts = float(p.get("seconds", 120 if fault.kind == "app_crash_loop" else 240))
+                self.repeating.append(Repeating(record, gpu, code, every,
+                                                time.monotonic() + lasts,
+                                                follow=fault.kind == "app_crash_loop"))
+                if fault.kind == "app_crash_loop":
+                    return (f"{record.pod} crashes with XID {code} on its GPU {gpu} every "
+                            f"{every:g} s for {lasts:g} s, wherever it runs")
+                return (f"{where} faults the application on it with XID {code} every "
+                        f"{every:g} s for {lasts:g} s")
             if fault.kind not in ("clear", "node_repair"):
                 return self._apply_gpu(fault, record, control, gpu, where)
             self.counting = [c for c in self.counting if c.record.node != record.node]
@@ -657,6 +690,68 @@ class Simulation:
                 await asyncio.to_thread(runtime.agents[c.record.node].control.set, c.gpu,
                                         **{c.key: value})
             await asyncio.sleep(1.0)
+
+    async def _repeat_xids(self) -> None:
+        """Each repeating fault's next XID when it is due, where it is due (module
+        see ``Repeating``)."""
+        assert self.runtime is not None
+        runtime = self.runtime
+        while True:
+            now = time.monotonic()
+            for rep in list(self.repeating):
+                if now >= rep.until:
+                    self.repeating.remove(rep)
+                    continue
+                if now < rep.due:
+                    continue
+                node = self._xid_node(rep)
+                if node is None or node not in runtime.agents:
+                    continue  # no application running there right now: nothing to fault
+                rep.due = now + rep.every
+                rep.record.nodes.add(node)
+                await asyncio.to_thread(runtime.agents[node].control.inject_xid, rep.gpu,
+                                        rep.code)
+            await asyncio.sleep(0.2)
+
+    def _xid_node(self, rep: Repeating) -> str | None:
+        """Where a repeating fault's XID happens now: the node its pod runs on (following
+        it), or its own node while a serving pod runs there."""
+        if rep.follow:
+            pod = self.view.pods.get(rep.record.pod or "")
+            if pod is None or pod["metadata"].get("deletionTimestamp") or not any(
+                    c.get("type") == "ContainersReady" and c.get("status") == "True"
+                    for c in pod.get("status", {}).get("conditions") or []):
+                return None
+            node = pod["spec"].get("nodeName")
+            return str(node) if node else None
+        node = rep.record.node
+        running = any(p["spec"].get("nodeName") == node
+                      and not p["metadata"].get("deletionTimestamp")
+                      for p in self.view.pods.values())
+        return node if running else None
+
+    async def _watch_controllers(self) -> None:
+        """Once a second: whether a controller's circuit breaker is open, and which groups
+        the leader names as crash-looping (the steps ``breaker`` and ``crash_loop``)."""
+        assert self.runtime is not None
+        runtime = self.runtime
+        while True:
+            await asyncio.sleep(1.0)
+            for ctl in list(runtime.controllers.values()):
+                try:
+                    status = await asyncio.to_thread(ctl.status)
+                except (OSError, AssertionError, ValueError):
+                    continue  # stopped, or killed by a scenario
+                looping = {loop["group"] for loop in status.get("workload_crash_loops", [])}
+                for record in self.records:
+                    if status.get("breaker_open") and record.mark(
+                            "breaker", detail=f"circuit breaker of {ctl.identity} open"):
+                        self.printer.step(record, "breaker")
+                    if record.group is not None and record.group.key in looping and \
+                            record.mark("crash_loop", detail=f"{ctl.identity}: "
+                                                             f"{record.group.key}'s XIDs are "
+                                                             "the workload's"):
+                        self.printer.step(record, "crash_loop")
 
     async def _detect(self) -> None:
         """The first finding of each open fault, from the daemon that should see it."""

@@ -38,7 +38,9 @@ naming the field, exit 2)::
         quarantined: true      # the node got our taint
         degraded_within: 20s   # injection → the model's Service sends to the fallback
         restored_within: 90s   # injection → back to the model
-        never: [restarted]     # steps that must not happen to this fault's group
+        crash_loop_within: 60s # injection → the controller names the group's crash loop
+        never: [restarted]     # steps that must not happen to this fault's group (also
+                               # breaker: the circuit breaker opening, anywhere)
         no_action: false       # true: nothing may happen (a transient that must be ignored)
     duration: 180s             # the run stops here at the latest
 """
@@ -102,7 +104,17 @@ FAULT_KINDS: dict[str, str] = {
     "collective_slow": "the pod's all-reduce worker runs `share` (default 0.05) of the time "
                        "(stopped and continued every 200 ms): a straggler rank",
     "collective_resume": "the pod's all-reduce worker runs freely again",
+    "app_crash_loop": "the pod's application crashes with XID `code` (default 13) on its GPU "
+                      "every `every` seconds (default 10) for `seconds` (default 120), "
+                      "wherever it runs: recreated elsewhere, the crashes follow it (an "
+                      "application bug in CrashLoopBackOff, not a GPU fault)",
+    "gpu_app_xids": "the node's GPU faults whatever application runs on it with XID `code` "
+                    "(default 13) every `every` seconds (default 10) for `seconds` (default "
+                    "240), while a serving pod is on the node: the XIDs stay with the GPU, "
+                    "whichever group it serves",
 }
+# Faults that go on in the background: their XIDs come every `every` seconds.
+REPEATING = frozenset({"app_crash_loop", "gpu_app_xids"})
 THROTTLE_BITS = {"hw_slowdown": 0x8, "sw_thermal": 0x20, "hw_thermal": 0x40,
                  "hw_power_brake": 0x80}
 # Faults that count an error for as long as they last: (stand-in key, default per minute).
@@ -113,7 +125,7 @@ COUNTING = {"pcie_replays": ("pcie.replay", 600.0),
 AT_BOOT = frozenset({"driver_error", "gpu_missing"})
 NODE_FAULTS = frozenset({"xid", "gpu_lost", "thermal", "ecc", "nvlink_down", "nvml_hang",
                          "clear", "node_repair", "row_remap", "retired_pages",
-                         "pcie_degraded", "clock_throttle", *COUNTING, *AT_BOOT})
+                         "pcie_degraded", "clock_throttle", *COUNTING, *AT_BOOT, *REPEATING})
 # Faults that stop the replica: a request sent to it before traffic is off is a lost one.
 STOPPING = frozenset({"xid", "gpu_lost", "ecc", "nvlink_down", "nvml_hang", "engine_hang",
                       "engine_crash", "engine_unhealthy", "partition", "row_remap",
@@ -124,7 +136,7 @@ POD_FAULTS = frozenset({"engine_hang", "engine_crash", "engine_unhealthy", "engi
                         *COLLECTIVE_FAULTS})
 # What each fault's parameters may be (beyond name, at, kind, target).
 PARAMS = {"gpu", "code", "celsius", "count", "link", "seconds", "state", "width",
-          "per_minute", "reason", "share"}
+          "per_minute", "reason", "share", "every"}
 STATES = {"row_remap": ("failure", "limit", "pending"), "retired_pages": ("limit", "pending")}
 NO_TARGET = frozenset({"kill_leader", "heal"})
 # Faults that end earlier ones rather than being faults of their own.
@@ -191,7 +203,9 @@ class Fault:
 
 
 TIMED_STEPS = ("detected", "traffic_off", "quarantined", "restarted", "recovered",
-               "degraded", "restored")
+               "degraded", "restored", "crash_loop")
+# Steps that are only ever expected not to happen (``never:``).
+UNTIMED_STEPS = ("breaker",)
 
 
 @dataclass(frozen=True, slots=True)
@@ -342,9 +356,9 @@ def parse(data: Any, source: str = "<scenario>") -> Scenario:
         if quarantined is not None and not isinstance(quarantined, bool):
             raise ConfigError(f"{where}.quarantined", "must be true or false")
         never = e.get("never", [])
-        if not isinstance(never, list) or any(s not in TIMED_STEPS for s in never):
-            raise ConfigError(f"{where}.never",
-                              f"must list steps out of {', '.join(TIMED_STEPS)}")
+        steps = (*TIMED_STEPS, *UNTIMED_STEPS)
+        if not isinstance(never, list) or any(s not in steps for s in never):
+            raise ConfigError(f"{where}.never", f"must list steps out of {', '.join(steps)}")
         expects.append(Expectation(str(e["fault"]), within, quarantined, tuple(never),
                                    bool(e.get("no_action", False))))
     policy = _mapping(doc.get("policy", {}), "policy")
@@ -391,6 +405,9 @@ def _check_params(kind: str, params: dict[str, Any], where: str, gpus: int) -> N
     if reason is not None and reason not in THROTTLE_BITS:
         raise ConfigError(f"{where}.reason", f"must be one of {', '.join(THROTTLE_BITS)}, "
                           f"got {reason!r}")
+    every = params.get("every")
+    if every is not None and seconds(every, f"{where}.every") <= 0:
+        raise ConfigError(f"{where}.every", "must be longer than 0")
     share = params.get("share")
     if share is not None and not (isinstance(share, int | float) and 0 < share < 1):
         raise ConfigError(f"{where}.share", f"must be a fraction between 0 and 1, got {share!r}")

@@ -10,7 +10,10 @@ see it — never from the supervisor's own logs:
 - *restarted*: a pod of the group that existed at injection is being deleted;
 - *quarantined*: the fault's node carries our quarantine taint;
 - *recovered*: after traffic went off, the replica serves again (its leader a ready
-  endpoint, every member Ready).
+  endpoint, every member Ready);
+- *crash loop*: the leading controller names the group's crash loop (its /status: the
+  group's application-class XIDs followed it across nodes);
+- *breaker*: a controller's circuit breaker is open (its /status).
 
 Requests that reached a sick replica (between injection and traffic off) are counted by
 :class:`simulator.traffic.Traffic` and attributed here.
@@ -29,7 +32,7 @@ from simulator.world import GROUP_LABEL, GroupRef
 from supervisor.controller.actions import QUARANTINE_TAINT
 
 STEPS = ("injected", "detected", "traffic_off", "quarantined", "restarted", "recovered",
-         "degraded", "restored")
+         "degraded", "restored", "crash_loop", "breaker")
 
 
 @dataclass
@@ -48,6 +51,7 @@ class FaultRecord:
     undo: list[list[str]] = field(default_factory=list)  # iptables rules of a partition
     release: Callable[[], None] | None = None  # lets a stalled all-reduce worker run again
     ended: bool = False  # undone by a later fault (resumed, cleared, healed, repaired)
+    nodes: set[str] = field(default_factory=set)  # every node its XIDs were injected on
 
     def at(self, step: str) -> float | None:
         """Seconds from injection to ``step``, or None if it has not happened."""
@@ -218,9 +222,10 @@ def update(record: FaultRecord, view: ClusterView) -> list[str]:
         "deletionTimestamp")]
     if gone and record.mark("restarted", detail=f"{len(gone)} of the group's pods deleted"):
         reached.append("restarted")
-    if record.node and QUARANTINE_TAINT in view.taints.get(record.node, set()) and \
-            record.mark("quarantined", detail=f"node {record.node} tainted"):
-        reached.append("quarantined")
+    for node in sorted(record.nodes | ({record.node} if record.node else set())):
+        if QUARANTINE_TAINT in view.taints.get(node, set()) and \
+                record.mark("quarantined", detail=f"node {node} tainted"):
+            reached.append("quarantined")
     degraded = view.degraded(group.model.name)
     if degraded and record.mark("degraded", detail=f"{group.model.name}'s clients sent to "
                                 "its fallback"):

@@ -371,6 +371,11 @@ class ControllerSettings:
     report_max_skew_seconds: float = setting(
         30.0, "a report whose sent_at is further than this from the controller's clock is "
         "refused (409): bounds how old a replayed report can be", "s", gt=0)
+    crash_loop_window_seconds: float = setting(
+        3600.0, "application-class XIDs (13, 31, 43, 45, ...) that follow one group to another "
+        "node within this long are the workload's crash loop (workload_crash_loop: no "
+        "quarantine, no restart); seen on one GPU under two groups within it, the GPU's",
+        "s", gt=0)
     silence_seconds: float = setting(
         35.0, "an agent is silent after this long without a report (3 heartbeats + slack)",
         "s", gt=0)

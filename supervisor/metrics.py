@@ -9,12 +9,14 @@ leaves no stale series behind.
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Iterable, Iterator
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
+    HistogramMetricFamily,
     InfoMetricFamily,
     Metric,
 )
@@ -69,3 +71,33 @@ def finding_families(book: FindingBook, classes: Iterable[FaultClass], where: st
     for (fc, sev), n in sorted(book.raised_total.items()):
         raised.add_metric([str(fc), str(sev)], n)
     yield raised
+
+
+class Buckets:
+    """A histogram kept by its owner and read at scrape time (the custom-collector pattern
+    every role uses): cumulative counts, never reset, so rates over it are right."""
+
+    __slots__ = ("_bounds", "_counts", "count", "sum")
+
+    def __init__(self, bounds: Iterable[float]) -> None:
+        self._bounds = sorted(bounds)
+        self._counts = [0] * (len(self._bounds) + 1)  # the last one: above every bound
+        self.count = 0
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self._counts[bisect.bisect_left(self._bounds, value)] += 1
+        self.count += 1
+        self.sum += value
+
+    def add_to(self, family: HistogramMetricFamily, labels: list[str]) -> None:
+        cumulative, out = 0, []
+        for bound, n in zip([*self._bounds, float("inf")], self._counts, strict=True):
+            cumulative += n
+            out.append((_le(bound), cumulative))
+        family.add_metric(labels, out, self.sum)
+
+
+def _le(bound: float) -> str:
+    """A bucket bound as client_python writes it ("0.5", "1.0", "+Inf")."""
+    return "+Inf" if bound == float("inf") else repr(float(bound))

@@ -58,6 +58,7 @@ log = structlog.get_logger(__name__)
 
 STAGGER_SECONDS = 0.001
 XID_LOG_SECONDS = 10.0  # at most one "xid" log line per (GPU, XID) this often
+NEWS_SECONDS = 1.0  # at most one report per this long for XIDs that recur
 
 
 class ProbeObserver(Protocol):
@@ -148,6 +149,12 @@ class Agent:
         self._xid_logged_at: dict[tuple[int, int], float] = {}
         self._xid_log_due: dict[tuple[int, int], asyncio.TimerHandle] = {}
         self.listeners: list[Callable[[], None]] = []
+        # Told when a finding got new evidence without changing (an XID recurred): the
+        # controller judges whose fault an application's XIDs are from when they recur.
+        # At most once per NEWS_SECONDS: a storm is news once, not ten thousand times.
+        self.news_listeners: list[Callable[[], None]] = []
+        self._news_at = -NEWS_SECONDS
+        self._news_due: asyncio.TimerHandle | None = None
         self.book.subscribe(self._on_transition)
 
     # --- start-up -------------------------------------------------------------------------
@@ -276,6 +283,8 @@ class Agent:
         for key in list(self._xid_log_due):  # what a storm's window still holds, logged now
             self._xid_log_due[key].cancel()
             self._flush_xid_log(key)
+        if self._news_due is not None:
+            self._news_due.cancel()
         for gpu in self.gpus.values():
             gpu.worker.close()
         self._control.close()
@@ -394,6 +403,21 @@ class Agent:
             if verdict is not None:
                 verdicts.append(verdict)
         self.book.apply(verdicts, self.clock.wall())
+        if verdicts:
+            self._news()
+
+    def _news(self) -> None:
+        """Tell the news listeners now, or when NEWS_SECONDS have passed since last time."""
+        wait = self._news_at + NEWS_SECONDS - self.clock.monotonic()
+        if wait <= 0:
+            self._news_at = self.clock.monotonic()
+            for listener in self.news_listeners:
+                listener()
+        elif self._news_due is None and self._loop is not None:
+            def due() -> None:
+                self._news_due = None
+                self._news()
+            self._news_due = self._loop.call_later(wait, due)
 
     def _log_xid(self, gpu: int, xid: int, n: int) -> None:
         """A line per (GPU, XID) at most every XID_LOG_SECONDS, counting the events since the

@@ -107,6 +107,7 @@ async def run_agent(settings: Settings, *, simulate_dir: Path | None = None) -> 
             reporter = Reporter.from_settings(settings.reporting, agent.report, clock,
                                               ready=lambda: agent.ready)
             agent.listeners.append(reporter.poke)
+            agent.news_listeners.append(reporter.poke)
             group.start("reporter", reporter.run())
 
     async def cleanup() -> None:

@@ -9,6 +9,9 @@
 - quarantine: cordon, add our NoSchedule taint, NodeCondition ``GPUSupervisorQuarantined``
   True; remember whether the node was already cordoned;
 - unquarantine: remove our taint, uncordon only if we cordoned, condition False;
+- suspect / unsuspect: our PreferNoSchedule taint ``gpu-supervisor.io/suspect`` on a node
+  the cause may sit on (unproven), and off again: the scheduler places new work elsewhere
+  when it can, nothing is cordoned or evicted;
 - degrade: check that the route (or Service) can carry the fallback, record the fallback
   workload's replicas, scale it up, wait until it is ready, then shift traffic (HTTPRoute
   backendRef weights, or a Service's selector) — refused, with an Event, when the route
@@ -48,6 +51,7 @@ from supervisor.runtime.clock import Clock
 log = structlog.get_logger(__name__)
 
 QUARANTINE_TAINT = "gpu-supervisor.io/quarantine"
+SUSPECT_TAINT = "gpu-supervisor.io/suspect"  # PreferNoSchedule: new work prefers elsewhere
 QUARANTINE_ANNOTATION = "gpu-supervisor.io/quarantine"
 QUARANTINE_CONDITION = "GPUSupervisorQuarantined"
 TRAFFIC_ANNOTATION = "gpu-supervisor.io/traffic-before-degrade"
@@ -162,7 +166,8 @@ class ActionExecutor:
                  fence: Fence, intents: dict[str, Any],
                  save: Callable[[], Awaitable[None]],
                  degrade_targets: dict[str, DegradeTarget] | None = None,
-                 follow_up_concurrency: int = 4) -> None:
+                 follow_up_concurrency: int = 4,
+                 observe_latency: Callable[[float], None] = lambda _: None) -> None:
         self._kube = kube
         self._model = model
         self._clock = clock
@@ -176,6 +181,7 @@ class ActionExecutor:
         self.blocked: dict[str, dict[str, Any]] = {}
         self.outcomes: Counter[tuple[str, str]] = Counter()
         self.latencies: list[float] = []  # detection → first API write, seconds
+        self._observe_latency = observe_latency
         # Follow-up requests (the other pods of a group, Events) queue here so that in a
         # burst every action's *first* request — the one that takes a group out of
         # traffic — reaches the API server ahead of them: a follow-up is sent only while
@@ -205,7 +211,8 @@ class ActionExecutor:
         handler = {
             Action.FAIL_OVER: self._fail_over, Action.RECOVER: self._recover,
             Action.RESTART_GROUP: self._restart_group, Action.QUARANTINE: self._quarantine,
-            Action.UNQUARANTINE: self._unquarantine, Action.DEGRADE: self._degrade_model,
+            Action.UNQUARANTINE: self._unquarantine, Action.SUSPECT: self._suspect,
+            Action.UNSUSPECT: self._unsuspect, Action.DEGRADE: self._degrade_model,
             Action.RESTORE: self._restore_model, Action.NOTIFY: self._notify,
         }[decision.action]
         try:
@@ -265,6 +272,7 @@ class ActionExecutor:
         if detected is not None and first is not None:
             self.latencies.append(max(0.0, first - detected))
             del self.latencies[:-10_000]
+            self._observe_latency(self.latencies[-1])
 
     async def _event(self, obj: dict[str, str], decision: Decision, reason: str,
                      warning: bool = True, note: str = "") -> None:
@@ -505,6 +513,43 @@ class ActionExecutor:
         await self._node_condition(node, False, "QuarantineLifted", decision.reason)
         await self._event({"kind": "Node", "apiVersion": "v1", "name": decision.target},
                           decision, "NodeQuarantineLifted", warning=False)
+
+    async def _suspect(self, decision: Decision) -> None:
+        added = False
+
+        def mutate(node: dict[str, Any]) -> dict[str, Any] | None:
+            nonlocal added
+            taints = node.get("spec", {}).get("taints") or []
+            if any(t.get("key") == SUSPECT_TAINT for t in taints):
+                return None
+            added = True
+            return {"spec": {"taints": [*taints, {"key": SUSPECT_TAINT, "value": decision.rule,
+                                                  "effect": "PreferNoSchedule"}]}}
+
+        if await self._patch_node(decision.target, mutate) is None or not added:
+            return
+        self._record_latency(decision.target)
+        await self._event({"kind": "Node", "apiVersion": "v1", "name": decision.target},
+                          decision, "NodeSuspected",
+                          note=f"New work prefers other nodes while the cause of "
+                               f"{decision.incident} may sit on this one: "
+                               f"{decision.reason}"[:1024])
+
+    async def _unsuspect(self, decision: Decision) -> None:
+        removed = False
+
+        def mutate(node: dict[str, Any]) -> dict[str, Any] | None:
+            nonlocal removed
+            taints = node.get("spec", {}).get("taints") or []
+            if not any(t.get("key") == SUSPECT_TAINT for t in taints):
+                return None
+            removed = True
+            return {"spec": {"taints": [t for t in taints if t.get("key") != SUSPECT_TAINT]
+                             or None}}
+
+        if await self._patch_node(decision.target, mutate) is not None and removed:
+            await self._event({"kind": "Node", "apiVersion": "v1", "name": decision.target},
+                              decision, "NodeSuspicionLifted", warning=False)
 
     # --- degrade and restore ---------------------------------------------------------------
 

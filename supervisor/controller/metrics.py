@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
+    HistogramMetricFamily,
     Metric,
     SummaryMetricFamily,
 )
@@ -62,13 +63,22 @@ class ControllerCollector:
             degraded.add_metric([model], 1 if on else 0)
         yield degraded
         blocked = GaugeMetricFamily(f"{P}degrade_blocked", "1 while a model's degrade or "
-                                    "restore is held back because the side traffic would move "
-                                    "to has no ready endpoint (reason FallbackNotServing or "
-                                    "PrimaryNotServing); absent otherwise",
-                                    labels=["model", "reason"])
-        for model, info in sorted(c.executor.blocked.items()):
-            blocked.add_metric([model, str(info.get("reason", ""))], 1)
+                                    "restore is held back because the side its traffic would "
+                                    "move to has no ready endpoint (/status says which), for "
+                                    "every model the policy can degrade", labels=["model"])
+        for model in sorted(c.engine.degrade_states()):
+            blocked.add_metric([model], 1 if model in c.executor.blocked else 0)
         yield blocked
+        loops = GaugeMetricFamily(f"{P}workload_crash_loops", "Groups of a model whose "
+                                  "application-class XIDs followed them to another node: the "
+                                  "workload crash-loops, no GPU is blamed", labels=["model"])
+        per_model = {g.model: 0 for g in c.model.view().groups.values()}
+        for group in c.model.crash_loops:
+            model = c.model_of_group(group)
+            per_model[model] = per_model.get(model, 0) + 1
+        for model, n in sorted(per_model.items()):
+            loops.add_metric([model], n)
+        yield loops
         reports = CounterMetricFamily(f"{P}reports", "Reports received, by outcome",
                                       labels=["outcome"])
         for outcome in ("accepted", "unauthenticated", "forbidden", "unbound",
@@ -134,3 +144,30 @@ class ControllerCollector:
                                   count_value=len(c.executor.latencies),
                                   sum_value=sum(c.executor.latencies))
         yield lat
+        yield from self._self_watch()
+
+    def _self_watch(self) -> Iterator[Metric]:
+        """The controller's own lag (``selfwatch``)."""
+        w = self.c.selfwatch
+        yield GaugeMetricFamily(P + "controller_behind", "1 while the controller lags (its "
+                                "event loop, a watch, the reports it decides on, or its token "
+                                "reviews; /status says which)", value=1 if w.behind() else 0)
+        loop = HistogramMetricFamily(P + "controller_loop_lag_seconds", "How late a timer "
+                                     "of the controller's event loop fires (starvation)")
+        w.loop_lag.add_to(loop, [])
+        yield loop
+        watch = HistogramMetricFamily(P + "controller_watch_lag_seconds", "Age of an object's "
+                                      "latest change when its watch event arrives (whole "
+                                      "seconds)", labels=["resource"])
+        for resource, buckets in sorted(w.watch_lag.items()):
+            buckets.add_to(watch, [resource])
+        yield watch
+        age = HistogramMetricFamily(P + "controller_report_age_seconds", "Age of the newest "
+                                    "report of each node an action was about, when it was "
+                                    "decided")
+        w.report_age.add_to(age, [])
+        yield age
+        act = HistogramMetricFamily(P + "finding_to_action_seconds", "The report that first "
+                                    "carried a fault → the action's first answered write")
+        w.finding_to_action.add_to(act, [])
+        yield act

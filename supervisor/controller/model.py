@@ -26,7 +26,9 @@ falling back to the LWS (or kind) name.
 
 From that the model derives what policy needs: ``signals()`` — active findings mapped to
 the groups they hit — and ``view()`` — every group with its model and whether it is
-healthy right now.
+healthy right now. Application-class XIDs are first attributed (``attribution``): to the
+GPU (node-local, as any GPU fault), to the workload (replaced by a
+``workload_crash_loop`` signal about the group), or to neither yet (the node a suspect).
 """
 
 from __future__ import annotations
@@ -37,7 +39,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from policies.model import GroupView, Signal, View
-from supervisor.controller.ingest import NodeReport, PodReport
+from supervisor.controller.attribution import (
+    WORKLOAD_CRASH_LOOP,
+    CrashLoop,
+    Sighting,
+    XidAttribution,
+    xid_code,
+)
+from supervisor.controller.ingest import NodeReport, PodReport, ReportedFinding
 from supervisor.runtime.clock import Clock
 
 LWS_NAME = "leaderworkerset.sigs.k8s.io/name"
@@ -129,8 +138,11 @@ def _condition(obj: dict[str, Any], ctype: str) -> str | None:
 
 class HealthModel:
     def __init__(self, clock: Clock, *, silence_seconds: float,
-                 kinds: Iterable[GroupKind] = (), quarantine_taint: str = "") -> None:
+                 kinds: Iterable[GroupKind] = (), quarantine_taint: str = "",
+                 attribution_window: float = 3600.0) -> None:
         self._clock = clock
+        self.attribution = XidAttribution(attribution_window)
+        self.crash_loops: dict[str, CrashLoop] = {}  # as of the last signals()
         self.silence_seconds = silence_seconds
         self.kinds = list(kinds)
         self.quarantine_taint = quarantine_taint
@@ -320,6 +332,7 @@ class HealthModel:
         elif not actionable:
             info.became_bad_at = None
         before = _finding_keys(info.report)
+        self._sightings(info.report, report, received)
         info.report = report
         if report.findings:
             self._attention.add(report.node)
@@ -328,6 +341,19 @@ class HealthModel:
         # after:) are served by the decision loop's periodic pass.
         if was_silent or _finding_keys(report) != before:
             self.changed.set()
+
+    def _sightings(self, old: NodeReport | None, new: NodeReport, received: float) -> None:
+        """Each new application-class XID — a new finding, or one whose ``last_seen``
+        moved — with the groups on the node at the time (``attribution``)."""
+        seen = {(f.subject_id, f.detail): f.last_seen for f in old.findings} if old else {}
+        for f in new.findings:
+            code = xid_code(f.fault_class, f.detail)
+            if code is None:
+                continue
+            last = seen.get((f.subject_id, f.detail))
+            if last is None or f.last_seen > last:
+                self.attribution.observe(Sighting(received, new.node, f.subject_id, code,
+                                                  frozenset(self.groups_on(new.node))))
 
     def accept_pod_report(self, report: PodReport, received: float) -> None:
         if not report.confirmed:  # held (module docstring)
@@ -370,9 +396,21 @@ class HealthModel:
         return [n.name for n in self.nodes.values()
                 if n.last_report is not None and now - n.last_report > self.silence_seconds]
 
+    def _whose(self, f: ReportedFinding, now: float, since: float,
+               crashing: dict[str, float]) -> str:
+        """"gpu", "workload" or "unsure" for an application-class XID finding (the groups
+        at fault, with when they started, go into ``crashing``); "" for any other."""
+        if xid_code(f.fault_class, f.detail) is None:
+            return ""
+        verdict = self.attribution.verdict(f.subject_id, now)
+        for group in verdict.groups:
+            crashing[group] = min(crashing.get(group, since), since)
+        return verdict.whose
+
     def signals(self) -> list[Signal]:
         now = self._clock.monotonic()
         out: list[Signal] = []
+        crashing: dict[str, float] = {}  # group → since: its XIDs are the workload's
         for name in list(self._attention):
             info = self.nodes.get(name)
             if info is None or (info.ready is not False and not (
@@ -385,16 +423,34 @@ class HealthModel:
                 # Reporter clocks differ from ours; keep only the *age* it reports.
                 for f in report.findings:
                     age = max(0.0, report.sent_at - f.first_seen)
+                    since = min(now, info.last_report - age)
+                    whose = self._whose(f, now, since, crashing)
+                    if whose == "workload":
+                        continue  # the workload's crash, not evidence against this node
+                    hit = groups
+                    if whose == "unsure":  # only the groups it was seen under
+                        seen = self.attribution.groups_seen(f.subject_id)
+                        hit = tuple(g for g in groups if g in seen)
                     out.append(Signal(
                         fault_class=f.fault_class, severity=f.severity,
                         subject_kind=f.subject_kind, subject_id=f.subject_id, node=info.name,
-                        groups=groups, node_local=f.fault_class in NODE_LOCAL,
-                        since=min(now, info.last_report - age)))
+                        groups=hit,
+                        node_local=f.fault_class in NODE_LOCAL and whose != "unsure",
+                        since=since, suspect=whose == "unsure"))
             silent = info.last_report is None or now - info.last_report > self.silence_seconds
             if info.ready is False and silent and info.not_ready_since is not None:
                 out.append(Signal(fault_class="node_down", severity="critical",
                                   subject_kind="node", subject_id=info.name, node=info.name,
                                   groups=groups, node_local=True, since=info.not_ready_since))
+        loops = self.attribution.crash_loops(now)
+        self.crash_loops = {g: loops[g] for g in crashing if g in loops}
+        for group, since in sorted(crashing.items()):
+            crashed = self.groups.get(group)
+            if crashed is not None:
+                out.append(Signal(
+                    fault_class=WORKLOAD_CRASH_LOOP, severity="critical",
+                    subject_kind="model", subject_id=self.model_of(crashed), node=None,
+                    groups=(group,), node_local=False, since=since))
         for state, pod in self._fresh_pod_reports(now):
             for f in state.report.findings:
                 age = max(0.0, state.report.sent_at - f.first_seen)

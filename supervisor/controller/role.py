@@ -41,6 +41,7 @@ from supervisor.controller.auth import IssuerKeys, TokenCache
 from supervisor.controller.election import LeaseElector
 from supervisor.controller.ingest import Ingest, NodeReport
 from supervisor.controller.model import LWS_NAME, HealthModel
+from supervisor.controller.selfwatch import SelfWatch
 from supervisor.controller.senders import Senders
 from supervisor.controller.store import StateStore
 from supervisor.controller.topology import Topology
@@ -62,8 +63,10 @@ class Reflector:
 
     def __init__(self, kube: KubeClient, path: str, selector: str,
                  upsert: Callable[[dict[str, Any]], None],
-                 delete: Callable[[dict[str, Any]], None], *, optional: bool = False) -> None:
+                 delete: Callable[[dict[str, Any]], None], *, optional: bool = False,
+                 watched: Callable[[str, dict[str, Any]], None] | None = None) -> None:
         self._kube = kube
+        self._watched = watched  # told of every change an event brings (its lag is kept)
         # optional: the resource may not exist in this cluster (no LWS CRD installed); a 404
         # then means "none of them", not an outage that should stop the leader acting.
         self.optional = optional
@@ -117,6 +120,8 @@ class Reflector:
                         else:
                             self._known[uid] = _stub(obj)
                             self._upsert(obj)
+                            if self._watched is not None:
+                                self._watched(self.resource, obj)
             except KubeError as exc:
                 if self.optional and exc.status == 404:
                     for obj in self._known.values():
@@ -132,6 +137,11 @@ class Reflector:
                     log.warning("watch failed", path=self.path, error=str(exc))
                     await asyncio.sleep(backoff)
                     backoff = min(backoff * 2, 10.0)
+
+
+    @property
+    def resource(self) -> str:
+        return self.path.rsplit("/", 1)[-1]
 
 
 def _stub(obj: dict[str, Any]) -> dict[str, Any]:
@@ -150,7 +160,8 @@ class Controller:
         self.clock = clock
         self.identity = c.identity or settings.node_name
         self.model = HealthModel(clock, silence_seconds=c.silence_seconds, kinds=topology.kinds,
-                                 quarantine_taint="gpu-supervisor.io/quarantine")
+                                 quarantine_taint="gpu-supervisor.io/quarantine",
+                                 attribution_window=c.crash_loop_window_seconds)
         self.elector = LeaseElector(kube, c.namespace, c.lease_name, self.identity, clock,
                                     lease_duration=c.lease_duration_seconds,
                                     renew_deadline=c.renew_deadline_seconds,
@@ -159,9 +170,11 @@ class Controller:
         self.policy_path = c.policy_file
         self.engine = PolicyEngine(self._load_policy(), clock.monotonic, clock.wall)
         self._policy_mtime = self._mtime()
+        self.selfwatch = SelfWatch(clock, lambda: self.tokens.review_waiting)
         self.executor = ActionExecutor(kube, self.model, clock, fence=self,
                                        intents={}, save=self.persist,
-                                       degrade_targets=topology.degrade)
+                                       degrade_targets=topology.degrade,
+                                       observe_latency=self.selfwatch.acted)
         self.keys = IssuerKeys(kube, clock)
         self.tokens = TokenCache(kube, clock, c.token_cache_seconds, c.token_audiences,
                                  c.token_reviews_per_second, keys=self.keys,
@@ -176,19 +189,22 @@ class Controller:
                              max_skew=c.report_max_skew_seconds,
                              read_timeout=c.report_read_timeout_seconds,
                              stream_seconds=c.report_stream_seconds)
+        watched = self.selfwatch.watch_event
         self.reflectors = [
-            Reflector(kube, "/api/v1/nodes", "", self.model.upsert_node, self.model.delete_node),
+            Reflector(kube, "/api/v1/nodes", "", self.model.upsert_node, self.model.delete_node,
+                      watched=watched),
             Reflector(kube, "/api/v1/pods", LWS_NAME, self.model.upsert_pod,
-                      self._pod_deleted),
+                      self._pod_deleted, watched=watched),
             Reflector(kube, "/apis/leaderworkerset.x-k8s.io/v1/leaderworkersets", "",
-                      self.model.upsert_lws, self.model.delete_lws, optional=True),
+                      self.model.upsert_lws, self.model.delete_lws, optional=True,
+                      watched=watched),
             *(Reflector(kube, "/api/v1/pods", k.selector, self.model.upsert_pod,
-                        self._pod_deleted) for k in topology.kinds),
+                        self._pod_deleted, watched=watched) for k in topology.kinds),
         ]
         if c.agent_pod_selector:
             self.reflectors.append(Reflector(
                 kube, f"/api/v1/namespaces/{c.namespace}/pods", c.agent_pod_selector,
-                self.senders.upsert_agent, self._agent_deleted))
+                self.senders.upsert_agent, self._agent_deleted, watched=watched))
         self.state_loaded = False
         self.suspect: str | None = None
         self.policy_error: str | None = None
@@ -326,6 +342,10 @@ class Controller:
     def _accept(self, report: NodeReport, received: float) -> None:
         self.model.accept_report(report, received)
 
+    def model_of_group(self, group: str) -> str:
+        info = self.model.groups.get(group)
+        return self.model.model_of(info) if info is not None else ""
+
     def _pod_deleted(self, obj: dict[str, Any]) -> None:
         """A group member is gone: out of the model, and its sidecar's token (valid for a
         while yet) speaks for nobody."""
@@ -404,8 +424,19 @@ class Controller:
                 key = (decision.incident, decision.step, str(decision.action), decision.target)
                 if key in self._inflight:
                     continue
+                self._report_ages(decision.target)
                 self._inflight[key] = asyncio.create_task(self._carry_out(key, decision),
                                                           name=f"action {key}")
+
+    def _report_ages(self, target: str) -> None:
+        """How old the newest report of each node behind ``target`` (a group or a node)
+        was when the decision about it was taken."""
+        group = self.model.groups.get(target)
+        now = self.clock.monotonic()
+        for name in group.nodes if group is not None else (target,):
+            info = self.model.nodes.get(name)
+            if info is not None and info.last_report is not None:
+                self.selfwatch.decided_on(now - info.last_report)
 
     def _admit_new_pods(self) -> None:
         """Give every pod without our readiness-gate condition one: the group's state.
@@ -507,6 +538,7 @@ class Controller:
     def start(self, group: TaskGroup) -> None:
         group.start("lease", self.elector.run())
         group.start("issuer-keys", self.keys.run())
+        group.start("self-watch", self.selfwatch.run())
         for i, reflector in enumerate(self.reflectors):
             group.start(f"watch-{i}-{reflector.path.rsplit('/', 1)[-1]}", reflector.run())
         group.start("decide", self._decide_loop())
@@ -533,6 +565,9 @@ class Controller:
             "lease_holder": self.elector.holder,
             "state_loaded": self.state_loaded,
             "suspect": self.suspect,
+            # Lagging (its event loop, its watches, its evidence or its token reviews):
+            # what it decides may rest on stale news. Empty when it keeps up.
+            "behind": self.selfwatch.behind(),
             "policy_error": self.policy_error,
             "breaker_open": self.engine.breaker_open,
             "nodes": len(self.model.nodes),
@@ -570,6 +605,11 @@ class Controller:
             # The controller's own findings: what holds a degrade or restore back.
             "degrade_blocked": [{"model": model, **info} for model, info
                                 in sorted(self.executor.blocked.items())],
+            # Groups whose application-class XIDs followed them across nodes.
+            "workload_crash_loops": [
+                {"group": g, "model": self.model_of_group(g), "nodes": sorted(loop.nodes),
+                 "xids": sorted(loop.codes)}
+                for g, loop in sorted(self.model.crash_loops.items())],
             "actions": {f"{a}/{o}": n for (a, o), n in sorted(self.executor.outcomes.items())},
             "decision_latency_ms": {
                 "count": len(lat),

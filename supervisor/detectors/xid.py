@@ -10,8 +10,11 @@ for H100) sorts XIDs by what to do about them; that action sets the severity her
   the application and look again. So escalation counts *incidents*, not events: XIDs of
   one code on one GPU less than ``xid_incident_gap_seconds`` apart are one incident, and
   only when the XID recurs in ``xid_escalation_incidents`` separate incidents within the
-  clear window (after the application was restarted, or in the next one) is it critical —
-  a GPU that keeps faulting applications is the GPU's problem;
+  clear window (after the application was restarted, or in the next one) is it critical.
+  Whether that is the GPU faulting applications or an application crash-looping on it,
+  one GPU cannot tell: the controller does, from where the XIDs recur — following one
+  group from node to node, or staying with one GPU under different groups
+  (``supervisor.controller.attribution``);
 - reset the GPU (46, 62, 64, 95, 109, 110, 119, 120, 136, 140, 143, 156, 158): critical;
 - reboot the node (79, fallen off the bus): critical;
 - decision workflows: 48 (DBE) critical / reset; 74 and 144-150 (NVLink) critical;
@@ -78,6 +81,13 @@ def classify(xid: int, extra_ignore: frozenset[int] = frozenset()) -> XidRule:
     return XidRule("investigate", Severity.WARNING, "XID not in the catalog")
 
 
+def application_class(xid: int) -> bool:
+    """An XID the catalog answers with "restart the application" (or does not list), whose
+    recurrence may be the application's fault as much as the GPU's: the controller tells
+    which from where it recurs (``supervisor.controller.attribution``)."""
+    return classify(xid).action in ("restart_application", "investigate")
+
+
 @dataclass(slots=True)
 class _History:
     """One (GPU, XID) while its finding is active."""
@@ -128,8 +138,9 @@ class XidDetector:
                     incidents >= self._settings.xid_escalation_incidents:
                 severity, reason = Severity.CRITICAL, "XidRepeated"
                 message = (f"XID {event.xid} recurred in {incidents} separate incidents "
-                           f"within {window:g}s ({rule.description}): the GPU, not the "
-                           f"application; catalog action: {rule.action}")
+                           f"within {window:g}s ({rule.description}): the GPU's fault or the "
+                           f"application's — the controller tells which from where it "
+                           f"recurs; catalog action: {rule.action}")
         return Verdict(
             key=key, active=True, subject=subject, severity=severity, reason=reason,
             message=message,

@@ -409,3 +409,33 @@ class TestForgedTokens:
 
 async def _true(value: bool) -> bool:
     return value
+
+
+class TestTheSupervisorWatchesItself:
+    async def test_a_starved_controller_says_it_is_behind(self, env: Env) -> None:
+        """The controller process stopped for 3 s (as a CPU limit or a long pause would):
+        afterwards its /status says it is behind, naming its event loop, the metric says
+        1 and the loop-lag histogram holds the stall; a controller that keeps up says
+        nothing."""
+        import os
+        import signal
+
+        ctl = env.controller("starved").start()
+        await leading(ctl)
+        assert ctl.status()["behind"] == []
+        assert metric_value(ctl.metrics(), "gpusupervisor_controller_behind") == 0
+        assert ctl.proc is not None
+        os.kill(ctl.proc.pid, signal.SIGSTOP)
+        await asyncio.sleep(3)
+        os.kill(ctl.proc.pid, signal.SIGCONT)
+
+        async def behind() -> list[str]:
+            return list((await asyncio.to_thread(ctl.status))["behind"])
+        (why,) = await until(behind, what="the controller saying it is behind")
+        assert why.startswith("event loop: ")
+        assert float(why.split(": ")[1].split(" ")[0]) >= 2.0
+        metrics = ctl.metrics()
+        assert metric_value(metrics, "gpusupervisor_controller_behind") == 1
+        assert metric_value(metrics, "gpusupervisor_controller_loop_lag_seconds_bucket",
+                            le="1.0") < metric_value(
+            metrics, "gpusupervisor_controller_loop_lag_seconds_bucket", le="+Inf")

@@ -20,7 +20,9 @@ CLUSTER_WIDE = {"GPUSupervisorControllerDown", "GPUSupervisorNoLeader",
                 "GPUSupervisorControllerSuspect", "GPUSupervisorCircuitBreakerOpen",
                 "GPUSupervisorRemediationFailing", "GPUSupervisorPolicyReloadFailing",
                 "GPUSupervisorDegraded", "GPUSupervisorModelDown",
-                "GPUSupervisorReportsRejected"}
+                "GPUSupervisorReportsRejected", "GPUSupervisorReportOverreach",
+                "GPUSupervisorIssuerKeysUnavailable", "GPUSupervisorControllerBehind",
+                "GPUSupervisorWorkloadCrashLoop", "GPUSupervisorDegradeBlocked"}
 
 
 def test_rules_pass_promtool_check_with_at_least_twelve_alerts() -> None:

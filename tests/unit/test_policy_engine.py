@@ -1345,3 +1345,58 @@ class TestScale:
         assert len(ev.decisions) == 300
         assert len(step(engine, signals, View(groups)).decisions) == 300
         assert step(engine, signals, View(groups)).decisions == []
+
+
+class TestSuspects:
+    def suspect_sig(self, groups: Iterable[str] = ("g1",), node: str = "n1") -> Signal:
+        return Signal("xid", "critical", "gpu", "GPU-1", node, tuple(groups), False, T0,
+                      suspect=True)
+
+    def test_a_suspected_node_is_softly_marked_not_quarantined(
+            self, engine: PolicyEngine, clock: Clock) -> None:
+        """A quarantine step on a node the cause only may sit on is ``suspect`` (new work
+        prefers other nodes), and the ladder goes on to restart the group elsewhere."""
+        assert brief(step(engine, [self.suspect_sig()])) == [("fail_over", "g1", 0)]
+        assert brief(step(engine, [self.suspect_sig()])) == [("suspect", "n1", 1)]
+        clock.advance(30)
+        assert brief(step(engine, [self.suspect_sig()])) == [("restart_group", "g1", 2)]
+        (incident,) = engine.incidents()
+        assert incident["suspected"] == ["n1"] and incident["quarantined"] == []
+
+    def test_a_suspect_is_lifted_when_its_incident_closes_whatever_lift_quarantine_says(
+            self, clock: Clock) -> None:
+        """The workload turned out to be at fault (its signal gone): the suspicion goes,
+        even under a rule that never lifts a quarantine by itself."""
+        engine = PolicyEngine(make_policy(GPU_LOST.replace("lift_quarantine: true",
+                                                           "lift_quarantine: false")),
+                              clock, clock.wall)
+        step(engine, [self.suspect_sig()])
+        step(engine, [self.suspect_sig()])
+        clock.advance(30)
+        step(engine, [self.suspect_sig()])
+        ev = step(engine, [])
+        assert sorted(brief(ev)) == [("recover", "g1", -1), ("unsuspect", "n1", -1)]
+        assert engine.incidents() == []
+
+    def test_a_quarantine_proven_later_is_not_taken_for_the_suspicion(
+            self, engine: PolicyEngine, clock: Clock) -> None:
+        """While n1 is suspected for g1, another group's incident proves the cause on n1
+        (a node-local signal): n1 is quarantined for real, not counted as held already."""
+        step(engine, [self.suspect_sig()])
+        step(engine, [self.suspect_sig()])
+        proven = sig("xid", groups=("g2",), subject="GPU-1")
+        ev = step(engine, [self.suspect_sig(), proven])
+        assert ("fail_over", "g2", 0) in brief(ev)
+        ev = step(engine, [self.suspect_sig(), proven])
+        assert ("quarantine", "n1", 1) in brief(ev)
+
+    def test_suspects_survive_a_snapshot(self, engine: PolicyEngine, clock: Clock) -> None:
+        """A new leader knows which nodes its predecessor suspected, to lift them."""
+        step(engine, [self.suspect_sig()])
+        step(engine, [self.suspect_sig()])
+        other = PolicyEngine(make_policy(), clock, clock.wall)
+        other.restore(json.loads(json.dumps(engine.snapshot())))
+        clock.advance(30)
+        step(other, [self.suspect_sig()])
+        assert sorted(brief(step(other, []))) == [("recover", "g1", -1),
+                                                  ("unsuspect", "n1", -1)]
