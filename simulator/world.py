@@ -70,6 +70,10 @@ RESOURCES: dict[str, tuple[str, str, bool]] = {
     "PodMonitor": ("/apis/monitoring.coreos.com/v1", "podmonitors", True),
     "PrometheusRule": ("/apis/monitoring.coreos.com/v1", "prometheusrules", True),
     "HTTPRoute": ("/apis/gateway.networking.k8s.io/v1", "httproutes", True),
+    "ValidatingAdmissionPolicy": ("/apis/admissionregistration.k8s.io/v1",
+                                  "validatingadmissionpolicies", False),
+    "ValidatingAdmissionPolicyBinding": ("/apis/admissionregistration.k8s.io/v1",
+                                         "validatingadmissionpolicybindings", False),
 }
 
 

@@ -786,3 +786,76 @@ class TestReflector:
         await client.CoreV1Api(rig.admin).delete_node(names[0])
         await list_once()
         assert names[0] in gone
+
+
+class TestTheLeaseFence:
+    """The chart's ValidatingAdmissionPolicy: the API server itself refuses the
+    controller's writes unless they come from the pod holding its Lease."""
+
+    async def test_a_late_write_to_an_object_nobody_changed_is_refused_by_the_api_server(
+            self, kube_cluster: KubeTestCluster, tmp_path: Path) -> None:
+        """Leader A (a controller pod holding the Lease) quarantines a node: its write is
+        held on the way. The Lease passes to B, which does not touch the node — so no
+        resourceVersion precondition could catch A's write when it arrives. The API server
+        refuses it (the fence): the node stays untainted. While A held the Lease, the same
+        write went through."""
+        async with await kube_cluster.api_client() as admin:
+            release = await manifests.install_rbac(admin, unique("gs"), "controller")
+            fence = [o for o in release.objects if o["kind"].startswith(
+                "ValidatingAdmissionPolicy")]
+            assert len(fence) == 2
+            await manifests.create(admin, fence)
+            lease_name = release.config("controller")["controller"]["lease_name"]
+            account = release.service_account("controller")
+            core = client.CoreV1Api(admin)
+            pod = await core.create_namespaced_pod(release.namespace, {
+                "apiVersion": "v1", "kind": "Pod", "metadata": {"name": unique("ctl-a")},
+                "spec": {"serviceAccountName": account, "automountServiceAccountToken": False,
+                         "containers": [{"name": "controller", "image": "gpu-supervisor"}]}})
+            token = await kube_cluster.service_account_token(
+                release.namespace, account,
+                bound_to={"kind": "Pod", "name": pod.metadata.name, "uid": pod.metadata.uid})
+            leases = client.CoordinationV1Api(admin)
+            await leases.create_namespaced_lease(release.namespace, {
+                "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                "metadata": {"name": lease_name},
+                "spec": {"holderIdentity": pod.metadata.name, "leaseDurationSeconds": 15}})
+            first, late = await make_nodes(admin, 2)
+            kubeconfig = kube_cluster.write_kubeconfig(tmp_path / "kc-a", token)
+            proxy = await ApiProxy(kube_cluster, hold_from=lambda method, path:
+                                   method == "PATCH" and path.endswith(f"/nodes/{late}")
+                                   ).start()
+            config = json.loads(kubeconfig.read_text())
+            config["clusters"][0]["cluster"] = {"server": proxy.url}
+            kubeconfig.write_text(json.dumps(config))
+            kube = await KubeClient.connect(str(kubeconfig))
+            a_leads = Switch()
+            model = HealthModel(SystemClock(), silence_seconds=30)
+            a = ActionExecutor(kube, model, SystemClock(), fence=a_leads, intents={},
+                               save=_noop)
+            try:
+                # (The fence's param informer may take a moment to see the new Lease.)
+                for _ in range(50):
+                    if await a.execute(decision(Action.QUARANTINE, first)):
+                        break
+                    await asyncio.sleep(0.2)
+                assert await tainted(admin, first)
+                quarantining = asyncio.create_task(a.execute(decision(Action.QUARANTINE,
+                                                                      late)))
+                await until_held(proxy)
+                a_leads.leader = False
+                await leases.patch_namespaced_lease(lease_name, release.namespace, {
+                    "spec": {"holderIdentity": "ctl-b"}})  # B leads; it leaves the node be
+                await asyncio.sleep(1.0)  # the fence's param informer sees the new holder
+                proxy.release()
+                assert not await quarantining
+                assert [s for m, _, s in proxy.late_statuses if m == "PATCH"] == [403]
+                assert not await tainted(admin, late)
+            finally:
+                await proxy.close()
+                await kube.close()
+
+
+async def tainted(admin: client.ApiClient, node: str) -> bool:
+    raw = await client.CoreV1Api(admin).read_node(node)
+    return any(t.key == QUARANTINE_TAINT for t in raw.spec.taints or [])
