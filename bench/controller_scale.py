@@ -305,15 +305,15 @@ def _place(controller: int, control_plane: list[int]) -> None:
 
 def _profile(pid: int, seconds: float, variable: str = "BENCH_PROFILE"
              ) -> subprocess.Popen[bytes] | None:
-    """With BENCH_PROFILE=FILE, py-spy samples the controller over the measured period into
-    FILE (collapsed stacks, for flame graphs or a sort by self time); with
+    """With BENCH_PROFILE=FILE, py-spy samples the controller at 1 kHz over the measured
+    period into FILE (collapsed stacks, for flame graphs or a sort by self time); with
     BENCH_PROFILE_BURST=FILE, over the burst and the ten seconds after it."""
     out = os.environ.get(variable)
     if not out:
         return None
-    return subprocess.Popen(["py-spy", "record", "--pid", str(pid), "--duration",
-                             str(max(1, int(seconds))), "--format", "raw", "--output", out,
-                             "--nonblocking"], stdout=subprocess.DEVNULL)
+    return subprocess.Popen(["py-spy", "record", "--rate", "1000", "--pid", str(pid),
+                             "--duration", str(max(1, int(seconds))), "--format", "raw",
+                             "--output", out, "--nonblocking"], stdout=subprocess.DEVNULL)
 
 
 def _percentiles(values: list[float]) -> dict[str, float | None]:

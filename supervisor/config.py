@@ -116,9 +116,10 @@ class DetectorSettings:
         600.0, "an XID finding clears after this long without a repeat", "s", gt=0)
     xid_escalation_incidents: int = setting(
         3, "an application-class XID (restart the application, or not in the catalog) that "
-        "recurs on one GPU in this many separate incidents within the clear window is the "
-        "GPU's problem and escalates to critical; one burst, however many events, is one "
-        "incident", "incidents", ge=2)
+        "recurs on one GPU in this many separate incidents within the clear window escalates "
+        "to critical (the controller then tells the GPU's fault from the application's by "
+        "where it recurs); one burst, however many events, is one incident", "incidents",
+        ge=2)
     xid_incident_gap_seconds: float = setting(
         30.0, "XIDs of one code on one GPU closer together than this belong to one incident "
         "(one crashing application emits a burst within a second; restarting it takes "

@@ -330,9 +330,6 @@ class Directory(Protocol):
     """The pods the controller watches, as the ingest asks about them
     (``supervisor.controller.senders.Senders``)."""
 
-    def synced(self) -> bool:
-        """Every watch has listed: a pod it does not know is not there (or not yet)."""
-
     def group_pod(self, uid: str) -> WatchedPod | None:
         """The member of a pipeline group with this UID."""
 
@@ -409,7 +406,6 @@ class Ingest:
         self.ticks = 0  # accepted reports that were ticks (also counted as accepted)
         self.streams: weakref.WeakSet[web.WebSocketResponse] = weakref.WeakSet()
         self._by_pod: dict[str, set[web.WebSocketResponse]] = {}  # bound pod UID → streams
-        self._senders_of: dict[str, set[str]] = {}  # bound pod UID → freshness keys
         self._closing: set[asyncio.Task[Any]] = set()
         self._log_gate = Throttled(clock.monotonic)
 
@@ -436,7 +432,7 @@ class Ingest:
         """The pod with this UID was deleted: whatever its token still opens, it speaks for
         nobody now. Its streams are closed and its freshness state dropped (a new pod of
         the same name is a new sender)."""
-        for key in self._senders_of.pop(uid, ()):
+        for key in (f"agent/{uid}", f"pod/{uid}"):  # the senders a pod can be (Binding)
             self.replay.forget(key)
         for ws in self._by_pod.pop(uid, ()):
             task = asyncio.get_running_loop().create_task(
@@ -460,14 +456,16 @@ class Ingest:
             # for any agent on the node.
             return Binding(sender=f"node/{identity.node}", node=identity.node)
         uid = identity.pod_uid
-        node = None if uid is None else self._directory.agent_node(uid)
-        if uid is None or node is None:
-            if uid is not None and not self._directory.synced():
-                raise _unknown_sender(f"agent pod {identity.namespace}/{identity.pod}")
-            what = "a token bound to no pod" if uid is None else \
-                f"pod {identity.namespace}/{identity.pod}"
-            raise Refused(403, "forbidden", f"{what} is not an agent pod the controller "
-                                            "watches (controller.agent_pod_selector)")
+        if uid is None:
+            raise Refused(403, "forbidden", "a token bound to no pod cannot report for a node "
+                                            "here: agent pods are watched "
+                                            "(controller.agent_pod_selector)")
+        node = self._directory.agent_node(uid)
+        if node is None:
+            # A new agent pod the watch has not placed on its node yet — or not one of our
+            # agents at all (controller.agent_pod_selector): either way, nothing to take.
+            raise _unknown_sender(f"pod {identity.namespace}/{identity.pod} as an agent pod "
+                                  "(controller.agent_pod_selector)")
         if node != identity.node:
             raise Refused(403, "forbidden", f"agent pod {identity.pod} runs on {node}, "
                                             f"not on {identity.node}")
@@ -542,10 +540,11 @@ class Ingest:
                 raise self._overreach("pod", where + "subject.id", f"a sidecar of group "
                                       f"{pod.group} may not report about {f.subject_kind} "
                                       f"{f.subject_id}")
-            if f.subject_node is not None and f.subject_node != subject_node:
+            # A member being recreated is not in the watch yet: its node is not known,
+            # and the body's word for it is not taken either.
+            if None not in (f.subject_node, subject_node) and f.subject_node != subject_node:
                 raise self._overreach("pod", where + "subject.node", f"{f.subject_id} runs "
-                                      f"on {subject_node or 'no node known'}, not "
-                                      f"{f.subject_node}")
+                                      f"on {subject_node}, not {f.subject_node}")
             findings.append(f if f.subject_node == subject_node
                             else replace(f, subject_node=subject_node))
         return replace(report, node=node, uid=pod.uid, group=pod.group,
@@ -592,7 +591,6 @@ class Ingest:
         received = self._clock.monotonic()
         try:
             binding = bind(await self._identity(request, allowed))
-            self._track(binding)
             if request.content_type != "application/json":
                 raise Refused(415, "bad_content_type", "expected application/json")
             body = self._json(await self._read_body(request))
@@ -626,7 +624,6 @@ class Ingest:
             return self._refuse(refused, request.remote)
         await ws.prepare(request)
         self.streams.add(ws)
-        self._track(binding)
         if binding.uid:
             self._by_pod.setdefault(binding.uid, set()).add(ws)
         await _reply(ws, {"kind": "Hello", "epoch": self.epoch})
@@ -772,11 +769,6 @@ class Ingest:
         if stale is not None:
             raise Refused(409, *stale)
         self.replay.accepted(binding.sender, boot_id, sequence, sent_at)
-
-    def _track(self, binding: Binding) -> None:
-        """Remember whose freshness state belongs to a watched pod (dropped with it)."""
-        if binding.uid:
-            self._senders_of.setdefault(binding.uid, set()).add(binding.sender)
 
     def _refuse(self, refused: Refused, peer: str | None) -> web.Response:
         self.outcomes[refused.outcome] += 1

@@ -180,8 +180,7 @@ class Controller:
                                  c.token_reviews_per_second, keys=self.keys,
                                  source_failures_per_second=c.source_failures_per_second,
                                  source_reviews_per_second=c.source_reviews_per_second)
-        self.senders = Senders(self.model, agents_watched=bool(c.agent_pod_selector),
-                               synced=lambda: all(r.synced for r in self.reflectors))
+        self.senders = Senders(self.model, agents_watched=bool(c.agent_pod_selector))
         self.ingest = Ingest(self.tokens, c.allowed_reporters, c.report_max_bytes,
                              self._accept, clock, directory=self.senders,
                              accept_pod=self.model.accept_pod_report,

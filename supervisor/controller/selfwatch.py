@@ -33,7 +33,7 @@ from typing import Any
 from supervisor.metrics import Buckets
 from supervisor.runtime.clock import Clock
 
-LOOP_TICK_SECONDS = 0.5
+LOOP_TICK_SECONDS = 1.0
 BEHIND_WINDOW_SECONDS = 300.0
 LOOP_LAG_BEHIND_SECONDS = 1.0
 WATCH_LAG_BEHIND_SECONDS = 30.0

@@ -10,7 +10,6 @@ member it names come from Pod objects, never from the report.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 from typing import Any
 
 from supervisor.controller.ingest import WatchedPod
@@ -20,11 +19,9 @@ from supervisor.controller.model import HealthModel
 class Senders:
     """``ingest.Directory`` over the health model and the agent pods."""
 
-    def __init__(self, model: HealthModel, *, agents_watched: bool,
-                 synced: Callable[[], bool]) -> None:
+    def __init__(self, model: HealthModel, *, agents_watched: bool) -> None:
         self._model = model
         self._agents_watched = agents_watched
-        self._synced = synced
         self._agents: dict[str, str] = {}  # agent pod UID → its node
         self._agent_uid: dict[tuple[str, str], str] = {}  # (namespace, name) → UID
 
@@ -46,9 +43,6 @@ class Senders:
             del self._agent_uid[key]
 
     # --- ingest.Directory ----------------------------------------------------------------------
-
-    def synced(self) -> bool:
-        return self._synced()
 
     def agents_watched(self) -> bool:
         return self._agents_watched

@@ -274,12 +274,15 @@ class TestTokens:
         """Tokens that are not JWTs for our audience are refused before any API call
         (401); past its allowance the sending address is refused before even that (429),
         while another address — an honest agent beside the attacker — is not."""
-        ctl = controller(env, "garbage").start()
+        ctl = controller(env, "garbage", source_failures_per_second=1.0).start()
         try:
+            started = time.monotonic()
             codes = [ctl.post_report(f"garbage-{i}", node_report("n1", []))[0]
                      for i in range(20)]
+            took = time.monotonic() - started
             assert set(codes) == {401, 429}
-            assert codes[:10] == [401] * 10  # the burst: twice source_failures_per_second
+            assert codes[:2] == [401] * 2  # the burst: twice source_failures_per_second
+            assert codes.count(401) <= 2 + took + 1  # and what refilled meanwhile
             assert ctl.post_report("garbage-x", node_report("n1", []),
                                    source="127.0.0.2")[0] == 401
             assert ctl.post_report(env.token, node_report("n1", []),

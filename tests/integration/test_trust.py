@@ -25,6 +25,7 @@ from kubernetes_asyncio import client
 from bench.report_flood import forged_token, key_id
 from simulator.controlplane.cluster import REPORT_AUDIENCE, KubeTestCluster
 from simulator.processes import ControllerProcess, gpu_finding, metric_value, node_report
+from supervisor.config import ReportingSettings
 from supervisor.controller.actions import QUARANTINE_TAINT
 from supervisor.controller.ingest import SENDER_GONE
 from tests.integration.cluster_objects import (
@@ -201,8 +202,9 @@ class TestAReportSpeaksOnlyForItsSender:
 
     async def test_the_node_route_refuses_a_token_bound_to_no_node(self, env: Env) -> None:
         """The agent's ServiceAccount token minted unbound used to report for every node:
-        now 403; so is a token bound to a pod that is not one of our agent pods (the
-        ServiceAccount alone proves nothing); the agent pod's token reports for its node."""
+        now 403; a token bound to a pod that is not one of our agent pods is not taken
+        either (503: the ServiceAccount alone proves nothing, and such a pod may just be
+        new to the watch); the agent pod's token reports for its node."""
         (node,) = await make_nodes(env.admin, 1)
         await make_lws_group(env.admin, env.ns, "llama", 0, [node])
         ctl = env.controller("unbound").start()
@@ -217,7 +219,7 @@ class TestAReportSpeaksOnlyForItsSender:
                                 node)
         code, body = ctl.post_report(await pod_token(env.admin, stray),
                                      node_report(node, [gpu_finding(node, 0)]))
-        assert code == 403 and "not an agent pod" in body, body
+        assert code == 503 and "as an agent pod" in body, body
         await asyncio.sleep(2)
         assert not await quarantined(env, node)
         assert ctl.post_report(await env.agent_token(node), node_report(node, []))[0] == 202
@@ -354,8 +356,8 @@ class TestForgedTokens:
         """While one address floods the controller with forged tokens (the cluster's key
         id, our audience, bad signatures), 20 agents that have never connected — each from
         its own address, each token new to the controller — open their streams and have
-        their first report accepted within the agent's report deadline; the flood costs
-        no TokenReview."""
+        their first report accepted within the agent's own report deadline; the flood
+        costs no TokenReview. (How fast: ``python -m bench report_flood``.)"""
         nodes = await make_nodes(env.admin, 20)
         ctl = env.controller("forgery").start()
         await leading(ctl)
@@ -382,26 +384,26 @@ class TestForgedTokens:
                     serial += 20
                     sent = serial
 
-        async def fresh_agent(i: int) -> float:
-            started = time.monotonic()
+        # What an agent allows itself to connect and report (reporting.timeout_seconds).
+        deadline = aiohttp.ClientTimeout(total=ReportingSettings().timeout_seconds)
+
+        async def fresh_agent(i: int) -> None:
             connector = aiohttp.TCPConnector(ssl=ctl.tls, local_addr=(f"127.0.1.{i + 1}", 0))
-            async with aiohttp.ClientSession(connector=connector) as session:
+            async with aiohttp.ClientSession(connector=connector, timeout=deadline) as session:
                 ws, epoch = await _open_stream(ctl, session, tokens[i], "/v1/reports/node")
                 async with ws:
                     await ws.send_json(node_report(nodes[i], [], epoch=epoch))
-                    assert (await ws.receive_json(timeout=10))["status"] == 202
-            return time.monotonic() - started
+                    answer = await ws.receive_json(timeout=deadline.total)
+                    assert answer["status"] == 202
 
         flooding = asyncio.create_task(flood())
         try:
             await until(lambda: _true(sent >= 200), what="the flood under way")
-            took = []
             for i in range(20):
-                took.append(await fresh_agent(i))
+                await fresh_agent(i)
         finally:
             stop.set()
             await flooding
-        assert max(took) < 5.0, took  # reporting.timeout_seconds
         status = ctl.status()
         assert status["token_reviews"] == 20  # the fresh agents'; the forgeries cost none
         assert status["tokens_forged"] + status["tokens_source_throttled"] >= sent
