@@ -790,15 +790,18 @@ class TestReflector:
 
 class TestTheLeaseFence:
     """The chart's ValidatingAdmissionPolicy: the API server itself refuses the
-    controller's writes unless they come from the pod holding its Lease."""
+    controller's writes unless they come from the pod holding its Lease — and nobody
+    else's, ever."""
 
     async def test_a_late_write_to_an_object_nobody_changed_is_refused_by_the_api_server(
             self, kube_cluster: KubeTestCluster, tmp_path: Path) -> None:
-        """Leader A (a controller pod holding the Lease) quarantines a node: its write is
-        held on the way. The Lease passes to B, which does not touch the node — so no
-        resourceVersion precondition could catch A's write when it arrives. The API server
-        refuses it (the fence): the node stays untainted. While A held the Lease, the same
-        write went through."""
+        """Before any Lease exists the fence lets everything through (no leader to fence
+        for: the API server resolves the Lease for every node and pod update in the
+        cluster, and must not block them). Leader A (a controller pod holding the Lease)
+        quarantines a node; its next quarantine is held on the way while the Lease passes
+        to B, which does not touch that node — so no resourceVersion precondition could
+        catch A's write when it arrives. The API server refuses it: the node stays
+        untainted. Anyone else's writes go through throughout."""
         async with await kube_cluster.api_client() as admin:
             release = await manifests.install_rbac(admin, unique("gs"), "controller")
             fence = [o for o in release.objects if o["kind"].startswith(
@@ -815,12 +818,7 @@ class TestTheLeaseFence:
             token = await kube_cluster.service_account_token(
                 release.namespace, account,
                 bound_to={"kind": "Pod", "name": pod.metadata.name, "uid": pod.metadata.uid})
-            leases = client.CoordinationV1Api(admin)
-            await leases.create_namespaced_lease(release.namespace, {
-                "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
-                "metadata": {"name": lease_name},
-                "spec": {"holderIdentity": pod.metadata.name, "leaseDurationSeconds": 15}})
-            first, late = await make_nodes(admin, 2)
+            before, first, late = await make_nodes(admin, 3)
             kubeconfig = kube_cluster.write_kubeconfig(tmp_path / "kc-a", token)
             proxy = await ApiProxy(kube_cluster, hold_from=lambda method, path:
                                    method == "PATCH" and path.endswith(f"/nodes/{late}")
@@ -833,12 +831,14 @@ class TestTheLeaseFence:
             model = HealthModel(SystemClock(), silence_seconds=30)
             a = ActionExecutor(kube, model, SystemClock(), fence=a_leads, intents={},
                                save=_noop)
+            leases = client.CoordinationV1Api(admin)
             try:
-                # (The fence's param informer may take a moment to see the new Lease.)
-                for _ in range(50):
-                    if await a.execute(decision(Action.QUARANTINE, first)):
-                        break
-                    await asyncio.sleep(0.2)
+                assert await a.execute(decision(Action.QUARANTINE, before))  # no Lease yet
+                await leases.create_namespaced_lease(release.namespace, {
+                    "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                    "metadata": {"name": lease_name},
+                    "spec": {"holderIdentity": pod.metadata.name, "leaseDurationSeconds": 15}})
+                assert await a.execute(decision(Action.QUARANTINE, first))  # A holds it
                 assert await tainted(admin, first)
                 quarantining = asyncio.create_task(a.execute(decision(Action.QUARANTINE,
                                                                       late)))
@@ -851,9 +851,15 @@ class TestTheLeaseFence:
                 assert not await quarantining
                 assert [s for m, _, s in proxy.late_statuses if m == "PATCH"] == [403]
                 assert not await tainted(admin, late)
+                # Nobody else is fenced: an administrator (or a kubelet) changes the node.
+                await core.patch_node(late, {"metadata": {"labels": {"touched": "yes"}}})
             finally:
                 await proxy.close()
                 await kube.close()
+                registration = client.AdmissionregistrationV1Api(admin)
+                name = fence[0]["metadata"]["name"]  # the policy's and its binding's
+                await registration.delete_validating_admission_policy_binding(name)
+                await registration.delete_validating_admission_policy(name)
 
 
 async def tainted(admin: client.ApiClient, node: str) -> bool:

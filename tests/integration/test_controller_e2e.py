@@ -574,6 +574,126 @@ class TestFencingAcrossLeaderChanges:
             await proxy.close()
 
 
+    async def test_a_deposed_leaders_late_scale_never_lands_after_the_new_leaders(
+            self, env: Env) -> None:
+        """Leader A degrades a model, then restores it: its scale of the fallback down to 0
+        is held on the way, its Lease renewals with it. B takes over, finds the restore
+        unfinished and finishes it, then the model falls short again and B degrades it:
+        the fallback back at 2, traffic on it. A's late scale reaches the API server after
+        all that and fails its precondition (409): the fallback keeps B's replicas."""
+        nodes = await nodes_with_agents(env, 2)
+        for index, node in enumerate(nodes):
+            await make_lws_group(env.admin, env.ns, "llama", index, [node], model="llama-70b")
+        apps = client.AppsV1Api(env.admin)
+        await apps.create_namespaced_deployment(env.ns, {
+            "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "llama-8b"},
+            "spec": {"replicas": 0, "selector": {"matchLabels": {"app": "llama-8b"}},
+                     "template": {"metadata": {"labels": {"app": "llama-8b"}},
+                                  "spec": {"containers": [{"name": "c", "image": "x"}]}}}})
+        routes = client.CustomObjectsApi(env.admin)
+        await routes.create_namespaced_custom_object(
+            "gateway.networking.k8s.io", "v1", env.ns, "httproutes", {
+                "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+                "metadata": {"name": "llm"}, "spec": {"parentRefs": [{"name": "gw"}],
+                "rules": [{"backendRefs": [{"name": "llama-70b", "port": 8000, "weight": 100},
+                                           {"name": "llama-8b", "port": 8000,
+                                            "weight": 0}]}]}})
+        discovery = client.DiscoveryV1Api(env.admin)
+        for service in ("llama-70b", "llama-8b"):  # both sides serve (the slices' controller)
+            await discovery.create_namespaced_endpoint_slice(env.ns, {
+                "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                "metadata": {"generateName": f"{service}-",
+                             "labels": {"kubernetes.io/service-name": service}},
+                "addressType": "IPv4", "ports": [{"name": "http", "port": 8000}],
+                "endpoints": [{"addresses": [f"10.9.{i}.1"], "conditions": {"ready": True}}
+                              for i in range(2)]})
+        topology = {"degrade": [{
+            "model": "llama-70b", "ready_timeout_seconds": 30, "drain_seconds": 0,
+            "workload": {"kind": "Deployment", "namespace": env.ns, "name": "llama-8b",
+                         "replicas": 2},
+            "traffic": {"kind": "HTTPRoute", "namespace": env.ns, "name": "llm",
+                        "primary": "llama-70b", "fallback": "llama-8b"}}]}
+        policy = POLICY.replace("""      - action: quarantine
+      - action: restart_group
+        after: 4s
+""", "") + """degrade:
+  - {model: llama-70b, fallback: llama-8b, floor: 2, restore_after: 2s}
+"""
+        scale_path = f"/apis/apps/v1/namespaces/{env.ns}/deployments/llama-8b/scale"
+        scales = 0
+
+        def second_scale(method: str, path: str) -> bool:
+            nonlocal scales  # the restore's scale-down: the degrade's scale-up went through
+            scales += method == "PATCH" and path == scale_path
+            return scales == 2
+
+        proxy = await ApiProxy(env.cluster, hold_from=second_scale).start()
+        kc = json.loads(await asyncio.to_thread(env.controller_kubeconfig.read_text))
+        kc["clusters"][0]["cluster"] = {"server": proxy.url}
+        slow_kubeconfig = env.workdir / "kc-scale-through-proxy"
+        slow_kubeconfig.write_text(json.dumps(kc))
+        settings = env.release.controller_settings(silence_seconds=30.0)
+        a = ControllerProcess(env.workdir, slow_kubeconfig, "scale-a", policy=policy,
+                              topology=topology, settings=settings)
+        b = ControllerProcess(env.workdir, env.controller_kubeconfig, "scale-b", policy=policy,
+                              topology=topology, settings=settings)
+        fault = [gpu_finding(nodes[1], 3)]
+
+        async def replicas() -> int:
+            scale = await apps.read_namespaced_deployment_scale("llama-8b", env.ns)
+            return int(scale.spec.replicas or 0)
+
+        async def fallback_weight() -> int:
+            route = await routes.get_namespaced_custom_object(
+                "gateway.networking.k8s.io", "v1", env.ns, "httproutes", "llm")
+            return next(int(r.get("weight", 1)) for r in route["spec"]["rules"][0][
+                "backendRefs"] if r["name"] == "llama-8b")
+
+        await asyncio.to_thread(a.start)
+        try:
+            assert await leader_of(a) is a
+            post = asyncio.to_thread
+            assert (await post(a.post_report, env.token(nodes[1]),
+                               node_report(nodes[1], fault)))[0] == 202
+
+            async def degraded() -> bool:
+                return await fallback_weight() > 0
+            await until(degraded, timeout=30, what="A degraded the model")
+            await post(b.start)
+            assert (await post(a.post_report, env.token(nodes[1]),
+                               node_report(nodes[1], [])))[0] == 202
+
+            async def a_held() -> bool:
+                return proxy.held >= 1  # the restore's scale-down (the traffic is back)
+            await until(a_held, timeout=30, what="A's scale-down held")
+            assert await fallback_weight() == 0
+
+            async def b_restored() -> bool:
+                await post(b.post_report, env.token(nodes[1]), node_report(nodes[1], []))
+                status = await asyncio.to_thread(b.status)
+                return bool(status["leader"]) and await replicas() == 0
+            await until(b_restored, timeout=40, what="B leading, the restore finished")
+
+            async def b_degraded() -> bool:
+                await post(b.post_report, env.token(nodes[1]), node_report(nodes[1], fault))
+                return await replicas() == 2 and await fallback_weight() > 0
+            await until(b_degraded, timeout=40, what="B degraded the model again")
+
+            proxy.release()
+
+            async def late_scale_arrived() -> bool:
+                return any(path == scale_path for _, path, _ in proxy.late_statuses)
+            await until(late_scale_arrived, what="A's held scale-down forwarded")
+            await asyncio.sleep(2)  # A, its Lease gone, must not try again either
+            assert await replicas() == 2
+            assert [status for method, path, status in proxy.late_statuses
+                    if path == scale_path and method == "PATCH"] == [409]
+        finally:
+            await asyncio.to_thread(a.stop)
+            await asyncio.to_thread(b.stop)
+            await proxy.close()
+
+
 async def gates(env: Env) -> set[str]:
     """The distinct values of our readiness gate over the namespace's pods."""
     pods = await list_pods(env.admin, env.ns)
