@@ -396,16 +396,22 @@ class HealthModel:
         return [n.name for n in self.nodes.values()
                 if n.last_report is not None and now - n.last_report > self.silence_seconds]
 
-    def _whose(self, f: ReportedFinding, now: float, since: float,
-               crashing: dict[str, float]) -> str:
-        """"gpu", "workload" or "unsure" for an application-class XID finding (the groups
-        at fault, with when they started, go into ``crashing``); "" for any other."""
+    def _attributed(self, f: ReportedFinding, groups: tuple[str, ...], now: float
+                    ) -> tuple[str, tuple[str, ...], tuple[str, ...]]:
+        """For a node finding against the ``groups`` on its node: whose it is ("gpu",
+        "workload", "unsure"; "" for anything but an application-class XID), the groups
+        it counts against (none when it is a workload's; when unproven, only those it was
+        seen under — not a group placed on the node since), and the groups at fault for a
+        workload's."""
         if xid_code(f.fault_class, f.detail) is None:
-            return ""
+            return "", groups, ()
         verdict = self.attribution.verdict(f.subject_id, now)
-        for group in verdict.groups:
-            crashing[group] = min(crashing.get(group, since), since)
-        return verdict.whose
+        if verdict.whose == "workload":
+            return verdict.whose, (), verdict.groups
+        if verdict.whose == "unsure":
+            seen = self.attribution.groups_seen(f.subject_id)
+            return verdict.whose, tuple(g for g in groups if g in seen), ()
+        return verdict.whose, groups, ()
 
     def signals(self) -> list[Signal]:
         now = self._clock.monotonic()
@@ -424,13 +430,11 @@ class HealthModel:
                 for f in report.findings:
                     age = max(0.0, report.sent_at - f.first_seen)
                     since = min(now, info.last_report - age)
-                    whose = self._whose(f, now, since, crashing)
+                    whose, hit, at_fault = self._attributed(f, groups, now)
+                    for group in at_fault:
+                        crashing[group] = min(crashing.get(group, since), since)
                     if whose == "workload":
                         continue  # the workload's crash, not evidence against this node
-                    hit = groups
-                    if whose == "unsure":  # only the groups it was seen under
-                        seen = self.attribution.groups_seen(f.subject_id)
-                        hit = tuple(g for g in groups if g in seen)
                     out.append(Signal(
                         fault_class=f.fault_class, severity=f.severity,
                         subject_kind=f.subject_kind, subject_id=f.subject_id, node=info.name,
@@ -466,17 +470,20 @@ class HealthModel:
         return out
 
     def view(self) -> View:
+        now = self._clock.monotonic()
         sick: set[str] = set()
         for name in self._attention:
             info = self.nodes.get(name)
             if info is None:
                 continue
-            if info.report is not None and any(f.severity != "info"
-                                               for f in info.report.findings):
-                sick.update(self.groups_on(info.name))
+            if info.report is not None:
+                on_node = self.groups_on(info.name)
+                for f in info.report.findings:
+                    if f.severity != "info":
+                        sick.update(self._attributed(f, on_node, now)[1])
             if info.ready is False:
                 sick.update(self.groups_on(info.name))
-        for state, pod in self._fresh_pod_reports(self._clock.monotonic()):
+        for state, pod in self._fresh_pod_reports(now):
             if any(f.severity != "info" for f in state.report.findings):
                 sick.add(pod.group)
         groups = {}

@@ -119,3 +119,17 @@ def test_gpu_class_xids_are_not_attributed() -> None:
     f.place(0, "n1", "u1")
     f.xid("n1", "GPU-a", code=79)
     assert f.signals() == [("xid", "n1", True, False, ("serving/app/0",))]
+
+
+def test_the_view_counts_a_finding_only_against_the_groups_it_is_evidence_about() -> None:
+    """Group 0 crashed on n1 and moved on; group 1 placed on n1 since, with no new XID, is
+    healthy in the view (capacity, budgets and degrade count it) — as the signals say."""
+    f = Fleet()
+    f.place(0, "n1", "u1")
+    f.xid("n1", "GPU-a", last_seen=1.0)
+    f.place(0, "n2", "u2")
+    f.place(1, "n1", "u3")
+    f.xid("n1", "GPU-a", last_seen=1.0)
+    view = f.model.view()
+    assert view.groups["serving/app/1"].healthy
+    assert view.groups["serving/app/0"].healthy
