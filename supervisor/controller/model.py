@@ -54,6 +54,7 @@ LWS_GROUP = "leaderworkerset.sigs.k8s.io/group-index"
 LWS_WORKER = "leaderworkerset.sigs.k8s.io/worker-index"
 MODEL_LABEL = "gpu-supervisor.io/model"
 READINESS_GATE = "gpu-supervisor.io/serving"
+SIGHTING_SECONDS = 15.0  # an XID last seen longer before its report is not a new sighting
 
 # Fault classes whose cause sits on the node that reported them; the rest (partitions,
 # collective hangs) are properties of a group or a link.
@@ -344,11 +345,14 @@ class HealthModel:
 
     def _sightings(self, old: NodeReport | None, new: NodeReport, received: float) -> None:
         """Each new application-class XID — a new finding, or one whose ``last_seen``
-        moved — with the groups on the node at the time (``attribution``)."""
+        moved — with the groups on the node at the time (``attribution``). Only XIDs that
+        just happened: the agent reports one within a second, so one last seen long before
+        its report (what a restarted controller first hears of) happened under groups we
+        cannot know any more, and is no evidence about the ones there now."""
         seen = {(f.subject_id, f.detail): f.last_seen for f in old.findings} if old else {}
         for f in new.findings:
             code = xid_code(f.fault_class, f.detail)
-            if code is None:
+            if code is None or new.sent_at - f.last_seen > SIGHTING_SECONDS:
                 continue
             last = seen.get((f.subject_id, f.detail))
             if last is None or f.last_seen > last:

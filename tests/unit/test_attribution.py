@@ -35,12 +35,13 @@ class Fleet:
         self.model.upsert_pod(pod(f"app-{group}", group, node, uid))
 
     def xid(self, node: str, gpu: str, code: int = 13, severity: str = "critical",
-            last_seen: float | None = None) -> None:
-        """The node's agent reports XID ``code`` on ``gpu``, last seen now."""
+            ago: float = 0.0) -> None:
+        """The node's agent reports XID ``code`` on ``gpu``, last seen ``ago`` seconds
+        before the report."""
         self.seq += 1
         now = self.clock.wall()
         finding = ReportedFinding("xid", severity, "gpu", gpu, str(code), "XidRepeated", "",
-                                  now - 60, now if last_seen is None else last_seen, node)
+                                  now - 60, now - ago, node)
         self.model.accept_report(NodeReport(node, "boot", self.seq, now, 8, (finding,)),
                                  self.clock.monotonic())
 
@@ -81,10 +82,11 @@ def test_xids_that_stay_with_one_gpu_under_two_groups_are_the_gpus() -> None:
     same GPU: the GPU is at fault, node-local again (quarantine)."""
     f = Fleet()
     f.place(0, "n1", "u1")
-    f.xid("n1", "GPU-a", last_seen=1.0)
+    f.xid("n1", "GPU-a")
+    f.clock.advance(5)
     f.place(0, "n2", "u2")  # restarted elsewhere, runs fine there
     f.place(1, "n1", "u3")
-    f.xid("n1", "GPU-a", last_seen=2.0)  # a new XID on the same GPU
+    f.xid("n1", "GPU-a")  # a new XID on the same GPU
     assert f.signals() == [("xid", "n1", True, False, ("serving/app/1",))]
 
 
@@ -93,10 +95,11 @@ def test_an_old_finding_is_not_pinned_on_the_group_that_arrives_after_it() -> No
     meanwhile, with no new XID, is not a second workload under the GPU."""
     f = Fleet()
     f.place(0, "n1", "u1")
-    f.xid("n1", "GPU-a", last_seen=1.0)
+    f.xid("n1", "GPU-a")
+    f.clock.advance(5)
     f.place(0, "n2", "u2")
     f.place(1, "n1", "u3")
-    f.xid("n1", "GPU-a", last_seen=1.0)  # the same finding reported again, nothing new
+    f.xid("n1", "GPU-a", ago=5)  # the same finding reported again, nothing new
     assert f.signals() == [("xid", "n1", False, True, ())]
 
 
@@ -126,10 +129,22 @@ def test_the_view_counts_a_finding_only_against_the_groups_it_is_evidence_about(
     healthy in the view (capacity, budgets and degrade count it) — as the signals say."""
     f = Fleet()
     f.place(0, "n1", "u1")
-    f.xid("n1", "GPU-a", last_seen=1.0)
+    f.xid("n1", "GPU-a")
+    f.clock.advance(5)
     f.place(0, "n2", "u2")
     f.place(1, "n1", "u3")
-    f.xid("n1", "GPU-a", last_seen=1.0)
+    f.xid("n1", "GPU-a", ago=5)
     view = f.model.view()
     assert view.groups["serving/app/1"].healthy
     assert view.groups["serving/app/0"].healthy
+
+
+def test_an_xid_first_heard_of_long_after_it_happened_is_not_a_sighting() -> None:
+    """A restarted controller's first report carries an XID from before it started: the
+    groups on the node now are not the ones it happened under, so nobody is blamed for it —
+    the finding stays an unattributed suspect until it recurs."""
+    f = Fleet()
+    f.place(1, "n1", "u3")
+    f.xid("n1", "GPU-a", ago=120)
+    assert f.signals() == [("xid", "n1", False, True, ())]
+    assert not f.model.crash_loops
