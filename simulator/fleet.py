@@ -227,7 +227,7 @@ class Runtime:
                                      name, settings=settings, policy=self.policy,
                                      topology=self.topology, tls_dir=self.tls_dir, fast=False,
                                      listen=f"{host}:0")
-            await asyncio.to_thread(proc.start)
+            await asyncio.to_thread(proc.start, False)  # its reporters retry
             self.controllers[name] = proc
 
     async def start_agents(self) -> None:

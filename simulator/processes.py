@@ -261,7 +261,10 @@ class ControllerProcess(DaemonProcess):
         return tls_client(self.tls_dir) if self.settings["controller"]["tls_cert_file"] \
             else None
 
-    def start(self) -> ControllerProcess:
+    def start(self, wait_ready: bool = True) -> ControllerProcess:
+        """Start the process; with ``wait_ready``, return once /readyz says its watches
+        have synced — before that, a report from a pod it has not heard of yet is refused
+        with 503 (retry shortly), which a test posting once would read as a failure."""
         self._epoch = None
         config = self.workdir / f"controller-{self.identity}.yaml"
         config.write_text(yaml.safe_dump(self.settings))
@@ -275,6 +278,9 @@ class ControllerProcess(DaemonProcess):
         port = _port_from_log(self.proc, self.log_path, event="reports listening")
         report_host = self.settings["controller"]["report_listen"].rpartition(":")[0]
         self.report_url = f"{scheme}://{report_host}:{port}"
+        if wait_ready:
+            self.wait_for(lambda: self.get("/readyz")[0] == 200, timeout=60.0,
+                          what="/readyz 200")
         return self
 
     def post_report(self, token: str, body: Any, *, raw: bytes | None = None,

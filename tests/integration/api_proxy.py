@@ -19,9 +19,10 @@ class ApiProxy:
     does with a write that arrives late."""
 
     def __init__(self, cluster: KubeTestCluster,
-                 hold_from: Callable[[str, str], bool] | None = None) -> None:
-        """``hold_from(method, path)``: start holding at the first request it matches
-        (that request included), as a process stopped just before that write would."""
+                 hold_from: Callable[[str, str, bytes], bool] | None = None) -> None:
+        """``hold_from(method, path, body)``: start holding at the first request it
+        matches (that request included), as a process stopped just before that write
+        would."""
         self.cluster = cluster
         self.hold_from = hold_from
         self.holding = False
@@ -66,7 +67,7 @@ class ApiProxy:
         async def proxied(request: web.Request) -> web.StreamResponse:
             body = await request.read()
             late = False
-            if self.hold_from is not None and self.hold_from(request.method, request.path):
+            if self.hold_from is not None and self.hold_from(request.method, request.path, body):
                 self.hold_from = None
                 self.hold()
             if self.holding:

@@ -641,7 +641,7 @@ class TestLateWritesOfADeposedLeader:
     """A leader's write held on its way to the API server (a stopped process, a slow path,
     a request queued by priority and fairness) must not land after its Lease is gone."""
 
-    async def _held_executor(self, rig: Rig, hold: Callable[[str, str], bool],
+    async def _held_executor(self, rig: Rig, hold: Callable[[str, str, bytes], bool],
                              fence: Any) -> tuple[ActionExecutor, ApiProxy, KubeClient]:
         assert rig.cluster is not None and rig.kubeconfig is not None
         proxy = await ApiProxy(rig.cluster, hold_from=hold).start()
@@ -679,7 +679,7 @@ class TestLateWritesOfADeposedLeader:
             Traffic("HTTPRoute", rig.ns, "llm", "llama-70b", "llama-8b"), drain_seconds=0)}
         a_leads = Switch()
         a, proxy, kube = await self._held_executor(
-            rig, lambda method, path: method == "PATCH" and path.endswith("/scale"), a_leads)
+            rig, lambda method, path, _: method == "PATCH" and path.endswith("/scale"), a_leads)
         a.intents["degrade/llama-70b"] = {"replicas_before": 0}
         try:
             restoring = asyncio.create_task(a.execute(TestControllerDegrade.RESTORE))
@@ -706,7 +706,7 @@ class TestLateWritesOfADeposedLeader:
         (node,) = await make_nodes(rig.admin, 1)
         a_leads = Switch()
         a, proxy, kube = await self._held_executor(
-            rig, lambda method, path: method == "PATCH" and path.endswith("/status"), a_leads)
+            rig, lambda method, path, _: method == "PATCH" and path.endswith("/status"), a_leads)
         try:
             quarantining = asyncio.create_task(a.execute(decision(Action.QUARANTINE, node)))
             await until_held(proxy)
@@ -820,7 +820,7 @@ class TestTheLeaseFence:
                 bound_to={"kind": "Pod", "name": pod.metadata.name, "uid": pod.metadata.uid})
             before, first, late = await make_nodes(admin, 3)
             kubeconfig = kube_cluster.write_kubeconfig(tmp_path / "kc-a", token)
-            proxy = await ApiProxy(kube_cluster, hold_from=lambda method, path:
+            proxy = await ApiProxy(kube_cluster, hold_from=lambda method, path, _:
                                    method == "PATCH" and path.endswith(f"/nodes/{late}")
                                    ).start()
             config = json.loads(kubeconfig.read_text())

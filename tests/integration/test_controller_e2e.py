@@ -19,7 +19,7 @@ from kubernetes_asyncio import client
 
 from simulator.controlplane.cluster import REPORT_AUDIENCE, KubeTestCluster
 from simulator.processes import ControllerProcess, gpu_finding, node_report
-from supervisor.controller.actions import QUARANTINE_TAINT
+from supervisor.controller.actions import QUARANTINE_TAINT, SUSPECT_TAINT
 from tests.integration.api_proxy import ApiProxy
 from tests.integration.cluster_objects import (
     agent_token,
@@ -582,8 +582,11 @@ class TestFencingAcrossLeaderChanges:
         the fallback back at 2, traffic on it. A's late scale reaches the API server after
         all that and fails its precondition (409): the fallback keeps B's replicas."""
         nodes = await nodes_with_agents(env, 2)
+        # A model name of this test's own: the controller counts a model's healthy groups
+        # cluster-wide, and earlier tests leave healthy "llama-70b" groups behind.
+        model = f"llama-70b-{env.ns}"
         for index, node in enumerate(nodes):
-            await make_lws_group(env.admin, env.ns, "llama", index, [node], model="llama-70b")
+            await make_lws_group(env.admin, env.ns, "llama", index, [node], model=model)
         apps = client.AppsV1Api(env.admin)
         await apps.create_namespaced_deployment(env.ns, {
             "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "llama-8b"},
@@ -608,7 +611,7 @@ class TestFencingAcrossLeaderChanges:
                 "endpoints": [{"addresses": [f"10.9.{i}.1"], "conditions": {"ready": True}}
                               for i in range(2)]})
         topology = {"degrade": [{
-            "model": "llama-70b", "ready_timeout_seconds": 30, "drain_seconds": 0,
+            "model": model, "ready_timeout_seconds": 30, "drain_seconds": 0,
             "workload": {"kind": "Deployment", "namespace": env.ns, "name": "llama-8b",
                          "replicas": 2},
             "traffic": {"kind": "HTTPRoute", "namespace": env.ns, "name": "llm",
@@ -616,18 +619,18 @@ class TestFencingAcrossLeaderChanges:
         policy = POLICY.replace("""      - action: quarantine
       - action: restart_group
         after: 4s
-""", "") + """degrade:
-  - {model: llama-70b, fallback: llama-8b, floor: 2, restore_after: 2s}
+""", "") + f"""degrade:
+  - {{model: {model}, fallback: llama-8b, floor: 2, restore_after: 2s}}
 """
         scale_path = f"/apis/apps/v1/namespaces/{env.ns}/deployments/llama-8b/scale"
-        scales = 0
 
-        def second_scale(method: str, path: str) -> bool:
-            nonlocal scales  # the restore's scale-down: the degrade's scale-up went through
-            scales += method == "PATCH" and path == scale_path
-            return scales == 2
+        def scale_down(method: str, path: str, body: bytes) -> bool:
+            # The restore's scale to 0 — not the n-th PATCH: the degrade's scale-up is
+            # retried when the Deployment's controller wrote its status in between.
+            return (method == "PATCH" and path == scale_path
+                    and json.loads(body)["spec"]["replicas"] == 0)
 
-        proxy = await ApiProxy(env.cluster, hold_from=second_scale).start()
+        proxy = await ApiProxy(env.cluster, hold_from=scale_down).start()
         kc = json.loads(await asyncio.to_thread(env.controller_kubeconfig.read_text))
         kc["clusters"][0]["cluster"] = {"server": proxy.url}
         slow_kubeconfig = env.workdir / "kc-scale-through-proxy"
@@ -746,12 +749,14 @@ class TestTimersAcrossLeaderChanges:
 
 
 class TestXidIncidentsEndToEnd:
-    async def test_one_application_crash_is_not_quarantined_but_recurrence_is(
+    async def test_one_application_crash_is_not_quarantined_and_recurrence_makes_the_node_a_suspect(
             self, env: Env) -> None:
         """Stand-in → agent → controller with the shipped default policy. A burst of six
         XID 13 on one GPU (one crashing application) fails nothing over and quarantines
         nothing. The same XID recurring in separate incidents (the application restarted
-        and crashed again, twice) is the GPU: the node is quarantined."""
+        and crashed again, twice) is critical — but under one workload only it may be the
+        application's as well as the GPU's: the node is a suspect (new work prefers other
+        nodes), not quarantined, until the XIDs follow the workload or stay with the GPU."""
         from simulator.processes import AgentProcess
 
         nodes = await nodes_with_agents(env, 1)
@@ -768,9 +773,15 @@ class TestXidIncidentsEndToEnd:
                           "heartbeat_seconds": 1.0, "timeout_seconds": 1.0}})
         core = client.CoreV1Api(env.admin)
 
-        async def quarantined() -> bool:
+        async def taints() -> set[str]:
             node = await core.read_node(nodes[0])
-            return any(t.key == QUARANTINE_TAINT for t in node.spec.taints or [])
+            return {t.key for t in node.spec.taints or []}
+
+        async def quarantined() -> bool:
+            return QUARANTINE_TAINT in await taints()
+
+        async def suspected() -> bool:
+            return SUSPECT_TAINT in await taints()
         try:
             await asyncio.to_thread(agent.start)
             await until(lambda: leader_of(ctl), what="leader")
@@ -791,9 +802,11 @@ class TestXidIncidentsEndToEnd:
             for _ in range(2):  # restarted, crashed again: two more incidents
                 await asyncio.sleep(1.5)
                 agent.control.inject_xid(1, 13, count=6)
-            await until(quarantined, what="quarantine after recurring incidents")
+            await until(suspected, what="suspicion after recurring incidents")
             finding = (await asyncio.to_thread(agent.findings, "xid", 1))[0]
             assert (finding["severity"], finding["reason"]) == ("critical", "XidRepeated")
+            assert not await quarantined()
+            assert not (await core.read_node(nodes[0])).spec.unschedulable
         finally:
             await asyncio.to_thread(agent.stop)
             await asyncio.to_thread(ctl.stop)
