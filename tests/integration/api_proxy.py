@@ -103,6 +103,14 @@ class ApiProxy:
         self.holding = True
         self._released.clear()
 
+    async def until_held(self) -> None:
+        """Until a request is held (ten seconds at most)."""
+        for _ in range(500):
+            if self.held:
+                return
+            await asyncio.sleep(0.02)
+        raise AssertionError("no request was held")
+
     def release(self) -> None:
         self.holding = False
         self._released.set()

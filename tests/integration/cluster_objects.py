@@ -38,6 +38,29 @@ def pod_body(name: str, node: str, labels: dict[str, str]) -> dict[str, Any]:
                      "containers": [{"name": "vllm", "image": "vllm/vllm-openai:test"}]}}
 
 
+
+def deployment_body(name: str, replicas: int) -> dict[str, Any]:
+    """A Deployment of ``replicas`` pods labelled ``app: name`` (a fallback model's, say);
+    nothing here runs its pods."""
+    return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": name},
+            "spec": {"replicas": replicas, "selector": {"matchLabels": {"app": name}},
+                     "template": {"metadata": {"labels": {"app": name}},
+                                  "spec": {"containers": [{"name": "c", "image": "x"}]}}}}
+
+
+async def make_endpoint_slice(api: client.ApiClient, ns: str, service: str, ready: int,
+                              not_ready: int = 0) -> None:
+    """An EndpointSlice of ``service`` as the EndpointSlice controller writes it."""
+    eps = [{"addresses": [f"10.1.{i // 250}.{i % 250 + 1}"], "conditions": {"ready": True}}
+           for i in range(ready)]
+    eps += [{"addresses": [f"10.2.{i // 250}.{i % 250 + 1}"], "conditions": {"ready": False}}
+            for i in range(not_ready)]
+    await client.DiscoveryV1Api(api).create_namespaced_endpoint_slice(ns, {
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"generateName": f"{service}-",
+                     "labels": {"kubernetes.io/service-name": service}},
+        "addressType": "IPv4", "endpoints": eps, "ports": [{"name": "http", "port": 8000}]})
+
 async def mark_running(core: client.CoreV1Api, ns: str, name: str, gate: bool = True) -> None:
     conditions = [{"type": "ContainersReady", "status": "True"}]
     if gate:  # as the controller would have admitted it

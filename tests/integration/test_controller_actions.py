@@ -32,8 +32,10 @@ from supervisor.kube import METADATA_ONLY, KubeClient
 from supervisor.runtime.clock import SystemClock
 from tests.integration.api_proxy import ApiProxy
 from tests.integration.cluster_objects import (
+    deployment_body,
     finish_deletion,
     list_pods,
+    make_endpoint_slice,
     make_generic_group,
     make_lws_group,
     make_nodes,
@@ -332,19 +334,6 @@ class TestControllerQuarantine:
         assert not [t for t in raw.spec.taints or [] if t.key == QUARANTINE_TAINT]
 
 
-async def endpoints(rig: Rig, service: str, ready: int, not_ready: int = 0) -> None:
-    """An EndpointSlice of ``service`` as the EndpointSlice controller writes it."""
-    eps = [{"addresses": [f"10.1.{i // 250}.{i % 250 + 1}"], "conditions": {"ready": True}}
-           for i in range(ready)]
-    eps += [{"addresses": [f"10.2.{i // 250}.{i % 250 + 1}"], "conditions": {"ready": False}}
-            for i in range(not_ready)]
-    await client.DiscoveryV1Api(rig.admin).create_namespaced_endpoint_slice(rig.ns, {
-        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-        "metadata": {"generateName": f"{service}-",
-                     "labels": {"kubernetes.io/service-name": service}},
-        "addressType": "IPv4", "endpoints": eps, "ports": [{"name": "http", "port": 8000}]})
-
-
 async def ready_pods(rig: Rig, labels: dict[str, str], count: int) -> None:
     """Pods matching ``labels``, Ready, as the kubelet would report them."""
     core = client.CoreV1Api(rig.admin)
@@ -359,12 +348,8 @@ async def ready_pods(rig: Rig, labels: dict[str, str], count: int) -> None:
 
 class TestControllerDegrade:
     async def _deployment(self, rig: Rig, name: str, replicas: int) -> None:
-        apps = client.AppsV1Api(rig.admin)
-        await apps.create_namespaced_deployment(rig.ns, {
-            "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": name},
-            "spec": {"replicas": replicas, "selector": {"matchLabels": {"app": name}},
-                     "template": {"metadata": {"labels": {"app": name}},
-                                  "spec": {"containers": [{"name": "c", "image": "x"}]}}}})
+        await client.AppsV1Api(rig.admin).create_namespaced_deployment(
+            rig.ns, deployment_body(name, replicas))
 
     async def _become_ready(self, rig: Rig, name: str, replicas: int) -> None:
         """Play the Deployment and EndpointSlice controllers: once the fallback is scaled
@@ -373,7 +358,7 @@ class TestControllerDegrade:
         for _ in range(100):
             dep = await apps.read_namespaced_deployment(name, rig.ns)
             if dep.spec.replicas == replicas:
-                await endpoints(rig, name, replicas)
+                await make_endpoint_slice(rig.admin, rig.ns, name, replicas)
                 return
             await asyncio.sleep(0.05)
         raise AssertionError("fallback was never scaled")
@@ -416,7 +401,7 @@ class TestControllerDegrade:
         restore = Decision(incident="degrade/llama-70b", rule="degrade", step=-1,
                            action=Action.RESTORE, target="llama-70b",
                            reason="primary healthy", dry_run=False)
-        await endpoints(rig, "llama-70b", 1)  # the primary serves again
+        await make_endpoint_slice(rig.admin, rig.ns, "llama-70b", 1)  # the primary serves again
         assert await rig.executor.execute(restore)
         assert await weights() == {"llama-70b": 100, "llama-8b": 0}
         assert (await apps.read_namespaced_deployment("llama-8b", rig.ns)).spec.replicas == 0
@@ -513,7 +498,7 @@ class TestControllerDegrade:
         await co.patch_namespaced_custom_object(
             "gateway.networking.k8s.io", "v1", rig.ns, "httproutes", "llm",
             [{"op": "replace", "path": "/spec/rules", "value": rules}])
-        await endpoints(rig, "llama-70b", 1)
+        await make_endpoint_slice(rig.admin, rig.ns, "llama-70b", 1)
         assert await rig.executor.execute(self.RESTORE)
         rules = await self._rules(rig)
         assert {r["name"]: r["weight"] for r in rules[0]["backendRefs"]} == {
@@ -551,7 +536,7 @@ class TestControllerDegrade:
                                    degrade_targets=rig.executor._degrade)
         assert await successor.execute(self.DEGRADE)
         assert successor.intents["degrade/llama-70b"] == {"replicas_before": 1}
-        await endpoints(rig, "llama-70b", 1)
+        await make_endpoint_slice(rig.admin, rig.ns, "llama-70b", 1)
         assert await successor.execute(self.RESTORE)
         assert (await apps.read_namespaced_deployment("llama-8b", rig.ns)).spec.replicas == 1
 
@@ -565,7 +550,7 @@ class TestControllerDegrade:
         await self._route(rig, [{"backendRefs": [{"name": "llama-70b", "port": 8000},
                                                  {"name": "llama-8b", "port": 8000,
                                                   "weight": 0}]}])
-        await endpoints(rig, "llama-8b", ready=0, not_ready=2)
+        await make_endpoint_slice(rig.admin, rig.ns, "llama-8b", ready=0, not_ready=2)
         self._target(rig, ready_timeout=2)
         assert not await rig.executor.execute(self.DEGRADE)
         assert [r.get("weight", 1) for r in (await self._rules(rig))[0]["backendRefs"]] \
@@ -577,7 +562,7 @@ class TestControllerDegrade:
         assert [(e.type, e.reason) for e in events] == [("Warning", "FallbackNotServing")]
         assert "no traffic was moved" in events[0].message
         # Its endpoints turn ready: the next attempt moves the traffic and clears it.
-        await endpoints(rig, "llama-8b", ready=2)
+        await make_endpoint_slice(rig.admin, rig.ns, "llama-8b", ready=2)
         assert await rig.executor.execute(self.DEGRADE)
         assert "llama-70b" not in rig.executor.blocked
 
@@ -598,7 +583,7 @@ class TestControllerDegrade:
         assert rig.executor.blocked["llama-70b"]["reason"] == "PrimaryNotServing"
         assert await self._weights(rig) == {"llama-70b": 0, "llama-8b": 100}
 
-        await endpoints(rig, "llama-70b", 2)
+        await make_endpoint_slice(rig.admin, rig.ns, "llama-70b", 2)
         apps = client.AppsV1Api(rig.admin)
         restoring = asyncio.create_task(rig.executor.execute(self.RESTORE))
         seen = []
@@ -629,14 +614,6 @@ class Switch:
         return 30.0 if self.leader else 0.0
 
 
-async def until_held(proxy: ApiProxy) -> None:
-    for _ in range(500):
-        if proxy.held:
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError("no request was held")
-
-
 class TestLateWritesOfADeposedLeader:
     """A leader's write held on its way to the API server (a stopped process, a slow path,
     a request queued by priority and fairness) must not land after its Lease is gone."""
@@ -661,11 +638,7 @@ class TestLateWritesOfADeposedLeader:
         A's write reaches the API server it fails its precondition and A, fenced, does not
         try again: the fallback keeps the new leader's replicas."""
         apps = client.AppsV1Api(rig.admin)
-        await apps.create_namespaced_deployment(rig.ns, {
-            "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "llama-8b"},
-            "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "llama-8b"}},
-                     "template": {"metadata": {"labels": {"app": "llama-8b"}},
-                                  "spec": {"containers": [{"name": "c", "image": "x"}]}}}})
+        await apps.create_namespaced_deployment(rig.ns, deployment_body("llama-8b", 1))
         await client.CustomObjectsApi(rig.admin).create_namespaced_custom_object(
             "gateway.networking.k8s.io", "v1", rig.ns, "httproutes", {
                 "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
@@ -673,7 +646,7 @@ class TestLateWritesOfADeposedLeader:
                 "rules": [{"backendRefs": [{"name": "llama-70b", "port": 8000},
                                            {"name": "llama-8b", "port": 8000,
                                             "weight": 0}]}]}})
-        await endpoints(rig, "llama-70b", 1)
+        await make_endpoint_slice(rig.admin, rig.ns, "llama-70b", 1)
         rig.executor._degrade = {"llama-70b": DegradeTarget(
             "llama-70b", Workload("Deployment", rig.ns, "llama-8b", 3),
             Traffic("HTTPRoute", rig.ns, "llm", "llama-70b", "llama-8b"), drain_seconds=0)}
@@ -683,7 +656,7 @@ class TestLateWritesOfADeposedLeader:
         a.intents["degrade/llama-70b"] = {"replicas_before": 0}
         try:
             restoring = asyncio.create_task(a.execute(TestControllerDegrade.RESTORE))
-            await until_held(proxy)
+            await proxy.until_held()
             a_leads.leader = False  # A's Lease runs out while its write is on its way
             # The new leader degrades: the fallback goes to 3.
             await apps.patch_namespaced_deployment_scale("llama-8b", rig.ns,
@@ -709,7 +682,7 @@ class TestLateWritesOfADeposedLeader:
             rig, lambda method, path, _: method == "PATCH" and path.endswith("/status"), a_leads)
         try:
             quarantining = asyncio.create_task(a.execute(decision(Action.QUARANTINE, node)))
-            await until_held(proxy)
+            await proxy.until_held()
             a_leads.leader = False
             assert await rig.executor.execute(decision(Action.UNQUARANTINE, node, step=-1))
             proxy.release()
@@ -842,7 +815,7 @@ class TestTheLeaseFence:
                 assert await tainted(admin, first)
                 quarantining = asyncio.create_task(a.execute(decision(Action.QUARANTINE,
                                                                       late)))
-                await until_held(proxy)
+                await proxy.until_held()
                 a_leads.leader = False
                 await leases.patch_namespaced_lease(lease_name, release.namespace, {
                     "spec": {"holderIdentity": "ctl-b"}})  # B leads; it leaves the node be

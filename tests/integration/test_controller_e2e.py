@@ -23,8 +23,10 @@ from supervisor.controller.actions import QUARANTINE_TAINT, SUSPECT_TAINT
 from tests.integration.api_proxy import ApiProxy
 from tests.integration.cluster_objects import (
     agent_token,
+    deployment_body,
     finish_deletion,
     list_pods,
+    make_endpoint_slice,
     make_lws_group,
     make_nodes,
     mark_running,
@@ -588,11 +590,7 @@ class TestFencingAcrossLeaderChanges:
         for index, node in enumerate(nodes):
             await make_lws_group(env.admin, env.ns, "llama", index, [node], model=model)
         apps = client.AppsV1Api(env.admin)
-        await apps.create_namespaced_deployment(env.ns, {
-            "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "llama-8b"},
-            "spec": {"replicas": 0, "selector": {"matchLabels": {"app": "llama-8b"}},
-                     "template": {"metadata": {"labels": {"app": "llama-8b"}},
-                                  "spec": {"containers": [{"name": "c", "image": "x"}]}}}})
+        await apps.create_namespaced_deployment(env.ns, deployment_body("llama-8b", 0))
         routes = client.CustomObjectsApi(env.admin)
         await routes.create_namespaced_custom_object(
             "gateway.networking.k8s.io", "v1", env.ns, "httproutes", {
@@ -601,15 +599,8 @@ class TestFencingAcrossLeaderChanges:
                 "rules": [{"backendRefs": [{"name": "llama-70b", "port": 8000, "weight": 100},
                                            {"name": "llama-8b", "port": 8000,
                                             "weight": 0}]}]}})
-        discovery = client.DiscoveryV1Api(env.admin)
         for service in ("llama-70b", "llama-8b"):  # both sides serve (the slices' controller)
-            await discovery.create_namespaced_endpoint_slice(env.ns, {
-                "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-                "metadata": {"generateName": f"{service}-",
-                             "labels": {"kubernetes.io/service-name": service}},
-                "addressType": "IPv4", "ports": [{"name": "http", "port": 8000}],
-                "endpoints": [{"addresses": [f"10.9.{i}.1"], "conditions": {"ready": True}}
-                              for i in range(2)]})
+            await make_endpoint_slice(env.admin, env.ns, service, 2)
         topology = {"degrade": [{
             "model": model, "ready_timeout_seconds": 30, "drain_seconds": 0,
             "workload": {"kind": "Deployment", "namespace": env.ns, "name": "llama-8b",

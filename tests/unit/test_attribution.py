@@ -90,16 +90,23 @@ def test_xids_that_stay_with_one_gpu_under_two_groups_are_the_gpus() -> None:
     assert f.signals() == [("xid", "n1", True, False, ("serving/app/1",))]
 
 
-def test_an_old_finding_is_not_pinned_on_the_group_that_arrives_after_it() -> None:
-    """The finding stays active for minutes after the last XID: a group placed on the node
-    meanwhile, with no new XID, is not a second workload under the GPU."""
+def moved_on_with_a_newcomer_under_the_old_finding() -> Fleet:
+    """Group 0 crashed on n1's GPU-a and was recreated on n2; group 1 is placed on n1 since,
+    and n1's agent reports the same finding again, with no new XID."""
     f = Fleet()
     f.place(0, "n1", "u1")
     f.xid("n1", "GPU-a")
     f.clock.advance(5)
     f.place(0, "n2", "u2")
     f.place(1, "n1", "u3")
-    f.xid("n1", "GPU-a", ago=5)  # the same finding reported again, nothing new
+    f.xid("n1", "GPU-a", ago=5)
+    return f
+
+
+def test_an_old_finding_is_not_pinned_on_the_group_that_arrives_after_it() -> None:
+    """The finding stays active for minutes after the last XID: a group placed on the node
+    meanwhile, with no new XID, is not a second workload under the GPU."""
+    f = moved_on_with_a_newcomer_under_the_old_finding()
     assert f.signals() == [("xid", "n1", False, True, ())]
 
 
@@ -127,14 +134,7 @@ def test_gpu_class_xids_are_not_attributed() -> None:
 def test_the_view_counts_a_finding_only_against_the_groups_it_is_evidence_about() -> None:
     """Group 0 crashed on n1 and moved on; group 1 placed on n1 since, with no new XID, is
     healthy in the view (capacity, budgets and degrade count it) — as the signals say."""
-    f = Fleet()
-    f.place(0, "n1", "u1")
-    f.xid("n1", "GPU-a")
-    f.clock.advance(5)
-    f.place(0, "n2", "u2")
-    f.place(1, "n1", "u3")
-    f.xid("n1", "GPU-a", ago=5)
-    view = f.model.view()
+    view = moved_on_with_a_newcomer_under_the_old_finding().model.view()
     assert view.groups["serving/app/1"].healthy
     assert view.groups["serving/app/0"].healthy
 
