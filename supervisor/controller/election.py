@@ -126,11 +126,16 @@ class LeaseElector:
         self.holder = holder or None
         self.transitions = int(spec.get("leaseTransitions") or 0)
         fingerprint = f"{holder}|{spec.get('renewTime')}|{lease['metadata']['resourceVersion']}"
+        # A record is seen when the answer arrives, not when we asked: a read held on a
+        # slow path for longer than a lease duration would otherwise make the current
+        # leader's fresh record look unchanged that long, and we would depose it. (Our
+        # own renewal, below, counts from before the read: the safe side there.)
+        seen_at = self._clock.monotonic()
         if self._observed is None or self._observed[0] != fingerprint:
-            self._observed = (fingerprint, now)
+            self._observed = (fingerprint, seen_at)
         if holder != self.identity:
             duration = float(spec.get("leaseDurationSeconds") or self.lease_duration)
-            expired = not holder or now - self._observed[1] >= duration
+            expired = not holder or seen_at - self._observed[1] >= duration
             if not expired:
                 self._last_renew = None
                 return False
