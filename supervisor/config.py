@@ -246,6 +246,10 @@ class CollectiveSettings:
     slow_fraction: float = setting(
         0.5, "a check below this fraction of the baseline is slow (and localized); also "
         "how much slower one half must be than the other to be blamed", "", gt=0)
+    clear_after_checks: int = setting(
+        2, "healthy full checks in a row before a slow finding clears (a straggler that "
+        "passes one check now and then keeps its finding, and the policy's `for:` clock)",
+        "", ge=1)
     localize: bool = setting(True, "after a slow or failed full check, find the member "
                              "in O(log n) rounds of sub-group all-reduces")
     on_demand_min_interval_seconds: float = setting(

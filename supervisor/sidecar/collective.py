@@ -71,6 +71,7 @@ class CollectiveRunner:
         self.counts: Counter[str] = Counter()
         self.busy_seconds = 0.0
         self.preflight_passed = False
+        self._healthy_in_a_row = 0  # full checks since the last slow one
         self.participated_ok = 0
         self.last: dict[str, Any] | None = None
         self.running: dict[str, Any] | None = None  # the plan under way, for /status
@@ -255,6 +256,7 @@ class CollectiveRunner:
             if a is None or a.kind == "hang":
                 return False
             if a.kind == "slow":
+                self._healthy_in_a_row = 0
                 loc = self.judge.start_localization()
                 if self.c.localize:
                     while (round_plan := self.judge.next_plan(loc)) is not None:
@@ -268,7 +270,12 @@ class CollectiveRunner:
                 self._apply([self.judge.slow_verdict(a, loc)])
                 return False
             self.judge.learn(a)
-            self._apply([Verdict.clear(self.judge.slow_key)])
+            self._healthy_in_a_row += 1
+            # A straggler may pass a check between slow ones (a burst of its own work
+            # elsewhere ended); clearing on one pass would restart the policy's `for:`
+            # clock at the next slow check, and a flapping member would never be acted on.
+            if self._healthy_in_a_row >= self.c.clear_after_checks:
+                self._apply([Verdict.clear(self.judge.slow_key)])
             self.preflight_passed = True
             return True
 

@@ -134,7 +134,8 @@ def test_slow_member_is_localized_across_hosts(tmp_path: Path, torch_python: str
                                                hosts: Hosts) -> None:
     """Eight ranks on eight hosts learn their bandwidth; host 5's link is then held to
     20 Mbit/s by a token bucket: collective_slow, localized in 3 rounds to rank 5 and its
-    node."""
+    node. Healed, the finding stays through the first healthy full check and clears at the
+    second (``clear_after_checks``: a straggler passing one check keeps its finding)."""
     cars = netns_group(tmp_path, torch_python, hosts, learn_checks=2, full_every=2,
                        sizes_bytes=[65536, 4194304])
     try:
@@ -148,6 +149,19 @@ def test_slow_member_is_localized_across_hosts(tmp_path: Path, torch_python: str
         assert finding["evidence"]["rounds"] == 3
         assert finding["subject"]["id"] == "serving/llama/0/member-5"
         assert "localized in 3 round(s) to rank 5" in finding["message"]
+        healthy_before = collective(leader)["checks"].get("full_ok", 0)
+        hosts.heal()
+
+        def cleared() -> dict[str, Any] | None:
+            status = leader.status()
+            healthy = status["collective"]["checks"].get("full_ok", 0) - healthy_before
+            slow = [f for f in status["findings"] if f["fault_class"] == "collective_slow"]
+            if healthy < 2:
+                assert slow, f"cleared after {healthy} healthy full check(s)"
+                return None
+            assert not slow or healthy == 2, "still slow after 3 healthy full checks"
+            return None if slow else status
+        leader.wait_for(cleared, timeout=120, what="collective_slow cleared", poll=0.1)
     finally:
         hosts.heal()
         stop_all(cars)
