@@ -2,7 +2,8 @@
 
 Exit codes: 0 every expectation held; 1 an expectation failed, or the simulated cluster
 could not be built or started (one line saying what); 2 a bad scenario or flag (naming
-the field).
+the field); 3 the simulator itself went wrong (one line; the traceback in the work
+directory's ``simulate-error.log``, which is then kept).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import importlib.util
 import shutil
 import sys
 import tempfile
+import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -26,9 +28,15 @@ if TYPE_CHECKING:
 
 EXIT_FAILED = 1
 EXIT_CONFIG = 2
+EXIT_INTERNAL = 3
+EPILOG = ("exit codes: 0 every expectation held; 1 one failed, or the cluster could not "
+          "start; 2 a bad scenario or flag; 3 the simulator itself went wrong (its "
+          "traceback in DIR/simulate-error.log, the work directory then kept).")
+ERROR_LOG = "simulate-error.log"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = EPILOG  # the exit codes are ours to state
     parser.add_argument("--scenario", default=DEFAULT_SCENARIO, metavar="NAME|FILE",
                         help=f"a shipped scenario ({', '.join(shipped_names())}) or a "
                              f"scenario file (default: {DEFAULT_SCENARIO})")
@@ -74,6 +82,7 @@ def main(args: argparse.Namespace) -> int:
     logsetup.configure("warning", json=False)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="gpu-supervisor-simulate-"))
     workdir.mkdir(parents=True, exist_ok=True)
+    keep = args.workdir is not None
     try:
         outcome = asyncio.run(_simulate(scenario, workdir, args.report, args.plot,
                                         torch_python))
@@ -84,10 +93,27 @@ def main(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     except KeyboardInterrupt:
         return EXIT_FAILED
+    except Exception as exc:  # a bug of ours: one line here, the traceback in the log
+        keep = True
+        log = workdir / ERROR_LOG
+        log.write_text("".join(traceback.format_exception(exc)))
+        print(f"gpu-supervisor simulate: internal error: {_one_line(exc)} (traceback in "
+              f"{log})", file=sys.stderr)
+        return EXIT_INTERNAL
     finally:
-        if args.workdir is None:
+        if not keep:
             shutil.rmtree(workdir, ignore_errors=True)
     return 0 if outcome.passed else EXIT_FAILED
+
+
+def _one_line(exc: BaseException) -> str:
+    """``KeyError: 'llama-70b-1'``; an exception group as its first exception (and how many
+    more)."""
+    if isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        more = len(exc.exceptions) - 1
+        return _one_line(exc.exceptions[0]) + (f" (and {more} more)" if more else "")
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def _torch_python(scenario: Scenario, given: str | None) -> str:

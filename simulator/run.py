@@ -37,8 +37,10 @@ from simulator.scenario import (
     COLLECTIVE_FAULTS,
     COUNTING,
     NODE_FAULTS,
+    POD_FAULTS,
     REPEATING,
     THROTTLE_BITS,
+    UNDOING,
     Expectation,
     Fault,
     Scenario,
@@ -75,6 +77,9 @@ from supervisor.kube import KubeClient
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED_POLICY = ROOT / "policies" / "default.yaml"
 SETUP_TIMEOUT_S = 180.0
+# How long a fault waits for a pod to hold its target's rank (its group being recreated)
+# before it is skipped.
+RESOLVE_TIMEOUT_S = 60.0
 ROUTES = f"/apis/gateway.networking.k8s.io/v1/namespaces/{SERVING}/httproutes"
 # What the daemon that should see a fault reports it as.
 FINDING_CLASSES: dict[str, set[str]] = {
@@ -491,6 +496,8 @@ class Simulation:
         by_name = {r.fault.name: r for r in self.records}
         for e in self.scenario.expect:
             record = by_name[e.fault]
+            if record.skipped:
+                continue  # failed already: nothing will happen to it
             if e.no_action or e.never:
                 return False  # only the whole duration proves something did not happen
             if e.quarantined is False and "recovered" not in record.times:
@@ -500,7 +507,7 @@ class Simulation:
                 wanted.append("quarantined")
             if any(s not in record.times for s in wanted):
                 return False
-        return all("injected" in r.times for r in self.records)
+        return all("injected" in r.times or r.skipped for r in self.records)
 
     # --- faults --------------------------------------------------------------------------
 
@@ -510,17 +517,88 @@ class Simulation:
         return next(g for g in self.groups if g.model.name == fault.target.model
                     and g.index == fault.target.group)
 
+    def _unready(self, fault: Fault, group: GroupRef) -> str | None:
+        """Why ``fault`` cannot be done to its target now (None: it can): the pod that holds
+        the rank must exist, not be going, be placed on a node, and — for a fault done to
+        the pod's processes — have them running for this incarnation of the pod."""
+        assert self.runtime is not None
+        assert fault.target is not None
+        name = group.pod_name(fault.target.rank)
+        pod = self.view.pods.get(name)
+        if pod is None or pod["metadata"].get("deletionTimestamp"):
+            return f"no pod holds rank {fault.target.rank} of {group.name}"
+        node = pod["spec"].get("nodeName")
+        if not node:
+            return f"{name} is not placed on a node"
+        if fault.kind in NODE_FAULTS and node not in self.runtime.agents:
+            return f"node {node} has no agent"
+        if fault.kind not in POD_FAULTS:
+            return None
+        members = [name]
+        if fault.kind in COLLECTIVE_FAULTS:
+            members.append(group.pod_name(0))  # its sidecar runs the checks
+        if fault.kind == "partition":
+            members = [group.pod_name(r) for r in range(group.model.size)]
+        for member in members:
+            live = self.view.pods.get(member)
+            procs = self.runtime.pods.get(member)
+            if live is None or live["metadata"].get("deletionTimestamp") or procs is None \
+                    or procs.uid != live["metadata"]["uid"]:
+                return f"the processes of {member} are not running"
+        return None
+
+    async def _resolve(self, fault: Fault, group: GroupRef) -> str | None:
+        """Wait until ``fault`` can be done to whatever pod holds its rank (a recreated
+        group's new pod, once it runs), at most ``RESOLVE_TIMEOUT_S``; None when it can,
+        else why not (the fault is then skipped)."""
+        why = self._unready(fault, group)
+        if why is None:
+            return None
+        self.printer.line(f"{fault.name:<{self.printer.names}} waiting     {why}")
+        await self.watch_until(lambda: self._unready(fault, group) is None, RESOLVE_TIMEOUT_S)
+        why = self._unready(fault, group)
+        return None if why is None else f"{why} after {RESOLVE_TIMEOUT_S:g} s"
+
+    def _undone(self, fault: Fault) -> FaultRecord | None:
+        """The latest earlier fault on the same target that ``fault`` (clear, node_repair)
+        undoes: its node is the one to repair, even if the group has moved off it since."""
+        if fault.kind not in ("clear", "node_repair"):
+            return None
+        for earlier in reversed(self.records):
+            if earlier.fault.target == fault.target and earlier.node is not None \
+                    and earlier.fault.kind in NODE_FAULTS:
+                return earlier
+        return None
+
     async def inject(self, fault: Fault) -> FaultRecord:
-        """Inject ``fault`` now; its record, from which the steps that follow are read."""
+        """Inject ``fault`` now into whatever pod holds its target's rank (waiting for one
+        while its group is being recreated); its record, from which the steps that follow
+        are read — skipped, saying why, when no pod came to hold the rank in time."""
         assert self.runtime is not None
         group = self._group(fault)
         record = FaultRecord(fault, group)
+        undone = self._undone(fault)
+        if group is not None and fault.target is not None and undone is None:
+            why = await self._resolve(fault, group)
+            if why is not None:
+                record.skipped = why
+                self.records.append(record)
+                self.printer.line(f"{fault.name:<{self.printer.names}} skipped     {why}")
+                return record
         if group is not None and fault.target is not None:
-            pod = self.view.pods.get(group.pod_name(fault.target.rank))
             record.pod = group.pod_name(fault.target.rank)
+            pod = self.view.pods.get(record.pod)
             record.node = pod["spec"].get("nodeName") if pod else None
-            record.uids = frozenset(p["metadata"]["uid"] for p in self.view.group_pods(group))
-            record.leader_ip = self.view.leader_ip(group)
+            if undone is not None:
+                record.node = undone.node
+            # The group as it is now: pods already going belong to an earlier incarnation,
+            # whose deletion is no restart caused by this fault.
+            record.uids = frozenset(p["metadata"]["uid"] for p in self.view.group_pods(group)
+                                    if not p["metadata"].get("deletionTimestamp"))
+            leader_ip = self.view.leader_ip(group)
+            # Traffic can only be taken off a replica that has it.
+            record.leader_ip = leader_ip if leader_ip in self.view.ready_ips() else None
+            record.serving = self.view.serving(group)
             pod_procs = self.runtime.pods.get(record.pod)
             if fault.kind in COLLECTIVE_FAULTS:
                 # The group's leader runs the checks, so its sidecar reports what they find.
@@ -531,6 +609,8 @@ class Simulation:
                 record.daemon = pod_procs.sidecar
         began = time.time()  # a reboot takes a moment: the fault starts when it does
         detail = await asyncio.to_thread(self._apply, fault, record)
+        if group is not None and not record.serving and fault.kind not in UNDOING:
+            detail += f" ({group.name} was not serving then)"
         record.mark("injected", began, detail)
         for earlier in self.records:
             if _undoes(fault.kind, record, earlier):
@@ -798,6 +878,10 @@ class Simulation:
             if record is None:
                 failures.append(f"{e.fault}: never injected")
                 continue
+            if record.skipped:
+                failures.append(f"{e.fault}: skipped ({record.skipped}), so its expectations "
+                                "could not be checked")
+                continue
             failures += _check(e, record, self.records)
         return failures
 
@@ -901,6 +985,9 @@ def summary(outcome: Outcome, printer: Printer) -> None:
     p = printer.line
     p("summary:")
     for record in outcome.records:
+        if record.skipped:
+            p(f"  {record.fault.name}: skipped: {record.skipped}")
+            continue
         steps = ", ".join(f"{s.replace('_', ' ')} +{v:.2f} s" for s in STEPS[1:]
                           if (v := record.at(s)) is not None)
         p(f"  {record.fault.name}: {steps or 'nothing followed'}; "

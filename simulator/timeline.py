@@ -52,6 +52,8 @@ class FaultRecord:
     release: Callable[[], None] | None = None  # lets a stalled all-reduce worker run again
     ended: bool = False  # undone by a later fault (resumed, cleared, healed, repaired)
     nodes: set[str] = field(default_factory=set)  # every node its XIDs were injected on
+    serving: bool = True  # its group served at injection (else no traffic to take off)
+    skipped: str = ""  # why it was never injected: no pod came to hold its rank in time
 
     def at(self, step: str) -> float | None:
         """Seconds from injection to ``step``, or None if it has not happened."""
@@ -73,6 +75,7 @@ class FaultRecord:
                 "target": str(self.fault.target) if self.fault.target else None,
                 "group": self.group.key if self.group else None, "node": self.node,
                 "pod": self.pod, "injected_at": self.times.get("injected"),
+                "skipped": self.skipped or None, "serving_at_injection": self.serving,
                 "seconds_after_injection": {s: round(v, 3) for s in STEPS[1:]
                                             if (v := self.at(s)) is not None},
                 "detail": self.detail, "requests_to_sick_replica": self.sick_requests}
@@ -233,7 +236,10 @@ def update(record: FaultRecord, view: ClusterView) -> list[str]:
     if degraded is False and "degraded" in record.times and record.mark(
             "restored", detail=f"{group.model.name}'s clients back on it"):
         reached.append("restored")
-    if "traffic_off" in record.times and view.serving(group) and record.mark(
+    # A group that was not serving at injection (being recreated) had no traffic to lose:
+    # it recovers once recreated again and serving.
+    off = "traffic_off" in record.times or (not record.serving and "restarted" in record.times)
+    if off and view.serving(group) and record.mark(
             "recovered", detail=f"{group.name} serving again"
             + (" (new pods)" if "restarted" in record.times else "")):
         reached.append("recovered")
