@@ -13,9 +13,13 @@
   the cause may sit on (unproven), and off again: the scheduler places new work elsewhere
   when it can, nothing is cordoned or evicted;
 - degrade: check that the route (or Service) can carry the fallback, record the fallback
-  workload's replicas, scale it up, wait until it is ready, then shift traffic (HTTPRoute
-  backendRef weights, or a Service's selector) — refused, with an Event, when the route
-  has no place for the fallback, so a misconfiguration never drops traffic;
+  workload's replicas, scale it up, wait until it is ready, then shift traffic — refused,
+  with an Event, when the route has no place for the fallback, so a misconfiguration never
+  drops traffic. An HTTPRoute's weight is split between the model's groups that still
+  serve and the fallback, in proportion to what each side can serve (``_split``), and split
+  again when a repeated degrade finds that capacity changed; a Service's selector moves to
+  the fallback's, which keeps the primary's pods only if that selector also selects them
+  (``_shares_pods``);
 - restore: shift back only what degrade changed (and only where nobody changed it since),
   then scale the fallback back to the recorded replicas;
 - notify: nothing but the Event, metric and log every action gets.
@@ -124,13 +128,44 @@ class DegradeRefused(SupervisorError):
         self.note = note
 
 
+def _shares_pods(traffic: Traffic) -> bool:
+    """Whether a Service's fallback selector also selects every pod the primary's does: its
+    terms are some of the primary's (primary ``app=llm,model=llama-70b``, fallback
+    ``app=llm``). A Service sends to every Ready pod its selector picks, so only then can
+    it keep the primary's serving pods in traffic next to the fallback's."""
+    primary, fallback = _selector(traffic.primary), _selector(traffic.fallback)
+    return bool(fallback) and fallback != primary and fallback.items() <= primary.items()
+
+
+def _split(before: dict[str, int], serving: int, ready: int) -> dict[str, int]:
+    """One rule's weights while degraded: the sum the primary and fallback had ``before``,
+    shared in proportion to what each side can serve now — ``serving`` groups of the model
+    against ``ready`` endpoints of the fallback, one of each taken as one replica's worth.
+
+    The sum stays what it was so that other backendRefs of the rule (a canary) keep their
+    share; the primary never gets more than it had before (degrade only takes away from
+    it), and a side that can serve gets at least 1. A sum below 2 cannot be split in whole
+    weights: it all goes to the fallback, as when no group of the model serves. A fallback
+    with no ready endpoint (possible only when splitting again: degrade waits for them)
+    takes nothing from the primary."""
+    total = before["primary"] + before["fallback"]
+    if serving > 0 and ready <= 0:
+        return dict(before)
+    if serving <= 0 or total < 2:
+        return {"primary": 0, "fallback": total}
+    primary = min(before["primary"],
+                  max(1, min(total - 1, round(total * serving / (serving + ready)))))
+    return {"primary": primary, "fallback": total - primary}
+
+
 def _between(after: dict[str, int], before: dict[str, int], fraction: float
              ) -> dict[str, int]:
     """Weights ``fraction`` of the way back from ``after`` (degraded) to ``before``: the
-    primary's share returns, the fallback's shrinks, their sum stays what it was."""
-    primary = round(before["primary"] * fraction)
+    primary's share grows from what degrade left it (0, or its part of a split), the
+    fallback's shrinks, their sum stays what it was."""
     total = after["primary"] + after["fallback"]
-    return {"primary": primary, "fallback": max(before["fallback"], total - primary)}
+    primary = round(after["primary"] + (before["primary"] - after["primary"]) * fraction)
+    return {"primary": primary, "fallback": total - primary}
 
 
 def _weight(ref: dict[str, Any]) -> int:
@@ -138,10 +173,29 @@ def _weight(ref: dict[str, Any]) -> int:
     return int(ref.get("weight", 1))
 
 
-def _route_plan(route: dict[str, Any], traffic: Traffic) -> list[dict[str, Any]]:
+def _step_weights(rule: dict[str, Any], traffic: Traffic, now: dict[str, int],
+                  weights: dict[str, int]) -> tuple[dict[str, int], list[str]]:
+    """Set the primary's and the fallback's weight in ``rule`` to ``weights``, each only
+    where it is still ``now`` (what we last set): one edited since, or gone, is whoever
+    edited it's. Returns what we have set now, per side, and the refs left alone."""
+    written, left = dict(now), []
+    for role, name in (("primary", traffic.primary), ("fallback", traffic.fallback)):
+        refs = [ref for ref in rule.get("backendRefs") or [] if ref.get("name") == name]
+        if not refs or any(_weight(ref) != now[role] for ref in refs):
+            left.append(name)
+            continue
+        for ref in refs:
+            ref["weight"] = weights[role]
+        written[role] = weights[role]
+    return written, left
+
+
+def _route_plan(route: dict[str, Any], traffic: Traffic, serving: int = 0, ready: int = 0
+                ) -> list[dict[str, Any]]:
     """Where degrade moves weight: per rule with the primary, its index and the weights of
-    the primary and fallback refs before and after. Refused if any such rule lacks the
-    fallback (its share of traffic would go nowhere) or no rule has the primary."""
+    the primary and fallback refs before and after (``_split`` of ``serving`` primary
+    groups and ``ready`` fallback endpoints). Refused if any such rule lacks the fallback
+    (its share of traffic would go nowhere) or no rule has the primary."""
     plan = []
     for index, rule in enumerate(route.get("spec", {}).get("rules") or []):
         refs = rule.get("backendRefs") or []
@@ -154,8 +208,7 @@ def _route_plan(route: dict[str, Any], traffic: Traffic) -> list[dict[str, Any]]
                                           f"but has no backendRef {traffic.fallback}")
         before = {"primary": _weight(primary[0]), "fallback": _weight(fallback[0])}
         plan.append({"rule": index, "before": before,
-                     "after": {"primary": 0,
-                               "fallback": before["primary"] + before["fallback"]}})
+                     "after": _split(before, serving, ready)})
     if not plan:
         raise DegradeRefused(traffic, f"no rule has a backendRef {traffic.primary}")
     return plan
@@ -581,7 +634,9 @@ class ActionExecutor:
         """Ready endpoints behind one side ("primary" or "fallback") of ``traffic``: for an
         HTTPRoute, those of the backend Service's EndpointSlices (what the gateway sends
         to); for a Service switched by selector, the Ready pods the selector picks (what
-        its EndpointSlices will hold once it points there)."""
+        its EndpointSlices will hold once it points there) — for a fallback selector that
+        also picks the primary's pods, only those the primary's does not: the fallback's
+        own, which are what degrade waits for."""
         name = traffic.primary if side == "primary" else traffic.fallback
         if traffic.kind == "HTTPRoute":
             slices = await self._kube.request(
@@ -599,10 +654,30 @@ class ActionExecutor:
         pods = await self._kube.request(
             "GET", f"/api/v1/namespaces/{traffic.namespace}/pods",
             query={"labelSelector": name}, fence=self._fence)
+        primary = (_selector(traffic.primary).items()
+                   if side == "fallback" and _shares_pods(traffic) else None)
         return sum(1 for pod in pods.get("items") or []
                    if not pod["metadata"].get("deletionTimestamp")
+                   and (primary is None
+                        or not primary <= (pod["metadata"].get("labels") or {}).items())
                    and any(c.get("type") == "Ready" and c.get("status") == "True"
                            for c in pod.get("status", {}).get("conditions") or []))
+
+    async def _serving_groups(self, target: DegradeTarget) -> int:
+        """Groups of the model that serve now, as the route can reach them: healthy in the
+        health model with no member failed over (our gate False on it), and no more than
+        the primary backend has ready endpoints — weight left on a backend with none would
+        be answered with errors by the gateway."""
+        view = self._model.view()
+        groups = 0
+        for key, group in view.groups.items():
+            info = self._model.groups.get(key)
+            if group.model == target.model and group.healthy and info is not None and \
+                    not any(p.gate == "False" for p in info.pods.values()):
+                groups += 1
+        if groups == 0:
+            return 0
+        return min(groups, await self._ready_endpoints(target.traffic, "primary"))
 
     async def _wait_serving(self, traffic: Traffic, side: str, want: int, timeout: float
                             ) -> int:
@@ -635,28 +710,98 @@ class ActionExecutor:
                                           f"({traffic.primary}) nor the fallback's")
         return {"before": selector, "after": fallback}
 
-    async def _shift(self, traffic: Traffic, decision: Decision) -> None:
-        """Primary → fallback. The plan (what was there, what we set) is kept in an
-        annotation on the object itself, so restore — by this leader or the next — knows
-        exactly what to put back."""
+    async def _shift(self, target: DegradeTarget, decision: Decision, ready: int) -> None:
+        """Primary → fallback, ``ready`` being the fallback's ready endpoints. The plan (what
+        was there, what we set) is kept in an annotation on the object itself, so restore —
+        by this leader or the next — knows exactly what to put back.
+
+        An HTTPRoute's weights are split between the model's serving groups and the
+        fallback (``_split``); a route shifted already (by us, maybe by a predecessor) is
+        split again for the capacity there is now — the engine decides degrade again when
+        the model's healthy groups change while it is degraded. A Service's selector
+        moves once: its endpoints follow capacity by themselves."""
+        traffic = target.traffic
         obj = await self._traffic(traffic)
         annotations = obj.get("metadata", {}).get("annotations") or {}
-        if TRAFFIC_ANNOTATION in annotations:
-            return  # shifted already (by us, maybe by a predecessor)
-        plan = self._check_shift(obj, traffic)
+        raw = annotations.get(TRAFFIC_ANNOTATION)
+        if raw is not None:
+            if traffic.kind == "HTTPRoute":
+                await self._resplit(target, decision, obj, json.loads(raw), ready)
+            return
         if traffic.kind == "HTTPRoute":
+            serving = await self._serving_groups(target)
+            plan: Any = _route_plan(obj, traffic, serving, ready)
             rules = obj["spec"]["rules"]
             for step in plan:
                 self._set_weights(rules[step["rule"]], traffic, step["after"])
+            note = self._split_note(decision, traffic, plan, serving, ready)
         else:
+            plan = self._check_shift(obj, traffic)
             obj["spec"]["selector"] = plan["after"]
+            note = self._selector_note(decision, target)
         annotations[TRAFFIC_ANNOTATION] = json.dumps(plan)
         obj["metadata"]["annotations"] = annotations
         # The object keeps the resourceVersion we read: a concurrent edit makes this 409.
         await self._write("PUT", traffic.path, body=obj)
         await self._event({"kind": traffic.kind, "apiVersion": obj.get("apiVersion", "v1"),
                            "namespace": traffic.namespace, "name": traffic.name}, decision,
-                          "TrafficShiftedToFallback")
+                          "TrafficShiftedToFallback", note=note)
+
+    async def _resplit(self, target: DegradeTarget, decision: Decision, obj: dict[str, Any],
+                       plan: list[dict[str, Any]], ready: int) -> None:
+        """Split a shifted route's weights again for the capacity there is now — each
+        weight only while it is still what we last set (an edit made since is the
+        editor's). A restore cut short (entries with ``stepped``) is taken back to the
+        split: the model is short of groups again."""
+        traffic = target.traffic
+        serving = await self._serving_groups(target)
+        rules = obj.get("spec", {}).get("rules") or []
+        was = json.dumps(plan)
+        kept: list[str] = []
+        for entry in plan:
+            rule = rules[entry["rule"]] if entry["rule"] < len(rules) else {}
+            now = entry.get("now", entry["after"])
+            entry["after"] = _split(entry["before"], serving, ready)
+            written, left = _step_weights(rule, traffic, now, entry["after"])
+            entry.pop("stepped", None)
+            entry.pop("now", None)
+            if written != entry["after"]:
+                entry["now"] = written  # what we set where a weight was edited since
+            kept += [f"rule {entry['rule']}: {name}" for name in left]
+        if kept:
+            log.warning("degrade left edited traffic settings alone", kind=traffic.kind,
+                        name=f"{traffic.namespace}/{traffic.name}", kept=kept)
+        if json.dumps(plan) == was:
+            return  # split for this capacity already
+        obj["metadata"]["annotations"][TRAFFIC_ANNOTATION] = json.dumps(plan)
+        # The object keeps the resourceVersion we read: a concurrent edit makes this 409.
+        await self._write("PUT", traffic.path, body=obj)
+        await self._event({"kind": traffic.kind, "apiVersion": obj.get("apiVersion", "v1"),
+                           "namespace": traffic.namespace, "name": traffic.name}, decision,
+                          "TrafficRebalanced", warning=False,
+                          note=self._split_note(decision, traffic, plan, serving, ready))
+
+    @staticmethod
+    def _split_note(decision: Decision, traffic: Traffic, plan: list[dict[str, Any]],
+                    serving: int, ready: int) -> str:
+        weights = "; ".join(f"rule {e['rule']}: {traffic.primary} {e['after']['primary']}, "
+                            f"{traffic.fallback} {e['after']['fallback']}" for e in plan)
+        return (f"{decision.reason} Weights by what serves — {serving} group(s) of the model, "
+                f"{ready} ready endpoint(s) of {traffic.fallback}: {weights}.")
+
+    def _selector_note(self, decision: Decision, target: DegradeTarget) -> str:
+        traffic = target.traffic
+        if _shares_pods(traffic):
+            return (f"{decision.reason} Selector now {traffic.fallback}: the model's serving "
+                    f"pods and {target.workload.name}'s, each Ready pod one endpoint.")
+        log.warning("degrade moves all of a Service's traffic to the fallback: its selector "
+                    "cannot pick both models' pods", service=f"{traffic.namespace}/"
+                    f"{traffic.name}", primary=traffic.primary, fallback=traffic.fallback)
+        return (f"{decision.reason} Selector now {traffic.fallback}: all of the Service's "
+                f"traffic goes to {target.workload.name} and none to the model's groups that "
+                "still serve — a selector picks both models only through labels both carry "
+                "(a fallback selector that also selects the primary's pods), or use an "
+                "HTTPRoute.")
 
     async def _unshift(self, traffic: Traffic, decision: Decision, drain: float = 0.0
                        ) -> None:
@@ -668,7 +813,9 @@ class ActionExecutor:
         requests finish; a Service's selector switches at once, and the drain is waited
         out before the caller scales the fallback down. Each step is a write conditional
         on the route as we left it; the annotation records the step reached, so a
-        successor continues from there instead of taking it for someone's edit."""
+        successor continues from there instead of taking it for someone's edit. A weight
+        edited since is left alone at every step while the others step on to the end —
+        stopping them part-way would leave weight on a fallback about to be scaled down."""
         steps = DRAIN_STEPS if traffic.kind == "HTTPRoute" and drain > 0 else 1
         while True:
             obj = await self._traffic(traffic)
@@ -684,10 +831,11 @@ class ActionExecutor:
                 rules = obj.get("spec", {}).get("rules") or []
                 for entry in plan:
                     rule = rules[entry["rule"]] if entry["rule"] < len(rules) else {}
-                    now = entry.get("now", entry["after"])
                     weights = _between(entry["after"], entry["before"], fraction)
-                    kept += self._set_weights(rule, traffic, weights, only_if=now)
-                    entry["now"], entry["stepped"] = weights, done
+                    entry["now"], left = _step_weights(
+                        rule, traffic, entry.get("now", entry["after"]), weights)
+                    entry["stepped"] = done
+                    kept += [f"rule {entry['rule']}: {name}" for name in left]
                 last = fraction >= 1.0
             elif obj.get("spec", {}).get("selector") == plan["after"]:
                 obj["spec"]["selector"] = plan["before"]
@@ -695,10 +843,9 @@ class ActionExecutor:
             else:
                 kept.append("selector")
                 last = True
-            if kept:
+            if kept and last:
                 log.warning("restore left edited traffic settings alone", kind=traffic.kind,
                             name=f"{traffic.namespace}/{traffic.name}", kept=kept)
-                last = True
             if last:
                 annotations.pop(TRAFFIC_ANNOTATION)
             else:
@@ -715,27 +862,30 @@ class ActionExecutor:
                           "TrafficRestoredToPrimary", warning=False)
 
     @staticmethod
-    def _set_weights(rule: dict[str, Any], traffic: Traffic, weights: dict[str, int],
-                     only_if: dict[str, int] | None = None) -> list[str]:
-        """Set the primary's and fallback's weights in one rule; with ``only_if``, only
-        where the weight is still that. Returns the refs left alone."""
-        left = []
+    def _set_weights(rule: dict[str, Any], traffic: Traffic, weights: dict[str, int]
+                     ) -> None:
+        """Set the primary's and fallback's weights in one rule."""
         for ref in rule.get("backendRefs") or []:
             for role, name in (("primary", traffic.primary), ("fallback", traffic.fallback)):
-                if ref.get("name") != name:
-                    continue
-                if only_if is not None and _weight(ref) != only_if[role]:
-                    left.append(name)
-                else:
+                if ref.get("name") == name:
                     ref["weight"] = weights[role]
-        return left
 
     async def _degrade_model(self, decision: Decision) -> None:
         target = self._degrade.get(decision.target)
         if target is None:
             raise KubeTemporaryError(f"no degrade target configured for {decision.target}")
         # Refuse before touching anything if the route cannot carry the fallback.
-        self._check_shift(await self._traffic(target.traffic), target.traffic)
+        current = await self._traffic(target.traffic)
+        self._check_shift(current, target.traffic)
+        if TRAFFIC_ANNOTATION in (current.get("metadata", {}).get("annotations") or {}):
+            # Shifted already (by us, maybe by a predecessor): the scale came before the
+            # shift, so all that is left is to split the traffic again for the capacity
+            # there is now — with the fallback's endpoints as they are: a fallback that
+            # lost them all gives the primary its weight back rather than being waited for.
+            await self._shift(target, decision,
+                              await self._ready_endpoints(target.traffic, "fallback"))
+            self.blocked.pop(decision.target, None)
+            return
         key = f"degrade/{decision.target}"
         if "replicas_before" not in self.intents.get(key, {}):
             # Recorded (and saved) before scaling: a leader that dies after the scale
@@ -763,7 +913,7 @@ class ActionExecutor:
         if ready < wanted:
             log.warning("degrading to a fallback that is only partly ready",
                         model=decision.target, ready=ready, wanted=wanted)
-        await self._shift(target.traffic, decision)
+        await self._shift(target, decision, ready)
         self.blocked.pop(decision.target, None)
 
     async def _restore_model(self, decision: Decision) -> None:
