@@ -51,11 +51,20 @@ Safety, checked for every decision in this order (first reason wins)
       already unhealthy is always allowed — it costs no serving capacity.
     - floor: never take a *healthy* group out if that leaves its model with fewer healthy,
       undisrupted groups than ``min_healthy_groups``.
-    - breaker: counted actions (all but notify, recover, unquarantine) within the window,
+    - breaker: counted actions (all but notify, recover, unquarantine, unsuspect and a
+      degrade that only shares a degraded model's traffic again) within the window,
       those in flight included, may not exceed ``max_actions``. The decision that would
       exceed it opens the breaker instead of acting — counting only confirmations would let
       one evaluation's storm through whole, since a batch is returned before any of it is
       confirmed — and then everything except notify is refused until ``reset_breaker``.
+
+Degrade
+    A model with fewer healthy groups (not disrupted by us) than its ``floor`` is degraded:
+    its traffic is shared with its fallback. While it is degraded, every change in its
+    count of healthy groups — down, or up before ``restore_after`` has passed — is decided
+    as a degrade again, so that the action layer shares the traffic anew (off a group that
+    failed too, back onto one that returned); a model that stays at or above its floor for
+    ``restore_after`` without a dip is restored.
 
 Time is injected: ``clock`` returns monotonic seconds, which all timers run on, and
 ``wall`` wall-clock seconds. Snapshots store every time as wall-clock time — a monotonic
@@ -171,8 +180,12 @@ class _Breaker:
 @dataclass(slots=True)
 class _DegradeState:
     degraded: bool = False
-    changed_at: float | None = None  # last confirmed degrade or restore
+    changed_at: float | None = None  # last confirmed degrade or restore (not a re-split)
     healthy_since: float | None = None  # degraded, and at/above the floor since then
+    # Degraded: the healthy groups the traffic was last split for (None: not known — a
+    # snapshot from before splits — so split again). Deciding: those of the degrade out.
+    split_for: int | None = None
+    deciding: int | None = None
 
 
 class _Pass:
@@ -244,6 +257,9 @@ class PolicyEngine:
         self._cooldowns: dict[tuple[Action, str], float] = {}  # → monotonic end
         self._breaker = _Breaker()
         self._degrade: dict[str, _DegradeState] = {}
+        # Decisions in flight that the breaker does not count: degrades that only share a
+        # degraded model's traffic again (they follow capacity, as a recover does).
+        self._uncounted: set[_Key] = set()
 
     # --- policy ----------------------------------------------------------------------------
 
@@ -543,20 +559,31 @@ class PolicyEngine:
                     action = Action.DEGRADE
                     reason = (f"{model} has {healthy} healthy group(s), below its floor of "
                               f"{entry.floor}: serve {entry.fallback} instead.")
-            elif healthy < entry.floor:
-                state.healthy_since = None  # hysteresis: any dip starts the wait again
             else:
-                if state.healthy_since is None:
+                if healthy < entry.floor:
+                    state.healthy_since = None  # hysteresis: any dip starts the wait again
+                elif state.healthy_since is None:
                     state.healthy_since = ctx.now
-                if ctx.now - state.healthy_since >= entry.restore_after_seconds:
+                if state.healthy_since is not None and \
+                        ctx.now - state.healthy_since >= entry.restore_after_seconds:
                     action = Action.RESTORE
                     reason = (f"{model} has had at least {entry.floor} healthy group(s) for "
                               f"{ctx.now - state.healthy_since:.0f}s: move traffic back from "
                               f"{entry.fallback}.")
-            if action is not None:
-                self._admit(Decision(incident=f"{DEGRADE_RULE}/{model}", rule=DEGRADE_RULE,
-                                     step=-1, action=action, target=model, reason=reason,
-                                     dry_run=self.policy.dry_run), ctx)
+                elif healthy != state.split_for:
+                    # Degraded traffic is shared between the model's serving groups and
+                    # the fallback: degrade again so that the share follows the groups —
+                    # above all, to take it off the last group when that one fails too.
+                    action = Action.DEGRADE
+                    reason = (f"{model} has {healthy} healthy group(s) now, "
+                              f"{'unknown' if state.split_for is None else state.split_for}"
+                              f" when its traffic was last shared with {entry.fallback}: "
+                              "share it again.")
+            if action is not None and self._admit(
+                    Decision(incident=f"{DEGRADE_RULE}/{model}", rule=DEGRADE_RULE, step=-1,
+                             action=action, target=model, reason=reason,
+                             dry_run=self.policy.dry_run), ctx):
+                state.deciding = healthy
 
     # --- safety ----------------------------------------------------------------------------
 
@@ -571,8 +598,10 @@ class PolicyEngine:
         lane = _LANE[decision.action]
         if lane is not None:
             self._busy[(lane, decision.target)] = key
-        if decision.action in _COUNTED:
+        if self._counted(decision):
             self._breaker.in_flight += 1
+        elif decision.action in _COUNTED:
+            self._uncounted.add(key)
         if decision.action in _DISRUPTIVE:
             ctx.disrupt(decision.target)
         ctx.decisions.append(decision)
@@ -613,7 +642,7 @@ class PolicyEngine:
                     return ("floor", f"taking healthy group {target} out would leave "
                                      f"{group.model} with {left} healthy group(s), fewer "
                                      f"than min_healthy_groups {floor}")
-        if action in _COUNTED:
+        if self._counted(decision):
             limit = self.policy.circuit_breaker
             breaker.prune(now - limit.window_seconds)
             count = len(breaker.times) + breaker.in_flight + 1
@@ -623,6 +652,16 @@ class PolicyEngine:
                                   f"exceed max_actions {limit.max_actions}")
                 return ("breaker", breaker.detail)
         return None
+
+    def _counted(self, decision: Decision) -> bool:
+        """Whether the breaker counts ``decision``: every action of ``_COUNTED`` except a
+        degrade of a model degraded already — it only shares the traffic again as the
+        model's groups come and go, each of which the breaker counts where we caused it
+        (a fail-over, a restart). Still refused while the breaker is open."""
+        if decision.action is Action.DEGRADE:
+            state = self._degrade.get(decision.target)
+            return state is None or not state.degraded
+        return decision.action in _COUNTED
 
     @property
     def breaker_open(self) -> bool:
@@ -660,10 +699,12 @@ class PolicyEngine:
         if lane is not None and self._busy.get((lane, target)) == key:
             del self._busy[(lane, target)]
         now = self._clock()
-        if action in _COUNTED:
+        counted = action in _COUNTED and key not in self._uncounted
+        self._uncounted.discard(key)
+        if counted:
             self._breaker.in_flight -= 1
         if ok:
-            self._count(action, target, decision.rule, now)
+            self._count(action, target, decision.rule, now, counted)
         if action in (Action.DEGRADE, Action.RESTORE):
             self._confirm_degrade(decision, ok, now)
             return
@@ -697,13 +738,14 @@ class PolicyEngine:
         self._advance(inc)
         self._forget_if_finished(inc)
 
-    def _count(self, action: Action, target: str, rule_name: str, now: float) -> None:
+    def _count(self, action: Action, target: str, rule_name: str, now: float,
+               counted: bool) -> None:
         if action in _COOLDOWN:
             rule = self._rules.get(rule_name)
             cooldown = (rule.cooldown_seconds if rule is not None
                         and rule.cooldown_seconds is not None else self.policy.cooldown_seconds)
             self._cooldowns[(action, target)] = now + cooldown
-        if action in _COUNTED:
+        if counted:
             breaker, limit = self._breaker, self.policy.circuit_breaker
             breaker.times.append(now)
             breaker.prune(now - limit.window_seconds)
@@ -718,6 +760,12 @@ class PolicyEngine:
         state = self._degrade.get(decision.target)
         if state is None or not ok:
             return
+        if decision.action is Action.DEGRADE:
+            state.split_for = state.deciding
+            if state.degraded:
+                return  # shared again: still degraded since then, the restore wait runs on
+        else:
+            state.split_for = None
         state.degraded = decision.action is Action.DEGRADE
         state.changed_at = now
         state.healthy_since = None
@@ -755,7 +803,8 @@ class PolicyEngine:
                 "action_times": [w(t) for t in breaker.times],
             },
             "degrade": [{"model": model, "degraded": s.degraded,
-                         "changed_at": w(s.changed_at), "healthy_since": w(s.healthy_since)}
+                         "changed_at": w(s.changed_at), "healthy_since": w(s.healthy_since),
+                         "split_for": s.split_for}
                         for model, s in self._degrade.items()],
         }
 
@@ -809,12 +858,16 @@ class PolicyEngine:
             degrade = {
                 str(d["model"]): _DegradeState(
                     degraded=bool(d["degraded"]), changed_at=m(d["changed_at"]),
-                    healthy_since=m(d["healthy_since"]))
+                    healthy_since=m(d["healthy_since"]),
+                    # Absent before splits: unknown, so the traffic is split again.
+                    split_for=(None if d.get("split_for") is None
+                               else int(d["split_for"])))
                 for d in snapshot["degrade"] if self.policy.degrade_for(str(d["model"]))}
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ValueError(f"not a policy engine snapshot: {exc}") from exc
         self._incidents = incidents
         self._in_flight = {}
+        self._uncounted = set()
         self._busy = {}
         self._holders = {}
         for inc in incidents.values():

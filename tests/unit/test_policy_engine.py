@@ -1009,7 +1009,8 @@ class TestDegrade:
                     ("s0", "small", True, ("s",)))
 
     def test_below_floor_degrades_once(self, clock: Clock) -> None:
-        """Fewer healthy primary groups than the floor: one degrade, never repeated."""
+        """Fewer healthy primary groups than the floor: one degrade, not repeated while
+        the count of healthy groups stays what it was."""
         engine = self.engine(clock)
         assert brief(step(engine, [], self.big(2))) == []
         ev = step(engine, [], self.big(1))
@@ -1017,15 +1018,55 @@ class TestDegrade:
         assert ev.decisions[0].incident == "degrade/big"
         assert ev.decisions[0].rule == "degrade"
         for _ in range(3):
-            assert brief(step(engine, [], self.big(0))) == []
+            assert brief(step(engine, [], self.big(1))) == []
 
-    def test_restore_after_healthy_long_enough(self, clock: Clock) -> None:
-        """Back at the floor for restore_after without a dip: restore, once."""
+    def test_a_degraded_model_is_degraded_again_when_its_healthy_groups_change(
+            self, clock: Clock) -> None:
+        """Degraded traffic is shared with the model's healthy groups: when the last one
+        fails too, or one comes back before restore_after, degrade is decided again (once
+        per change) so the share follows; the restore wait is not restarted by it."""
+        engine = self.engine(clock)
+        assert brief(step(engine, [], self.big(1))) == [("degrade", "big", -1)]
+        ev = step(engine, [], self.big(0))
+        assert brief(ev) == [("degrade", "big", -1)]
+        assert "0 healthy group(s) now, 1 when" in ev.decisions[0].reason
+        assert brief(step(engine, [], self.big(0))) == []
+        assert brief(step(engine, [], self.big(2))) == [("degrade", "big", -1)]
+        assert brief(step(engine, [], self.big(2))) == []
+        clock.advance(300)
+        assert brief(step(engine, [], self.big(2))) == [("restore", "big", -1)]
+
+    def test_a_failed_share_again_is_retried_and_the_last_count_kept(
+            self, clock: Clock) -> None:
+        """A degrade again that failed leaves the traffic shared for the old count: it is
+        decided again on the next evaluation."""
         engine = self.engine(clock)
         step(engine, [], self.big(1))
-        assert brief(step(engine, [], self.big(2))) == []
+        assert brief(step(engine, [], self.big(0), ok=False)) == [("degrade", "big", -1)]
+        assert brief(step(engine, [], self.big(0))) == [("degrade", "big", -1)]
+        assert brief(step(engine, [], self.big(0))) == []
+
+    def test_sharing_again_is_not_counted_by_the_breaker_but_held_by_it(
+            self, clock: Clock) -> None:
+        """A degrade of a model degraded already follows the groups as a recover does: the
+        breaker does not count it; an open breaker still refuses it."""
+        engine = self.engine(clock, breaker="{max_actions: 1, window: 1h}")
+        assert brief(step(engine, [], self.big(1))) == [("degrade", "big", -1)]
+        for healthy in (0, 1, 0):
+            assert brief(step(engine, [], self.big(healthy))) == [("degrade", "big", -1)]
+        assert not engine.breaker_open
+        other = View({**self.big(0).groups, "g1": GroupView("g1", "m", True, ("n1",))})
+        assert refused(step(engine, [sig()], other)) == [("fail_over", "g1", "breaker")]
+        assert refused(step(engine, [], self.big(1))) == [("degrade", "big", "breaker")]
+
+    def test_restore_after_healthy_long_enough(self, clock: Clock) -> None:
+        """Back at the floor for restore_after without a dip: restore, once (degrading
+        again as the healthy groups change meanwhile does not delay it)."""
+        engine = self.engine(clock)
+        step(engine, [], self.big(1))
+        assert brief(step(engine, [], self.big(2))) == [("degrade", "big", -1)]
         clock.advance(299)
-        assert brief(step(engine, [], self.big(3))) == []
+        assert brief(step(engine, [], self.big(3))) == [("degrade", "big", -1)]
         clock.advance(1)
         assert brief(step(engine, [], self.big(2))) == [("restore", "big", -1)]
         clock.advance(600)
@@ -1037,7 +1078,7 @@ class TestDegrade:
         step(engine, [], self.big(0))
         step(engine, [], self.big(2))
         clock.advance(200)
-        assert brief(step(engine, [], self.big(1))) == []
+        assert "restore" not in str(brief(step(engine, [], self.big(1))))
         clock.advance(1)
         step(engine, [], self.big(2))
         clock.advance(299)
@@ -1257,6 +1298,23 @@ class TestPersistence:
         fresh_clock.advance(540)
         ev = fresh.evaluate([sig(since=fresh_clock.t)], v)
         assert brief(ev) == [("fail_over", "g1", 0)]  # degraded already: no second degrade
+
+    def test_a_degrade_snapshot_from_before_sharing_shares_the_traffic_once(
+            self, clock: Clock) -> None:
+        """A snapshot whose degrade entry does not say which count the traffic was shared
+        for (written before sharing): the new leader decides degrade once to share it, then
+        keeps the count across the next move."""
+        policy = make_policy(extra=TestDegrade.DEGRADE)
+        engine = PolicyEngine(policy, clock, clock.wall)
+        engine.restore({"version": 2, "incidents": [], "cooldowns": [],
+                        "breaker": {"opened_at": None, "detail": "", "action_times": []},
+                        "degrade": [{"model": "big", "degraded": True,
+                                     "changed_at": WALL0 - 10, "healthy_since": None}]})
+        one = TestDegrade.big(1)
+        assert brief(step(engine, [], one)) == [("degrade", "big", -1)]
+        assert brief(step(engine, [], one)) == []
+        fresh, _ = self.moved(engine, clock, policy)
+        assert brief(fresh.evaluate([], one)) == []
 
     def test_snapshot_is_plain_json_with_wall_clock_times(self, engine: PolicyEngine,
                                                           clock: Clock) -> None:
