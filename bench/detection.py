@@ -18,8 +18,15 @@ Real processes throughout: sidecars (shipped defaults), the stand-in engine, a r
   ``partition_trials`` trials, each kind with a random choice of members.
 - ``false_findings``: findings raised by four sidecars over ``loss_minutes`` with 1 % of
   all heartbeats dropped at random.
+- ``false_findings_cpu_starved``: partition findings raised by four sidecars over
+  ``starved_minutes`` while three of them are starved as production starves a sidecar:
+  member 1 in a cgroup with a CPU limit of 50m, asked for its metrics and status back to
+  back so the kernel throttles it all along; member 2 stopped (SIGSTOP) for 1.5 s every
+  6 s; member 3 sharing each of its cores with two busy-looping processes.
+  ``starved_throttled_s`` (time the kernel held member 1 back) and ``starved_pauses`` (the
+  pauses member 2 noticed in itself) show the starvation was real.
 
-``python -m bench detection`` takes about 20 minutes (``--quick``: about 5).
+``python -m bench detection`` takes about 30 minutes (``--quick``: about 6).
 """
 
 from __future__ import annotations
@@ -30,12 +37,14 @@ import random
 import signal
 import statistics
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from bench.netns import Hosts
+from bench.starve import cpu_hog, cpu_quota, stop_for, throttled_seconds
 from simulator.processes import (
     CompletionLoad,
     EngineProcess,
@@ -257,6 +266,50 @@ def noise(workdir: Path, minutes: float) -> int:
         hosts.down()
 
 
+def starved(workdir: Path, minutes: float) -> dict[str, float]:
+    hosts = Hosts(4).up()
+    group = Group(workdir / "starved", hosts)
+    try:
+        group.start()
+        cars = group.cars
+        end = time.monotonic() + minutes * 60
+        pids = [car.proc.pid for car in cars if car.proc is not None]
+        stop = threading.Event()
+
+        def stopper() -> None:
+            while not stop.wait(4.5):
+                stop_for(pids[2], 1.5)
+
+        def scraper() -> None:
+            while not stop.is_set():
+                with contextlib.suppress(OSError, AssertionError):
+                    cars[1].metrics()
+                    cars[1].status()
+
+        with cpu_quota(pids[1], 50) as cgroup, \
+                cpu_hog(pids[3], seconds=minutes * 60 + 30):
+            threads = [threading.Thread(target=t, daemon=True) for t in (stopper, scraper)]
+            for t in threads:
+                t.start()
+            time.sleep(max(0.0, end - time.monotonic()))
+            stop.set()
+            for t in threads:
+                t.join()
+            throttled = throttled_seconds(cgroup)
+        raised = 0.0
+        for car in cars:
+            raised += sum(metric_value(car.get("/metrics")[1],
+                                       "gpusupervisor_findings_raised_total",
+                                       fault_class="partition", severity=level) or 0.0
+                          for level in ("warning", "critical"))
+        pauses = cars[2].status()["group"]["local_health"]["pauses"]
+        return {"false_findings_cpu_starved": int(raised),
+                "starved_throttled_s": round(throttled, 1), "starved_pauses": pauses}
+    finally:
+        group.stop()
+        hosts.down()
+
+
 def run(quick: bool = False) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="bench-detection-") as tmp:
         work = Path(tmp)
@@ -265,7 +318,10 @@ def run(quick: bool = False) -> dict[str, Any]:
         samples, wrong, trials = partitions(work, 2 if quick else 10)
         minutes = 1.0 if quick else 10.0
         false = noise(work, minutes)
+        starvation = starved(work, minutes)
     return {
+        **starvation,
+        "starved_minutes": minutes,
         "engine_hang_detect_s_p99": max(p99(standin), p99(vllm)),
         "engine_hang_detect_s_p99_standin": p99(standin),
         "engine_hang_detect_s_p99_vllm": p99(vllm),

@@ -67,6 +67,10 @@ def decode(data: bytes, group: str) -> dict[str, Any]:
                 isinstance(r, list) and len(r) == 3 and all(isinstance(x, int) for x in r)
                 for r in rows):
             raise BadMessage("malformed rows")
+        if not all(isinstance(message.get(k, 0), int) and message.get(k, 0) >= 0
+                   for k in ("lh", "pn")) or \
+                not isinstance(message.get("pz", 0), (int, float)):
+            raise BadMessage("malformed health announcement")
     elif not isinstance(message.get("n"), int):
         raise BadMessage("probe without nonce")
     return message

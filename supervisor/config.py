@@ -290,10 +290,18 @@ class SidecarSettings:
         "pods of a group start minutes apart while images pull; a finding would restart a "
         "group still forming)", "s", gt=0)
     confirm_seconds: float = setting(
-        0.75, "a suspicion must last this long (while indirect probes run) before it is "
-        "a finding: single lost heartbeats never are", "s", ge=0)
+        1.25, "a suspicion must last this long (while indirect probes run) before it is "
+        "a finding: single lost heartbeats never are, nor a sidecar stopped for 1.5 s (a "
+        "long GC, a throttled container): ~2 s of silence in all with phi", "s", ge=0)
     indirect_probes: int = setting(
         3, "members asked to probe a suspected peer for us (SWIM ping-req)", "", ge=0)
+    local_health_max: int = setting(
+        4, "highest local health score: a member that woke late (starved, throttled, "
+        "stopped) this many times lately waits 1 + this many times confirm_seconds before "
+        "judging peers, and so do the others before judging it", "", ge=0)
+    local_health_decay_seconds: float = setting(
+        10.0, "the local health score drops by one after this long without a pause", "s",
+        gt=0)
     resolve_seconds: float = setting(
         5.0, "re-resolve the peers' DNS names this often (pods restart with new IPs)", "s",
         gt=0)

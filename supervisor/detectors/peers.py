@@ -32,8 +32,30 @@ keeps the pod not ready (the group has not formed) and becomes a finding only if
 joined ``join_seconds`` after the start.
 
 A classification waits until the rows it relies on are newer than the suspicion, so a
-both-ways cut is never called one-way on the strength of a row from before the cut. Time is
-passed in (monotonic seconds): the detector is tested without sleeping or sockets.
+both-ways cut is never called one-way on the strength of a row from before the cut.
+
+A member judges others only for the time it could have heard them (after memberlist's
+Lifeguard). Silence is evidence about a peer only if *this* process was running to hear
+it: a sidecar starved of CPU (a CPU limit's throttling, a noisy neighbour, a long GC) or
+stopped wakes to find every peer silent and the peers' datagrams still queued in its
+socket. So the judging loop reports how late it woke (``awake``); a wake more than half a
+heartbeat late is a *pause* of this member:
+
+- the paused span is not counted as anybody's silence (each peer's last heartbeat moves
+  forward by it) and running suspicions start again;
+- this member's *local health* score goes up by one (at most ``local_health_max``) and
+  back down by one for every ``local_health_decay_seconds`` without a pause; its own
+  confirmations take ``1 + score`` times as long, so a member that keeps being late judges
+  slower;
+- it says so in its next heartbeats (the score, how many pauses, how long the last was):
+  a peer that was starved is not cut, and the others give a member whose announced score
+  is up the same longer confirmation — its next stall is more likely a stall too.
+
+And a suspicion that nobody else shares is weaker than one everybody shares: a peer no
+member hears is called unreachable after ``confirm_seconds`` only when every other
+member's fresh row agrees; with fewer independent confirmations it waits longer, up to
+three times as long with none (Lifeguard's dynamic suspicion timeout). Time is passed in
+(monotonic seconds): the detector is tested without sleeping or sockets.
 """
 
 from __future__ import annotations
@@ -53,7 +75,7 @@ class PhiAccrual:
     """Phi of one peer's silence, from the intervals between its heartbeats (the last
     ``window`` of them; sums kept as they go, so phi costs the same at any window)."""
 
-    __slots__ = ("_gap", "_intervals", "_min_std", "_pause", "_sq", "_sum", "last")
+    __slots__ = ("_gap", "_intervals", "_min_std", "_pause", "_skip", "_sq", "_sum", "last")
 
     def __init__(self, first_interval: float, min_std: float, pause: float,
                  window: int = 100) -> None:
@@ -68,6 +90,7 @@ class PhiAccrual:
         self._min_std = min_std
         self._pause = pause
         self.last: float | None = None
+        self._skip = False
         for _ in range(2):
             self._add(first_interval)
 
@@ -81,9 +104,17 @@ class PhiAccrual:
         self._sq += interval * interval
 
     def heartbeat(self, now: float) -> None:
-        if self.last is not None and now - self.last <= self._gap:
+        if self.last is not None and now - self.last <= self._gap and not self._skip:
             self._add(now - self.last)
+        self._skip = False
         self.last = now
+
+    def discount(self, seconds: float, until: float) -> None:
+        """We were not running for ``seconds`` ending at ``until``: that silence is not
+        the peer's. The next interval is not a sample of its rhythm either."""
+        if self.last is not None:
+            self.last = min(until, self.last + seconds)
+            self._skip = True
 
     def phi(self, now: float) -> float:
         if self.last is None:
@@ -104,6 +135,8 @@ class _Peer:
     probed_at: float | None = None
     refused_at: float | None = None
     acked_at: float | None = None
+    health: int = 0  # its own local health score, as its last heartbeat announced it
+    pauses: int = 0  # pauses it announced so far
 
 
 @dataclass
@@ -139,6 +172,13 @@ class PeerDetector:
         self.seq = 0
         self._active: set[FindingKey] = set()
         self.row_window = 3 * settings.heartbeat_seconds + settings.acceptable_pause_seconds
+        # This member's own health (see the module docstring).
+        self.local_health = 0
+        self.pauses = 0
+        self.paused_seconds = 0.0
+        self.last_pause = 0.0
+        self._awake_at: float | None = None
+        self._health_changed = started
 
     # --- what arrives ----------------------------------------------------------------------
 
@@ -156,6 +196,37 @@ class PeerDetector:
         known = self.rows.get(rank)
         if known is None or seq > known.seq:
             self.rows[rank] = _Row(seq, mask, now)
+
+    def announced(self, rank: int, health: int, pauses: int) -> None:
+        """A peer's heartbeat told us its own health: how starved it has been lately."""
+        peer = self.peers.get(rank)
+        if peer is not None:
+            peer.health = max(0, min(health, self.settings.local_health_max))
+            peer.pauses = pauses
+
+    def awake(self, now: float, interval: float) -> float:
+        """The judging loop woke at ``now``, meaning to wake ``interval`` after its last
+        wake. Returns how long this member was paused (0: it woke on time)."""
+        last, self._awake_at = self._awake_at, now
+        s = self.settings
+        if now - self._health_changed >= s.local_health_decay_seconds:
+            self.local_health = max(0, self.local_health - 1)
+            self._health_changed = now
+        if last is None:
+            return 0.0
+        late = now - last - interval
+        if late <= s.heartbeat_seconds / 2:
+            return 0.0
+        self.pauses += 1
+        self.paused_seconds += late
+        self.last_pause = late
+        self.local_health = min(s.local_health_max, self.local_health + 1)
+        self._health_changed = now
+        for peer in self.peers.values():
+            peer.phi.discount(late, now)
+            peer.suspect_since = None
+            peer.probed_at = None
+        return late
 
     def forget_rows_of(self, rank: int) -> None:
         """A member restarted (new boot): its sequence started again."""
@@ -183,6 +254,10 @@ class PeerDetector:
             if self.hears(peer, now):
                 mask |= 1 << peer.rank
         return mask
+
+    def health_announcement(self) -> dict[str, float | int]:
+        """What our heartbeats say about this member's own health."""
+        return {"lh": self.local_health, "pn": self.pauses, "pz": round(self.last_pause, 3)}
 
     def next_heartbeat(self, now: float) -> tuple[int, int, list[list[int]]]:
         """(seq, my row, the rows of others to gossip as [rank, seq, mask])."""
@@ -225,6 +300,28 @@ class PeerDetector:
     def phi(self, rank: int, now: float) -> float:
         return self.peers[rank].phi.phi(now)
 
+    def confirm_seconds(self, peer: _Peer, all_suspected: bool = False) -> float:
+        """How long a suspicion of ``peer`` must last to be a finding: the configured
+        time, times ``1 +`` the worse of our and its announced health score, times up to
+        three while other members do not (yet) confirm that they do not hear it either."""
+        base = self.settings.confirm_seconds * (1 + max(self.local_health, peer.health))
+        others = [r for r in range(self.size) if r not in (self.rank, peer.rank)]
+        # Suspecting everyone, we hear no rows to confirm with: that is isolation, about
+        # ourselves, and waits for no one.
+        if not others or all_suspected or peer.suspect_since is None:
+            return base
+        since = peer.suspect_since
+        # Heard by someone is not a confirmation of silence; it is a link cut, classified
+        # from the rows themselves.
+        confirming = sum(1 for r in others
+                         if (row := self._fresh_row(r, since)) is not None
+                         and not row.mask >> peer.rank & 1)
+        if any((row := self._fresh_row(r, since)) is not None and row.mask >> peer.rank & 1
+               for r in others):
+            return base
+        share = math.log(confirming + 1) / math.log(len(others) + 1)
+        return base * (1 + 2 * (1 - share))
+
     def _fresh_row(self, rank: int, since: float) -> _Row | None:
         row = self.rows.get(rank)
         return row if row is not None and row.learned >= since else None
@@ -266,9 +363,9 @@ class PeerDetector:
     def evaluate(self, now: float) -> list[Verdict]:
         """Partition findings of this member now; clears for those that ended."""
         suspected = [p for p in self.peers.values() if self._suspected(p, now)]
-        confirmed = [p for p in suspected if p.suspect_since is not None
-                     and now - p.suspect_since >= self.settings.confirm_seconds]
         all_suspected = len(suspected) == len(self.peers)
+        confirmed = [p for p in suspected if p.suspect_since is not None
+                     and now - p.suspect_since >= self.confirm_seconds(p, all_suspected)]
         verdicts: dict[FindingKey, Verdict] = {}
         pending = False
         for peer in confirmed:

@@ -38,6 +38,7 @@ class Membership:
         self.fanout = fanout
         self._rng = rng or random.Random()
         self._boots: dict[int, str] = {}
+        self._pauses: dict[int, int] = {}  # pauses each peer announced so far
         self._relays: dict[int, _Relay] = {}  # nonce → a probe we run for someone (helper)
         self._mine: dict[int, tuple[int, float]] = {}  # nonce → (target, sent) we asked for
         self.counts: Counter[str] = Counter()
@@ -50,7 +51,7 @@ class Membership:
     def heartbeat(self, now: float) -> Outgoing:
         seq, mask, rows = self.detector.next_heartbeat(now)
         data = encode({"t": "hb", "g": self.group, "r": self.rank, "b": self.boot, "s": seq,
-                       "h": mask, "rows": rows})
+                       "h": mask, "rows": rows, **self.detector.health_announcement()})
         self.counts["hb_sent"] += len(self.peers)
         return [(peer, data) for peer in self.peers]
 
@@ -93,6 +94,11 @@ class Membership:
                 self.detector.forget_rows_of(sender)  # it restarted: sequences began again
             self._boots[sender] = msg["b"]
             self.detector.heard(sender, now)
+            # A sender that does not announce its health (an older version) is healthy.
+            self.detector.announced(sender, msg.get("lh", 0), msg.get("pn", 0))
+            if msg.get("pn", 0) > self._pauses.get(sender, 0):
+                self.counts["peer_pauses_announced"] += 1
+            self._pauses[sender] = msg.get("pn", 0)
             self.detector.learn_row(sender, msg["s"], msg["h"], now)
             for rank, seq, mask in msg.get("rows", []):
                 self.detector.learn_row(rank, seq, mask, now)

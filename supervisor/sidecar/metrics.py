@@ -67,6 +67,16 @@ class SidecarCollector:
             for rank in sorted(s.peers.peers):
                 phi.add_metric([ident.group, str(rank)], s.peers.phi(rank, now))
             yield phi
+            yield GaugeMetricFamily(
+                f"{P}sidecar_local_health", "This sidecar's local health score: late wakes "
+                "lately (0 = on time; each point slows its judging of peers)",
+                value=s.peers.local_health)
+            yield CounterMetricFamily(
+                f"{P}sidecar_pauses", "Times this sidecar woke late enough to have missed "
+                "heartbeats (CPU starvation, throttling, a stop)", value=s.peers.pauses)
+            yield CounterMetricFamily(
+                f"{P}sidecar_paused_seconds", "Time this sidecar was not running when it "
+                "meant to (not counted as any peer's silence)", value=s.peers.paused_seconds)
             messages = CounterMetricFamily(f"{P}peer_messages", "Group protocol datagrams, "
                                            "by kind", labels=["kind"])
             for kind, n in sorted(s.membership.counts.items()):

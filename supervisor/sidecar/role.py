@@ -254,6 +254,13 @@ class Sidecar:
             await asyncio.sleep(interval)
             self._tick("peer-judge")
             now = self.clock.monotonic()
+            # Woken late, we were not running to hear anyone (starved, throttled, stopped):
+            # that span is nobody's silence, and our next heartbeats say we were paused.
+            paused = self.peers.awake(now, interval)
+            if paused:
+                log.warning("this sidecar was paused", seconds=round(paused, 3),
+                            local_health=self.peers.local_health,
+                            pauses=self.peers.pauses)
             for rank, data in self.membership.probe_requests(now):
                 self.sockets.send(rank, data)
             self.book.apply(self.peers.evaluate(now), self.clock.wall())
@@ -332,6 +339,12 @@ class Sidecar:
                                    round(self.peers.phi(r, now), 2)}
                                   for r, (h, p) in enumerate(ident.peers)],
                       "reachability": self.peers.matrix(now),
+                      "local_health": {"score": self.peers.local_health,
+                                       "pauses": self.peers.pauses,
+                                       "paused_seconds": round(self.peers.paused_seconds, 3),
+                                       "last_pause_seconds": round(self.peers.last_pause, 3),
+                                       "peers": {str(r): p.health for r, p in
+                                                 sorted(self.peers.peers.items())}},
                       "joining": self.peers.joining(now),
                       "messages": dict(self.membership.counts)},
             "engine": None if self.engine is None else {

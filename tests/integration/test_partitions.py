@@ -56,7 +56,7 @@ def partition(car: SidecarProcess) -> dict[str, tuple[str, str]]:
 
 
 def settle(cars: list[SidecarProcess], seconds: float = 4.0) -> None:
-    """Wait out detection (≈1.5 s) and classification with room to spare."""
+    """Wait out detection (≈2 s) and classification with room to spare."""
     time.sleep(seconds)
     for car in cars:
         assert car.proc is not None and car.proc.poll() is None, car.log()[-2000:]

@@ -9,6 +9,7 @@ import random
 
 import pytest
 
+from probes.peers import BadMessage, decode, encode
 from supervisor.config import SidecarSettings
 from supervisor.detectors.peers import PeerDetector, PhiAccrual
 from supervisor.findings import Finding, FindingBook, Subject
@@ -26,6 +27,10 @@ class Net:
         self.blocked: set[tuple[int, int]] = set()  # (from, to) dropped
         self.dead: set[int] = set()
         self.dead_host: set[int] = set()  # no ICMP either
+        # Stopped (starved, throttled, SIGSTOPped) until then: its datagrams wait in its
+        # socket, as the kernel keeps them for a process that is not running.
+        self.paused_until: dict[int, float] = {}
+        self.queued: dict[int, list[bytes]] = {}
         self.members = [
             Membership("g/0", r, f"boot-{r}", PeerDetector(
                 "g/0", r, n, self.settings, lambda rank: Subject("pod", f"pod-{rank}"),
@@ -47,6 +52,12 @@ class Net:
             return
         if (src, dst) in self.blocked or self.rng.random() < self.loss:
             return
+        if self.t < self.paused_until.get(dst, 0.0):
+            self.queued.setdefault(dst, []).append(data)
+            return
+        self._deliver(dst, data)
+
+    def _deliver(self, dst: int, data: bytes) -> None:
         for reply_to, reply in self.members[dst].receive(data, self.t):
             self.send(dst, reply_to, reply)
 
@@ -59,14 +70,19 @@ class Net:
             if judge:
                 next_judge += judge_every
             for r, member in enumerate(self.members):
-                if r in self.dead:
+                if r in self.dead or self.t < self.paused_until.get(r, 0.0):
                     continue
+                for data in self.queued.pop(r, []):
+                    self._deliver(r, data)
                 if self.t >= self._next_hb[r]:
-                    self._next_hb[r] += self.settings.heartbeat_seconds
+                    # A late loop sends one heartbeat, not the ones it missed.
+                    self._next_hb[r] = max(self._next_hb[r] + self.settings.heartbeat_seconds,
+                                           self.t)
                     for dst, data in member.heartbeat(self.t):
                         self.send(r, dst, data)
                 if not judge:
                     continue
+                member.detector.awake(self.t, judge_every)
                 for dst, data in member.probe_requests(self.t):
                     self.send(r, dst, data)
                 self.books[r].apply(member.detector.evaluate(self.t), self.t)
@@ -153,6 +169,78 @@ class TestClassification:
         assert net.findings(0) == {"pod-1": ("PeerUnreachable", "peer_unreachable")}
 
 
+class TestStarvation:
+    """A member that is not running (CPU starved, throttled by its limit, stopped) cannot
+    hear or be heard: that is not a partition, and nobody may judge it one."""
+
+    def test_a_member_stopped_for_a_second_and_a_half_is_no_finding_anywhere(
+            self, net: Net) -> None:
+        """Member 2 stopped for 1.5 s, twenty times, 5 s apart: no finding on any member;
+        each time, its next heartbeat says it was paused."""
+        for _ in range(20):
+            net.paused_until[2] = net.t + 1.5
+            net.run(5)
+        assert not net.first_seen
+        assert net.members[2].detector.pauses == 20
+        assert net.members[0].detector.peers[2].pauses == 20
+
+    def test_a_member_that_woke_late_does_not_judge_its_peers_for_it(
+            self, net: Net) -> None:
+        """Member 0 stopped for 3 s while nobody else is: on waking it counts none of the
+        3 s as its peers' silence (no suspicion, no finding of its own — the others, who
+        did not hear it for 3 s, are another matter), and its local health drops (its
+        score goes up), then recovers once it runs on time."""
+        net.paused_until[0] = net.t + 3.0
+        net.run(3.05)
+        detector = net.members[0].detector
+        assert detector.pauses == 1 and detector.local_health == 1
+        assert all(detector.phi(r, net.t) < 1 for r in (1, 2, 3))
+        net.run(2)
+        assert not [key for key in net.first_seen if key[0] == 0]
+        net.run(net.settings.local_health_decay_seconds + 1)
+        assert detector.local_health == 0
+
+    def test_a_member_that_keeps_stalling_gets_more_time_from_the_others(
+            self, net: Net) -> None:
+        """Member 1 stalls often (a container at its CPU limit): its announced health
+        score climbs, and a 4 s stall — past what a healthy member is given — is still no
+        finding. A member that is really gone is still found, only later."""
+        for _ in range(4):
+            net.paused_until[1] = net.t + 1.0
+            net.run(1.5)
+        assert net.members[1].detector.local_health == 4
+        assert net.members[0].detector.peers[1].health == 4
+        net.paused_until[1] = net.t + 4.0
+        net.run(6)
+        assert not net.first_seen
+        gone = net.t
+        net.dead |= {1}
+        net.dead_host |= {1}
+        net.run(15)
+        assert net.findings(0) == {"pod-1": ("PeerUnreachable", "peer_unreachable")}
+        assert net.first_seen[(0, "g/0/member/pod-1")] - gone > 3.0
+
+    def test_a_suspicion_nobody_else_shares_waits_for_confirmation(self) -> None:
+        """Member 3 silent to everyone: the others confirm one another and report it as
+        soon as a healthy member would. Before anyone's row confirms, the wait is up to
+        three times the configured one."""
+        net = Net(4)
+        net.run(3)
+        detector = net.members[0].detector
+        net.dead |= {3}
+        net.dead_host |= {3}
+        net.run(0.85)  # phi past the threshold; the others' rows still hear 3
+        peer = detector.peers[3]
+        assert detector._suspected(peer, net.t)
+        base = net.settings.confirm_seconds
+        assert detector.confirm_seconds(peer) == base  # someone still hears it
+        detector.rows.clear()  # no row from anyone since the suspicion began
+        assert detector.confirm_seconds(peer) == pytest.approx(3 * base)
+        net.run(2)
+        assert detector.confirm_seconds(peer) == pytest.approx(base)  # all confirm
+        assert net.findings(0) == {"pod-3": ("PeerUnreachable", "peer_unreachable")}
+
+
 class TestGroupForming:
     def test_a_member_starting_late_is_joining_not_a_partition(self) -> None:
         """Member 3's pod starts a minute after the others (its host answers 'port
@@ -206,3 +294,32 @@ class TestPhi:
         last = 19 * 0.25
         assert phi.phi(last + 0.1) < 1
         assert phi.phi(last + 0.5) < 8 <= phi.phi(last + 0.8)
+
+
+class TestHealthOnTheWire:
+    def test_a_heartbeat_carries_the_senders_health_and_the_receiver_keeps_it(
+            self, net: Net) -> None:
+        """After a pause, member 1's heartbeats say so (score, pauses, last pause) and
+        member 0 keeps its score; a heartbeat from a version without the fields is a
+        healthy sender's."""
+        net.paused_until[1] = net.t + 1.0
+        net.run(1.5)
+        (_, data), *_ = net.members[1].heartbeat(net.t)
+        message = decode(data, "g/0")
+        assert message["lh"] == 1 and message["pn"] == 1 and message["pz"] >= 0.9
+        assert net.members[0].detector.peers[1].health == 1
+        old = encode({"t": "hb", "g": "g/0", "r": 1, "b": "boot-1", "s": 10**6, "h": 15})
+        net.members[0].receive(old, net.t)
+        assert net.members[0].detector.peers[1].health == 0
+
+    @pytest.mark.parametrize("field", [{"lh": -1}, {"lh": "3"}, {"pn": 1.5}, {"pz": "x"}])
+    def test_a_malformed_health_announcement_is_dropped_and_counted(
+            self, net: Net, field: dict[str, object]) -> None:
+        member = net.members[0]
+        bad = encode({"t": "hb", "g": "g/0", "r": 1, "b": "boot-1", "s": 10**6, "h": 15,
+                      **field})
+        with pytest.raises(BadMessage, match="health announcement"):
+            decode(bad, "g/0")
+        before = member.counts["bad"]
+        member.receive(bad, net.t)
+        assert member.counts["bad"] == before + 1
