@@ -46,9 +46,19 @@ from simulator.scenario import (
     Scenario,
     seconds,
 )
-from simulator.timeline import STEPS, ClusterView, FaultRecord, update
+from simulator.timeline import (
+    STEPS,
+    Action,
+    ClusterView,
+    FaultRecord,
+    Snapshot,
+    changes,
+    explaining,
+    update,
+)
 from simulator.traffic import Traffic
 from simulator.world import (
+    GROUP_LABEL,
     SERVING,
     SYSTEM,
     SYSTEM_NODE,
@@ -137,6 +147,7 @@ class Outcome:
     requests: dict[str, int] = field(default_factory=dict)
     endpoints: list[tuple[str, str]] = field(default_factory=list)
     setup_seconds: float = 0.0
+    actions: list[Action] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
@@ -146,7 +157,8 @@ class Outcome:
         return {"scenario": self.scenario.name, "source": self.scenario.source,
                 "passed": self.passed, "failures": self.failures,
                 "setup_seconds": round(self.setup_seconds, 1),
-                "faults": [r.as_json() for r in self.records], "requests": self.requests,
+                "faults": [r.as_json() for r in self.records],
+                "actions": [a.as_json() for a in self.actions], "requests": self.requests,
                 "endpoints": dict(self.endpoints)}
 
 
@@ -233,6 +245,9 @@ class Simulation:
         self.view = ClusterView()
         self.changed = asyncio.Event()
         self.records: list[FaultRecord] = []
+        self.actions: list[Action] = []  # every action seen since the groups first served
+        self._seen: Snapshot | None = None
+        self._restarting: set[str] = set()
         self.cluster: KubeTestCluster | None = None
         self.kube: KubeClient | None = None
         self.runtime: Runtime | None = None
@@ -370,7 +385,7 @@ class Simulation:
     # --- the run --------------------------------------------------------------------------
 
     async def run(self) -> Outcome:
-        outcome = Outcome(self.scenario, self.records)
+        outcome = Outcome(self.scenario, self.records, actions=self.actions)
         async with self.started(outcome):
             await self._play()
         outcome.failures = self.judge()
@@ -438,6 +453,7 @@ class Simulation:
             for record in self.records:
                 for step in update(record, self.view):
                     self.printer.step(record, step)
+            self._observe_actions()
             if time.monotonic() >= detect_poll:
                 await self._detect()
                 detect_poll = time.monotonic() + 0.2
@@ -448,6 +464,20 @@ class Simulation:
             self.changed.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.changed.wait(), 0.1)
+
+    def _observe_actions(self) -> None:
+        """Every action since the last look (the first look is the baseline), each with
+        the faults that explain it, printed."""
+        now = Snapshot.of(self.view, self.groups)
+        if self._seen is not None:
+            wall = time.time()
+            for kind, subject in changes(self._seen, now, self._restarting):
+                action = Action(wall, kind, subject,
+                                tuple(explaining(kind, subject, wall, self.records)),
+                                self.scenario.allows(kind, subject))
+                self.actions.append(action)
+                self.printer.line(f"{'action':<{self.printer.names}} {action.describe()}")
+        self._seen = now
 
     async def _wait_serving(self) -> None:
         assert self.cluster is not None
@@ -789,9 +819,17 @@ class Simulation:
                     continue  # no application running there right now: nothing to fault
                 rep.due = now + rep.every
                 rep.record.nodes.add(node)
+                rep.record.groups_hit |= self._groups_on(node)
                 await asyncio.to_thread(runtime.agents[node].control.inject_xid, rep.gpu,
                                         rep.code)
             await asyncio.sleep(0.2)
+
+    def _groups_on(self, node: str) -> set[str]:
+        """The groups with a pod on ``node`` now (what its GPU's XIDs reach)."""
+        return {str(p["metadata"].get("labels", {}).get(GROUP_LABEL))
+                for p in self.view.pods.values() if p["spec"].get("nodeName") == node
+                and not p["metadata"].get("deletionTimestamp")
+                and p["metadata"].get("labels", {}).get(GROUP_LABEL)}
 
     def _xid_node(self, rep: Repeating) -> str | None:
         """Where a repeating fault's XID happens now: the node its pod runs on (following
@@ -883,6 +921,15 @@ class Simulation:
                                 "could not be checked")
                 continue
             failures += _check(e, record, self.records)
+        start = min((r.times["injected"] for r in self.records if "injected" in r.times),
+                    default=None)
+        for action in self.actions:
+            if action.unexplained:
+                when = "" if start is None else f" at {action.at - start:+.1f} s from the " \
+                                                 "first fault"
+                failures.append(f"{action.kind.replace('_', ' ')} of {action.subject}{when}: "
+                                "no fault explains it (list it under allow: if the scenario "
+                                "expects it)")
         return failures
 
     async def teardown(self) -> None:

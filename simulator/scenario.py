@@ -42,7 +42,16 @@ naming the field, exit 2)::
         never: [restarted]     # steps that must not happen to this fault's group (also
                                # breaker: the circuit breaker opening, anywhere)
         no_action: false       # true: nothing may happen (a transient that must be ignored)
+    allow:                     # actions no fault explains that may happen all the same
+      - {action: restart, group: llama-70b-1}   # traffic_off/restart: group (<model>-<index>)
+      - {action: quarantine}                    # quarantine: node (gpu-N); degrade: model;
+                                                # no subject: any
     duration: 180s             # the run stops here at the latest
+
+Nothing else may happen: every action seen on the API server — a group out of traffic or
+restarted, a node quarantined, a model degraded — must be explained by a fault (in that
+group, on that node, in a group of that model, injected before it) or allowed by
+``allow:``; any other fails the run.
 """
 
 from __future__ import annotations
@@ -221,6 +230,23 @@ class Expectation:
         return [(step, self.within[step]) for step in TIMED_STEPS if step in self.within]
 
 
+# What an ``allow:`` entry may name, per action: the kind of thing it is done to.
+ALLOWABLE = {"traffic_off": "group", "restart": "group", "quarantine": "node",
+             "degrade": "model"}
+
+
+@dataclass(frozen=True, slots=True)
+class Allow:
+    """An action the scenario expects although no fault explains it: ``subject`` a group
+    (``llama-70b-0``), node (``gpu-3``) or model, or empty for any."""
+
+    action: str
+    subject: str = ""
+
+    def covers(self, kind: str, subject: str) -> bool:
+        return kind == self.action and self.subject in ("", subject)
+
+
 @dataclass(frozen=True, slots=True)
 class Scenario:
     name: str
@@ -236,6 +262,15 @@ class Scenario:
     fallbacks: tuple[Fallback, ...] = ()
     settings: dict[str, dict[str, Any]] = field(default_factory=dict)  # agent/sidecar → mapping
     source: str = ""
+    allow: tuple[Allow, ...] = ()
+
+    @property
+    def group_names(self) -> list[str]:
+        """Every group's name as the simulator prints it: ``<model>-<index>``."""
+        return [f"{m.name}-{i}" for m in self.models for i in range(m.replicas)]
+
+    def allows(self, kind: str, subject: str) -> bool:
+        return any(a.covers(kind, subject) for a in self.allow)
 
     @property
     def collective(self) -> bool:
@@ -275,7 +310,7 @@ def parse(data: Any, source: str = "<scenario>") -> Scenario:
     """A validated scenario from its parsed YAML."""
     doc = _mapping(data, "<root>")
     _unknown(doc, {"name", "description", "cluster", "models", "fallbacks", "topology",
-                   "policy", "settings", "faults", "expect", "duration"}, "")
+                   "policy", "settings", "faults", "expect", "duration", "allow"}, "")
     cluster = _mapping(doc.get("cluster", {}), "cluster")
     _unknown(cluster, {"nodes", "gpus_per_node"}, "cluster")
     nodes = _int(cluster, "nodes", "cluster", 4)
@@ -367,13 +402,43 @@ def parse(data: Any, source: str = "<scenario>") -> Scenario:
             settings.get("sidecar", {}).get("collective", {}).get("enabled"):
         raise ConfigError("settings.sidecar.collective.enabled",
                           "must be true: a collective_* fault needs the all-reduce checks")
+    allow = _allow(doc.get("allow", []), models, nodes)
     return Scenario(
         name=str(doc.get("name", Path(source).stem)),
         description=str(doc.get("description", "")).strip(), nodes=nodes, gpus_per_node=gpus,
         models=tuple(models), faults=tuple(sorted(faults, key=lambda f: f.at)),
         expect=tuple(expects), duration=seconds(doc.get("duration", "180s"), "duration"),
         policy=policy, topology=topology, fallbacks=tuple(fallbacks), settings=settings,
-        source=source)
+        source=source, allow=allow)
+
+
+def _allow(value: Any, models: list[Model], nodes: int) -> tuple[Allow, ...]:
+    """``allow: [{action: restart, group: llama-70b-1}, {action: quarantine}]``: actions no
+    fault explains that the run may see (an entry without a subject allows any)."""
+    if not isinstance(value, list):
+        raise ConfigError("allow", "must be a list of {action: ..., group|node|model: ...}")
+    subjects = {"group": [f"{m.name}-{i}" for m in models for i in range(m.replicas)],
+                "node": [f"gpu-{i}" for i in range(nodes)], "model": [m.name for m in models]}
+    out: list[Allow] = []
+    for i, raw in enumerate(value):
+        where = f"allow[{i}]"
+        entry = _mapping(raw, where)
+        _unknown(entry, {"action", *subjects}, where)
+        action = entry.get("action")
+        if action not in ALLOWABLE:
+            raise ConfigError(f"{where}.action", f"must be one of {', '.join(ALLOWABLE)}, "
+                              f"got {action!r}")
+        key = ALLOWABLE[action]
+        for other in subjects:
+            if other != key and other in entry:
+                raise ConfigError(f"{where}.{other}", f"{action} is done to a {key}, not a "
+                                  f"{other}")
+        subject = entry.get(key, "")
+        if key in entry and subject not in subjects[key]:
+            raise ConfigError(f"{where}.{key}", f"must be one of "
+                              f"{', '.join(subjects[key])}, got {subject!r}")
+        out.append(Allow(str(action), str(subject)))
+    return tuple(out)
 
 
 INT_PARAMS = ("gpu", "code", "celsius", "count", "link", "width")

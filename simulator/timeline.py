@@ -54,6 +54,7 @@ class FaultRecord:
     nodes: set[str] = field(default_factory=set)  # every node its XIDs were injected on
     serving: bool = True  # its group served at injection (else no traffic to take off)
     skipped: str = ""  # why it was never injected: no pod came to hold its rank in time
+    groups_hit: set[str] = field(default_factory=set)  # other groups its XIDs reached
 
     def at(self, step: str) -> float | None:
         """Seconds from injection to ``step``, or None if it has not happened."""
@@ -149,12 +150,12 @@ class ClusterView:
 
     def degraded(self, model: str) -> bool | None:
         """Whether ``model``'s clients are sent to its fallback (None: it has none): its
-        front Service selects the fallback's pods, or its HTTPRoute weighs only the
-        fallback's Service."""
+        front Service selects the fallback's pods, or its HTTPRoute gives the fallback's
+        Service weight (shared with the model's own while some of its groups serve)."""
         route = self.routes.get(model)
         if route is not None:
             weights = self.route_weights.get(route[0], {})
-            return weights.get(route[1], 0) > 0 and weights.get(model, 0) == 0
+            return weights.get(route[1], 0) > 0
         front = self.fronts.get(model)
         if front is None:
             return None
@@ -244,3 +245,108 @@ def update(record: FaultRecord, view: ClusterView) -> list[str]:
             + (" (new pods)" if "restarted" in record.times else "")):
         reached.append("recovered")
     return reached
+
+
+# What the supervisor (or anyone) can do to the serving fleet, as the API server shows it;
+# every one must be explained by a fault or allowed by the scenario (``allow:``).
+ACTIONS = ("traffic_off", "quarantine", "restart", "degrade")
+# Seen and printed, never judged: each undoes an action that was judged already.
+UNDOINGS = ("quarantine_lifted", "restore")
+
+
+@dataclass
+class Action:
+    """One action seen on the API server: what, to which group (traffic_off, restart),
+    node (quarantine) or model (degrade), when, and which faults explain it."""
+
+    at: float  # wall time it was seen
+    kind: str
+    subject: str
+    faults: tuple[str, ...] = ()
+    allowed: bool = False
+
+    @property
+    def judged(self) -> bool:
+        return self.kind in ACTIONS
+
+    @property
+    def unexplained(self) -> bool:
+        return self.judged and not self.faults and not self.allowed
+
+    def describe(self) -> str:
+        what = f"{self.kind.replace('_', ' '):<12} {self.subject}"
+        if self.faults:
+            return f"{what}  for {', '.join(self.faults)}"
+        if self.allowed:
+            return f"{what}  no fault explains it; allowed by the scenario"
+        if not self.judged:
+            return what
+        return f"{what}  UNATTRIBUTED: no fault explains it"
+
+    def as_json(self) -> dict[str, Any]:
+        return {"at": self.at, "action": self.kind, "subject": self.subject,
+                "faults": list(self.faults), "allowed": self.allowed,
+                "attributed": bool(self.faults)}
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """The state actions change: which groups serve and their live pods, which nodes carry
+    our taint, which models are degraded."""
+
+    serving: frozenset[str]
+    uids: dict[str, frozenset[str]]  # group → its pods not being deleted
+    quarantined: frozenset[str]
+    degraded: frozenset[str]
+
+    @classmethod
+    def of(cls, view: ClusterView, groups: list[GroupRef]) -> Snapshot:
+        models = sorted({g.model.name for g in groups})
+        return cls(
+            serving=frozenset(g.name for g in groups if view.serving(g)),
+            uids={g.name: frozenset(p["metadata"]["uid"] for p in view.group_pods(g)
+                                    if not p["metadata"].get("deletionTimestamp"))
+                  for g in groups},
+            quarantined=frozenset(n for n, keys in view.taints.items()
+                                  if QUARANTINE_TAINT in keys),
+            degraded=frozenset(m for m in models if view.degraded(m)))
+
+
+def changes(before: Snapshot, after: Snapshot, restarting: set[str]) -> list[tuple[str, str]]:
+    """The actions between two snapshots: (kind, subject). ``restarting`` holds the groups
+    whose restart was seen and whose new pods have not appeared yet (a restart deletes the
+    pods one by one: it is one action), updated here."""
+    out: list[tuple[str, str]] = []
+    for group, uids in sorted(after.uids.items()):
+        was = before.uids.get(group, frozenset())
+        if uids - was:
+            restarting.discard(group)  # a new pod: the group's next incarnation
+        if was - uids and group not in restarting:
+            restarting.add(group)
+            out.append(("restart", group))
+    out += [("traffic_off", g) for g in sorted(before.serving - after.serving)]
+    out += [("quarantine", n) for n in sorted(after.quarantined - before.quarantined)]
+    out += [("quarantine_lifted", n) for n in sorted(before.quarantined - after.quarantined)]
+    out += [("degrade", m) for m in sorted(after.degraded - before.degraded)]
+    out += [("restore", m) for m in sorted(before.degraded - after.degraded)]
+    return out
+
+
+def explaining(kind: str, subject: str, at: float, records: list[FaultRecord]) -> list[str]:
+    """The faults injected before ``at`` that explain an action: one in the group that was
+    restarted or taken out of traffic (or that the fault's XIDs reached), on the node that
+    was quarantined, in a group of the model that was degraded."""
+    names: list[str] = []
+    for r in records:
+        injected = r.times.get("injected")
+        if injected is None or injected > at:
+            continue
+        if kind in ("traffic_off", "restart"):
+            hit = (r.group is not None and r.group.name == subject) or subject in r.groups_hit
+        elif kind in ("quarantine", "quarantine_lifted"):
+            hit = subject == r.node or subject in r.nodes
+        else:
+            hit = r.group is not None and r.group.model.name == subject
+        if hit:
+            names.append(r.fault.name)
+    return names
