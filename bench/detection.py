@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.netns import Hosts
-from bench.starve import cpu_hog, cpu_quota, stop_for, throttled_seconds
+from simulator.starve import cpu_hog, cpu_quota, stop_for, throttled_seconds
 from simulator.processes import (
     CompletionLoad,
     EngineProcess,

@@ -2,8 +2,9 @@
 quota (the kernel throttles the container once it spent its share of each period), a
 busy neighbour on the same cores, and a stop (a long GC pause, a frozen cgroup, SIGSTOP).
 
-Used by the starvation tests (tests/integration/test_starvation.py) and by
-``python -m bench detection`` (``false_findings_cpu_starved``). Root only (cgroups).
+Used by the simulator's ``sidecar_starved`` fault, the starvation tests
+(tests/integration/test_starvation.py) and ``python -m bench detection``
+(``false_findings_cpu_starved``). Root only (cgroups).
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from bench.netns import Hosts
-from bench.starve import cpu_hog, cpu_quota, stop_for, throttled_seconds
+from simulator.starve import cpu_hog, cpu_quota, stop_for, throttled_seconds
 from simulator.processes import SidecarProcess
 from tests.integration.test_partitions import group_settings
 
