@@ -58,8 +58,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     if args.list:
-        for name in shipped_names():
-            print(name)
+        names = shipped_names()
+        width = max(len(name) for name in names)
+        for name in names:
+            print(f"{name:<{width}}  {load(name).summary}")
         print("\nfault kinds:")
         width = max(len(kind) for kind in FAULT_KINDS)
         for kind, what in FAULT_KINDS.items():

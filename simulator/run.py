@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
+import itertools
 import json
 import os
 import shutil
@@ -56,7 +58,7 @@ from simulator.timeline import (
     explaining,
     update,
 )
-from simulator.traffic import Traffic
+from simulator.traffic import TIMEOUT_S, Traffic
 from simulator.world import (
     GROUP_LABEL,
     SERVING,
@@ -90,6 +92,8 @@ SETUP_TIMEOUT_S = 180.0
 # How long a fault waits for a pod to hold its target's rank (its group being recreated)
 # before it is skipped.
 RESOLVE_TIMEOUT_S = 60.0
+# keeps_serving: the longest a group may go without answering a request.
+SERVING_GAP_S = 5.0
 ROUTES = f"/apis/gateway.networking.k8s.io/v1/namespaces/{SERVING}/httproutes"
 # What the daemon that should see a fault reports it as.
 FINDING_CLASSES: dict[str, set[str]] = {
@@ -144,7 +148,7 @@ class Outcome:
     scenario: Scenario
     records: list[FaultRecord]
     failures: list[str] = field(default_factory=list)
-    requests: dict[str, int] = field(default_factory=dict)
+    requests: dict[str, Any] = field(default_factory=dict)
     endpoints: list[tuple[str, str]] = field(default_factory=list)
     setup_seconds: float = 0.0
     actions: list[Action] = field(default_factory=list)
@@ -184,22 +188,52 @@ def topology_of(scenario: Scenario) -> dict[str, Any] | None:
 
 
 class Printer:
-    """The live timeline: one line per step, seconds since the scenario started."""
+    """The live timeline: one line per step, seconds since the scenario started, in the
+    order things happened. A step is timed when it happened, which can be noticed a moment
+    later (a finding read from a daemon's log): lines wait ``HOLD_S`` before they are
+    printed, in time order."""
+
+    HOLD_S = 1.5
 
     def __init__(self, out: TextIO, names: int = 16) -> None:
         self._out = out
-        self.start = time.monotonic()
+        self.start = time.time()
         self.names = names  # the width of the fault-name column
+        self._held: list[tuple[float, int, str]] = []
+        self._order = itertools.count()  # same time: in the order they came
 
     def line(self, text: str) -> None:
-        print(f"{time.monotonic() - self.start:7.1f}s  {text}", file=self._out, flush=True)
+        """A line about now, printed at once (with every held line before it)."""
+        self.flush(hold=0.0)
+        self._print(time.time(), text)
+
+    def event(self, wall: float, text: str) -> None:
+        """A line about ``wall`` (time.time()), printed in time order within ``HOLD_S``."""
+        heapq.heappush(self._held, (wall, next(self._order), text))
+
+    def flush(self, hold: float = HOLD_S) -> None:
+        """Print the held lines older than ``hold`` seconds, oldest first."""
+        until = time.time() - hold
+        while self._held and self._held[0][0] <= until:
+            wall, _, text = heapq.heappop(self._held)
+            self._print(wall, text)
+
+    def flush_all(self) -> None:
+        """Print every held line (the run is over)."""
+        while self._held:
+            wall, _, text = heapq.heappop(self._held)
+            self._print(wall, text)
+
+    def _print(self, wall: float, text: str) -> None:
+        print(f"{wall - self.start:7.1f}s  {text}", file=self._out, flush=True)
 
     def step(self, record: FaultRecord, step: str) -> None:
         after = record.at(step)
         when = "" if after is None or step == "injected" else f" (+{after:.2f} s)"
         detail = record.detail.get(step, "")
-        self.line(f"{record.fault.name:<{self.names}} {step.replace('_', ' '):<12}{when}"
-                  + (f"  {detail}" if detail else ""))
+        self.event(record.times.get(step, time.time()),
+                   f"{record.fault.name:<{self.names}} {step.replace('_', ' '):<12}{when}"
+                   + (f"  {detail}" if detail else ""))
 
 
 async def _follow(kube: KubeClient, path: str, handle: Callable[[str, dict[str, Any]], None],
@@ -248,6 +282,7 @@ class Simulation:
         self.actions: list[Action] = []  # every action seen since the groups first served
         self._seen: Snapshot | None = None
         self._restarting: set[str] = set()
+        self.ended: float | None = None  # wall time the faults' watch ended
         self.cluster: KubeTestCluster | None = None
         self.kube: KubeClient | None = None
         self.runtime: Runtime | None = None
@@ -389,7 +424,7 @@ class Simulation:
         async with self.started(outcome):
             await self._play()
         outcome.failures = self.judge()
-        outcome.requests = dict(self.traffic.counts) if self.traffic else {}
+        outcome.requests = self.traffic.totals() if self.traffic else {}
         return outcome
 
     @contextlib.asynccontextmanager
@@ -402,6 +437,7 @@ class Simulation:
             async with _first_error(), self._serving(outcome, t0):
                 yield
         finally:
+            self.printer.flush_all()
             await self.teardown()
 
     @contextlib.asynccontextmanager
@@ -454,6 +490,7 @@ class Simulation:
                 for step in update(record, self.view):
                     self.printer.step(record, step)
             self._observe_actions()
+            self.printer.flush()
             if time.monotonic() >= detect_poll:
                 await self._detect()
                 detect_poll = time.monotonic() + 0.2
@@ -476,7 +513,8 @@ class Simulation:
                                 tuple(explaining(kind, subject, wall, self.records)),
                                 self.scenario.allows(kind, subject))
                 self.actions.append(action)
-                self.printer.line(f"{'action':<{self.printer.names}} {action.describe()}")
+                self.printer.event(wall, f"{'action':<{self.printer.names}} "
+                                         f"{action.describe()}")
         self._seen = now
 
     async def _wait_serving(self) -> None:
@@ -520,6 +558,7 @@ class Simulation:
             await self.watch_until(lambda: False, max(0.0, wait))
             await self.inject(pending.pop(0))
         await self.watch_until(self._decided, max(0.0, end - time.monotonic()))
+        self.ended = time.time()
 
     def _decided(self) -> bool:
         """Every expectation met or already failed: nothing more to wait for."""
@@ -528,7 +567,7 @@ class Simulation:
             record = by_name[e.fault]
             if record.skipped:
                 continue  # failed already: nothing will happen to it
-            if e.no_action or e.never:
+            if e.no_action or e.never or e.keeps_serving:
                 return False  # only the whole duration proves something did not happen
             if e.quarantined is False and "recovered" not in record.times:
                 return False  # a quarantine may still come until the replica is back
@@ -584,7 +623,8 @@ class Simulation:
         why = self._unready(fault, group)
         if why is None:
             return None
-        self.printer.line(f"{fault.name:<{self.printer.names}} waiting     {why}")
+        self.printer.event(time.time(), f"{fault.name:<{self.printer.names}} waiting     "
+                                        f"{why}")
         await self.watch_until(lambda: self._unready(fault, group) is None, RESOLVE_TIMEOUT_S)
         why = self._unready(fault, group)
         return None if why is None else f"{why} after {RESOLVE_TIMEOUT_S:g} s"
@@ -613,7 +653,8 @@ class Simulation:
             if why is not None:
                 record.skipped = why
                 self.records.append(record)
-                self.printer.line(f"{fault.name:<{self.printer.names}} skipped     {why}")
+                self.printer.event(time.time(), f"{fault.name:<{self.printer.names}} skipped"
+                                                f"     {why}")
                 return record
         if group is not None and fault.target is not None:
             record.pod = group.pod_name(fault.target.rank)
@@ -903,7 +944,7 @@ class Simulation:
                 at = datetime.fromisoformat(entry["timestamp"]).timestamp()
                 if entry["fault_class"] in classes and at >= injected - 1.0:
                     return at, (f"{entry['fault_class']} by {record.daemon.role}: "
-                                f"{entry['message'][:80]}")
+                                f"{entry['message']}")
         return None
 
     # --- judging ---------------------------------------------------------------------------
@@ -921,6 +962,17 @@ class Simulation:
                                 "could not be checked")
                 continue
             failures += _check(e, record, self.records)
+            injected = record.times.get("injected")
+            answers = self.traffic.answers if self.traffic is not None else {}
+            for group in e.keeps_serving:
+                if injected is None or self.ended is None:
+                    continue
+                gap, since = longest_silence(answers.get(group, []), injected, self.ended)
+                if gap >= SERVING_GAP_S:
+                    failures.append(
+                        f"{e.fault}: {group} answered no request for {gap:.1f} s from "
+                        f"{since - injected:+.1f} s after injection (expected to keep "
+                        f"serving: never {SERVING_GAP_S:g} s without an answer)")
         start = min((r.times["injected"] for r in self.records if "injected" in r.times),
                     default=None)
         for action in self.actions:
@@ -968,6 +1020,13 @@ def _new_lines(record: FaultRecord) -> list[str]:
     complete = data[:data.rfind(b"\n") + 1]
     record.log_offset += len(complete)
     return complete.decode(errors="replace").splitlines()
+
+
+def longest_silence(answers: list[float], start: float, end: float) -> tuple[float, float]:
+    """The longest stretch from ``start`` to ``end`` without an answer (wall times): its
+    length in seconds, and when it began."""
+    points = [start, *sorted(t for t in answers if start < t < end), end]
+    return max(((b - a, a) for a, b in itertools.pairwise(points)), default=(0.0, start))
 
 
 def _undoes(kind: str, undo: FaultRecord, fault: FaultRecord) -> bool:
@@ -1037,12 +1096,19 @@ def summary(outcome: Outcome, printer: Printer) -> None:
             continue
         steps = ", ".join(f"{s.replace('_', ' ')} +{v:.2f} s" for s in STEPS[1:]
                           if (v := record.at(s)) is not None)
+        sick = record.sick_split()
+        split = "" if not sick["sent"] else (
+            f" ({sick['answered']} answered, {sick['failed']} failed, {sick['hung']} hung, "
+            f"{sick['in_flight']} in flight at the end)")
         p(f"  {record.fault.name}: {steps or 'nothing followed'}; "
-          f"{record.sick_requests} requests reached the sick replica")
+          f"{sick['sent']} requests reached the sick replica{split}")
     r = outcome.requests
-    p(f"  requests: {r.get('sent', 0)} sent, {r.get('ok', 0)} answered, "
-      f"{r.get('failed', 0)} failed"
-      + (f", {r['fallback']} answered by a fallback model" if r.get("fallback") else ""))
+    if r:
+        p(f"  requests: {r['sent']} sent = {r['answered']} answered + {r['failed']} failed + "
+          f"{r['in_flight']} in flight at the end (failed: {r['no_endpoint']} found no "
+          f"endpoint, {r['timed_out']} hung past {TIMEOUT_S:g} s, the rest errors)"
+          + (f"; {r['fallback']} of the answers from a fallback model"
+             if r["fallback"] else ""))
     if outcome.passed:
         p(f"PASSED: every expectation of {outcome.scenario.name} held")
     else:

@@ -4,8 +4,9 @@ A scenario is a YAML file, validated like every setting (a mistake is a ``Config
 naming the field, exit 2)::
 
     name: xid-fatal
-    description: one line shown at the start
-    cluster: {nodes: 6, gpus_per_node: 8}
+    summary: one line, beside the name in --list (default: the description's first sentence)
+    description: the story, shown at the start
+    cluster: {nodes: 6, gpus_per_node: 8}   # required: nodes; gpus_per_node defaults to 8
     models:
       - name: llama-70b
         replicas: 2            # pipeline groups serving the model
@@ -42,6 +43,9 @@ naming the field, exit 2)::
         never: [restarted]     # steps that must not happen to this fault's group (also
                                # breaker: the circuit breaker opening, anywhere)
         no_action: false       # true: nothing may happen (a transient that must be ignored)
+        keeps_serving: [llama-70b-1]  # groups (<model>-<index>) that must answer requests
+                               # throughout: from injection to the end of the run, no 5 s
+                               # without an answer from each (the run lasts its duration)
     allow:                     # actions no fault explains that may happen all the same
       - {action: restart, group: llama-70b-1}   # traffic_off/restart: group (<model>-<index>)
       - {action: quarantine}                    # quarantine: node (gpu-N); degrade: model;
@@ -224,6 +228,7 @@ class Expectation:
     quarantined: bool | None = None
     never: tuple[str, ...] = ()
     no_action: bool = False
+    keeps_serving: tuple[str, ...] = ()  # groups that must answer throughout
 
     def limits(self) -> list[tuple[str, float]]:
         """(step, seconds after injection) for every step this expectation times."""
@@ -250,6 +255,7 @@ class Allow:
 @dataclass(frozen=True, slots=True)
 class Scenario:
     name: str
+    summary: str  # one line, for --list
     description: str
     nodes: int
     gpus_per_node: int
@@ -309,11 +315,17 @@ def _unknown(obj: dict[str, Any], allowed: set[str], where: str) -> None:
 def parse(data: Any, source: str = "<scenario>") -> Scenario:
     """A validated scenario from its parsed YAML."""
     doc = _mapping(data, "<root>")
-    _unknown(doc, {"name", "description", "cluster", "models", "fallbacks", "topology",
+    _unknown(doc, {"name", "summary", "description", "cluster", "models", "fallbacks", "topology",
                    "policy", "settings", "faults", "expect", "duration", "allow"}, "")
-    cluster = _mapping(doc.get("cluster", {}), "cluster")
+    if "cluster" not in doc:
+        raise ConfigError("cluster", "required: the simulated GPU nodes, e.g. {nodes: 6, "
+                          "gpus_per_node: 8}")
+    cluster = _mapping(doc["cluster"], "cluster")
     _unknown(cluster, {"nodes", "gpus_per_node"}, "cluster")
-    nodes = _int(cluster, "nodes", "cluster", 4)
+    if "nodes" not in cluster:
+        raise ConfigError("cluster.nodes", "required: how many GPU nodes (one pod each; "
+                          "spares for restarts)")
+    nodes = _int(cluster, "nodes", "cluster")
     gpus = _int(cluster, "gpus_per_node", "cluster", 8)
     topology = _mapping(doc.get("topology", {}), "topology")
     kinds = {str(k.get("name")) for k in topology.get("group_kinds", []) if isinstance(k, dict)}
@@ -381,7 +393,7 @@ def parse(data: Any, source: str = "<scenario>") -> Scenario:
     for i, raw in enumerate(doc.get("expect") or []):
         where = f"expect[{i}]"
         e = _mapping(raw, where)
-        _unknown(e, {"fault", "quarantined", "never", "no_action",
+        _unknown(e, {"fault", "quarantined", "never", "no_action", "keeps_serving",
                      *(f"{step}_within" for step in TIMED_STEPS)}, where)
         if e.get("fault") not in names:
             raise ConfigError(f"{where}.fault", f"must name a fault ({', '.join(names)})")
@@ -394,8 +406,13 @@ def parse(data: Any, source: str = "<scenario>") -> Scenario:
         steps = (*TIMED_STEPS, *UNTIMED_STEPS)
         if not isinstance(never, list) or any(s not in steps for s in never):
             raise ConfigError(f"{where}.never", f"must list steps out of {', '.join(steps)}")
+        keeps = e.get("keeps_serving", [])
+        groups = [f"{m.name}-{g}" for m in models for g in range(m.replicas)]
+        if not isinstance(keeps, list) or any(g not in groups for g in keeps):
+            raise ConfigError(f"{where}.keeps_serving", f"must list groups out of "
+                              f"{', '.join(groups)}, got {keeps!r}")
         expects.append(Expectation(str(e["fault"]), within, quarantined, tuple(never),
-                                   bool(e.get("no_action", False))))
+                                   bool(e.get("no_action", False)), tuple(keeps)))
     policy = _mapping(doc.get("policy", {}), "policy")
     settings = _settings(doc.get("settings", {}))
     if any(f.kind in COLLECTIVE_FAULTS for f in faults) and not \
@@ -403,9 +420,13 @@ def parse(data: Any, source: str = "<scenario>") -> Scenario:
         raise ConfigError("settings.sidecar.collective.enabled",
                           "must be true: a collective_* fault needs the all-reduce checks")
     allow = _allow(doc.get("allow", []), models, nodes)
+    description = " ".join(str(doc.get("description", "")).split())
+    line = doc.get("summary", description.split(". ")[0].rstrip("."))
+    if not isinstance(line, str) or "\n" in line.strip():
+        raise ConfigError("summary", "must be one line of text")
     return Scenario(
-        name=str(doc.get("name", Path(source).stem)),
-        description=str(doc.get("description", "")).strip(), nodes=nodes, gpus_per_node=gpus,
+        name=str(doc.get("name", Path(source).stem)), summary=line.strip(),
+        description=description, nodes=nodes, gpus_per_node=gpus,
         models=tuple(models), faults=tuple(sorted(faults, key=lambda f: f.at)),
         expect=tuple(expects), duration=seconds(doc.get("duration", "180s"), "duration"),
         policy=policy, topology=topology, fallbacks=tuple(fallbacks), settings=settings,

@@ -22,6 +22,7 @@ Requests that reached a sick replica (between injection and traffic off) are cou
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,6 +47,7 @@ class FaultRecord:
     uids: frozenset[str] = frozenset()  # the group's pods at injection
     leader_ip: str | None = None  # the replica's address in the Service at injection
     sick_requests: int = 0
+    sick: Counter[str] = field(default_factory=Counter)  # sent, answered, failed, hung
     daemon: DaemonProcess | None = None  # the agent or sidecar that should see the fault
     log_offset: int = 0  # how far its log has been read
     undo: list[list[str]] = field(default_factory=list)  # iptables rules of a partition
@@ -79,7 +81,16 @@ class FaultRecord:
                 "skipped": self.skipped or None, "serving_at_injection": self.serving,
                 "seconds_after_injection": {s: round(v, 3) for s in STEPS[1:]
                                             if (v := self.at(s)) is not None},
-                "detail": self.detail, "requests_to_sick_replica": self.sick_requests}
+                "detail": self.detail, "requests_to_sick_replica": self.sick_requests,
+                "sick_requests": self.sick_split()}
+
+    def sick_split(self) -> dict[str, int]:
+        """The requests that reached the sick replica: sent = answered + failed + hung
+        (no answer within the clients' timeout) + in flight at the end."""
+        c = self.sick
+        return {"sent": c["sent"], "answered": c["answered"], "failed": c["failed"],
+                "hung": c["hung"],
+                "in_flight": c["sent"] - c["answered"] - c["failed"] - c["hung"]}
 
 
 class ClusterView:
@@ -274,7 +285,7 @@ class Action:
         return self.judged and not self.faults and not self.allowed
 
     def describe(self) -> str:
-        what = f"{self.kind.replace('_', ' '):<12} {self.subject}"
+        what = f"{self.kind.replace('_', ' '):<17} {self.subject}"
         if self.faults:
             return f"{what}  for {', '.join(self.faults)}"
         if self.allowed:

@@ -8,15 +8,20 @@ picks the next one round-robin and sends a real completion to the engine behind 
 address. A request sent to a replica while a fault that stops it (``scenario.STOPPING``)
 is between injection and traffic off counts against that fault: it reached a sick
 replica. Requests answered by a fallback model's engine are counted as such.
+
+Every request the clients make is counted once as sent, and ends answered (200) or failed
+— no endpoint to send it to, no answer within ``TIMEOUT_S`` (hung), or an error — or is
+still in flight when the run ends: sent = answered + failed + in flight.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
+import time
 from collections import Counter
 from collections.abc import Callable
+from typing import Any
 
 import aiohttp
 
@@ -35,7 +40,9 @@ class Traffic:
         self._groups = groups
         self._engines = engines  # pod IP → engine URL (the runtime's map)
         self._records = records
-        self.counts: Counter[str] = Counter()  # sent, ok, failed, no_endpoint, sick, fallback
+        # sent, answered, failed (of them: no_endpoint, timed_out), sick, fallback
+        self.counts: Counter[str] = Counter()
+        self.answers: dict[str, list[float]] = {}  # group → wall time of each answer
         self._models = sorted({g.model.name for g in groups})
         self._model_turn = itertools.count()
         self._turn = itertools.count()  # which ready endpoint comes next
@@ -65,30 +72,61 @@ class Traffic:
         model = self._models[next(self._model_turn) % len(self._models)]
         service = self._service(model)
         ips = sorted(ip for ip in self._view.service_ips(service or "") if ip in self._engines)
+        self.counts["sent"] += 1
         if not ips:
+            # A client with nowhere to go is a failed request (a gateway answers 503).
             self.counts["no_endpoint"] += 1
+            self.counts["failed"] += 1
             return
         ip = ips[next(self._turn) % len(ips)]
         group = self._view.group_of_ip(ip, self._groups)
+        sick: list[FaultRecord] = []
         for record in self._records():
-            if (group is not None and record.group == group and "injected" in record.times
+            # The replica that was sick: the address it served at when the fault came (a
+            # recreated group's new leader is another replica).
+            if (record.leader_ip == ip and "injected" in record.times
                     and "traffic_off" not in record.times and not record.ended
                     and record.fault.kind in STOPPING):
                 record.sick_requests += 1
+                record.sick["sent"] += 1
+                sick.append(record)
                 self.counts["sick"] += 1
-        self.counts["sent"] += 1
         # Not a pipeline group's leader: a fallback model's pod.
-        tasks.create_task(self._request(session, self._engines[ip], fallback=group is None))
+        tasks.create_task(self._request(session, self._engines[ip],
+                                        group.name if group is not None else None, sick))
 
-    async def _request(self, session: aiohttp.ClientSession, url: str,
-                       fallback: bool = False) -> None:
+    async def _request(self, session: aiohttp.ClientSession, url: str, group: str | None,
+                       sick: list[FaultRecord]) -> None:
         body = {"model": "sim", "prompt": [1, 2, 3], "max_tokens": 4}
-        ok = False
-        with contextlib.suppress(aiohttp.ClientError, OSError, TimeoutError):
+        outcome = "failed"
+        try:
             async with session.post(f"{url}/v1/completions", json=body,
                                     timeout=aiohttp.ClientTimeout(total=TIMEOUT_S)) as resp:
-                ok = resp.status == 200
                 await resp.read()
-        self.counts["ok" if ok else "failed"] += 1
-        if ok and fallback:
-            self.counts["fallback"] += 1
+                if resp.status == 200:
+                    outcome = "answered"
+        except TimeoutError:
+            outcome = "hung"
+        except (aiohttp.ClientError, OSError):
+            pass
+        self.counts["answered" if outcome == "answered" else "failed"] += 1
+        if outcome == "hung":
+            self.counts["timed_out"] += 1
+        if outcome == "answered":
+            if group is None:
+                self.counts["fallback"] += 1
+            else:
+                self.answers.setdefault(group, []).append(time.time())
+        for record in sick:
+            record.sick[outcome] += 1
+
+    def totals(self) -> dict[str, Any]:
+        """The counts as the report gives them: sent = answered + failed + in_flight
+        (failed includes no_endpoint and timed_out)."""
+        c = self.counts
+        return {"sent": c["sent"], "answered": c["answered"], "failed": c["failed"],
+                "in_flight": c["sent"] - c["answered"] - c["failed"],
+                "no_endpoint": c["no_endpoint"], "timed_out": c["timed_out"],
+                "fallback": c["fallback"], "sick": c["sick"],
+                "equation": "sent = answered + failed + in_flight; failed includes "
+                            "no_endpoint and timed_out; fallback is part of answered"}

@@ -80,7 +80,7 @@ def test_a_collective_scenario_without_torch_exits_2_saying_how_to_get_it() -> N
 
 def test_a_bad_scenario_exits_2_naming_the_field(tmp_path: Path) -> None:
     scenario = tmp_path / "bad.yaml"
-    scenario.write_text("models: [{name: m, replicas: 1, size: 2}]\n"
+    scenario.write_text("cluster: {nodes: 4}\nmodels: [{name: m, replicas: 1, size: 2}]\n"
                         "faults: [{at: 1s, kind: meteor, target: m/0/0}]\n")
     proc = simulate("--scenario", str(scenario), timeout=60)
     assert proc.returncode == 2
