@@ -66,6 +66,32 @@ def test_a_scenario_whose_expectation_fails_exits_1_and_says_which(tmp_path: Pat
     assert "quarantined" in fault["seconds_after_injection"]
 
 
+@pytest.mark.kube
+def test_a_fault_no_pod_comes_to_hold_is_skipped_and_its_expectations_fail(
+        tmp_path: Path) -> None:
+    """Four nodes, four pods: once an XID quarantines a node, the recreated group cannot
+    place its rank 1 anywhere, so a fault on that rank waits for a pod that never runs and
+    is skipped, saying why; the run fails on its expectation, and nothing crashes."""
+    scenario = tmp_path / "no-room.yaml"
+    scenario.write_text(
+        "name: no-room\ncluster: {nodes: 4}\nmodels: [{name: m, replicas: 2, size: 2}]\n"
+        "faults: [{name: xid, at: 2s, kind: xid, target: m/0/1, code: 79},\n"
+        "         {name: crash, at: 3s, kind: engine_crash, target: m/0/1}]\n"
+        "expect: [{fault: crash, detected_within: 10s}]\nduration: 90s\n")
+    report = tmp_path / "report.json"
+    proc = simulate("--scenario", str(scenario), "--report", str(report))
+    assert proc.returncode == 1, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert "Traceback" not in proc.stdout + proc.stderr
+    why = "m-0-1 is not placed on a node after 60 s"
+    assert f"FAILED: crash: skipped ({why}), so its expectations could not be checked" in \
+        proc.stdout
+    assert f"crash: skipped: {why}" in proc.stdout  # the summary
+    result = json.loads(report.read_text())
+    crash = next(f for f in result["faults"] if f["name"] == "crash")
+    assert crash["skipped"] == why
+    assert any(line.startswith("crash: skipped (") for line in result["failures"])
+
+
 def test_a_collective_scenario_without_torch_exits_2_saying_how_to_get_it() -> None:
     proc = simulate("--scenario", "collective-hang", timeout=60)
     assert proc.returncode == 2, proc.stdout + proc.stderr
