@@ -168,6 +168,21 @@ class TestClassification:
         net.run(4)
         assert net.findings(0) == {"pod-1": ("PeerUnreachable", "peer_unreachable")}
 
+    def test_two_member_group_cut_says_either_side_may_be_the_cut_one(self) -> None:
+        """The worker's node cut off: the worker's sidecar must not say the leader is
+        unreachable 'from the whole group' — it is the whole group of one, and either node
+        may be the cut one."""
+        net = Net(2)
+        net.run(3)
+        net.cut_both(0, 1)
+        net.run(4)
+        for me, peer in ((0, 1), (1, 0)):
+            (finding,) = net.books[me].active()
+            assert finding.message.startswith(f"members {me} and {peer} have not heard each "
+                                              "other for ")
+            assert "no third member to tell which" in finding.message
+            assert "whole group" not in finding.message
+
 
 class TestStarvation:
     """A member that is not running (CPU starved, throttled by its limit, stopped) cannot
