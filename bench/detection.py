@@ -44,7 +44,6 @@ from pathlib import Path
 from typing import Any
 
 from bench.netns import Hosts
-from simulator.starve import cpu_hog, cpu_quota, stop_for, throttled_seconds
 from simulator.processes import (
     CompletionLoad,
     EngineProcess,
@@ -52,6 +51,7 @@ from simulator.processes import (
     VllmProcess,
     metric_value,
 )
+from simulator.starve import cpu_hog, cpu_quota, stop_for, throttled_seconds
 
 SOLO = {"pod_name": "llama-0", "pod_namespace": "serving", "group_name": "llama",
         "group_index": "0", "group_size": 1, "rank": 0, "peers": ["127.0.0.1"]}

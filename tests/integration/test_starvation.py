@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from bench.netns import Hosts
-from simulator.starve import cpu_hog, cpu_quota, stop_for, throttled_seconds
 from simulator.processes import SidecarProcess
+from simulator.starve import cpu_hog, cpu_quota, stop_for, throttled_seconds
 from tests.integration.test_partitions import group_settings
 
 pytestmark = pytest.mark.netns
