@@ -48,6 +48,7 @@ from simulator.processes import (
     merged,
     report_tls,
 )
+from simulator.starve import cpu_quota, throttled_seconds
 from simulator.world import (
     FALLBACK_LABEL,
     GROUP_LABEL,
@@ -149,6 +150,73 @@ def _probes(pod: dict[str, Any], urls: dict[str, str]) -> list[Probe]:
     return out
 
 
+class Starving:
+    """A sidecar held to ``millicores`` of CPU for ``seconds`` by a cgroup quota of its own
+    (a small ``resources.limits.cpu`` beside an engine that fills the host), from a thread
+    that keeps the group open and asks the sidecar for more work than the quota pays for
+    (its metrics and status, back to back); afterwards :attr:`throttled` is how long the
+    kernel held the sidecar back and :attr:`pauses` how many late wakes it counted."""
+
+    def __init__(self, sidecar: SidecarProcess, millicores: int, seconds: float) -> None:
+        assert sidecar.proc is not None
+        self.sidecar = sidecar
+        self.pid = sidecar.proc.pid
+        self.millicores = millicores
+        self.seconds = seconds
+        self.throttled: float | None = None
+        self.pauses: int | None = None
+        self.error = ""
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"starve-{self.pid}",
+                                        daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        before = self._pauses()
+        try:
+            with cpu_quota(self.pid, self.millicores) as group:
+                end = time.monotonic() + self.seconds
+                # Work beyond the quota, or the limit would never bite an idle sidecar:
+                # its metrics and status asked for back to back (a scraper gone wild).
+                while not self._done.is_set() and time.monotonic() < end:
+                    with contextlib.suppress(Exception):
+                        self.sidecar.get("/metrics", timeout=2.0)
+                        self.sidecar.get("/status", timeout=2.0)
+                self.throttled = throttled_seconds(group)
+        except OSError as e:  # the sidecar exited (its pod deleted): nothing left to hold
+            self.error = str(e)
+            return
+        after = self._pauses()
+        if before is not None and after is not None:
+            self.pauses = after - before
+
+    def _pauses(self) -> int | None:
+        with contextlib.suppress(Exception):
+            found = re.search(r"^\w*sidecar_pauses_total (\S+)$", self.sidecar.metrics(),
+                              re.MULTILINE)
+            if found:
+                return int(float(found.group(1)))
+        return None
+
+    def end(self) -> None:
+        self._done.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def result(self) -> str:
+        """What the starvation did, once it is over."""
+        if self.error:
+            return f"ended early: {self.error}"
+        if self.throttled is None:
+            return "still going"
+        pauses = "" if self.pauses is None else \
+            f"; the sidecar counted {self.pauses} pause{'' if self.pauses == 1 else 's'}"
+        return (f"the kernel held the sidecar back {self.throttled:.1f} s of "
+                f"{self.seconds:g} s at {self.millicores}m{pauses}")
+
+
 @dataclass
 class Runtime:
     workdir: Path
@@ -168,7 +236,7 @@ class Runtime:
     engines: dict[str, str] = field(default_factory=dict)  # pod IP → engine URL
     node_ips: dict[str, str] = field(default_factory=dict)  # node → its loopback address
     cuts: list[list[str]] = field(default_factory=list)  # iptables rules in place
-    stalls: list[Stall] = field(default_factory=list)  # collective workers held back
+    stalls: list[Stall | Starving] = field(default_factory=list)  # processes held back
     store_ports: dict[str, int] = field(default_factory=dict)  # group → rendezvous port
     report_port: int = 0
 
@@ -427,6 +495,16 @@ class Runtime:
         stall.start()
         self.stalls.append(stall)
         return stall.end
+
+    def starve_sidecar(self, pod: str, millicores: int, seconds: float) -> Starving:
+        """Hold ``pod``'s sidecar to ``millicores`` of CPU for ``seconds`` (a cgroup quota;
+        root only); over by itself after ``seconds`` or at the run's end."""
+        procs = self.pods[pod]
+        assert procs.sidecar is not None
+        starving = Starving(procs.sidecar, millicores, seconds)
+        starving.start()
+        self.stalls.append(starving)
+        return starving
 
     @staticmethod
     def clear_stale_cuts() -> int:

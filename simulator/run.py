@@ -32,7 +32,7 @@ from simulator.controlplane.cluster import (
     crd_files,
 )
 from simulator.controlplane.machinery import start_machinery
-from simulator.fleet import Runtime
+from simulator.fleet import Runtime, Starving
 from simulator.processes import merged
 from simulator.scenario import (
     AT_BOOT,
@@ -41,6 +41,7 @@ from simulator.scenario import (
     NODE_FAULTS,
     POD_FAULTS,
     REPEATING,
+    STOPPING,
     THROTTLE_BITS,
     UNDOING,
     Expectation,
@@ -109,6 +110,8 @@ FINDING_CLASSES: dict[str, set[str]] = {
     "gpu_missing": {"gpu_missing"}, "collective_hang": {"collective_hang"},
     "collective_slow": {"collective_slow"}, "app_crash_loop": {"xid"},
     "gpu_app_xids": {"xid"},
+    # Must not be found: a starved sidecar blaming its peers (expected never: [detected]).
+    "sidecar_starved": {"partition"},
 }
 
 
@@ -272,6 +275,7 @@ class Simulation:
         self.torch_python = torch_python  # for the all-reduce workers, when the scenario has them
         self.counting: list[Counting] = []
         self.repeating: list[Repeating] = []
+        self.starving: list[tuple[FaultRecord, Starving]] = []  # sidecars held to a quota
         self.workdir = workdir
         self.printer = Printer(out, max([16, *(len(f.name) for f in scenario.faults)]))
         self.out = out
@@ -423,6 +427,11 @@ class Simulation:
         outcome = Outcome(self.scenario, self.records, actions=self.actions)
         async with self.started(outcome):
             await self._play()
+            for record, starving in self.starving:
+                await asyncio.to_thread(starving.end)
+                record.detail["starved"] = starving.result()
+                self.printer.event(time.time(), f"{record.fault.name:<{self.printer.names}} "
+                                                f"starved      {record.detail['starved']}")
         outcome.failures = self.judge()
         outcome.requests = self.traffic.totals() if self.traffic else {}
         return outcome
@@ -764,6 +773,15 @@ class Simulation:
             if share:
                 return f"all-reduce worker of {record.pod} held to {share:.0%} of the time"
             return f"all-reduce worker of {record.pod} stopped dead (SIGSTOP)"
+        if fault.kind == "sidecar_starved":
+            assert record.pod is not None
+            millicores = int(p.get("millicores", 50))
+            lasts = seconds(p.get("seconds", 60), "seconds")
+            starving = self.runtime.starve_sidecar(record.pod, millicores, lasts)
+            record.release = starving.end
+            self.starving.append((record, starving))
+            return (f"sidecar of {record.pod} held to {millicores}m of CPU for {lasts:g} s "
+                    "(a cgroup's quota)")
         if fault.kind in ("engine_hang", "engine_crash", "engine_unhealthy", "engine_resume"):
             assert record.pod is not None
             procs = self.runtime.pods[record.pod]
@@ -1100,8 +1118,11 @@ def summary(outcome: Outcome, printer: Printer) -> None:
         split = "" if not sick["sent"] else (
             f" ({sick['answered']} answered, {sick['failed']} failed, {sick['hung']} hung, "
             f"{sick['in_flight']} in flight at the end)")
-        p(f"  {record.fault.name}: {steps or 'nothing followed'}; "
-          f"{sick['sent']} requests reached the sick replica{split}")
+        # Only a fault that stops its replica makes a request to it a sick one.
+        reached = f"; {sick['sent']} requests reached the sick replica{split}" \
+            if record.fault.kind in STOPPING or sick["sent"] else ""
+        starved = f"; {record.detail['starved']}" if "starved" in record.detail else ""
+        p(f"  {record.fault.name}: {steps or 'nothing followed'}{reached}{starved}")
     r = outcome.requests
     if r:
         p(f"  requests: {r['sent']} sent = {r['answered']} answered + {r['failed']} failed + "

@@ -117,6 +117,10 @@ FAULT_KINDS: dict[str, str] = {
     "collective_slow": "the pod's all-reduce worker runs `share` (default 0.05) of the time "
                        "(stopped and continued every 200 ms): a straggler rank",
     "collective_resume": "the pod's all-reduce worker runs freely again",
+    "sidecar_starved": "the pod's sidecar is held to `millicores` (default 50, Kubernetes' "
+                       "`50m`) of CPU by a cgroup quota for `seconds` (default 60): a "
+                       "container CPU limit beside a busy engine, which must not read as a "
+                       "cut (needs root)",
     "app_crash_loop": "the pod's application crashes with XID `code` (default 13) on its GPU "
                       "every `every` seconds (default 10) for `seconds` (default 120), "
                       "wherever it runs: recreated elsewhere, the crashes follow it (an "
@@ -145,11 +149,11 @@ STOPPING = frozenset({"xid", "gpu_lost", "ecc", "nvlink_down", "nvml_hang", "eng
                       "collective_hang", *AT_BOOT})
 COLLECTIVE_FAULTS = frozenset({"collective_hang", "collective_slow", "collective_resume"})
 POD_FAULTS = frozenset({"engine_hang", "engine_crash", "engine_unhealthy", "engine_resume",
-                        "partition",
+                        "partition", "sidecar_starved",
                         *COLLECTIVE_FAULTS})
 # What each fault's parameters may be (beyond name, at, kind, target).
 PARAMS = {"gpu", "code", "celsius", "count", "link", "seconds", "state", "width",
-          "per_minute", "reason", "share", "every"}
+          "per_minute", "reason", "share", "every", "millicores"}
 STATES = {"row_remap": ("failure", "limit", "pending"), "retired_pages": ("limit", "pending")}
 NO_TARGET = frozenset({"kill_leader", "heal"})
 # Faults that end earlier ones rather than being faults of their own.
@@ -462,7 +466,7 @@ def _allow(value: Any, models: list[Model], nodes: int) -> tuple[Allow, ...]:
     return tuple(out)
 
 
-INT_PARAMS = ("gpu", "code", "celsius", "count", "link", "width")
+INT_PARAMS = ("gpu", "code", "celsius", "count", "link", "width", "millicores")
 NUMBER_PARAMS = ("seconds", "per_minute", "share")
 
 
@@ -494,6 +498,9 @@ def _check_params(kind: str, params: dict[str, Any], where: str, gpus: int) -> N
     every = params.get("every")
     if every is not None and seconds(every, f"{where}.every") <= 0:
         raise ConfigError(f"{where}.every", "must be longer than 0")
+    if params.get("millicores") == 0:
+        raise ConfigError(f"{where}.millicores", "must be at least 1 (a quota of 0 stops "
+                          "the process for good)")
     share = params.get("share")
     if share is not None and not (isinstance(share, int | float) and 0 < share < 1):
         raise ConfigError(f"{where}.share", f"must be a fraction between 0 and 1, got {share!r}")

@@ -14,6 +14,7 @@ import pytest
 
 from simulator.processes import vllm_python
 from simulator.scenario import FAULT_KINDS, load, shipped_names
+from simulator.starve import cpu_hog
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -46,6 +47,28 @@ def test_every_shipped_scenario_passes_its_expectations(name: str, tmp_path: Pat
     # The live timeline named every daemon's endpoint.
     assert "endpoints: controller" in proc.stdout
     assert "endpoints: agent gpu-0" in proc.stdout
+
+
+@pytest.mark.kube
+def test_on_a_machine_whose_cores_are_both_busy_nothing_unexplained_happens(
+        tmp_path: Path) -> None:
+    """The bystanders scenario (an XID in one of three groups; the other two must be left
+    alone) with a busy loop pinned to each core for the whole run: every sidecar, engine,
+    agent and controller shares its core with it. The faulted group is handled and nothing
+    else happens — no group out of traffic, restarted or quarantined that no fault explains
+    (under load like this, starved leader sidecars once failed healthy groups over)."""
+    report = tmp_path / "report.json"
+    with cpu_hog(os.getpid(), seconds=900, per_core=1) as hogs:
+        assert len(hogs) == len(os.sched_getaffinity(0))
+        proc = simulate("--scenario", "bystanders", "--report", str(report),
+                        "--workdir", str(tmp_path / "work"), timeout=900)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+    assert "UNATTRIBUTED" not in proc.stdout
+    result = json.loads(report.read_text())
+    assert result["passed"] is True, result["failures"]
+    acted_on = {a["subject"] for a in result["actions"]
+                if a["action"] in ("traffic_off", "restart")}
+    assert acted_on == {"llama-70b-1"}, result["actions"]
 
 
 @pytest.mark.kube
