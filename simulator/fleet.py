@@ -181,9 +181,14 @@ class Starving:
                 # Work beyond the quota, or the limit would never bite an idle sidecar:
                 # its metrics and status asked for back to back (a scraper gone wild).
                 while not self._done.is_set() and time.monotonic() < end:
-                    with contextlib.suppress(Exception):
+                    if self.sidecar.proc is None or self.sidecar.proc.poll() is not None:
+                        self.error = "the sidecar exited (its pod deleted)"
+                        break
+                    try:
                         self.sidecar.get("/metrics", timeout=2.0)
                         self.sidecar.get("/status", timeout=2.0)
+                    except Exception:  # whatever went wrong: try again shortly
+                        self._done.wait(0.1)  # not answering: no busy loop of our own
                 self.throttled = throttled_seconds(group)
         except OSError as e:  # the sidecar exited (its pod deleted): nothing left to hold
             self.error = str(e)
@@ -207,8 +212,11 @@ class Starving:
 
     def result(self) -> str:
         """What the starvation did, once it is over."""
-        if self.error:
+        if self.error and self.throttled is None:
             return f"ended early: {self.error}"
+        if self.error and self.throttled is not None:
+            return (f"ended early: {self.error}; the kernel had held it back "
+                    f"{self.throttled:.1f} s at {self.millicores}m")
         if self.throttled is None:
             return "still going"
         pauses = "" if self.pauses is None else \

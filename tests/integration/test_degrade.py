@@ -171,19 +171,25 @@ ROUTE_100_0 = [{"backendRefs": [{"name": "llama-70b", "port": 8000, "weight": 10
                                 {"name": "llama-8b", "port": 8000, "weight": 0}]}]
 
 
+async def one_of_two_groups_down(rig: Rig, *, drain: float = 0.0) -> None:
+    """Two groups, the first failed over (the other's leader the model's one ready
+    endpoint), the fallback Deployment at zero and the route all on the model."""
+    await rig.groups(2)
+    await rig.fail_over(0)
+    await rig.endpoints("llama-70b", 1)
+    await client.AppsV1Api(rig.admin).create_namespaced_deployment(
+        rig.ns, deployment_body("llama-8b", 0))
+    await rig.route(ROUTE_100_0)
+    route_target(rig, drain=drain)
+
+
 class TestRouteSplit:
     async def test_degrade_shares_the_route_between_serving_groups_and_fallback(
             self, rig: Rig) -> None:
         """One of two groups failed over, the fallback ready with two replicas: the
         route's weight is split 1 : 2 between the group that still serves and the
         fallback, their sum kept; the annotation records the split as degrade's "after"."""
-        await rig.groups(2)
-        await rig.fail_over(0)
-        await rig.endpoints("llama-70b", 1)
-        await client.AppsV1Api(rig.admin).create_namespaced_deployment(
-            rig.ns, deployment_body("llama-8b", 0))
-        await rig.route(ROUTE_100_0)
-        route_target(rig)
+        await one_of_two_groups_down(rig)
         await degrade_with_fallback_ready(rig, 2)
         assert await rig.weights() == {"llama-70b": 33, "llama-8b": 67}
         plan = json.loads((await rig.route_obj())["metadata"]["annotations"][
@@ -224,13 +230,7 @@ class TestRouteSplit:
         """Degrade decided again while degraded splits the route anew: off the last group
         when it fails too, back onto the groups that return — the fallback is not scaled
         again and the restore record keeps the weights from before the first degrade."""
-        await rig.groups(2)
-        await rig.fail_over(0)
-        await rig.endpoints("llama-70b", 1)
-        await client.AppsV1Api(rig.admin).create_namespaced_deployment(
-            rig.ns, deployment_body("llama-8b", 0))
-        await rig.route(ROUTE_100_0)
-        route_target(rig)
+        await one_of_two_groups_down(rig)
         await degrade_with_fallback_ready(rig, 2)
         assert await rig.weights() == {"llama-70b": 33, "llama-8b": 67}
 
@@ -318,13 +318,7 @@ class TestRouteSplit:
     async def test_restore_drains_upwards_from_the_split(self, rig: Rig) -> None:
         """Restore gives the weight back a quarter of the way at a time from the split —
         the serving group's share only ever grows — and scales the fallback down last."""
-        await rig.groups(2)
-        await rig.fail_over(0)
-        await rig.endpoints("llama-70b", 1)
-        await client.AppsV1Api(rig.admin).create_namespaced_deployment(
-            rig.ns, deployment_body("llama-8b", 0))
-        await rig.route(ROUTE_100_0)
-        route_target(rig, drain=2.0)
+        await one_of_two_groups_down(rig, drain=2.0)
         await degrade_with_fallback_ready(rig, 2)
         await rig.recover(0)
         await rig.endpoints("llama-70b", 2)

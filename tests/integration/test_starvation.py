@@ -7,42 +7,18 @@ this is its ``false_findings_cpu_starved``)."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from bench.netns import Hosts
 from simulator.processes import SidecarProcess
 from simulator.starve import cpu_hog, cpu_quota, stop_for, throttled_seconds
-from tests.integration.test_partitions import group_settings
+from tests.integration.test_partitions import (  # noqa: F401 (the same four sidecars)
+    _group,
+    _hosts,
+)
 
 pytestmark = pytest.mark.netns
-
-N = 4
-
-
-@pytest.fixture(scope="module", name="hosts")
-def _hosts() -> Iterator[Hosts]:
-    hosts = Hosts(N).up()
-    yield hosts
-    hosts.down()
-
-
-@pytest.fixture(name="group")
-def _group(hosts: Hosts, tmp_path: Path) -> Iterator[list[SidecarProcess]]:
-    cars = [SidecarProcess(tmp_path, f"m{r}", group_settings(hosts, r), netns=hosts.names[r],
-                           listen=f"{hosts.ips[r]}:0").start() for r in range(hosts.n)]
-    try:
-        for car in cars:
-            car.wait_for(lambda car=car: all(all(row) for row in
-                                              car.status()["group"]["reachability"]),
-                         what="everyone hears everyone")
-        yield cars
-    finally:
-        hosts.heal()
-        for car in cars:
-            car.stop()
 
 
 def raised_anywhere(cars: list[SidecarProcess]) -> list[str]:
