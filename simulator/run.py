@@ -376,6 +376,7 @@ class Simulation:
         the controller before returning (so the next trial finds the spare capacity)."""
         assert self.runtime is not None
         runtime = self.runtime
+        record.undone_at = record.undone_at or time.time()
         if record.fault.kind == "partition":
             await asyncio.to_thread(runtime.heal, record.undo)
         elif record.fault.kind in NODE_FAULTS and record.node is not None:
@@ -695,6 +696,7 @@ class Simulation:
         for earlier in self.records:
             if _undoes(fault.kind, record, earlier):
                 earlier.ended = True
+                earlier.undone_at = earlier.undone_at or began
         self.records.append(record)
         self.printer.step(record, "injected")
         return record
@@ -960,7 +962,10 @@ class Simulation:
             with contextlib.suppress(ValueError, KeyError):
                 entry = json.loads(line)
                 at = datetime.fromisoformat(entry["timestamp"]).timestamp()
-                if entry["fault_class"] in classes and at >= injected - 1.0:
+                # A finding raised after the fault was undone is not this fault's (the
+                # next trial's, in a bench that repeats it on the same pod).
+                if entry["fault_class"] in classes and at >= injected - 1.0 and (
+                        record.undone_at is None or at <= record.undone_at):
                     return at, (f"{entry['fault_class']} by {record.daemon.role}: "
                                 f"{entry['message']}")
         return None

@@ -53,6 +53,7 @@ class FaultRecord:
     undo: list[list[str]] = field(default_factory=list)  # iptables rules of a partition
     release: Callable[[], None] | None = None  # lets a stalled all-reduce worker run again
     ended: bool = False  # undone by a later fault (resumed, cleared, healed, repaired)
+    undone_at: float | None = None  # when it was undone (a fault or the bench's repair)
     nodes: set[str] = field(default_factory=set)  # every node its XIDs were injected on
     serving: bool = True  # its group served at injection (else no traffic to take off)
     skipped: str = ""  # why it was never injected: no pod came to hold its rank in time

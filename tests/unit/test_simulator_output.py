@@ -6,7 +6,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
+import json
 import socket
+import types
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -160,3 +163,28 @@ def test_list_prints_each_scenario_beside_its_summary(capsys: pytest.CaptureFixt
     for name in shipped_names():
         (line,) = [x for x in lines if x.split()[:1] == [name]]
         assert line.split(maxsplit=1)[1] == load(name).summary
+
+
+def test_a_finding_raised_after_the_fault_was_undone_is_not_its_detection(
+        tmp_path: Path) -> None:
+    """bench e2e repairs a cut link once traffic is off and cuts it again in the next trial:
+    the cut pod's sidecar may raise its finding only then, and that finding is the next
+    trial's — not this one's, ten seconds late."""
+    sim = simulation(tmp_path)
+    sim.runtime = types.SimpleNamespace()  # only asserted present
+    (record,) = sim.records
+    log = tmp_path / "sidecar.log"
+    record.daemon = types.SimpleNamespace(log_path=log, role="sidecar")
+
+    def raised(at: float, message: str) -> str:
+        return json.dumps({"event": "finding raised", "fault_class": "engine_crash",
+                           "message": message,
+                           "timestamp": datetime.fromtimestamp(at, UTC).isoformat()})
+
+    log.write_text(raised(112.0, "the next trial's") + "\n")
+    record.undone_at = 103.0
+    assert sim._finding(record) is None
+    log.write_text(raised(102.0, "this one's") + "\n" + raised(112.0, "the next trial's")
+                   + "\n")
+    record.log_offset = 0
+    assert sim._finding(record) == (102.0, "engine_crash by sidecar: this one's")
