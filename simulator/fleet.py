@@ -46,6 +46,7 @@ from simulator.processes import (
     EngineProcess,
     SidecarProcess,
     merged,
+    metric_value,
     report_tls,
 )
 from simulator.starve import cpu_quota, throttled_seconds
@@ -60,6 +61,7 @@ from simulator.world import (
 )
 from supervisor.errors import KubeError
 from supervisor.kube import KubeClient, rfc3339
+from supervisor.metrics import P
 
 log = structlog.get_logger("simulator")
 
@@ -190,7 +192,7 @@ class Starving:
                     except Exception:  # whatever went wrong: try again shortly
                         self._done.wait(0.1)  # not answering: no busy loop of our own
                 self.throttled = throttled_seconds(group)
-        except OSError as e:  # the sidecar exited (its pod deleted): nothing left to hold
+        except (OSError, RuntimeError) as e:  # no cgroup to use, or the sidecar gone
             self.error = str(e)
             return
         after = self._pauses()
@@ -198,12 +200,11 @@ class Starving:
             self.pauses = after - before
 
     def _pauses(self) -> int | None:
-        with contextlib.suppress(Exception):
-            found = re.search(r"^\w*sidecar_pauses_total (\S+)$", self.sidecar.metrics(),
-                              re.MULTILINE)
-            if found:
-                return int(float(found.group(1)))
-        return None
+        try:
+            value = metric_value(self.sidecar.metrics(), f"{P}sidecar_pauses_total")
+        except OSError:
+            return None
+        return None if value is None else int(value)
 
     def end(self) -> None:
         self._done.set()
@@ -212,17 +213,16 @@ class Starving:
 
     def result(self) -> str:
         """What the starvation did, once it is over."""
-        if self.error and self.throttled is None:
-            return f"ended early: {self.error}"
-        if self.error and self.throttled is not None:
-            return (f"ended early: {self.error}; the kernel had held it back "
-                    f"{self.throttled:.1f} s at {self.millicores}m")
         if self.throttled is None:
-            return "still going"
-        pauses = "" if self.pauses is None else \
-            f"; the sidecar counted {self.pauses} pause{'' if self.pauses == 1 else 's'}"
-        return (f"the kernel held the sidecar back {self.throttled:.1f} s of "
-                f"{self.seconds:g} s at {self.millicores}m{pauses}")
+            return f"the sidecar was never held back: {self.error}"
+        held = (f"the kernel held the sidecar back {self.throttled:.1f} s of "
+                f"{self.seconds:g} s at {self.millicores}m")
+        if self.error:
+            return f"ended early ({self.error}); {held}"
+        if self.pauses is None:
+            return held
+        return f"{held}; the sidecar counted {self.pauses} pause" + \
+            ("" if self.pauses == 1 else "s")
 
 
 @dataclass

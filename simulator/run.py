@@ -390,10 +390,14 @@ class Simulation:
                 lambda: QUARANTINE_TAINT not in self.view.taints.get(node, set()), 120)
 
     def _needs_root(self) -> None:
-        if any(f.kind in ("partition", "heal") for f in self.scenario.faults) and (
+        kinds = {f.kind for f in self.scenario.faults}
+        if kinds & {"partition", "heal"} and (
                 os.geteuid() != 0 or shutil.which("iptables") is None):
             raise PermissionError("this scenario cuts links with iptables: run it as root "
                                   "with iptables installed")
+        if "sidecar_starved" in kinds and os.geteuid() != 0:
+            raise PermissionError("this scenario puts a sidecar in a cgroup with a CPU "
+                                  "quota: run it as root")
 
     @property
     def _routes(self) -> bool:
@@ -433,7 +437,10 @@ class Simulation:
                 record.detail["starved"] = starving.result()
                 self.printer.event(time.time(), f"{record.fault.name:<{self.printer.names}} "
                                                 f"starved      {record.detail['starved']}")
-        outcome.failures = self.judge()
+        # A starvation that never held proves nothing about what followed it.
+        outcome.failures = self.judge() + [
+            f"{record.fault.name}: {record.detail['starved']}"
+            for record, starving in self.starving if starving.throttled is None]
         outcome.requests = self.traffic.totals() if self.traffic else {}
         return outcome
 
@@ -695,7 +702,6 @@ class Simulation:
         record.mark("injected", began, detail)
         for earlier in self.records:
             if _undoes(fault.kind, record, earlier):
-                earlier.ended = True
                 earlier.undone_at = earlier.undone_at or began
         self.records.append(record)
         self.printer.step(record, "injected")

@@ -52,12 +52,17 @@ class FaultRecord:
     log_offset: int = 0  # how far its log has been read
     undo: list[list[str]] = field(default_factory=list)  # iptables rules of a partition
     release: Callable[[], None] | None = None  # lets a stalled all-reduce worker run again
-    ended: bool = False  # undone by a later fault (resumed, cleared, healed, repaired)
-    undone_at: float | None = None  # when it was undone (a fault or the bench's repair)
+    # When it was undone: by a later fault (resumed, cleared, healed, repaired) or the
+    # bench's repair between trials.
+    undone_at: float | None = None
     nodes: set[str] = field(default_factory=set)  # every node its XIDs were injected on
     serving: bool = True  # its group served at injection (else no traffic to take off)
     skipped: str = ""  # why it was never injected: no pod came to hold its rank in time
     groups_hit: set[str] = field(default_factory=set)  # other groups its XIDs reached
+
+    @property
+    def ended(self) -> bool:
+        return self.undone_at is not None
 
     def at(self, step: str) -> float | None:
         """Seconds from injection to ``step``, or None if it has not happened."""

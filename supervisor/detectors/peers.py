@@ -415,17 +415,17 @@ class PeerDetector:
                 reason = "PeerDown"
                 message = (f"member {p} is down: its host answers 'port unreachable' and no "
                            f"heartbeat came for {silence:.1f}s")
-            elif len(self.peers) == 1:
-                # Two members: each side sees the same silence, and no third member can
-                # say which of the two nodes is cut off — blaming the peer would be a guess.
-                reason = "PeerUnreachable"
-                message = (f"members {me} and {p} have not heard each other for "
-                           f"{silence:.1f}s: one of their nodes is down or cut off (a group "
-                           "of two has no third member to tell which)")
             else:
                 reason = "PeerUnreachable"
-                message = (f"member {p} is unreachable from the whole group for "
-                           f"{silence:.1f}s: its node is down or it is cut off")
+                # Two members: each side sees the same silence, and no third member can
+                # say which of the two nodes is cut off — blaming the peer would be a guess.
+                if len(self.peers) == 1:
+                    message = (f"members {me} and {p} have not heard each other for "
+                               f"{silence:.1f}s: one of their nodes is down or cut off (a "
+                               "group of two has no third member to tell which)")
+                else:
+                    message = (f"member {p} is unreachable from the whole group for "
+                               f"{silence:.1f}s: its node is down or it is cut off")
         if peer.phi.last is None:
             evidence["never_heard"] = True
             message += (f" (never heard since this member started: it did not join the group "

@@ -8,6 +8,8 @@ import asyncio
 import io
 import json
 import socket
+import subprocess
+import sys
 import types
 from datetime import UTC, datetime
 from pathlib import Path
@@ -17,6 +19,8 @@ import aiohttp
 import pytest
 
 from simulator import cli
+from simulator.fleet import Starving
+from simulator.processes import SidecarProcess
 from simulator.run import Printer, Simulation, longest_silence
 from simulator.scenario import load, parse, shipped_names
 from simulator.timeline import ClusterView, FaultRecord
@@ -188,3 +192,18 @@ def test_a_finding_raised_after_the_fault_was_undone_is_not_its_detection(
                    + "\n")
     record.log_offset = 0
     assert sim._finding(record) == (102.0, "engine_crash by sidecar: this one's")
+
+
+def test_a_starvation_that_never_held_says_so(tmp_path: Path) -> None:
+    """A sidecar gone before its quota could be applied (here: a process already reaped)
+    was never held back, and the result says so instead of a throttled time — the run
+    then fails on it rather than passing on a starvation that did not happen."""
+    car = SidecarProcess(tmp_path, "gone", {})
+    car.proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    car.proc.wait()
+    car.url = "http://127.0.0.1:9"  # nothing listens: no metrics either
+    starving = Starving(car, millicores=50, seconds=1.0)
+    starving.start()
+    starving.end()
+    assert starving.throttled is None
+    assert starving.result().startswith("the sidecar was never held back: ")
