@@ -13,10 +13,11 @@ Printed per kind (seconds): ``<kind>_traffic_off_s_p50``/``_p99``, ``<kind>_dete
 (the daemon's first finding), ``<kind>_recovered_s_p99`` (back in the EndpointSlice with new
 pods), and ``<kind>_requests_to_sick_p99`` (requests the load generator, 20 a second over
 both groups, sent to the replica before its traffic was off). Kinds: ``xid_fatal`` (XID 79),
-``engine_crash`` (the leader's engine exits), ``nccl_hang`` (a worker's engine stops stepping
-with requests running: the data-plane symptom of a rank hung in a collective), and
-``partition`` (a worker cut off from the rest of its group with iptables on the heartbeats'
-ports).
+``engine_crash`` (the leader's engine exits), ``nccl_hang`` (a worker pod's engine process
+stopped with SIGSTOP while requests run: the leader's engine waits for that rank at every
+step, as it would for a rank hung in a collective — seen only by the leader's sidecar, the
+worker having no endpoint), and ``partition`` (a worker's node cut off from the rest of its
+group with iptables: heartbeats and the engine's own traffic).
 
 Baselines (``baseline_<kind>_traffic_off_s``) are the documented timers of the stock stack
 (vLLM, Kubernetes probes, LWS) for the same fault; none of them can be measured here within

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from simulator.fleet import CUT_TAG
+from simulator.processes import EngineProcess
 from simulator.run import Simulation
 from simulator.scenario import parse
 from simulator.world import GROUP_LABEL
@@ -115,10 +116,12 @@ async def _noise(sim: Simulation, minutes: float, rng: random.Random) -> dict[st
                                     rng.randint(1, 20))
             counts["xid_bursts"] += 1
         else:
-            procs = rng.choice(list(runtime.pods.values()))
-            await asyncio.to_thread(procs.engine.control, slow=3)
+            # Only a leader pod's engine has an API to slow down (workers have none).
+            engine = rng.choice([p.engine for p in runtime.pods.values()
+                                 if isinstance(p.engine, EngineProcess)])
+            await asyncio.to_thread(engine.control, slow=3)
             await sim.watch_until(lambda: False, rng.uniform(2.0, 4.0))
-            await asyncio.to_thread(procs.engine.control, slow=1)
+            await asyncio.to_thread(engine.control, slow=1)
             counts["engine_spikes"] += 1
         actions.check()
     await sim.watch_until(lambda: False, 30.0)  # the last noise's aftermath

@@ -8,8 +8,14 @@ the API server and runs what their containers would:
   ServiceAccount and reporting to the controllers with a token bound to that pod;
 - each controller Deployment pod → ``gpu-supervisor controller`` (two replicas, one Lease),
   acting as the controller ServiceAccount;
-- each inference pod → the stand-in engine (a vLLM look-alike) and ``gpu-supervisor
-  sidecar`` beside it, reporting as the pod's ServiceAccount with a token bound to it.
+- each inference pod → its part of the group's engine and ``gpu-supervisor sidecar``
+  beside it, reporting as the pod's ServiceAccount with a token bound to it — laid out as
+  ``deploy/examples/lws-vllm-with-sidecar.yaml`` ships a group: the leader pod (rank 0)
+  runs the stand-in engine's API server (a vLLM look-alike) and its sidecar probes it;
+  each worker pod runs a worker process with no HTTP at all, which the leader's engine
+  needs at every step over TCP between the two pods' addresses, and its sidecar has engine
+  probing off (it watches the group's reachability). A stopped, killed or cut-off worker
+  is seen, as in production, only as the leader's engine stalling or dying.
 
 Processes listen on loopback: the two controllers on 127.0.0.2 and 127.0.0.3 (same report
 port; the reporters are given both addresses, as a headless Service would resolve); each
@@ -44,6 +50,7 @@ from simulator.processes import (
     AgentProcess,
     ControllerProcess,
     EngineProcess,
+    EngineWorkerProcess,
     SidecarProcess,
     merged,
     metric_value,
@@ -93,7 +100,7 @@ class Probe:
 class PodProcesses:
     uid: str
     node: str
-    engine: EngineProcess
+    engine: EngineProcess | EngineWorkerProcess  # the API server on a leader, else a worker
     sidecar: SidecarProcess | None  # a fallback model's pod runs its engine alone
     probes: list[Probe] = field(default_factory=list)
     containers_ready: bool = False  # what we last wrote
@@ -246,6 +253,8 @@ class Runtime:
     cuts: list[list[str]] = field(default_factory=list)  # iptables rules in place
     stalls: list[Stall | Starving] = field(default_factory=list)  # processes held back
     store_ports: dict[str, int] = field(default_factory=dict)  # group → rendezvous port
+    worker_ports: dict[str, int] = field(default_factory=dict)  # group → its workers' port
+    load_seconds: dict[str, float] = field(default_factory=dict)  # model → its load time
     report_port: int = 0
 
     def __post_init__(self) -> None:
@@ -376,7 +385,18 @@ class Runtime:
         rank = int(pod["metadata"]["labels"]["sim.gpu-supervisor.io/rank"])
         workdir = self.workdir / "pods" / f"{name}-{pod['metadata']['uid'][:8]}"
         token = await self._token_file(name, SERVING, "default", pod)  # before any process
-        engine = EngineProcess(workdir, name="engine")
+        # Every worker of a group listens on its own node's address, all on one port.
+        port = self.worker_ports.setdefault(group.name, free_port())
+        engine: EngineProcess | EngineWorkerProcess
+        if rank == 0:
+            workers = [f"{self.node_ip(node)}:{port}" for node in member_nodes[1:]]
+            extra = ["--load-seconds", str(self.load_seconds.get(group.model.name, 0.0))]
+            if workers:
+                extra += ["--workers", ",".join(workers), "--bind",
+                          self.node_ip(pod["spec"]["nodeName"])]
+            engine = EngineProcess(workdir, name="engine", extra=extra)
+        else:
+            engine = EngineWorkerProcess(workdir, self.node_ip(pod["spec"]["nodeName"]), port)
         await asyncio.to_thread(engine.start)
         peers = [f"{self.node_ip(node)}:{PEER_PORT}" for node in member_nodes]
         lws = group.model.kind == "lws"
@@ -387,7 +407,10 @@ class Runtime:
                         "group_index": str(group.index) if lws else group.name,
                         "group_size": group.model.size, "rank": rank, "peers": peers,
                         "peer_listen": peers[rank]},
-            "engine": {"url": engine.url},
+            # As the example configures them: the leader's sidecar probes the engine's API,
+            # a worker's has none to probe.
+            "engine": ({"url": engine.url} if isinstance(engine, EngineProcess)
+                       else {"enabled": False}),
             "reporting": self._reporting(token),
         }
         settings = merged(settings, self.sidecar_settings)
@@ -402,11 +425,13 @@ class Runtime:
         except BaseException:
             engine.stop()
             raise
-        self.pods[name] = PodProcesses(
-            pod["metadata"]["uid"], pod["spec"]["nodeName"], engine, sidecar,
-            _probes(pod, {"engine": engine.url, "gpu-supervisor": sidecar.url}))
+        urls = {"gpu-supervisor": sidecar.url}
+        if isinstance(engine, EngineProcess):
+            urls["engine"] = engine.url
+        self.pods[name] = PodProcesses(pod["metadata"]["uid"], pod["spec"]["nodeName"],
+                                       engine, sidecar, _probes(pod, urls))
         ip = pod.get("status", {}).get("podIP")
-        if ip:
+        if ip and isinstance(engine, EngineProcess):
             self.engines[ip] = engine.url
 
     async def _start_fallback(self, pod: dict[str, Any]) -> None:
@@ -466,7 +491,7 @@ class Runtime:
     def _stop_pod(self, name: str) -> None:
         procs = self.pods.pop(name)
         for ip, url in list(self.engines.items()):
-            if url == procs.engine.url:
+            if isinstance(procs.engine, EngineProcess) and url == procs.engine.url:
                 del self.engines[ip]
         if procs.sidecar is not None:
             procs.sidecar.stop(timeout=5)
@@ -475,14 +500,15 @@ class Runtime:
     # --- faults ------------------------------------------------------------------------
 
     def cut(self, node: str, others: list[str]) -> list[list[str]]:
-        """Cut the links between ``node`` and each of ``others``, both ways: the group's
-        heartbeats between their addresses are dropped (iptables on loopback)."""
+        """Cut the links between ``node`` and each of ``others``, both ways: everything
+        between their addresses is dropped (iptables on loopback) — the group's heartbeats
+        and the engine's own traffic between its leader and workers."""
         rules: list[list[str]] = []
         me = self.node_ip(node)
         for other in others:
             there = self.node_ip(other)
             for src, dst in ((me, there), (there, me)):
-                rule = ["INPUT", "-i", "lo", "-p", "udp", "-s", src, "-d", dst,
+                rule = ["INPUT", "-i", "lo", "-s", src, "-d", dst,
                         "-m", "comment", "--comment", f"{CUT_TAG} pid={os.getpid()}",
                         "-j", "DROP"]
                 subprocess.run(["iptables", "-w", "-I", *rule], check=True,
@@ -575,7 +601,8 @@ class Runtime:
         out += [(f"agent {n}", a.url) for n, a in sorted(self.agents.items())]
         out += [(f"sidecar {n}", p.sidecar.url) for n, p in sorted(self.pods.items())
                 if p.sidecar is not None]
-        out += [(f"engine {n}", p.engine.url) for n, p in sorted(self.pods.items())]
+        out += [(f"engine {n}", p.engine.url) for n, p in sorted(self.pods.items())
+                if isinstance(p.engine, EngineProcess)]
         return out
 
 

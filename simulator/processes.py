@@ -428,6 +428,41 @@ class EngineProcess:
         return _terminate(self.proc, timeout)
 
 
+class EngineWorkerProcess:
+    """A worker rank's process of the stand-in engine (``python -m probes.engine_standin
+    worker``): no HTTP, one TCP stream from its group's leader engine. Faults are signals
+    to its pid — stopped (a rank hung), killed (a rank lost)."""
+
+    def __init__(self, workdir: Path, host: str, port: int, name: str = "engine") -> None:
+        self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.log_path = workdir / f"{name}.log"
+        self.host = host
+        self.port = port
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def start(self) -> EngineWorkerProcess:
+        args = [sys.executable, "-m", "probes.engine_standin", "worker", "--host", self.host,
+                "--port", str(self.port)]
+        with self.log_path.open("wb") as log:
+            self.proc = _spawn(args, log)
+        _port_from_log(self.proc, self.log_path, event="listening", key="port")
+        return self
+
+    def signal(self, sig: signal.Signals) -> None:
+        assert self.proc is not None
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.proc.pid, sig)
+
+    def stop(self, timeout: float = 10.0) -> int:
+        self.signal(signal.SIGCONT)  # a stopped process cannot act on SIGTERM
+        return _terminate(self.proc, timeout)
+
+
 class SidecarProcess(DaemonProcess):
     """A real sidecar process (``python -m supervisor sidecar``)."""
 

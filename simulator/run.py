@@ -14,6 +14,7 @@ import itertools
 import json
 import os
 import shutil
+import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -33,11 +34,12 @@ from simulator.controlplane.cluster import (
 )
 from simulator.controlplane.machinery import start_machinery
 from simulator.fleet import Runtime, Starving
-from simulator.processes import merged
+from simulator.processes import EngineProcess, EngineWorkerProcess, merged
 from simulator.scenario import (
     AT_BOOT,
     COLLECTIVE_FAULTS,
     COUNTING,
+    ENGINE_FAULTS,
     NODE_FAULTS,
     POD_FAULTS,
     REPEATING,
@@ -365,8 +367,8 @@ class Simulation:
                    s.settings.get("agent", {})),
             {k: ctl_cfg[k] for k in keep if k in ctl_cfg}, policy_text(s),
             topology_of(s), sidecar_settings=sidecar_cfg)
-        p("daemons: two controller replicas, an agent per node (NVML stand-in), an engine "
-          "and a sidecar per inference pod")
+        p("daemons: two controller replicas, an agent per node (NVML stand-in), a sidecar per "
+          "inference pod beside the engine's API server (leaders) or a worker rank (workers)")
         await self.runtime.start_controllers()
         await self.runtime.start_agents()
 
@@ -688,8 +690,11 @@ class Simulation:
             record.leader_ip = leader_ip if leader_ip in self.view.ready_ips() else None
             record.serving = self.view.serving(group)
             pod_procs = self.runtime.pods.get(record.pod)
-            if fault.kind in COLLECTIVE_FAULTS:
-                # The group's leader runs the checks, so its sidecar reports what they find.
+            if fault.kind in COLLECTIVE_FAULTS or (
+                    fault.kind in ENGINE_FAULTS and pod_procs is not None
+                    and isinstance(pod_procs.engine, EngineWorkerProcess)):
+                # The group's leader runs the checks, so its sidecar reports what they find;
+                # a worker's engine has no endpoint: the leader's sidecar sees it stall.
                 pod_procs = self.runtime.pods.get(group.pod_name(0))
             if fault.kind in NODE_FAULTS and record.node in self.runtime.agents:
                 record.daemon = self.runtime.agents[record.node]
@@ -790,20 +795,25 @@ class Simulation:
             self.starving.append((record, starving))
             return (f"sidecar of {record.pod} held to {millicores}m of CPU for {lasts:g} s "
                     "(a cgroup's quota)")
-        if fault.kind in ("engine_hang", "engine_crash", "engine_unhealthy", "engine_resume"):
+        if fault.kind in ENGINE_FAULTS:
             assert record.pod is not None
+            assert group is not None
             procs = self.runtime.pods[record.pod]
+            api = self.runtime.pods[group.pod_name(0)].engine
+            assert isinstance(api, EngineProcess)
+            if isinstance(procs.engine, EngineWorkerProcess):
+                return self._apply_worker(fault.kind, record.pod, procs.engine, api)
             if fault.kind == "engine_hang":
-                procs.engine.control(load=4)
-                procs.engine.control(hang=True)
+                api.control(load=4)
+                api.control(hang=True)
                 return f"engine of {record.pod} hung with requests running"
             if fault.kind == "engine_resume":
-                procs.engine.control(hang=False, unhealthy=False)
+                api.control(hang=False, unhealthy=False)
                 return f"engine of {record.pod} steps again"
             if fault.kind == "engine_unhealthy":
-                procs.engine.control(unhealthy=True)
+                api.control(unhealthy=True)
                 return f"engine of {record.pod} answers /health with 503"
-            procs.engine.control(crash=True)
+            api.control(crash=True)
             return f"engine of {record.pod} crashed"
         leader = self.runtime.leader()
         if leader is None:
@@ -811,6 +821,22 @@ class Simulation:
         leader.kill()
         record.detail["leader"] = leader.identity
         return f"controller {leader.identity} (the leader) killed"
+
+    @staticmethod
+    def _apply_worker(kind: str, pod: str, worker: EngineWorkerProcess,
+                      leader: EngineProcess) -> str:
+        """An engine fault on a worker pod: a signal to its rank's process, which has no
+        endpoint of its own — the leader's engine stalls or dies with it."""
+        if kind == "engine_hang":
+            leader.control(load=4)  # requests in flight, so there is a step to hold
+            worker.signal(signal.SIGSTOP)
+            return (f"engine worker of {pod} stopped (SIGSTOP) with requests running: the "
+                    "leader's engine waits for it")
+        if kind == "engine_resume":
+            worker.signal(signal.SIGCONT)
+            return f"engine worker of {pod} runs again (SIGCONT)"
+        worker.signal(signal.SIGKILL)
+        return f"engine worker of {pod} killed (SIGKILL): the leader's engine dies with it"
 
     def _apply_gpu(self, fault: Fault, record: FaultRecord, control: StandinControl,
                    gpu: int, where: str) -> str:

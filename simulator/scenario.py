@@ -81,10 +81,14 @@ FAULT_KINDS: dict[str, str] = {
     "nvlink_down": "NVLink `link` (default 0) of the node's GPU goes down",
     "nvml_hang": "NVML calls on the node's GPU block for `seconds` (default 60): the GPU "
                  "stops answering",
-    "engine_hang": "the pod's engine stops stepping with requests running (NCCL-style hang)",
-    "engine_crash": "the pod's engine process exits",
-    "engine_unhealthy": "the pod's engine answers its health check with 503",
-    "engine_resume": "the pod's engine steps again and is healthy (after engine_hang or "
+    "engine_hang": "the pod's part of the engine stops with requests running (an NCCL-style "
+                   "hang): the leader's engine stops stepping, or a worker's process is "
+                   "stopped (SIGSTOP) and the leader's engine waits for it",
+    "engine_crash": "the pod's part of the engine exits: the leader's API server, or a "
+                    "worker's process (killed), which takes the leader's engine with it",
+    "engine_unhealthy": "the leader's engine answers its health check with 503 (target rank "
+                        "0: workers have no health endpoint)",
+    "engine_resume": "the pod's part of the engine runs again (after engine_hang or "
                      "engine_unhealthy)",
     "clear": "the node's GPU faults stop (the stand-in back to healthy); findings that "
              "last until a reboot stay",
@@ -148,6 +152,7 @@ STOPPING = frozenset({"xid", "gpu_lost", "ecc", "nvlink_down", "nvml_hang", "eng
                       "engine_crash", "engine_unhealthy", "partition", "row_remap",
                       "collective_hang", *AT_BOOT})
 COLLECTIVE_FAULTS = frozenset({"collective_hang", "collective_slow", "collective_resume"})
+ENGINE_FAULTS = frozenset({"engine_hang", "engine_crash", "engine_unhealthy", "engine_resume"})
 POD_FAULTS = frozenset({"engine_hang", "engine_crash", "engine_unhealthy", "engine_resume",
                         "partition", "sidecar_starved",
                         *COLLECTIVE_FAULTS})
@@ -384,6 +389,9 @@ def parse(data: Any, source: str = "<scenario>") -> Scenario:
         target: Target | None = None
         if kind not in NO_TARGET:
             target = _target(f.get("target"), f"{where}.target", by_name)
+            if kind == "engine_unhealthy" and target.rank != 0:
+                raise ConfigError(f"{where}.target", "engine_unhealthy needs a leader (rank "
+                                  "0): a worker's engine has no health endpoint")
         params = {k: v for k, v in f.items() if k not in {"name", "at", "kind", "target"}}
         _unknown(params, PARAMS, where)
         _check_params(kind, params, where, gpus)

@@ -178,14 +178,17 @@ def member_pod(group: GroupRef, rank: int, gpus: int, leader_uid: str | None) ->
         meta["ownerReferences"] = [{"apiVersion": "v1", "kind": "Pod", "name": group.name,
                                     "uid": leader_uid, "blockOwnerDeletion": True}]
     # Probes as deploy/examples has them; the simulator's runtime runs them (see fleet.py).
+    # The leader's engine serves the API; a worker's runs its rank with no port of its own.
+    engine: dict[str, Any] = {"name": "engine", "image": "vllm/vllm-openai:v0.11.0",
+                              "resources": {"limits": {"nvidia.com/gpu": str(gpus)}}}
+    if rank == 0:
+        engine |= {"ports": [{"name": "http", "containerPort": 8000}],
+                   "readinessProbe": {"httpGet": {"path": "/health", "port": 8000},
+                                      "periodSeconds": 5}}
     return {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": {
         "serviceAccountName": "default",
         "containers": [
-            {"name": "engine", "image": "vllm/vllm-openai:v0.11.0",
-             "ports": [{"name": "http", "containerPort": 8000}],
-             "readinessProbe": {"httpGet": {"path": "/health", "port": 8000},
-                                "periodSeconds": 5},
-             "resources": {"limits": {"nvidia.com/gpu": str(gpus)}}},
+            engine,
             {"name": "gpu-supervisor", "image": "gpu-supervisor:0.1.0",
              "ports": [{"name": "sup-http", "containerPort": 8087}],
              "readinessProbe": {"httpGet": {"path": "/readyz", "port": "sup-http"},

@@ -187,6 +187,10 @@ class EngineSettings:
     failure_threshold: int = setting(
         2, "consecutive failed /health answers before engine_crash or engine_unhealthy",
         "probes", ge=1)
+    startup_seconds: float = setting(
+        1800.0, "an engine that has never answered /health is loading its model, not "
+        "crashed, for this long from the sidecar's first probe (/readyz false meanwhile); "
+        "then engine_unhealthy (EngineNeverStarted)", "s", gt=0)
     stall_seconds: float = setting(
         5.0, "requests running (or waiting) while no progress metric moves for this long is "
         "engine_hang; a 200 from /health does not clear it", "s", gt=0)

@@ -33,5 +33,15 @@ Control, ``POST /_control`` with a JSON object (any subset):
   (each a prompt of P tokens, T generated), so a test needs no client of its own.
 
 ``GET /_control`` returns the current settings and counters.
+
+Laid out as a multi-node group runs (``--workers``): the leader pod's process serves the API
+and rank 0; each worker pod runs ``python -m probes.engine_standin worker`` — no HTTP, one
+TCP stream from the leader, one answer per step. The leader steps only once every worker
+has answered that step (a pipeline stage, a tensor slice), so a worker stopped with SIGSTOP
+or cut off from the leader freezes the leader's counters with its requests still running —
+what the leader's sidecar must see — and a worker that dies takes the engine with it (the
+leader exits, as vLLM does when it loses a rank). ``--load-seconds S``: the port is bound at
+once but answered only S seconds after the workers joined — a model loading, during which a
+health check waits unanswered, as vLLM's does.
 ``python -m probes.engine_standin --port 0`` prints ``{"event": "listening", "port": P}``.
 """

@@ -1,25 +1,43 @@
-"""``python -m probes.engine_standin --port 0``: run the stand-in engine until killed."""
+"""``python -m probes.engine_standin --port 0``: run the stand-in engine until killed;
+``python -m probes.engine_standin worker --host H --port 0``: a worker rank's process, and
+``--workers H:P,...`` on the engine: a leader that steps only with every worker."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import json
+import socket
 import sys
 
 from aiohttp import web
 
-from probes.engine_standin.server import StandinEngine, build_app
+from probes.engine_standin.server import StandinEngine, build_app, serve_worker
+
+
+def _address(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    return host, int(port)
 
 
 async def _serve(args: argparse.Namespace) -> None:
     engine = StandinEngine(args.model, args.step_ms / 1000, args.prefill_chunk)
+    # The port is bound at once and served only once the model is loaded, as vLLM's API
+    # server does: a client meanwhile waits in the backlog, unanswered, not refused.
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((args.host, args.port))
+    sock.listen(128)
+    port = sock.getsockname()[1]
+    print(json.dumps({"event": "listening", "host": args.host, "port": port}), flush=True)
+    if args.workers:
+        await engine.join([_address(w) for w in args.workers.split(",")],
+                          args.bind or args.host, args.join_timeout)
+    await asyncio.sleep(args.load_seconds)
     runner = web.AppRunner(build_app(engine), access_log=None, handle_signals=True)
     await runner.setup()
-    site = web.TCPSite(runner, args.host, args.port)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    print(json.dumps({"event": "listening", "host": args.host, "port": port}), flush=True)
+    await web.SockSite(runner, sock).start()
+    print(json.dumps({"event": "serving", "port": port}), flush=True)
     if args.load:
         engine.set_load(args.load)
     try:
@@ -30,6 +48,9 @@ async def _serve(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m probes.engine_standin")
+    parser.add_argument("role", nargs="?", choices=("engine", "worker"), default="engine",
+                        help="engine: the API server and rank 0 (the leader pod); worker: "
+                             "another rank's process, no HTTP (a worker pod)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--model", default="standin-model")
@@ -39,9 +60,22 @@ def main(argv: list[str] | None = None) -> int:
                         help="prompt tokens a request advances per step while in prefill")
     parser.add_argument("--load", type=int, default=0,
                         help="synthetic requests kept running from the start")
+    parser.add_argument("--workers", default="",
+                        help="host:port,... of the worker processes every step needs")
+    parser.add_argument("--bind", default="",
+                        help="the address the leader reaches its workers from (default "
+                             "--host)")
+    parser.add_argument("--join-timeout", type=float, default=600.0,
+                        help="seconds to wait for every worker to listen")
+    parser.add_argument("--load-seconds", type=float, default=0.0,
+                        help="loading the model: the port is bound but not served for "
+                             "this long after the workers joined")
     args = parser.parse_args(argv)
     try:
-        asyncio.run(_serve(args))
+        if args.role == "worker":
+            asyncio.run(serve_worker(args.host, args.port))
+        else:
+            asyncio.run(_serve(args))
     except KeyboardInterrupt:
         pass
     return 0

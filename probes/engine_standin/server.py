@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -44,6 +45,7 @@ class StandinEngine:
         self.load_tokens = 64
         self.steps = 0
         self.running: list[_Request] = []
+        self.workers: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
         self._load_tasks: set[asyncio.Task[None]] = set()
         self.registry = CollectorRegistry()
         labels = ["engine", "model_name"]
@@ -74,12 +76,48 @@ class StandinEngine:
 
     # --- the scheduler --------------------------------------------------------------------
 
+    async def join(self, workers: list[tuple[str, int]], bind_host: str,
+                   timeout: float) -> None:
+        """Connect to every worker (they start when the leader does, so each is retried until
+        it listens): from ``bind_host``, the leader pod's own address, so a cut between the
+        two pods' addresses cuts this link too."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        for host, port in workers:
+            while True:
+                try:
+                    link = await asyncio.open_connection(host, port,
+                                                         local_addr=(bind_host, 0))
+                    break
+                except OSError:
+                    if asyncio.get_running_loop().time() > deadline:
+                        raise
+                    await asyncio.sleep(0.2)
+            self.workers.append(link)
+
     async def run(self) -> None:
         while True:
             await asyncio.sleep(self.step_seconds * self.slow)
             if self.hang:
                 continue
+            if self.running and self.workers:
+                await self._step_workers()
             self.step()
+
+    async def _step_workers(self) -> None:
+        """Every worker computes its share of the step (its pipeline stage, its tensor
+        slice) before the step is done: one that is stopped or cut off holds the step, and
+        the leader's counters, where they are. One that is gone kills the engine, as a lost
+        rank kills vLLM's."""
+        for _, writer in self.workers:
+            writer.write(b"s\n")
+        try:
+            for rank, (reader, writer) in enumerate(self.workers, start=1):
+                await writer.drain()
+                if not await reader.readline():
+                    raise ConnectionError(f"worker {rank} closed its connection")
+        except OSError as exc:
+            print(json.dumps({"event": "engine dead", "error": str(exc)}), flush=True)
+            os._exit(1)  # no cleanup, no answer: the API server goes with its engine
 
     def step(self) -> None:
         self.steps += 1
@@ -128,6 +166,29 @@ class StandinEngine:
 
     def metrics(self) -> bytes:
         return generate_latest(self.registry)
+
+
+async def serve_worker(host: str, port: int) -> None:
+    """A worker's process: no HTTP, one TCP stream from its leader, one answer per step.
+    It exits when its leader goes (a headless vLLM worker without its engine has nothing to
+    serve)."""
+    done = asyncio.get_running_loop().create_future()
+
+    async def leader(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while await reader.readline():
+                writer.write(b"k\n")
+                await writer.drain()
+        except OSError:
+            pass
+        if not done.done():
+            done.set_result(None)
+
+    server = await asyncio.start_server(leader, host, port)
+    bound = server.sockets[0].getsockname()
+    print(json.dumps({"event": "listening", "host": bound[0], "port": bound[1]}), flush=True)
+    async with server:
+        await done
 
 
 def build_app(engine: StandinEngine) -> web.Application:

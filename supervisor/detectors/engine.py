@@ -11,6 +11,12 @@ Three questions, three fault classes, all about this pod:
   ``/health`` does not clear it, since a hung engine keeps answering that — or, while idle,
   a one-token canary completion did not finish within its deadline.
 
+An engine that has never answered its health check is *loading* (a 70B model takes minutes
+to load, and vLLM binds its port long before it answers on it): nothing it does then is a
+crash or unhealthy, for ``startup_seconds`` from the sidecar's first probe; after that, never
+having answered is ``engine_unhealthy`` (``EngineNeverStarted``). The pod is not ready
+until the engine has answered once.
+
 The stall window starts at the later of the last progress seen and the moment the engine
 became busy, so an engine that was idle for an hour is not "stalled" on its first request.
 Progress is any change of any progress metric, gauges included: a long prefill under
@@ -36,6 +42,8 @@ class EngineDetector:
         self._stall_key = FindingKey(FaultClass.ENGINE_HANG, subject.id, "stall")
         self._canary_key = FindingKey(FaultClass.ENGINE_HANG, subject.id, "canary")
         self._metrics_key = FindingKey(FaultClass.ENGINE_UNHEALTHY, subject.id, "metrics")
+        self.started = False  # the engine has answered its health check at least once
+        self.first_probe: float | None = None
         self.refused = 0  # consecutive
         self.unhealthy = 0  # consecutive
         self.metrics_failures = 0  # consecutive
@@ -53,11 +61,14 @@ class EngineDetector:
     # --- /health ---------------------------------------------------------------------------
 
     def health_ok(self) -> list[Verdict]:
+        self.started = True
         self.refused = self.unhealthy = 0
         return [Verdict.clear(k) for k in self._keys.values()]
 
-    def health_failed(self, why: str, refused: bool, status: int | None = None
-                      ) -> list[Verdict]:
+    def health_failed(self, why: str, refused: bool, *, now: float,
+                      status: int | None = None) -> list[Verdict]:
+        if not self.started:
+            return self._not_started(why, now)
         threshold = self.settings.failure_threshold
         if refused:
             self.refused += 1
@@ -76,6 +87,19 @@ class EngineDetector:
             self._keys[FaultClass.ENGINE_UNHEALTHY], Severity.CRITICAL, "EngineHealthFailing",
             f"engine health check failing ({self.unhealthy} probes): {why}", "restart_group",
             probes=self.unhealthy, status=status, error=why)]
+
+    def _not_started(self, why: str, now: float) -> list[Verdict]:
+        if self.first_probe is None:
+            self.first_probe = now
+        loading = now - self.first_probe
+        if loading < self.settings.startup_seconds:
+            return []
+        return [self._verdict(
+            self._keys[FaultClass.ENGINE_UNHEALTHY], Severity.CRITICAL, "EngineNeverStarted",
+            f"engine at {self.settings.url} has not answered its health check in "
+            f"{loading:.0f}s since the sidecar started (engine.startup_seconds "
+            f"{self.settings.startup_seconds:g}): {why}", "restart_group",
+            loading_seconds=round(loading, 1), error=why)]
 
     # --- progress --------------------------------------------------------------------------
 
@@ -110,6 +134,8 @@ class EngineDetector:
 
     def load_failed(self, why: str) -> list[Verdict]:
         """The metrics could not be read: progress cannot be judged."""
+        if not self.started:
+            return []  # loading: nothing to judge yet
         self.metrics_failures += 1
         if self.metrics_failures < self.settings.failure_threshold:
             return []

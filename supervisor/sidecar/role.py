@@ -172,15 +172,17 @@ class Sidecar:
         try:
             answer = await with_deadline("engine health", engine.health(), timeout)
         except DeadlineExceeded as exc:
-            verdicts += det.health_failed(str(exc), refused=False)
+            verdicts += det.health_failed(str(exc), refused=False, now=self.clock.monotonic())
         except EngineCallFailed as exc:
-            verdicts += det.health_failed(str(exc), refused=exc.refused)
+            verdicts += det.health_failed(str(exc), refused=exc.refused,
+                                          now=self.clock.monotonic())
         else:
             if 200 <= answer.status < 300:
                 verdicts += det.health_ok()
             else:
                 verdicts += det.health_failed(f"health answered {answer.status}",
-                                              refused=False, status=answer.status)
+                                              refused=False, status=answer.status,
+                                              now=self.clock.monotonic())
         try:
             load = await with_deadline("engine metrics", engine.load(), timeout)
         except (DeadlineExceeded, EngineCallFailed) as exc:
@@ -298,7 +300,7 @@ class Sidecar:
         checks = {"group-formed": not self.peers.joining(self.clock.monotonic()),
                   "group-reachable": FaultClass.PARTITION not in problems}
         if self.engine is not None:
-            checks["engine-probed"] = self.engine_probes > 0
+            checks["engine-started"] = self.engine_detector.started
             checks["engine-serving"] = not problems & {
                 FaultClass.ENGINE_CRASH, FaultClass.ENGINE_UNHEALTHY, FaultClass.ENGINE_HANG}
         if self.collective is not None:

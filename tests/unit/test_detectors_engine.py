@@ -85,9 +85,10 @@ class TestHealth:
     def test_refused_connections_are_a_crash_after_the_threshold(self) -> None:
         """One refused probe is not enough; two in a row are engine_crash."""
         rig = Rig(failure_threshold=2)
-        rig.feed(rig.det.health_failed("connection refused", refused=True))
+        rig.feed(rig.det.health_ok())
+        rig.feed(rig.det.health_failed("connection refused", refused=True, now=rig.t))
         assert rig.reasons() == set()
-        rig.feed(rig.det.health_failed("connection refused", refused=True))
+        rig.feed(rig.det.health_failed("connection refused", refused=True, now=rig.t))
         assert rig.reasons() == {"EngineNotListening"}
         rig.feed(rig.det.health_ok())
         assert rig.reasons() == set()
@@ -95,11 +96,43 @@ class TestHealth:
     def test_error_status_is_unhealthy_not_a_crash(self) -> None:
         """503s from a listening engine are engine_unhealthy; a crash replaces it."""
         rig = Rig(failure_threshold=2)
+        rig.feed(rig.det.health_ok())
         for _ in range(2):
-            rig.feed(rig.det.health_failed("answered 503", refused=False, status=503))
+            rig.feed(rig.det.health_failed("answered 503", refused=False, now=rig.t, status=503))
         assert rig.reasons() == {"EngineHealthFailing"}
         for _ in range(2):
-            rig.feed(rig.det.health_failed("connection refused", refused=True))
+            rig.feed(rig.det.health_failed("connection refused", refused=True, now=rig.t))
+        assert rig.reasons() == {"EngineNotListening"}
+
+
+class TestStartup:
+    def test_an_engine_loading_its_model_is_neither_crashed_nor_unhealthy(self) -> None:
+        """Refused, unanswered or 503 before the engine has ever answered: loading, for
+        startup_seconds — no finding, however many probes fail."""
+        rig = Rig(failure_threshold=2, startup_seconds=600)
+        for _ in range(599):
+            rig.t += 1
+            rig.feed(rig.det.health_failed("connection refused", refused=True, now=rig.t))
+            rig.feed(rig.det.health_failed("timed out", refused=False, now=rig.t))
+            rig.feed(rig.det.load_failed("timed out"))
+        assert rig.reasons() == set()
+        assert not rig.det.started
+
+    def test_an_engine_that_never_answers_is_unhealthy_after_the_startup_window(self) -> None:
+        rig = Rig(failure_threshold=2, startup_seconds=600)
+        rig.feed(rig.det.health_failed("timed out", refused=False, now=0.0))
+        rig.feed(rig.det.health_failed("timed out", refused=False, now=600.0))
+        assert rig.reasons() == {"EngineNeverStarted"}
+        rig.feed(rig.det.health_ok())  # it got there in the end
+        assert rig.reasons() == set()
+
+    def test_once_it_has_answered_a_refusal_is_a_crash_again(self) -> None:
+        """The window is the first start only: a crash after serving is a crash."""
+        rig = Rig(failure_threshold=2, startup_seconds=600)
+        rig.feed(rig.det.health_failed("connection refused", refused=True, now=0.0))
+        rig.feed(rig.det.health_ok())
+        for _ in range(2):
+            rig.feed(rig.det.health_failed("connection refused", refused=True, now=1.0))
         assert rig.reasons() == {"EngineNotListening"}
 
 
