@@ -3,11 +3,11 @@
 Real processes throughout: sidecars (shipped defaults), the stand-in engine, a real vLLM
 (CPU build, tiny random-weight model), hosts in network namespaces cut with iptables.
 
-- ``engine_hang_detect_s_p99``: from the moment the engine stops (the stand-in told to
-  hang; vLLM's ``VLLM::EngineCore`` sent SIGSTOP) under load to the sidecar's
-  ``engine_hang`` finding (its ``first_seen``), with the shipped defaults (5 s stall window,
-  1 s probes). Measured on both engines (``..._standin``, ``..._vllm``); the headline figure
-  is the worse of the two.
+- ``engine_hang_detect_s_p99``: from the moment the engine stops under load to the
+  sidecar's ``engine_hang`` finding, with the shipped defaults, per layout — the stand-in
+  alone and as a leader with a worker, vLLM's engine core, a pipeline-parallel and a
+  tensor-parallel vLLM's second rank (``python -m bench engine_hang``, which this runs);
+  the headline figure is the worst layout.
 - ``partition_detect_s_p99``: from the iptables rule (or the kill) to each expected
   member's partition finding, over every trial of every cut kind (default 0.25 s
   heartbeats). Four sidecars, one per host.
@@ -32,23 +32,18 @@ Real processes throughout: sidecars (shipped defaults), the stand-in engine, a r
 from __future__ import annotations
 
 import contextlib
-import os
 import random
-import signal
 import statistics
 import tempfile
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from bench import engine_hang
 from bench.netns import Hosts
 from simulator.processes import (
-    CompletionLoad,
-    EngineProcess,
     SidecarProcess,
-    VllmProcess,
     metric_value,
 )
 from simulator.starve import cpu_hog, cpu_quota, stop_for, throttled_seconds
@@ -60,49 +55,6 @@ SOLO = {"pod_name": "llama-0", "pod_namespace": "serving", "group_name": "llama"
 def p99(samples: list[float]) -> float:
     ordered = sorted(samples)
     return round(ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))], 3)
-
-
-def _hang_trial(car: SidecarProcess, stop: Callable[[], object], resume: Callable[[], object]
-                ) -> float:
-    time.sleep(2.0)  # progress under load first
-    started = time.time()
-    stop()
-    try:
-        found = car.wait_for(lambda: car.findings("engine_hang"), timeout=60,
-                             what="engine_hang", poll=0.1)[0]
-    finally:
-        resume()
-    car.wait_for(lambda: not car.findings("engine_hang"), timeout=60, what="cleared",
-                 poll=0.1)
-    return float(found["first_seen"]) - started
-
-
-def hang_standin(workdir: Path, trials: int) -> list[float]:
-    engine = EngineProcess(workdir / "standin").start()
-    car = SidecarProcess(workdir / "standin", "solo", {
-        "sidecar": SOLO, "engine": {"url": engine.url}}).start()
-    try:
-        engine.control(load=4)
-        return [_hang_trial(car, lambda: engine.control(hang=True),
-                            lambda: engine.control(hang=False)) for _ in range(trials)]
-    finally:
-        car.stop()
-        engine.stop()
-
-
-def hang_vllm(workdir: Path, trials: int) -> list[float]:
-    server = VllmProcess(workdir / "vllm").start()
-    car = SidecarProcess(workdir / "vllm", "solo", {
-        "sidecar": SOLO, "engine": {"url": server.url}}).start()
-    try:
-        core = server.engine_core_pid()
-        with CompletionLoad(server.url, "tiny-llama"):
-            return [_hang_trial(car, lambda: os.kill(core, signal.SIGSTOP),
-                                lambda: os.kill(core, signal.SIGCONT))
-                    for _ in range(trials)]
-    finally:
-        car.stop()
-        server.stop()
 
 
 class Group:
@@ -313,8 +265,7 @@ def starved(workdir: Path, minutes: float) -> dict[str, float]:
 def run(quick: bool = False) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="bench-detection-") as tmp:
         work = Path(tmp)
-        standin = hang_standin(work, 5 if quick else 20)
-        vllm = hang_vllm(work, 2 if quick else 6)
+        hangs = engine_hang.layouts(work, 3 if quick else engine_hang.TRIALS)
         samples, wrong, trials = partitions(work, 2 if quick else 10)
         minutes = 1.0 if quick else 10.0
         false = noise(work, minutes)
@@ -322,11 +273,7 @@ def run(quick: bool = False) -> dict[str, Any]:
     return {
         **starvation,
         "starved_minutes": minutes,
-        "engine_hang_detect_s_p99": max(p99(standin), p99(vllm)),
-        "engine_hang_detect_s_p99_standin": p99(standin),
-        "engine_hang_detect_s_p99_vllm": p99(vllm),
-        "engine_hang_detect_s_median": round(statistics.median(standin + vllm), 3),
-        "engine_hang_trials": len(standin) + len(vllm),
+        **engine_hang.figures(hangs),
         "partition_detect_s_p99": p99(samples),
         "partition_detect_s_median": round(statistics.median(samples), 3),
         "partition_misclassified": wrong,

@@ -8,6 +8,15 @@ names those counters differently; a *preset* says which to read.
 
 Presets, checked against each engine's source:
 
+Every gauge and counter above is computed by the engine core and only *published* by the
+API server, so all of them freeze together when a rank stops — at whatever the last
+snapshot said, and vLLM's last snapshot often reads 0 running and 0 waiting with requests in
+flight. The API server's own count of requests it is answering does not freeze with the
+engine: vLLM keeps it at ``GET /load`` (``{"server_load": N}``, counted by the serving
+routes themselves) when started with ``--enable-server-load-tracking``; without that flag it
+reads 0 and the gauges are all there is. A preset names that path (``inflight_path``), and
+busy means any of the three above zero.
+
 - ``vllm`` — vLLM V1, ``vllm/v1/metrics/loggers.py`` (0.32.0): gauges
   ``vllm:num_requests_running`` and ``vllm:num_requests_waiting``; counters
   ``vllm:generation_tokens_total``, ``vllm:prompt_tokens_total``,
@@ -43,7 +52,7 @@ import errno
 import json
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
@@ -60,6 +69,7 @@ class EnginePreset:
     running: tuple[str, ...]  # sample names summed: requests being computed
     waiting: tuple[str, ...]  # sample names summed: requests queued
     progress: tuple[str, ...]  # sample names: any change means the engine moved
+    inflight_path: str = ""  # JSON: requests the API server is answering; "" = none
 
 
 PRESETS: dict[str, EnginePreset] = {
@@ -68,7 +78,8 @@ PRESETS: dict[str, EnginePreset] = {
         running=("vllm:num_requests_running",), waiting=("vllm:num_requests_waiting",),
         progress=("vllm:generation_tokens_total", "vllm:prompt_tokens_total",
                   "vllm:iteration_tokens_total_count", "vllm:kv_cache_usage_perc",
-                  "vllm:request_success_total", "vllm:num_preemptions_total")),
+                  "vllm:request_success_total", "vllm:num_preemptions_total"),
+        inflight_path="/load"),
     "sglang": EnginePreset(
         "sglang", "/health", "/metrics", "/v1/completions",
         running=("sglang:num_running_reqs",), waiting=("sglang:num_queue_reqs",),
@@ -114,10 +125,11 @@ class EngineLoad:
     waiting: float
     progress: tuple[float | None, ...]  # in the preset's order; None: not exported
     missing: tuple[str, ...] = field(default=())  # progress metrics it does not export
+    inflight: float | None = None  # what the API server is answering; None: not exported
 
     @property
     def busy(self) -> bool:
-        return self.running + self.waiting > 0
+        return self.running + self.waiting > 0 or (self.inflight or 0) > 0
 
 
 def parse_load(text: str, preset: EnginePreset) -> EngineLoad:
@@ -174,10 +186,24 @@ class EngineClient:
             raise EngineCallFailed(f"GET {self.preset.metrics_path} answered {status}",
                                    status=status)
         try:
-            return parse_load(text, self.preset)
+            load = parse_load(text, self.preset)
         except ValueError as exc:
             raise EngineCallFailed(f"{self.preset.metrics_path} is not Prometheus text: "
                                    f"{exc}") from exc
+        if not self.preset.inflight_path:
+            return load
+        return replace(load, inflight=await self.inflight())
+
+    async def inflight(self) -> float | None:
+        """Requests the API server is answering, by its own count (None: it keeps none)."""
+        status, text = await self._get(self.preset.inflight_path)
+        if status != 200:
+            return None
+        try:
+            value = json.loads(text)["server_load"]
+        except (ValueError, KeyError, TypeError):
+            return None
+        return float(value) if isinstance(value, int | float) else None
 
     async def model(self) -> str:
         """The first model the engine serves (``/v1/models``), for the canary."""

@@ -575,9 +575,11 @@ class VllmProcess:
     """A real vLLM OpenAI server on CPU serving a tiny random-weight Llama (no hub, no
     tokenizer): API server → ``VLLM::EngineCore`` → ``VLLM::Worker``."""
 
-    def __init__(self, workdir: Path, python: str | None = None) -> None:
+    def __init__(self, workdir: Path, python: str | None = None,
+                 extra: list[str] | None = None) -> None:
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
+        self.extra = extra or []  # e.g. --pipeline-parallel-size 2
         self.python = python or vllm_python()
         self.log_path = workdir / "vllm.log"
         self.model_dir = workdir / "tiny-llama"
@@ -598,7 +600,7 @@ class VllmProcess:
                 "--model", str(self.model_dir), "--served-model-name", "tiny-llama",
                 "--load-format", "dummy", "--skip-tokenizer-init", "--dtype", "float32",
                 "--max-model-len", "256", "--enforce-eager", "--host", "127.0.0.1",
-                "--port", str(self.port)]
+                "--port", str(self.port), *self.extra]
         with self.log_path.open("wb") as log:
             self.proc = _spawn(args, log, env)
         deadline = time.monotonic() + ready_timeout
@@ -617,15 +619,21 @@ class VllmProcess:
 
     def engine_core_pid(self) -> int:
         """The ``VLLM::EngineCore`` process among the server's descendants."""
+        return self.process_pid("EngineCore")
+
+    def process_pid(self, title: str) -> int:
+        """The descendant vLLM titled ``VLLM::<title>`` (``EngineCore``, ``Worker_PP1``,
+        ``Worker_TP1``)."""
         assert self.proc is not None
         for pid in _descendants(self.proc.pid):
             try:
                 cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
             except OSError:
                 continue
-            if b"EngineCore" in cmdline:
+            if f"VLLM::{title}".encode() in cmdline or (
+                    title == "EngineCore" and b"EngineCore" in cmdline):
                 return pid
-        raise RuntimeError("no VLLM::EngineCore process found")
+        raise RuntimeError(f"no VLLM::{title} process found")
 
     def health(self) -> int:
         try:

@@ -174,6 +174,10 @@ class EngineSettings:
     health_path: str = setting("", "override the preset's health path", "path")
     metrics_path: str = setting("", "override the preset's Prometheus metrics path", "path")
     completions_path: str = setting("", "override the preset's completions path", "path")
+    inflight_path: str = setting(
+        "", "override the preset's path of the API server's own in-flight count (vLLM: "
+        "/load, kept with --enable-server-load-tracking), which does not freeze when the "
+        "engine does; off = read none", "path")
     running_metrics: list[str] = setting(
         [], "override: metric samples summed as requests running")
     waiting_metrics: list[str] = setting(

@@ -15,6 +15,8 @@ It answers like vLLM 0.32:
   ``vllm:prompt_tokens_total``, ``vllm:request_success_total``,
   ``vllm:num_preemptions_total``; the histogram ``vllm:iteration_tokens_total`` (one
   observation per step that produced output);
+- ``GET /load``: ``{"server_load": N}``, the completions its API is answering (vLLM with
+  ``--enable-server-load-tracking``);
 - ``GET /v1/models``; ``POST /v1/completions`` with ``prompt`` as token ids (or text,
   counted as one token per word) and ``max_tokens``.
 

@@ -44,6 +44,7 @@ class StandinEngine:
         self.load_prompt = 16
         self.load_tokens = 64
         self.steps = 0
+        self.inflight = 0  # completions the API is answering (vLLM's /load)
         self.running: list[_Request] = []
         self.workers: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
         self._load_tasks: set[asyncio.Task[None]] = set()
@@ -201,6 +202,9 @@ def build_app(engine: StandinEngine) -> web.Application:
         return web.Response(body=engine.metrics(),
                             content_type="text/plain", charset="utf-8")
 
+    async def load(_: web.Request) -> web.Response:
+        return web.json_response({"server_load": engine.inflight})
+
     async def models(_: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": [
             {"id": engine.model, "object": "model", "owned_by": "standin"}]})
@@ -209,7 +213,11 @@ def build_app(engine: StandinEngine) -> web.Application:
         body = await request.json()
         prompt = body.get("prompt", [])
         tokens = len(prompt) if isinstance(prompt, list) else len(str(prompt).split())
-        generated = await engine.generate(tokens, int(body.get("max_tokens") or 16))
+        engine.inflight += 1
+        try:
+            generated = await engine.generate(tokens, int(body.get("max_tokens") or 16))
+        finally:
+            engine.inflight -= 1
         return web.json_response({
             "id": f"cmpl-{next(completion_ids)}", "object": "text_completion",
             "created": int(time.time()), "model": engine.model,
@@ -240,6 +248,7 @@ def build_app(engine: StandinEngine) -> web.Application:
     app = web.Application()
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
+    app.router.add_get("/load", load)
     app.router.add_get("/v1/models", models)
     app.router.add_post("/v1/completions", completions)
     app.router.add_route("*", "/_control", control)

@@ -6,7 +6,9 @@ Three questions, three fault classes, all about this pod:
   ``failure_threshold`` times in a row) — the process is gone;
 - ``engine_unhealthy``: it listens but its health check fails (an error status, or no
   answer within the deadline), ``failure_threshold`` times in a row;
-- ``engine_hang``: the data plane stopped. Either requests are running (or waiting) while
+- ``engine_hang``: the data plane stopped. Either requests are running (or waiting, or in
+  flight by the API server's own count — the one number that does not freeze with the
+  engine's gauges) while
   none of the engine's progress metrics has moved for ``stall_seconds`` — a 200 from
   ``/health`` does not clear it, since a hung engine keeps answering that — or, while idle,
   a one-token canary completion did not finish within its deadline.
@@ -125,12 +127,14 @@ class EngineDetector:
         stalled = now - since
         if stalled < self.settings.stall_seconds:
             return [*verdicts, Verdict.clear(self._stall_key)]
+        inflight = "" if load.inflight is None else \
+            f" ({load.inflight:g} in flight at its API server)"
         return [*verdicts, self._verdict(
             self._stall_key, Severity.CRITICAL, "EngineStalled",
-            f"{load.running:g} request(s) running and {load.waiting:g} waiting, but no "
-            f"progress metric has moved for {stalled:.1f}s", "restart_group",
-            running=load.running, waiting=load.waiting, stalled_seconds=round(stalled, 3),
-            missing_metrics=list(load.missing))]
+            f"{load.running:g} request(s) running and {load.waiting:g} waiting{inflight}, but "
+            f"no progress metric has moved for {stalled:.1f}s", "restart_group",
+            running=load.running, waiting=load.waiting, inflight=load.inflight,
+            stalled_seconds=round(stalled, 3), missing_metrics=list(load.missing))]
 
     def load_failed(self, why: str) -> list[Verdict]:
         """The metrics could not be read: progress cannot be judged."""

@@ -34,7 +34,9 @@ def preset(settings: EngineSettings) -> EnginePreset:
         completions_path=settings.completions_path or base.completions_path,
         running=tuple(settings.running_metrics) or base.running,
         waiting=tuple(settings.waiting_metrics) or base.waiting,
-        progress=tuple(settings.progress_metrics) or base.progress)
+        progress=tuple(settings.progress_metrics) or base.progress,
+        inflight_path="" if settings.inflight_path == "off"
+        else settings.inflight_path or base.inflight_path)
 
 
 async def run_sidecar(settings: Settings) -> None:

@@ -1,9 +1,12 @@
 """The sidecar against a real engine process (the stand-in, speaking vLLM's surface) on
-loopback: hang, crash, unhealthy, a long prefill, an idle hang caught by the canary — and
-the pod's traffic signal (/readyz) following them while /livez stays about the sidecar."""
+loopback: hang, crash, unhealthy, a long prefill, an idle hang caught by the canary, an
+engine loading its model, a group's worker process stopped or killed behind its leader —
+and the pod's traffic signal (/readyz) following them while /livez stays about the
+sidecar."""
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import time
@@ -13,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from simulator.processes import EngineProcess, SidecarProcess
+from simulator.processes import EngineProcess, EngineWorkerProcess, SidecarProcess, free_port
 
 SOLO = {"pod_name": "llama-0", "pod_namespace": "serving", "group_name": "llama",
         "group_index": "0", "group_size": 1, "rank": 0, "peers": ["127.0.0.1"]}
@@ -75,12 +78,13 @@ def test_crashed_engine_is_found_and_unready(tmp_path: Path, engine: EngineProce
 
 def test_a_refused_probe_is_confirmed_at_once_not_a_period_later(
         tmp_path: Path, engine: EngineProcess) -> None:
-    """With a 30 s probe period the crash is still found within seconds: the second of
-    the two refusals engine_crash needs is asked for right after the first, not a period
-    later. (The sidecar's first probe, at its start, is the first refusal.)"""
-    engine.control(crash=True)
-    car = sidecar(tmp_path, engine, probe_seconds=30.0)
+    """With a 10 s probe period a crash is found at the next probe, not the one after: the
+    second of the two refusals engine_crash needs is asked for right after the first, not
+    a period later (which would take 10 to 20 s)."""
+    car = sidecar(tmp_path, engine, probe_seconds=10.0)
     try:
+        car.wait_for(lambda: car.get("/readyz")[0] == 200, what="ready")
+        engine.control(crash=True)
         crash = car.wait_for(lambda: car.findings("engine_crash"), timeout=15,
                              what="engine_crash")[0]
         assert crash["evidence"]["probes"] == 2
@@ -134,6 +138,82 @@ def test_idle_engine_that_hangs_is_caught_by_the_canary(tmp_path: Path,
         car.wait_for(lambda: not car.findings("engine_hang"), timeout=20, what="cleared")
     finally:
         assert car.stop() == 0
+
+
+@pytest.fixture(name="pipeline")
+def _pipeline(tmp_path: Path) -> Iterator[tuple[EngineProcess, EngineWorkerProcess]]:
+    """A group of two as the example lays it out: the worker pod's process (no HTTP) on
+    127.0.1.2, the leader's engine on 127.0.1.1 stepping only with it."""
+    worker = EngineWorkerProcess(tmp_path / "worker", "127.0.1.2", free_port()).start()
+    leader = EngineProcess(tmp_path / "leader", extra=[
+        "--workers", worker.address, "--bind", "127.0.1.1"]).start()
+    yield leader, worker
+    worker.stop()
+    leader.stop()
+
+
+def test_a_stopped_worker_freezes_its_leader_whose_sidecar_sees_the_hang(
+        tmp_path: Path, pipeline: tuple[EngineProcess, EngineWorkerProcess]) -> None:
+    """SIGSTOP of the worker pod's process (no endpoint of its own): the leader's engine
+    waits for it at the next step, its counters freeze with the requests running and its
+    /health stays 200 — the leader's sidecar raises engine_hang; SIGCONT clears it."""
+    leader, worker = pipeline
+    car = sidecar(tmp_path, leader, stall_seconds=2.0)
+    try:
+        leader.control(load=4)
+        car.wait_for(lambda: car.get("/readyz")[0] == 200, what="ready")
+        steps = leader.control()["steps"]
+        time.sleep(1)
+        assert leader.control()["steps"] > steps  # the pipeline steps
+        worker.signal(signal.SIGSTOP)
+        hang = car.wait_for(lambda: car.findings("engine_hang"), what="engine_hang")[0]
+        assert hang["reason"] == "EngineStalled" and hang["evidence"]["running"] == 4
+        frozen = leader.control()["steps"]
+        time.sleep(0.5)
+        assert leader.control()["steps"] == frozen
+        assert car.get("/readyz")[0] == 503
+        assert not car.findings("engine_unhealthy") and not car.findings("engine_crash")
+        worker.signal(signal.SIGCONT)
+        car.wait_for(lambda: not car.findings("engine_hang"), what="hang cleared")
+    finally:
+        worker.signal(signal.SIGCONT)
+        assert car.stop() == 0
+
+
+def test_a_killed_worker_takes_its_leader_down_whose_sidecar_sees_a_crash(
+        tmp_path: Path, pipeline: tuple[EngineProcess, EngineWorkerProcess]) -> None:
+    """SIGKILL of the worker's process: the leader's engine loses a rank at its next step
+    and exits, as vLLM's does; the leader's sidecar finds its port refusing: engine_crash."""
+    leader, worker = pipeline
+    car = sidecar(tmp_path, leader)
+    try:
+        leader.control(load=1)
+        car.wait_for(lambda: car.get("/readyz")[0] == 200, what="ready")
+        worker.signal(signal.SIGKILL)
+        crash = car.wait_for(lambda: car.findings("engine_crash"), what="engine_crash")[0]
+        assert crash["reason"] == "EngineNotListening"
+        assert leader.proc is not None and leader.proc.wait(5) == 1
+    finally:
+        assert car.stop() == 0
+
+
+def test_an_engine_loading_its_model_is_not_ready_and_not_a_finding(tmp_path: Path) -> None:
+    """The port bound but unanswered for 6 s (a model loading; probes time out, as on vLLM
+    before it serves): no finding however many probes fail, /readyz 503 on engine-started;
+    once it answers, ready."""
+    engine = EngineProcess(tmp_path, extra=["--load-seconds", "6"]).start()
+    car = sidecar(tmp_path, engine, probe_seconds=0.3, timeout_seconds=0.5)
+    try:
+        time.sleep(4)
+        code, body = car.get("/readyz")
+        assert code == 503 and "engine-started" in body
+        assert car.findings() == []
+        assert car.status()["engine"]["probes"] >= 2
+        car.wait_for(lambda: car.get("/readyz")[0] == 200, timeout=20, what="ready once loaded")
+        assert car.findings() == []
+    finally:
+        assert car.stop() == 0
+        engine.stop()
 
 
 def test_sidecar_without_a_group_exits_2_naming_the_field(tmp_path: Path) -> None:

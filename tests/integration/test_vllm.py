@@ -81,6 +81,38 @@ def test_engine_core_stopped_under_load_is_a_hang_with_health_200(
         assert car.stop() == 0
 
 
+@pytest.mark.parametrize(("parallel", "worker"), [
+    ("--pipeline-parallel-size", "Worker_PP1"), ("--tensor-parallel-size", "Worker_TP1")])
+def test_a_stopped_worker_rank_under_load_is_a_hang_whatever_the_gauges_say(
+        tmp_path: Path, parallel: str, worker: str) -> None:
+    """vLLM with two ranks (pipeline or tensor parallel 2), as the example serves it with
+    ``--enable-server-load-tracking``; four clients looping; SIGSTOP of the second rank's
+    worker. Every engine metric freezes — often at a snapshot of 0 running, 0 waiting — but
+    the API server's own count of requests in flight does not: engine_hang with the shipped
+    defaults, canary off (so the stall, not a canary, finds it)."""
+    server = VllmProcess(tmp_path / "vllm", extra=[
+        parallel, "2", "--enable-server-load-tracking"]).start()
+    car = sidecar(tmp_path, server)
+    rank = server.process_pid(worker)
+    try:
+        with CompletionLoad(server.url, "tiny-llama") as load:
+            car.wait_for(lambda: load.done >= 4, timeout=60, what="requests completing")
+            os.kill(rank, signal.SIGSTOP)
+            try:
+                hang = car.wait_for(lambda: car.findings("engine_hang"), timeout=30,
+                                    what="engine_hang")[0]
+                assert hang["reason"] == "EngineStalled"
+                assert hang["evidence"]["inflight"] == 4
+                assert server.health() == 200  # vLLM itself sees nothing wrong
+            finally:
+                os.kill(rank, signal.SIGCONT)
+            car.wait_for(lambda: not car.findings("engine_hang"), timeout=30,
+                         what="cleared after SIGCONT")
+    finally:
+        assert car.stop() == 0
+        server.stop()
+
+
 def test_killed_engine_is_a_crash(tmp_path: Path, vllm: VllmProcess) -> None:
     """SIGKILL of VLLM::EngineCore: the API server exits after it, the port refuses,
     engine_crash. (Last in this module: it ends the shared server.)"""

@@ -74,6 +74,26 @@ class TestStall:
         rig.scrape(load(1, 100), times=2)
         assert rig.reasons() == {"EngineStalled"}
 
+    def test_requests_in_flight_at_the_api_server_count_as_busy_when_the_gauges_say_zero(
+            self) -> None:
+        """vLLM's gauges freeze with the engine, often at a snapshot of 0 running and 0
+        waiting; the API server's own in-flight count does not: busy, and a stall."""
+        rig = Rig(stall_seconds=3)
+        rig.scrape(EngineLoad(4, 0, (100.0,), inflight=4))
+        rig.scrape(EngineLoad(0, 0, (101.0,), inflight=4))  # the last snapshot, then frozen
+        rig.scrape(EngineLoad(0, 0, (101.0,), inflight=4), times=2)
+        assert rig.reasons() == set()
+        rig.scrape(EngineLoad(0, 0, (101.0,), inflight=4))
+        assert rig.reasons() == {"EngineStalled"}
+        finding = rig.book.active()[0]
+        assert finding.evidence["inflight"] == 4
+        assert "4 in flight at its API server" in finding.message
+
+    def test_an_engine_whose_api_answers_nothing_is_idle(self) -> None:
+        rig = Rig(stall_seconds=3)
+        rig.scrape(EngineLoad(0, 0, (101.0,), inflight=0), times=10)
+        assert rig.reasons() == set()
+
     def test_waiting_requests_count_as_busy(self) -> None:
         """Requests queued but none running and nothing moving: the scheduler is stuck."""
         rig = Rig(stall_seconds=3)
