@@ -98,7 +98,9 @@ def standin_pp2(workdir: Path, trials: int) -> list[float]:
 
 def vllm(workdir: Path, trials: int, extra: list[str] | None = None,
          process: str = "EngineCore") -> list[float]:
-    server = VllmProcess(workdir / f"vllm-{process}", extra=extra).start()
+    # Pipeline parallel runs compiled: vLLM 0.32's CPU runner fails PP under --enforce-eager.
+    server = VllmProcess(workdir / f"vllm-{process}", extra=extra,
+                         eager="--pipeline-parallel-size" not in (extra or [])).start()
     car = _sidecar(workdir / f"vllm-{process}", server.url)
     try:
         pid = server.process_pid(process)

@@ -576,10 +576,15 @@ class VllmProcess:
     tokenizer): API server → ``VLLM::EngineCore`` → ``VLLM::Worker``."""
 
     def __init__(self, workdir: Path, python: str | None = None,
-                 extra: list[str] | None = None) -> None:
+                 extra: list[str] | None = None, eager: bool = True) -> None:
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.extra = extra or []  # e.g. --pipeline-parallel-size 2
+        # Eager (no torch.compile) starts in seconds; but vLLM 0.32's CPU runner allocates
+        # the buffer a later pipeline stage receives into during the compile warm-up only:
+        # with pipeline parallel and --enforce-eager, Worker_PP1 fails its first step
+        # ("assert self.intermediate_tensors is not None"). PP needs eager=False.
+        self.eager = eager
         self.python = python or vllm_python()
         self.log_path = workdir / "vllm.log"
         self.model_dir = workdir / "tiny-llama"
@@ -592,15 +597,22 @@ class VllmProcess:
     def start(self, ready_timeout: float = 600.0) -> VllmProcess:
         scratch = self.workdir / "scratch"
         scratch.mkdir(exist_ok=True)
+        # vLLM's engine talks to its workers over ZeroMQ sockets under TMPDIR, whose paths
+        # must fit in 107 bytes: a short directory of its own, not the work directory.
+        self.tmp = Path(tempfile.mkdtemp(prefix="vllm-"))
         env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1",
-               "VLLM_CACHE_ROOT": str(scratch / "vllm"), "TMPDIR": str(scratch),
+               "VLLM_CACHE_ROOT": str(scratch / "vllm"), "TMPDIR": str(self.tmp),
                "TORCHINDUCTOR_CACHE_DIR": str(scratch / "inductor"),
                "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
+        if any(a.endswith("-parallel-size") for a in self.extra):
+            # Two ranks on one NUMA node: vLLM's CPU backend refuses to bind each rank's
+            # threads to a node of its own ("Not enough allowed NUMA nodes"); unbound.
+            env["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
         args = [self.python, "-m", "vllm.entrypoints.openai.api_server",
                 "--model", str(self.model_dir), "--served-model-name", "tiny-llama",
                 "--load-format", "dummy", "--skip-tokenizer-init", "--dtype", "float32",
-                "--max-model-len", "256", "--enforce-eager", "--host", "127.0.0.1",
-                "--port", str(self.port), *self.extra]
+                "--max-model-len", "256", "--host", "127.0.0.1", "--port", str(self.port),
+                *(["--enforce-eager"] if self.eager else []), *self.extra]
         with self.log_path.open("wb") as log:
             self.proc = _spawn(args, log, env)
         deadline = time.monotonic() + ready_timeout
@@ -651,6 +663,7 @@ class VllmProcess:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGCONT)
                 os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(self.tmp, ignore_errors=True)
         return code
 
 

@@ -91,12 +91,13 @@ def test_a_stopped_worker_rank_under_load_is_a_hang_whatever_the_gauges_say(
     the API server's own count of requests in flight does not: engine_hang with the shipped
     defaults, canary off (so the stall, not a canary, finds it)."""
     server = VllmProcess(tmp_path / "vllm", extra=[
-        parallel, "2", "--enable-server-load-tracking"]).start()
+        parallel, "2", "--enable-server-load-tracking"],
+        eager=parallel != "--pipeline-parallel-size").start()
     car = sidecar(tmp_path, server)
     rank = server.process_pid(worker)
     try:
         with CompletionLoad(server.url, "tiny-llama") as load:
-            car.wait_for(lambda: load.done >= 4, timeout=60, what="requests completing")
+            car.wait_for(lambda: load.done >= 4, timeout=120, what="requests completing")
             os.kill(rank, signal.SIGSTOP)
             try:
                 hang = car.wait_for(lambda: car.findings("engine_hang"), timeout=30,
