@@ -10,9 +10,11 @@ server: *traffic off* is the moment the replica's leader stops being a ready end
 model's EndpointSlice.
 
 Printed per kind (seconds): ``<kind>_traffic_off_s_p50``/``_p99``, ``<kind>_detect_s_p99``
-(the daemon's first finding), ``<kind>_recovered_s_p99`` (back in the EndpointSlice with new
-pods), and ``<kind>_requests_to_sick_p99`` (requests the load generator, 20 a second over
-both groups, sent to the replica before its traffic was off). Kinds: ``xid_fatal`` (XID 79),
+(the daemon's first finding), ``<kind>_recovered_s_p50``/``_p99`` (back in the
+EndpointSlice with new pods), and of the requests the load generator (20 a second over both
+groups) sent to the replica before its traffic was off: ``<kind>_requests_to_sick_p99``
+(all of them), ``<kind>_requests_lost_p99`` (failed or hung: what the fault cost) and
+``<kind>_requests_answered_by_sick_p99`` (answered all the same). Kinds: ``xid_fatal`` (XID 79),
 ``engine_crash`` (the leader's engine exits), ``nccl_hang`` (a worker pod's engine process
 stopped with SIGSTOP while requests run: the leader's engine waits for that rank at every
 step, as it would for a rank hung in a collective — seen only by the leader's sidecar, the
@@ -130,11 +132,17 @@ def run(quick: bool = False) -> dict[str, Any]:
         for step, label in (("traffic_off", "traffic_off_s"), ("detected", "detect_s"),
                             ("recovered", "recovered_s")):
             values = [v for r in found if (v := r.at(step)) is not None]
-            if step == "traffic_off":
+            if step in ("traffic_off", "recovered"):
                 figures[f"{name}_{label}_p50"] = _percentile(values, 50)
             figures[f"{name}_{label}_p99"] = _percentile(values, 99)
+        splits = [r.sick_split() for r in found]
         figures[f"{name}_requests_to_sick_p99"] = _percentile(
             [float(r.sick_requests) for r in found], 99)
+        # What the fault cost, apart from what the sick replica still answered.
+        figures[f"{name}_requests_lost_p99"] = _percentile(
+            [float(c["failed"] + c["hung"]) for c in splits], 99)
+        figures[f"{name}_requests_answered_by_sick_p99"] = _percentile(
+            [float(c["answered"]) for c in splits], 99)
         figures[f"baseline_{name}_traffic_off_s"] = BASELINES[name]
     figures["baseline_source"] = "documented timers of vLLM, Kubernetes and LWS (README)"
     return figures
