@@ -198,6 +198,10 @@ class EngineSettings:
     stall_seconds: float = setting(
         5.0, "requests running (or waiting) while no progress metric moves for this long is "
         "engine_hang; a 200 from /health does not clear it", "s", gt=0)
+    stall_step_multiple: float = setting(
+        3.0, "the stall window widens to this many times the longest of the engine's last "
+        "8 waits between progress moves while busy (a long prefill's chunks slow down as its "
+        "context grows)", "x", ge=1)
     canary: bool = setting(
         True, "when idle, send a 1-token completion (token ids, no tokenizer) now and then: "
         "a hang with no requests running has no stall to see")

@@ -19,6 +19,8 @@ crash or unhealthy, for ``startup_seconds`` from the sidecar's first probe; afte
 having answered is ``engine_unhealthy`` (``EngineNeverStarted``). The pod is not ready
 until the engine has answered once.
 
+The window is ``stall_seconds``, widened to ``stall_step_multiple`` times the longest of
+the engine's last few waits between moves while busy (see :meth:`EngineDetector.stall_window`).
 The stall window starts at the later of the last progress seen and the moment the engine
 became busy, so an engine that was idle for an hour is not "stalled" on its first request.
 Progress is any change of any progress metric, gauges included: a long prefill under
@@ -30,9 +32,14 @@ Time is passed in (monotonic seconds), so the detector is tested without sleepin
 
 from __future__ import annotations
 
+from collections import deque
+
 from probes.engine import EngineLoad
 from supervisor.config import EngineSettings
 from supervisor.findings import FaultClass, FindingKey, Severity, Subject, Verdict
+
+
+RECENT_WAITS = 8  # the waits between progress moves the stall window is sized from
 
 
 class EngineDetector:
@@ -54,6 +61,7 @@ class EngineDetector:
         self.busy_since: float | None = None
         self.idle_since: float | None = None
         self.last_load: EngineLoad | None = None
+        self._waits: deque[float] = deque(maxlen=RECENT_WAITS)
 
     def _verdict(self, key: FindingKey, severity: Severity, reason: str, message: str,
                  action: str, **evidence: object) -> Verdict:
@@ -112,6 +120,10 @@ class EngineDetector:
         verdicts = [Verdict.clear(self._metrics_key)]
         if load.progress != self._progress:
             if self._progress is not None:
+                if self.busy_since is not None and self.last_progress is not None:
+                    # How long this busy engine took to move: one step, or one chunk of
+                    # a long prefill — what the stall window must outlast.
+                    self._waits.append(now - max(self.last_progress, self.busy_since))
                 self.last_progress = now
             self._progress = load.progress
             verdicts.append(Verdict.clear(self._canary_key))  # it moved: not hung now
@@ -125,16 +137,27 @@ class EngineDetector:
             self.busy_since = now
         since = max(self.busy_since, self.last_progress or self.busy_since)
         stalled = now - since
-        if stalled < self.settings.stall_seconds:
+        window = self.stall_window()
+        if stalled < window:
             return [*verdicts, Verdict.clear(self._stall_key)]
         inflight = "" if load.inflight is None else \
             f" ({load.inflight:g} in flight at its API server)"
         return [*verdicts, self._verdict(
             self._stall_key, Severity.CRITICAL, "EngineStalled",
             f"{load.running:g} request(s) running and {load.waiting:g} waiting{inflight}, but "
-            f"no progress metric has moved for {stalled:.1f}s", "restart_group",
-            running=load.running, waiting=load.waiting, inflight=load.inflight,
-            stalled_seconds=round(stalled, 3), missing_metrics=list(load.missing))]
+            f"no progress metric has moved for {stalled:.1f}s (window {window:.1f}s)",
+            "restart_group", running=load.running, waiting=load.waiting,
+            inflight=load.inflight, stalled_seconds=round(stalled, 3),
+            window_seconds=round(window, 3), missing_metrics=list(load.missing))]
+
+    def stall_window(self) -> float:
+        """``stall_seconds``, or ``stall_step_multiple`` times the longest of the engine's
+        recent waits between moves if that is longer: a long prompt's prefill chunks take
+        longer and longer as its context grows (8 to 12 s each near the end of a
+        100,000-token prompt on a CPU here), and a fixed window would call them a hang. A
+        hang after quick steps is still seen in ``stall_seconds``."""
+        longest = max(self._waits, default=0.0)
+        return max(self.settings.stall_seconds, self.settings.stall_step_multiple * longest)
 
     def load_failed(self, why: str) -> list[Verdict]:
         """The metrics could not be read: progress cannot be judged."""

@@ -58,6 +58,32 @@ class TestStall:
             rig.scrape(load(1, 500, 3, 0.01 * i))  # tokens flat, kv usage rising
         assert rig.reasons() == set()
 
+    def test_a_prefill_whose_chunks_slow_down_widens_the_window(self) -> None:
+        """A 100,000-token prompt on a slow engine: each chunk takes longer than the last
+        (2 s, then 4, 6, 8, 10 s) and nothing else moves between them. The window grows to
+        3x the longest wait seen, so no chunk is a stall; a real stop afterwards is still
+        found, once the widened window has passed."""
+        rig = Rig(stall_seconds=5, stall_step_multiple=3)
+        kv = 0.0
+        rig.scrape(load(1, 500, kv))
+        for wait in (2, 4, 6, 8, 10):
+            rig.scrape(load(1, 500, kv), times=wait - 1)
+            kv += 0.01
+            rig.scrape(load(1, 500, kv))
+            assert rig.reasons() == set()
+        assert rig.det.stall_window() == 30
+        rig.scrape(load(1, 500, kv), times=29)
+        assert rig.reasons() == set()
+        rig.scrape(load(1, 500, kv))
+        assert rig.reasons() == {"EngineStalled"}
+
+    def test_quick_steps_keep_the_shipped_window(self) -> None:
+        """Decode steps every second: the window stays stall_seconds."""
+        rig = Rig(stall_seconds=5, stall_step_multiple=3)
+        for i in range(10):
+            rig.scrape(load(4, 100 + i))
+        assert rig.det.stall_window() == 5
+
     def test_an_idle_engine_is_never_stalled(self) -> None:
         """No requests: flat counters are expected."""
         rig = Rig(stall_seconds=5)
