@@ -38,7 +38,6 @@ from probes.engine import EngineLoad
 from supervisor.config import EngineSettings
 from supervisor.findings import FaultClass, FindingKey, Severity, Subject, Verdict
 
-
 RECENT_WAITS = 8  # the waits between progress moves the stall window is sized from
 
 
