@@ -354,9 +354,12 @@ class Sidecar:
                 "probes": self.engine_probes,
                 "running": None if load is None else load.running,
                 "waiting": None if load is None else load.waiting,
+                "inflight": None if load is None else load.inflight,
+                "started": det.started,
                 "missing_metrics": [] if load is None else list(load.missing),
                 "seconds_since_progress": None if det.last_progress is None
                 else round(now - det.last_progress, 3),
+                "stall_window_seconds": round(det.stall_window(), 3),
                 "canaries": dict(self.canaries)},
             "collective": None if self.collective is None else {
                 "leader": self.collective.leader, "backend": self.collective.backend,
