@@ -576,7 +576,8 @@ class VllmProcess:
     tokenizer): API server → ``VLLM::EngineCore`` → ``VLLM::Worker``."""
 
     def __init__(self, workdir: Path, python: str | None = None,
-                 extra: list[str] | None = None, eager: bool = True) -> None:
+                 extra: list[str] | None = None, eager: bool = True,
+                 max_model_len: int = 256) -> None:
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.extra = extra or []  # e.g. --pipeline-parallel-size 2
@@ -589,7 +590,9 @@ class VllmProcess:
         self.log_path = workdir / "vllm.log"
         self.model_dir = workdir / "tiny-llama"
         self.model_dir.mkdir(exist_ok=True)
-        (self.model_dir / "config.json").write_text(json.dumps(TINY_LLAMA))
+        self.max_model_len = max_model_len
+        (self.model_dir / "config.json").write_text(json.dumps(
+            TINY_LLAMA | {"max_position_embeddings": max(512, max_model_len)}))
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -611,7 +614,8 @@ class VllmProcess:
         args = [self.python, "-m", "vllm.entrypoints.openai.api_server",
                 "--model", str(self.model_dir), "--served-model-name", "tiny-llama",
                 "--load-format", "dummy", "--skip-tokenizer-init", "--dtype", "float32",
-                "--max-model-len", "256", "--host", "127.0.0.1", "--port", str(self.port),
+                "--max-model-len", str(self.max_model_len), "--host", "127.0.0.1",
+                "--port", str(self.port),
                 *(["--enforce-eager"] if self.eager else []), *self.extra]
         with self.log_path.open("wb") as log:
             self.proc = _spawn(args, log, env)

@@ -121,8 +121,11 @@ class EngineDetector:
             if self._progress is not None:
                 if self.busy_since is not None and self.last_progress is not None:
                     # How long this busy engine took to move: one step, or one chunk of
-                    # a long prefill — what the stall window must outlast.
-                    self._waits.append(now - max(self.last_progress, self.busy_since))
+                    # a long prefill — what the stall window must outlast. A wait that
+                    # outlasted the window was a stall, now over: not a step to allow for.
+                    wait = now - max(self.last_progress, self.busy_since)
+                    if wait < self.stall_window():
+                        self._waits.append(wait)
                 self.last_progress = now
             self._progress = load.progress
             verdicts.append(Verdict.clear(self._canary_key))  # it moved: not hung now

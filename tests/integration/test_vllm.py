@@ -9,9 +9,12 @@ minutes. The sidecar must see it within its stall window, and see it clear on SI
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -109,6 +112,39 @@ def test_a_stopped_worker_rank_under_load_is_a_hang_whatever_the_gauges_say(
                 os.kill(rank, signal.SIGCONT)
             car.wait_for(lambda: not car.findings("engine_hang"), timeout=30,
                          what="cleared after SIGCONT")
+    finally:
+        assert car.stop() == 0
+        server.stop()
+
+
+def test_a_100000_token_prefill_is_not_a_hang(tmp_path: Path) -> None:
+    """One 100,000-token prompt under chunked prefill: no token counter moves until it
+    ends, and each chunk takes longer than the last as the context grows (seconds apart at
+    the end on this CPU) — only the KV-cache gauge moves, ever more slowly. The shipped
+    stall window widens with the engine's waits: no engine_hang at any point."""
+    server = VllmProcess(tmp_path / "vllm", max_model_len=131_072).start()
+    car = sidecar(tmp_path, server)
+    body = json.dumps({"model": "tiny-llama", "prompt": [3 + i % 997 for i in range(100_000)],
+                       "max_tokens": 1, "temperature": 0}).encode()
+    answered: list[int] = []
+
+    def send() -> None:
+        req = urllib.request.Request(server.url + "/v1/completions", data=body,
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=900) as resp:
+            answered.append(resp.status)
+
+    client = threading.Thread(target=send, daemon=True)
+    try:
+        client.start()
+        car.wait_for(lambda: car.status()["engine"]["running"], what="the prompt running")
+        started = time.monotonic()
+        while client.is_alive() and time.monotonic() - started < 900:
+            assert car.findings("engine_hang") == []
+            time.sleep(0.5)
+        assert answered == [200]
+        assert car.findings("engine_hang") == []
+        assert "EngineStalled" not in car.log()
     finally:
         assert car.stop() == 0
         server.stop()

@@ -77,6 +77,18 @@ class TestStall:
         rig.scrape(load(1, 500, kv))
         assert rig.reasons() == {"EngineStalled"}
 
+    def test_a_stall_that_ends_does_not_widen_the_window(self) -> None:
+        """A hang found and then resumed is not a slow step: the next hang is found in
+        stall_seconds again."""
+        rig = Rig(stall_seconds=5, stall_step_multiple=3)
+        for i in range(5):
+            rig.scrape(load(4, 100 + i))
+        rig.scrape(load(4, 104), times=8)
+        assert rig.reasons() == {"EngineStalled"}
+        rig.scrape(load(4, 105))
+        assert rig.reasons() == set()
+        assert rig.det.stall_window() == 5
+
     def test_quick_steps_keep_the_shipped_window(self) -> None:
         """Decode steps every second: the window stays stall_seconds."""
         rig = Rig(stall_seconds=5, stall_step_multiple=3)
