@@ -90,9 +90,10 @@ def test_a_stopped_worker_rank_under_load_is_a_hang_whatever_the_gauges_say(
         tmp_path: Path, parallel: str, worker: str) -> None:
     """vLLM with two ranks (pipeline or tensor parallel 2), as the example serves it with
     ``--enable-server-load-tracking``; four clients looping; SIGSTOP of the second rank's
-    worker. Every engine metric freezes — often at a snapshot of 0 running, 0 waiting — but
-    the API server's own count of requests in flight does not: engine_hang with the shipped
-    defaults, canary off (so the stall, not a canary, finds it)."""
+    worker. Every engine metric freezes — at a snapshot that reads 0 running, 0 waiting
+    when the stop came between batches — but the API server's own count of requests in
+    flight does not: engine_hang with the shipped defaults, canary off (so the stall, not a
+    canary, finds it). Then the rank is killed."""
     server = VllmProcess(tmp_path / "vllm", extra=[
         parallel, "2", "--enable-server-load-tracking"],
         eager=parallel != "--pipeline-parallel-size").start()
@@ -112,6 +113,12 @@ def test_a_stopped_worker_rank_under_load_is_a_hang_whatever_the_gauges_say(
                 os.kill(rank, signal.SIGCONT)
             car.wait_for(lambda: not car.findings("engine_hang"), timeout=30,
                          what="cleared after SIGCONT")
+            # The rank lost outright: a tensor-parallel engine fails within a second and its
+            # API server exits (engine_crash); a pipeline-parallel one waits for the rank
+            # until its 300 s RPC timeout, answering /health 200 meanwhile — a stall.
+            os.kill(rank, signal.SIGKILL)
+            lost = "engine_hang" if worker == "Worker_PP1" else "engine_crash"
+            car.wait_for(lambda: car.findings(lost), timeout=30, what=lost)
     finally:
         assert car.stop() == 0
         server.stop()
