@@ -26,7 +26,7 @@ Real processes throughout: sidecars (shipped defaults), the stand-in engine, a r
   ``starved_throttled_s`` (time the kernel held member 1 back) and ``starved_pauses`` (the
   pauses member 2 noticed in itself) show the starvation was real.
 
-``python -m bench detection`` takes about 30 minutes (``--quick``: about 6).
+``python -m bench detection`` takes about 55 minutes (``--quick``: about 12).
 """
 
 from __future__ import annotations
