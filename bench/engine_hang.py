@@ -13,8 +13,9 @@ resumed, cleared, again. Layouts:
 - ``vllm``: real vLLM (CPU build, a tiny random-weight Llama), ``VLLM::EngineCore`` stopped;
 - ``vllm_pp2``, ``vllm_tp2``: real vLLM with two ranks (pipeline or tensor parallel 2,
   ``--enable-server-load-tracking`` as the example serves it), the second rank's worker
-  (``VLLM::Worker_PP1`` / ``VLLM::Worker_TP1``) stopped. Its gauges freeze with it, often at
-  0 running and 0 waiting: the API server's in-flight count is what shows it busy.
+  (``VLLM::Worker_PP1`` / ``VLLM::Worker_TP1``) stopped. Its gauges freeze with it (at 0
+  running and 0 waiting when the stop fell between batches): the API server's in-flight
+  count is what shows it busy.
 
 Prints ``engine_hang_detect_s_p99_<layout>``, ``engine_hang_trials_<layout>``, and
 ``engine_hang_detect_s_p99`` (the worst layout). A p99 over 20 trials is their maximum.

@@ -6,16 +6,17 @@ has died: it makes no round trip to the engine core), so the data plane is read 
 engine's own counters: are the requests it says are running making progress? Each engine
 names those counters differently; a *preset* says which to read.
 
-Presets, checked against each engine's source:
-
-Every gauge and counter above is computed by the engine core and only *published* by the
+Every gauge and counter below is computed by the engine core and only *published* by the
 API server, so all of them freeze together when a rank stops — at whatever the last
-snapshot said, and vLLM's last snapshot often reads 0 running and 0 waiting with requests in
-flight. The API server's own count of requests it is answering does not freeze with the
-engine: vLLM keeps it at ``GET /load`` (``{"server_load": N}``, counted by the serving
-routes themselves) when started with ``--enable-server-load-tracking``; without that flag it
-reads 0 and the gauges are all there is. A preset names that path (``inflight_path``), and
-busy means any of the three above zero.
+snapshot said, which reads 0 running and 0 waiting with requests in flight when the stop
+fell between two batches. The API server's own count of requests it is answering does not
+freeze with the engine: vLLM keeps it at ``GET /load`` (``{"server_load": N}``, counted by
+the serving routes themselves) when started with ``--enable-server-load-tracking``; without
+that flag it reads 0 and the gauges are all there is. A preset names that path
+(``inflight_path``), and busy means any of the three (running, waiting, in flight) above
+zero.
+
+Presets, checked against each engine's source:
 
 - ``vllm`` — vLLM V1, ``vllm/v1/metrics/loggers.py`` (0.32.0): gauges
   ``vllm:num_requests_running`` and ``vllm:num_requests_waiting``; counters
