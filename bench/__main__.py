@@ -21,7 +21,7 @@ END_TO_END = ("e2e", "soak")
 TARGETS: dict[str, tuple[str, str]] = {
     "xid_fatal": ("≤ 2", "XID 79 on a worker's GPU"),
     "engine_crash": ("≤ 2", "the leader's engine exits"),
-    "nccl_hang": ("≤ 10", "a worker's engine hung with requests running"),
+    "nccl_hang": ("≤ 10", "a worker pod's engine process stopped with requests running"),
     "partition": ("≤ 5", "a worker's links to its group cut both ways"),
 }
 
