@@ -128,6 +128,8 @@ def test_a_valid_scenario_reads_as_written() -> None:
      "GPUs 0..7"),
     (with_(faults=[{"kind": "ecc_storm", "target": "m/0/0", "per_minute": "many"}]),
      "faults[0].per_minute", "number"),
+    (with_(faults=[{"kind": "engine_unhealthy", "target": "m/0/1"}]), "faults[0].target",
+     "no health endpoint"),
 ])
 def test_each_mistake_names_its_field(data: dict[str, Any], field: str, rule: str) -> None:
     with pytest.raises(ConfigError) as info:
