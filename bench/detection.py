@@ -48,14 +48,6 @@ from simulator.processes import (
 )
 from simulator.starve import cpu_hog, cpu_quota, stop_for, throttled_seconds
 
-SOLO = {"pod_name": "llama-0", "pod_namespace": "serving", "group_name": "llama",
-        "group_index": "0", "group_size": 1, "rank": 0, "peers": ["127.0.0.1"]}
-
-
-def p99(samples: list[float]) -> float:
-    ordered = sorted(samples)
-    return round(ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))], 3)
-
 
 class Group:
     """Four sidecars, one per network-namespace host (engine probing off)."""
@@ -274,7 +266,7 @@ def run(quick: bool = False) -> dict[str, Any]:
         **starvation,
         "starved_minutes": minutes,
         **engine_hang.figures(hangs),
-        "partition_detect_s_p99": p99(samples),
+        "partition_detect_s_p99": engine_hang.p99(samples),
         "partition_detect_s_median": round(statistics.median(samples), 3),
         "partition_misclassified": wrong,
         "partition_trials": trials,

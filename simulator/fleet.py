@@ -254,7 +254,6 @@ class Runtime:
     stalls: list[Stall | Starving] = field(default_factory=list)  # processes held back
     store_ports: dict[str, int] = field(default_factory=dict)  # group → rendezvous port
     worker_ports: dict[str, int] = field(default_factory=dict)  # group → its workers' port
-    load_seconds: dict[str, float] = field(default_factory=dict)  # model → its load time
     report_port: int = 0
 
     def __post_init__(self) -> None:
@@ -390,7 +389,7 @@ class Runtime:
         engine: EngineProcess | EngineWorkerProcess
         if rank == 0:
             workers = [f"{self.node_ip(node)}:{port}" for node in member_nodes[1:]]
-            extra = ["--load-seconds", str(self.load_seconds.get(group.model.name, 0.0))]
+            extra: list[str] = []
             if workers:
                 extra += ["--workers", ",".join(workers), "--bind",
                           self.node_ip(pod["spec"]["nodeName"])]
