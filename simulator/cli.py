@@ -19,7 +19,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from simulator.controlplane.cluster import KubeTestClusterError
-from simulator.scenario import DEFAULT_SCENARIO, FAULT_KINDS, Scenario, load, shipped_names
+from simulator.scenario import (
+    DEFAULT_SCENARIO,
+    FAULT_KINDS,
+    MODEL_LOAD_SECONDS,
+    Scenario,
+    load,
+    seconds,
+    shipped_names,
+)
 from supervisor.errors import ConfigError, SupervisorError
 from supervisor.runtime import logging as logsetup
 
@@ -52,6 +60,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--torch-python", metavar="PATH",
                         help="an interpreter with torch, for scenarios that run the "
                              "all-reduce checks (default: this one, if it has torch)")
+    parser.add_argument("--load-seconds", metavar="DURATION",
+                        help="how long a recreated group's engine loads its model, for every "
+                             "model (default: each model's load_seconds, "
+                             f"{MODEL_LOAD_SECONDS:g} s unless the scenario says); e.g. 5s "
+                             "for a quick run")
     parser.add_argument("--list", action="store_true",
                         help="list the shipped scenarios and fault kinds, then exit")
 
@@ -69,6 +82,8 @@ def main(args: argparse.Namespace) -> int:
         return 0
     try:
         scenario = load(args.scenario)
+        if args.load_seconds is not None:
+            scenario = scenario.loading(seconds(args.load_seconds, "--load-seconds"))
         torch_python = _torch_python(scenario, args.torch_python)
     except ConfigError as exc:
         print(f"gpu-supervisor simulate: invalid scenario: {exc}", file=sys.stderr)

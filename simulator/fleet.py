@@ -254,6 +254,10 @@ class Runtime:
     stalls: list[Stall | Starving] = field(default_factory=list)  # processes held back
     store_ports: dict[str, int] = field(default_factory=dict)  # group → rendezvous port
     worker_ports: dict[str, int] = field(default_factory=dict)  # group → its workers' port
+    # Whether a new leader's engine loads its model (its model's load_seconds) before it
+    # serves: off while the cluster first comes up (the run starts from a serving cluster),
+    # on once it serves — every pod created after that is a recreated one.
+    loading: bool = False
     report_port: int = 0
 
     def __post_init__(self) -> None:
@@ -393,6 +397,8 @@ class Runtime:
             if workers:
                 extra += ["--workers", ",".join(workers), "--bind",
                           self.node_ip(pod["spec"]["nodeName"])]
+            if self.loading and group.model.load_seconds > 0:
+                extra += ["--load-seconds", str(group.model.load_seconds)]
             engine = EngineProcess(workdir, name="engine", extra=extra)
         else:
             engine = EngineWorkerProcess(workdir, self.node_ip(pod["spec"]["nodeName"]), port)

@@ -15,7 +15,8 @@ if TYPE_CHECKING:
     from simulator.run import Outcome
 
 COLOURS = {"detected": "#1f77b4", "traffic_off": "#d62728", "quarantined": "#9467bd",
-           "restarted": "#ff7f0e", "recovered": "#2ca02c", "degraded": "#8c564b",
+           "restarted": "#ff7f0e", "recovered": "#2ca02c",
+           "capacity_restored": "#bcbd22", "degraded": "#8c564b",
            "restored": "#17becf", "crash_loop": "#e377c2", "breaker": "#000000"}
 
 

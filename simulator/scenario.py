@@ -12,6 +12,10 @@ naming the field, exit 2)::
         replicas: 2            # pipeline groups serving the model
         size: 2                # pods per group, one GPU node each
         kind: lws              # or the name of a group kind from `topology` (below)
+        load_seconds: 120s     # a recreated leader's engine loads this long before it serves
+                               # (default MODEL_LOAD_SECONDS; `simulate --load-seconds` sets
+                               # every model's). The run starts from a serving cluster: the
+                               # first pods are already loaded.
     fallbacks:                 # degrade to a smaller model while too few groups are healthy
       - {name: llama-8b, for: llama-70b, replicas: 2, floor: 2, restore_after: 30s,
          traffic: service}     # or httproute: clients reach the model through an HTTPRoute
@@ -36,6 +40,7 @@ naming the field, exit 2)::
         quarantined_within: 5s # injection → the node tainted (or `quarantined: true`, untimed)
         restarted_within: 60s  # injection → the group's pods deleted for recreation
         recovered_within: 120s # injection → the replica back in the endpoints
+        capacity_restored_within: 120s  # injection → every group of the model serving again
         quarantined: true      # the node got our taint
         degraded_within: 20s   # injection → the model's Service sends to the fallback
         restored_within: 90s   # injection → back to the model
@@ -52,6 +57,12 @@ naming the field, exit 2)::
                                                 # no subject: any
     duration: 180s             # the run stops here at the latest
 
+A recreated group serves again only once its engine has loaded, so ``recovered``,
+``capacity_restored`` and ``restored`` limits count the model's ``load_seconds`` on top of
+the figure written when the fault's group was recreated, and a run in which a group was
+recreated lasts ``load_seconds`` longer: a scenario states what the supervisor controls and
+holds at any load time.
+
 Nothing else may happen: every action seen on the API server — a group out of traffic or
 restarted, a node quarantined, a model degraded — must be explained by a fault (in that
 group, on that node, in a group of that model, injected before it) or allowed by
@@ -60,6 +71,7 @@ group, on that node, in a group of that model, injected before it) or allowed by
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,6 +82,14 @@ import yaml
 from supervisor.errors import ConfigError
 
 SCENARIOS = Path(__file__).resolve().parent / "scenarios"
+# How long a recreated group's engine takes to serve, unless the scenario says: a 70B model
+# in BF16 (about 140 GB) split over two H100 nodes by pipeline parallel reads about 70 GB
+# per node from local NVMe, about 35 s at 2 GB/s through safetensors; on top of that,
+# vLLM's start with warm caches (torch.compile, CUDA graph capture, engine init) took 64 s
+# for Llama-3.1-8B on L40S in Tensorfuse's measurements ("Reducing GPU Cold Start Time when
+# using vLLM", 2025: weights 18 s, compile 23 s, capture 7 s, init 34 s; 294 s cold). About
+# 100 s, rounded up for the larger model's graphs and the NCCL/Gloo rendezvous across nodes.
+MODEL_LOAD_SECONDS = 120.0
 DEFAULT_SCENARIO = "xid-fatal"
 
 # What each fault kind does, and whether it hits the pod's node (agent) or the pod (sidecar).
@@ -187,6 +207,7 @@ class Model:
     replicas: int
     size: int
     kind: str = "lws"
+    load_seconds: float = MODEL_LOAD_SECONDS
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,7 +246,10 @@ class Fault:
 
 
 TIMED_STEPS = ("detected", "traffic_off", "quarantined", "restarted", "recovered",
-               "degraded", "restored", "crash_loop")
+               "capacity_restored", "degraded", "restored", "crash_loop")
+# Steps that come only once a recreated group has loaded its model: their limits count the
+# model's load time on top.
+LOADING_STEPS = ("recovered", "capacity_restored", "restored")
 # Steps that are only ever expected not to happen (``never:``).
 UNTIMED_STEPS = ("breaker",)
 
@@ -293,6 +317,11 @@ class Scenario:
         sidecar = self.settings.get("sidecar", {})
         return bool(sidecar.get("collective", {}).get("enabled", False))
 
+    def loading(self, load_seconds: float) -> Scenario:
+        """This scenario with every model loading for ``load_seconds``."""
+        return dataclasses.replace(self, models=tuple(
+            dataclasses.replace(m, load_seconds=load_seconds) for m in self.models))
+
     def model(self, name: str) -> Model:
         return next(m for m in self.models if m.name == name)
 
@@ -345,7 +374,7 @@ def parse(data: Any, source: str = "<scenario>") -> Scenario:
     for i, raw in enumerate(raw_models):
         where = f"models[{i}]"
         m = _mapping(raw, where)
-        _unknown(m, {"name", "replicas", "size", "kind"}, where)
+        _unknown(m, {"name", "replicas", "size", "kind", "load_seconds"}, where)
         name = str(m.get("name", ""))
         if not re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", name):
             raise ConfigError(f"{where}.name", "must be a DNS label (lower-case, digits, '-')")
@@ -353,8 +382,10 @@ def parse(data: Any, source: str = "<scenario>") -> Scenario:
         if kind != "lws" and kind not in kinds:
             raise ConfigError(f"{where}.kind", f"must be lws or a topology group kind "
                               f"({', '.join(sorted(kinds)) or 'none defined'}), got {kind!r}")
+        load = (seconds(m["load_seconds"], f"{where}.load_seconds")
+                if m.get("load_seconds") is not None else MODEL_LOAD_SECONDS)
         models.append(Model(name, _int(m, "replicas", where, 2), _int(m, "size", where, 2),
-                            kind))
+                            kind, load))
     by_name = {m.name: m for m in models}
     fallbacks: list[Fallback] = []
     for i, raw in enumerate(doc.get("fallbacks") or []):

@@ -11,6 +11,8 @@ see it — never from the supervisor's own logs:
 - *quarantined*: the fault's node carries our quarantine taint;
 - *recovered*: after traffic went off, the replica serves again (its leader a ready
   endpoint, every member Ready);
+- *capacity restored*: after that, every group of the replica's model serves again (the
+  model back at the capacity it had before the fault);
 - *crash loop*: the leading controller names the group's crash loop (its /status: the
   group's application-class XIDs followed it across nodes);
 - *breaker*: a controller's circuit breaker is open (its /status).
@@ -33,7 +35,7 @@ from simulator.world import GROUP_LABEL, GroupRef
 from supervisor.controller.actions import QUARANTINE_TAINT
 
 STEPS = ("injected", "detected", "traffic_off", "quarantined", "restarted", "recovered",
-         "degraded", "restored", "crash_loop", "breaker")
+         "capacity_restored", "degraded", "restored", "crash_loop", "breaker")
 
 
 @dataclass
@@ -113,6 +115,10 @@ class ClusterView:
         # model → (its HTTPRoute, the fallback's Service); route → backend → weight
         self.routes: dict[str, tuple[str, str]] = {}
         self.route_weights: dict[str, dict[str, int]] = {}
+        self.groups: list[GroupRef] = []  # every group of the scenario, once known
+
+    def groups_of(self, model: str) -> list[GroupRef]:
+        return [g for g in self.groups if g.model.name == model]
 
     def ready_ips(self) -> set[str]:
         out: set[str] = set()
@@ -261,6 +267,10 @@ def update(record: FaultRecord, view: ClusterView) -> list[str]:
             "recovered", detail=f"{group.name} serving again"
             + (" (new pods)" if "restarted" in record.times else "")):
         reached.append("recovered")
+    if "recovered" in record.times and all(
+            view.serving(g) for g in view.groups_of(group.model.name) or [group]) and record.mark(
+            "capacity_restored", detail=f"every group of {group.model.name} serving"):
+        reached.append("capacity_restored")
     return reached
 
 

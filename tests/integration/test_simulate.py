@@ -13,7 +13,13 @@ from pathlib import Path
 import pytest
 
 from simulator.processes import vllm_python
-from simulator.scenario import FAULT_KINDS, load, shipped_names
+from simulator.scenario import (
+    DEFAULT_SCENARIO,
+    FAULT_KINDS,
+    MODEL_LOAD_SECONDS,
+    load,
+    shipped_names,
+)
 from simulator.starve import cpu_hog
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -31,8 +37,13 @@ def test_every_shipped_scenario_passes_its_expectations(name: str, tmp_path: Pat
     report, plot = tmp_path / "report.json", tmp_path / "timeline.png"
     # The all-reduce workers need torch: the cached vLLM venv's (this venv has none).
     torch = ["--torch-python", vllm_python()] if load(name).collective else []
+    # The default scenario (the README's first command) runs as shipped, its recreated group
+    # loading the model for the default 120 s; the others with a short load, to keep CI
+    # within its hour (their limits count the load on top, whatever it is).
+    shipped = name == DEFAULT_SCENARIO
+    loading = [] if shipped else ["--load-seconds", "5s"]
     proc = simulate("--scenario", name, "--report", str(report), "--plot", str(plot),
-                    "--workdir", str(tmp_path / "work"), *torch)
+                    "--workdir", str(tmp_path / "work"), *torch, *loading)
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
     assert f"PASSED: every expectation of {name} held" in proc.stdout
     assert "Traceback" not in proc.stdout + proc.stderr
@@ -41,6 +52,11 @@ def test_every_shipped_scenario_passes_its_expectations(name: str, tmp_path: Pat
     assert result["failures"] == []
     for fault in result["faults"]:
         assert fault["injected_at"] > 0
+    assert set(result["load_seconds"].values()) == {MODEL_LOAD_SECONDS if shipped else 5.0}
+    if shipped:  # the recreated group served only after loading its model
+        steps = result["faults"][0]["seconds_after_injection"]
+        assert steps["recovered"] - steps["restarted"] >= MODEL_LOAD_SECONDS, steps
+        assert steps["capacity_restored"] >= steps["recovered"], steps
     if load(name).fallbacks:  # degraded: clients (through the route or the front) reached it
         assert result["requests"].get("fallback", 0) > 0, result["requests"]
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

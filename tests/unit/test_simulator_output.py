@@ -22,8 +22,8 @@ from simulator import cli
 from simulator.fleet import Starving
 from simulator.processes import SidecarProcess
 from simulator.run import Printer, Simulation, longest_silence
-from simulator.scenario import load, parse, shipped_names
-from simulator.timeline import ClusterView, FaultRecord
+from simulator.scenario import MODEL_LOAD_SECONDS, load, parse, shipped_names
+from simulator.timeline import ClusterView, FaultRecord, update
 from simulator.traffic import Traffic
 from simulator.world import GROUP_LABEL, groups_of
 from supervisor.errors import ConfigError
@@ -207,3 +207,53 @@ def test_a_starvation_that_never_held_says_so(tmp_path: Path) -> None:
     starving.end()
     assert starving.throttled is None
     assert starving.result().startswith("the sidecar was never held back: ")
+
+
+def test_a_model_loads_for_the_cited_default_unless_the_scenario_or_the_flag_says() -> None:
+    assert parse(SCENARIO).models[0].load_seconds == MODEL_LOAD_SECONDS == 120.0
+    given = parse({**SCENARIO, "models": [{"name": "m", "load_seconds": "45s"}]})
+    assert given.models[0].load_seconds == 45.0
+    assert given.loading(3.0).models[0].load_seconds == 3.0
+    with pytest.raises(ConfigError) as info:
+        parse({**SCENARIO, "models": [{"name": "m", "load_seconds": "soon"}]})
+    assert info.value.field == "models[0].load_seconds"
+
+
+def test_steps_after_a_recreation_are_judged_with_the_model_load_on_top(
+        tmp_path: Path) -> None:
+    scenario = parse({**SCENARIO, "models": [{"name": "m", "load_seconds": "100s"}],
+                      "expect": [{"fault": "crash", "traffic_off_within": "5s",
+                                  "recovered_within": "20s",
+                                  "capacity_restored_within": "20s"}]})
+    sim = Simulation(scenario, tmp_path, io.StringIO())
+    record = FaultRecord(scenario.faults[0], sim.groups[1])
+    sim.records.append(record)
+    record.mark("injected", 100.0)
+    record.mark("traffic_off", 106.0)
+    record.mark("recovered", 115.0)
+    record.mark("capacity_restored", 115.0)
+    # Kept its pods: nothing loaded, the limits are as written (traffic off is late).
+    assert sim.judge() == ["crash: traffic off after 6.00 s (expected within 5 s)"]
+    record.times["traffic_off"] = 104.0
+    record.mark("restarted", 105.0)
+    record.times["recovered"] = record.times["capacity_restored"] = 215.0
+    assert sim.judge() == []  # 115 s ≤ 20 s + 100 s of load
+    record.times["capacity_restored"] = 225.0
+    assert sim.judge() == ["crash: capacity restored after 125.00 s (expected within 20 s "
+                           "+ 100 s of model load)"]
+
+
+def test_capacity_is_restored_once_every_group_of_the_model_serves() -> None:
+    scenario = parse(SCENARIO)
+    groups = groups_of(scenario)
+    view = serving_view("10.0.9.9")
+    view.groups = groups
+    record = FaultRecord(scenario.faults[0], groups[1], leader_ip="10.0.9.9")
+    record.mark("injected")
+    record.mark("traffic_off")
+    # m-1 serves again; m-0's leader is not a ready endpoint: recovered, capacity not yet.
+    assert update(record, view) == ["recovered"]
+    view.on_slice("ADDED", {
+        "metadata": {"name": "m-y", "labels": {"kubernetes.io/service-name": "m"}},
+        "endpoints": [{"addresses": ["10.0.0.1"], "conditions": {"ready": True}}]})
+    assert update(record, view) == ["capacity_restored"]
