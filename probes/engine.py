@@ -45,15 +45,23 @@ Presets, checked against each engine's source:
 
 Every engine above accepts ``POST /v1/completions`` with ``prompt`` as a list of token ids,
 so the canary needs no tokenizer.
+
+Between probes, an idle TCP connection held to the engine's port (:meth:`EngineClient.
+connect`) says at once when the port may have closed: a process that exits, however it
+dies, has the kernel close every socket it held, so the connection ends that moment — the
+sidecar then probes without waiting for its next period. It is only a hint to look: the
+probe judges (an engine closes idle connections on its own too, vLLM's after 5 s).
 """
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from urllib.parse import urlsplit
 
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
@@ -160,6 +168,25 @@ def _refused(exc: BaseException) -> bool:
     return False
 
 
+class EngineConnection:
+    """An idle TCP connection to the engine's port, held to learn when it ends."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._reader = reader
+        self._writer = writer
+
+    async def closed(self) -> None:
+        """Return once the engine's end closed (or reset) the connection. Unbounded by
+        design: it is a watch, not a call; the caller cancels it."""
+        try:
+            while await self._reader.read(4096):
+                pass  # nothing is asked, so nothing is expected; whatever comes is dropped
+        except OSError:
+            pass  # a reset is an end as well
+        finally:
+            self._writer.close()
+
+
 class EngineClient:
     """HTTP calls to one engine. No deadlines here: the caller runs each call under one."""
 
@@ -175,6 +202,17 @@ class EngineClient:
                 return resp.status, await resp.text()
         except aiohttp.ClientError as exc:
             raise EngineCallFailed(f"GET {path}: {exc}", refused=_refused(exc)) from exc
+
+    async def connect(self) -> EngineConnection:
+        """An idle connection to the engine's port (no request sent on it)."""
+        url = urlsplit(self.base_url)
+        port = url.port or (443 if url.scheme == "https" else 80)
+        try:
+            reader, writer = await asyncio.open_connection(url.hostname, port)
+        except OSError as exc:
+            raise EngineCallFailed(f"connect {url.hostname}:{port}: {exc}",
+                                   refused=_refused(exc)) from exc
+        return EngineConnection(reader, writer)
 
     async def health(self) -> HealthAnswer:
         started = time.monotonic()

@@ -34,7 +34,10 @@ async def _serve(args: argparse.Namespace) -> None:
         await engine.join([_address(w) for w in args.workers.split(",")],
                           args.bind or args.host, args.join_timeout)
     await asyncio.sleep(args.load_seconds)
-    runner = web.AppRunner(build_app(engine), access_log=None, handle_signals=True)
+    # An idle connection is closed after --idle-close-seconds, as vLLM's uvicorn closes one
+    # after 5 s (VLLM_HTTP_TIMEOUT_KEEP_ALIVE): a sidecar's watch connection must take that.
+    runner = web.AppRunner(build_app(engine), access_log=None, handle_signals=True,
+                           keepalive_timeout=args.idle_close_seconds)
     await runner.setup()
     await web.SockSite(runner, sock).start()
     print(json.dumps({"event": "serving", "port": port}), flush=True)
@@ -67,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
                              "--host)")
     parser.add_argument("--join-timeout", type=float, default=600.0,
                         help="seconds to wait for every worker to listen")
+    parser.add_argument("--idle-close-seconds", type=float, default=5.0,
+                        help="close a connection idle this long (vLLM: 5 s)")
     parser.add_argument("--load-seconds", type=float, default=0.0,
                         help="loading the model: the port is bound but not served for "
                              "this long after the workers joined")

@@ -21,6 +21,7 @@ engine must not get its watcher restarted.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import socket
 import uuid
@@ -54,6 +55,9 @@ from supervisor.sidecar.membership import Membership
 
 log = structlog.get_logger(__name__)
 CONFIRM_REFUSED_SECONDS = 0.2  # the second look at an engine port that refused us
+# The engine's watch connection is opened at most this often: an engine (or a proxy) that
+# closes every connection at once must not make the watch spin.
+WATCH_SHORT_SECONDS = 0.5
 
 NOT_READY_CLASSES = frozenset({FaultClass.ENGINE_CRASH, FaultClass.ENGINE_UNHEALTHY,
                                FaultClass.ENGINE_HANG, FaultClass.PARTITION,
@@ -95,6 +99,8 @@ class Sidecar:
         self._model: str = settings.engine.model
         self.unresolved: dict[int, str] = {}
         self._ticks: dict[str, float] = {}
+        self._engine_wake = asyncio.Event()  # the watch saw the engine's port close: probe
+        self.engine_watch_wakes = 0
         self.book.subscribe(self._on_transition)
 
     def _member_subject(self, rank: int) -> Subject:
@@ -121,6 +127,7 @@ class Sidecar:
             group.start("peer-judge", self._judge_loop())
         if self.engine is not None:
             group.start("engine-probe", self._engine_loop())
+            group.start("engine-watch", self._engine_watch())
         if self.collective is not None:
             group.start("collective-worker", self.collective.keep_worker())
             group.start("collective-schedule", self.collective.schedule(self._group_complete))
@@ -164,7 +171,33 @@ class Sidecar:
             pause = e.probe_seconds
             if 0 < self.engine_detector.refused < e.failure_threshold:
                 pause = min(pause, CONFIRM_REFUSED_SECONDS)
-            await asyncio.sleep(pause)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._engine_wake.wait(), pause)
+            self._engine_wake.clear()
+
+    async def _engine_watch(self) -> None:
+        """Hold an idle connection to the engine's port; when it ends and the port then
+        refuses a new one, wake the probe loop at once. A process that dies has the kernel
+        close its sockets that moment, so a crash is probed within milliseconds instead of
+        up to a probe period later; the probe, not this watch, decides what it was."""
+        assert self.engine is not None
+        e = self.settings.engine
+        while True:  # no liveness tick: waiting here for as long as the engine lives is
+            opened = self.clock.monotonic()  # the point
+            try:
+                connection = await with_deadline("engine connect", self.engine.connect(),
+                                                 e.timeout_seconds)
+            except (DeadlineExceeded, EngineCallFailed) as exc:
+                if isinstance(exc, EngineCallFailed) and exc.refused:
+                    log.info("engine port refused a connection: probing now", error=str(exc))
+                    self.engine_watch_wakes += 1
+                    self._engine_wake.set()
+                await asyncio.sleep(e.probe_seconds)  # the probe loop takes it from here
+                continue
+            await connection.closed()
+            held = self.clock.monotonic() - opened
+            if held < WATCH_SHORT_SECONDS:
+                await asyncio.sleep(WATCH_SHORT_SECONDS - held)
 
     async def _probe_engine_once(self, engine: EngineClient, timeout: float) -> None:
         det = self.engine_detector
@@ -352,6 +385,9 @@ class Sidecar:
             "engine": None if self.engine is None else {
                 "url": self.engine.base_url, "preset": self.engine.preset.name,
                 "probes": self.engine_probes,
+                # probes brought forward because the watch connection ended and the port
+                # then refused: a crash seen between two periodic probes
+                "watch_wakes": self.engine_watch_wakes,
                 "running": None if load is None else load.running,
                 "waiting": None if load is None else load.waiting,
                 "inflight": None if load is None else load.inflight,

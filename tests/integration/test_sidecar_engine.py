@@ -92,6 +92,41 @@ def test_a_refused_probe_is_confirmed_at_once_not_a_period_later(
         assert car.stop() == 0
 
 
+def test_an_engine_that_dies_between_probes_is_probed_when_its_port_closes(
+        tmp_path: Path, engine: EngineProcess) -> None:
+    """With a 30 s probe period, the engine dies a moment after the first probe: the idle
+    connection the sidecar holds to its port ends, the port refuses a new one, and the
+    probe loop looks at once — engine_crash long before the next period (which would be
+    25 s or more away)."""
+    car = sidecar(tmp_path, engine, probe_seconds=30.0)
+    try:
+        car.wait_for(lambda: car.get("/readyz")[0] == 200, what="ready")
+        assert car.status()["engine"]["watch_wakes"] == 0
+        engine.control(crash=True)
+        crash = car.wait_for(lambda: car.findings("engine_crash"), timeout=10,
+                             what="engine_crash before the next periodic probe")[0]
+        assert crash["evidence"]["probes"] == 2
+        assert car.status()["engine"]["watch_wakes"] >= 1
+    finally:
+        assert car.stop() == 0
+
+
+def test_an_engine_that_closes_idle_connections_is_not_a_finding(tmp_path: Path) -> None:
+    """vLLM closes an idle connection after 5 s; the stand-in here after 0.3 s, over and over:
+    the watch reconnects, the port answers, nothing is woken, nothing is found."""
+    engine = EngineProcess(tmp_path, extra=["--idle-close-seconds", "0.3"]).start()
+    car = sidecar(tmp_path, engine, probe_seconds=0.5)
+    try:
+        car.wait_for(lambda: car.get("/readyz")[0] == 200, what="ready")
+        time.sleep(4)  # a dozen closed watch connections
+        assert car.findings() == []
+        assert car.status()["engine"]["watch_wakes"] == 0
+        assert car.get("/readyz")[0] == 200
+    finally:
+        assert car.stop() == 0
+        engine.stop()
+
+
 def test_failing_health_is_unhealthy(tmp_path: Path, engine: EngineProcess) -> None:
     """/health answers 503: engine_unhealthy, not a crash."""
     car = sidecar(tmp_path, engine)
