@@ -1,20 +1,23 @@
 """End to end on the simulated cluster: from a fault to traffic off the sick replica.
 
 ``python -m bench e2e`` (``--quick``: 3 trials per kind instead of 20) starts the simulated
-cluster of ``gpu-supervisor simulate`` once — real control plane, kwok nodes, the chart's
-daemons as real processes with the shipped settings, the shipped policy acting (its cooldown
-set to 0 so that one group can be failed twenty times in a row) — and injects each fault kind
-again and again, one at a time, each into a serving group, waiting for the group to be
-recreated and serving before the next. Every time is measured from outside, on the API
-server: *traffic off* is the moment the replica's leader stops being a ready endpoint of its
-model's EndpointSlice.
+cluster of ``gpu-supervisor simulate`` once — real control plane, twelve kwok nodes, four
+groups of one model, the chart's daemons as real processes with the shipped settings, the
+shipped policy acting (its cooldown set to 0 so that one group can be failed twenty times in
+a row) — and injects each fault kind again and again, each into a serving group. A
+recreated group serves only once its engine has loaded the model (the simulator's default
+for a 70B model, ``MODEL_LOAD_SECONDS``, 120 s), so up to three trials run at once, each in
+a group of its own, one group always serving while others reload. Every time is measured
+from outside, on the API server: *traffic off* is the moment the replica's leader stops
+being a ready endpoint of its model's EndpointSlice.
 
 Printed per kind (seconds): ``<kind>_traffic_off_s_p50``/``_p99``, ``<kind>_detect_s_p99``
 (the daemon's first finding), ``<kind>_recovered_s_p50``/``_p99`` (back in the
-EndpointSlice with new pods), and of the requests the load generator (20 a second over both
-groups) sent to the replica before its traffic was off: ``<kind>_requests_to_sick_p99``
-(all of them), ``<kind>_requests_lost_p99`` (failed or hung: what the fault cost) and
-``<kind>_requests_answered_by_sick_p99`` (answered all the same). Kinds: ``xid_fatal`` (XID 79),
+EndpointSlice: with new pods, that includes the model load), and of the requests the load
+generator (20 a second over the serving groups) sent to the replica before its traffic was
+off: ``<kind>_requests_to_sick_p99`` (all of them), ``<kind>_requests_lost_p99`` (failed or
+hung: what the fault cost) and ``<kind>_requests_answered_by_sick_p99`` (answered all the
+same). Kinds: ``xid_fatal`` (XID 79),
 ``engine_crash`` (the leader's engine exits), ``nccl_hang`` (a worker pod's engine process
 stopped with SIGSTOP while requests run: the leader's engine waits for that rank at every
 step, as it would for a rank hung in a collective — seen only by the leader's sidecar, the
@@ -38,8 +41,9 @@ from pathlib import Path
 from typing import Any
 
 from simulator.run import Simulation
-from simulator.scenario import Fault, Target, parse
+from simulator.scenario import MODEL_LOAD_SECONDS, Fault, Target, parse
 from simulator.timeline import FaultRecord
+from simulator.world import GroupRef
 
 TRIALS = 20
 KINDS = {  # figure name → (fault kind, rank hit)
@@ -60,14 +64,19 @@ BASELINES = {  # seconds until today's stack takes the replica out of traffic
     # (50 s) — only if the whole node is cut; a link between two nodes: never.
     "partition": 50.0,
 }
-RECOVERY_TIMEOUT_S = 180.0
+# Four groups of two pods on twelve nodes: up to three trials at once, each with its node
+# quarantined until its group is back, still leaves a node to recreate a group on.
+GROUPS, NODES = 4, 12
+# A recreated group serves once it has loaded its model: the simulator's default for a 70B
+# model (simulator.scenario.MODEL_LOAD_SECONDS), plus time to be recreated and ready.
+RECOVERY_TIMEOUT_S = MODEL_LOAD_SECONDS + 180.0
 
 
 def _scenario() -> Any:
     return parse({
         "name": "bench-e2e", "description": "each fault kind again and again",
-        "cluster": {"nodes": 8, "gpus_per_node": 8},
-        "models": [{"name": "llama-70b", "replicas": 2, "size": 2}],
+        "cluster": {"nodes": NODES, "gpus_per_node": 8},
+        "models": [{"name": "llama-70b", "replicas": GROUPS, "size": 2}],
         "policy": {"cooldown": "0s", "circuit_breaker": {"max_actions": 100000,
                                                          "window": "10m"}},
         "faults": [], "expect": [], "duration": "1s"}, "bench e2e")
@@ -85,31 +94,58 @@ def _reached(record: FaultRecord, step: str) -> Callable[[], bool]:
     return lambda: step in record.times
 
 
+async def _free_group(sim: Simulation, busy: set[str]) -> GroupRef:
+    """A serving group no trial holds, marked held before anything else can take it."""
+    def free() -> GroupRef | None:
+        return next((g for g in sim.groups if g.name not in busy and sim.view.serving(g)),
+                    None)
+
+    if not await sim.watch_until(lambda: free() is not None, RECOVERY_TIMEOUT_S):
+        raise TimeoutError(f"no group free and serving within {RECOVERY_TIMEOUT_S:.0f} s "
+                           f"(held: {', '.join(sorted(busy))})")
+    group = free()
+    assert group is not None
+    busy.add(group.name)
+    return group
+
+
 async def _trials(sim: Simulation, trials: int) -> dict[str, list[FaultRecord]]:
+    """``trials`` of each kind, kinds taken in turn, up to ``GROUPS - 1`` at once (each in a
+    group of its own while it serves), so that one group always takes traffic while the
+    others reload their model."""
     assert sim.runtime is not None
     done: dict[str, list[FaultRecord]] = {name: [] for name in KINDS}
-    for name, (kind, rank) in KINDS.items():
-        for i in range(trials):
-            group = sim.groups[i % len(sim.groups)]
-            serving = await sim.watch_until(
-                lambda: all(sim.view.serving(g) for g in sim.groups), RECOVERY_TIMEOUT_S)
-            if not serving:
-                raise TimeoutError(f"{name} trial {i}: groups not serving before injection")
-            fault = Fault(f"{name}-{i}", 0.0, kind, Target(group.model.name, group.index, rank),
-                          {"gpu": i % 8, "code": 79})
-            record = await sim.inject(fault)
-            if kind == "partition":
-                # The cut link is repaired once the replica is out of traffic: the group
-                # recreated 30 s later may land on the same two nodes.
-                await sim.watch_until(_reached(record, "traffic_off"), RECOVERY_TIMEOUT_S)
+    busy: set[str] = set()
+    slots = asyncio.Semaphore(GROUPS - 1)
+
+    async def trial(name: str, i: int) -> None:
+        kind, rank = KINDS[name]
+        async with slots:
+            group = await _free_group(sim, busy)
+            try:
+                fault = Fault(f"{name}-{i}", 0.0, kind,
+                              Target(group.model.name, group.index, rank),
+                              {"gpu": i % 8, "code": 79})
+                record = await sim.inject(fault)
+                if kind == "partition":
+                    # The cut link is repaired once the replica is out of traffic: the
+                    # group, if recreated, may land on the same two nodes.
+                    await sim.watch_until(_reached(record, "traffic_off"),
+                                          RECOVERY_TIMEOUT_S)
+                    await sim.heal(record)
+                if not await sim.watch_until(_reached(record, "recovered"),
+                                             RECOVERY_TIMEOUT_S):
+                    raise TimeoutError(f"{name} trial {i}: not recovered within "
+                                       f"{RECOVERY_TIMEOUT_S:.0f} s: {record.as_json()}")
                 await sim.heal(record)
-            recovered = await sim.watch_until(_reached(record, "recovered"),
-                                              RECOVERY_TIMEOUT_S)
-            if not recovered:
-                raise TimeoutError(f"{name} trial {i}: not recovered within "
-                                   f"{RECOVERY_TIMEOUT_S:.0f} s: {record.as_json()}")
-            await sim.heal(record)
-            done[name].append(record)
+                done[name].append(record)
+            finally:
+                busy.discard(group.name)
+
+    async with asyncio.TaskGroup() as tasks:
+        for i in range(trials):
+            for name in KINDS:
+                tasks.create_task(trial(name, i))
     return done
 
 
@@ -127,7 +163,8 @@ def run(quick: bool = False) -> dict[str, Any]:
     finally:
         if not os.environ.get("BENCH_KEEP_WORKDIR"):
             shutil.rmtree(workdir, ignore_errors=True)
-    figures: dict[str, Any] = {"trials_per_kind": trials}
+    figures: dict[str, Any] = {"trials_per_kind": trials, "load_seconds": MODEL_LOAD_SECONDS,
+                               "groups": GROUPS}
     for name, found in records.items():
         for step, label in (("traffic_off", "traffic_off_s"), ("detected", "detect_s"),
                             ("recovered", "recovered_s")):
