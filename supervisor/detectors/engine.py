@@ -16,7 +16,9 @@ Three questions, three fault classes, all about this pod:
 An engine that has never answered its health check is *loading* (a 70B model takes minutes
 to load, and vLLM binds its port long before it answers on it): nothing it does then is a
 crash or unhealthy, for ``startup_seconds`` from the sidecar's first probe; after that, never
-having answered is ``engine_unhealthy`` (``EngineNeverStarted``). The pod is not ready
+having answered is ``engine_unhealthy`` (``EngineNeverStarted``). One exception: once its
+port has accepted a connection (a process is there), refusals are that process gone —
+``engine_crash`` even while loading. The pod is not ready
 until the engine has answered once.
 
 The window is ``stall_seconds``, widened to ``stall_step_multiple`` times the longest of
@@ -51,6 +53,9 @@ class EngineDetector:
         self._canary_key = FindingKey(FaultClass.ENGINE_HANG, subject.id, "canary")
         self._metrics_key = FindingKey(FaultClass.ENGINE_UNHEALTHY, subject.id, "metrics")
         self.started = False  # the engine has answered its health check at least once
+        # Its port has accepted a connection: a process is there, loading or serving. A
+        # refusal after that, even before the first answer, is that process gone.
+        self.bound = False
         self.first_probe: float | None = None
         self.refused = 0  # consecutive
         self.unhealthy = 0  # consecutive
@@ -74,9 +79,13 @@ class EngineDetector:
         self.refused = self.unhealthy = 0
         return [Verdict.clear(k) for k in self._keys.values()]
 
+    def port_open(self) -> None:
+        """The engine's port accepted a connection (the sidecar's watch)."""
+        self.bound = True
+
     def health_failed(self, why: str, refused: bool, *, now: float,
                       status: int | None = None) -> list[Verdict]:
-        if not self.started:
+        if not self.started and not (refused and self.bound):
             return self._not_started(why, now)
         threshold = self.settings.failure_threshold
         if refused:
@@ -84,10 +93,13 @@ class EngineDetector:
             self.unhealthy = 0
             if self.refused < threshold:
                 return []
+            loading = "" if self.started else " (it had bound its port while loading its " \
+                "model: the process is gone)"
             return [Verdict.clear(self._keys[FaultClass.ENGINE_UNHEALTHY]), self._verdict(
                 self._keys[FaultClass.ENGINE_CRASH], Severity.CRITICAL, "EngineNotListening",
-                f"engine not listening at {self.settings.url} ({self.refused} probes): "
-                f"{why}", "restart_group", probes=self.refused, error=why)]
+                f"engine not listening at {self.settings.url} ({self.refused} probes)"
+                f"{loading}: {why}", "restart_group", probes=self.refused, error=why,
+                loading=not self.started)]
         self.unhealthy += 1
         self.refused = 0
         if self.unhealthy < threshold:

@@ -194,6 +194,7 @@ class Sidecar:
                     self._engine_wake.set()
                 await asyncio.sleep(e.probe_seconds)  # the probe loop takes it from here
                 continue
+            self.engine_detector.port_open()
             await connection.closed()
             held = self.clock.monotonic() - opened
             if held < WATCH_SHORT_SECONDS:

@@ -260,3 +260,23 @@ def test_sidecar_without_a_group_exits_2_naming_the_field(tmp_path: Path) -> Non
                           env={"PATH": "/usr/bin:/bin"}, check=False)
     assert proc.returncode == 2
     assert "sidecar.group_size" in proc.stderr
+
+
+def test_an_engine_that_dies_while_loading_its_model_is_a_crash(tmp_path: Path) -> None:
+    """The engine binds its port and loads for a minute; the sidecar's watch connection is
+    accepted (a process is there). It dies mid-load: the port refuses, engine_crash — not
+    half an hour of "loading" (engine.startup_seconds) for a process that is gone."""
+    engine = EngineProcess(tmp_path, extra=["--load-seconds", "60"]).start()
+    car = sidecar(tmp_path, engine, probe_seconds=0.3, timeout_seconds=0.5)
+    try:
+        time.sleep(2)  # loading: probes unanswered, no finding
+        assert car.findings() == []
+        assert car.status()["engine"]["started"] is False
+        assert engine.proc is not None
+        engine.proc.kill()  # SIGKILL
+        crash = car.wait_for(lambda: car.findings("engine_crash"), what="engine_crash")[0]
+        assert crash["evidence"]["loading"] is True
+        assert car.get("/readyz")[0] == 503
+    finally:
+        assert car.stop() == 0
+        engine.stop()

@@ -176,6 +176,23 @@ class TestStartup:
         assert rig.reasons() == set()
         assert not rig.det.started
 
+    def test_an_engine_whose_port_was_open_and_now_refuses_crashed_while_loading(
+            self) -> None:
+        """Unanswered while loading is no finding; but once its port accepted a connection,
+        refusals are the loading process gone: engine_crash without waiting for the startup
+        window (the pod's container exited; the group must be recreated)."""
+        rig = Rig(failure_threshold=2, startup_seconds=600)
+        rig.feed(rig.det.health_failed("timed out", refused=False, now=1.0))
+        rig.det.port_open()
+        rig.feed(rig.det.health_failed("timed out", refused=False, now=2.0))
+        rig.feed(rig.det.health_failed("timed out", refused=False, now=3.0))
+        assert rig.reasons() == set()
+        rig.feed(rig.det.health_failed("connection refused", refused=True, now=4.0))
+        assert rig.reasons() == set()  # one refusal: not yet
+        rig.feed(rig.det.health_failed("connection refused", refused=True, now=4.2))
+        assert rig.reasons() == {"EngineNotListening"}
+        assert not rig.det.started
+
     def test_an_engine_that_never_answers_is_unhealthy_after_the_startup_window(self) -> None:
         rig = Rig(failure_threshold=2, startup_seconds=600)
         rig.feed(rig.det.health_failed("timed out", refused=False, now=0.0))
