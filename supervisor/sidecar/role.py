@@ -182,18 +182,24 @@ class Sidecar:
         up to a probe period later; the probe, not this watch, decides what it was."""
         assert self.engine is not None
         e = self.settings.engine
+        was_open = False  # the last connection attempt found the port open
         while True:  # no liveness tick: waiting here for as long as the engine lives is
             opened = self.clock.monotonic()  # the point
             try:
                 connection = await with_deadline("engine connect", self.engine.connect(),
                                                  e.timeout_seconds)
             except (DeadlineExceeded, EngineCallFailed) as exc:
-                if isinstance(exc, EngineCallFailed) and exc.refused:
+                # Only the port going from open to refused is news: refused before it was
+                # ever open is an engine still starting (vLLM binds its port after its
+                # imports), refused again is what the probe loop already looks at.
+                if isinstance(exc, EngineCallFailed) and exc.refused and was_open:
                     log.info("engine port refused a connection: probing now", error=str(exc))
                     self.engine_watch_wakes += 1
                     self._engine_wake.set()
+                was_open = False
                 await asyncio.sleep(e.probe_seconds)  # the probe loop takes it from here
                 continue
+            was_open = True
             self.engine_detector.port_open()
             await connection.closed()
             held = self.clock.monotonic() - opened
