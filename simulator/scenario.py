@@ -382,8 +382,7 @@ def parse(data: Any, source: str = "<scenario>") -> Scenario:
         if kind != "lws" and kind not in kinds:
             raise ConfigError(f"{where}.kind", f"must be lws or a topology group kind "
                               f"({', '.join(sorted(kinds)) or 'none defined'}), got {kind!r}")
-        load = (seconds(m["load_seconds"], f"{where}.load_seconds")
-                if m.get("load_seconds") is not None else MODEL_LOAD_SECONDS)
+        load = seconds(m.get("load_seconds", MODEL_LOAD_SECONDS), f"{where}.load_seconds")
         models.append(Model(name, _int(m, "replicas", where, 2), _int(m, "size", where, 2),
                             kind, load))
     by_name = {m.name: m for m in models}
