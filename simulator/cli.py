@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 from simulator.controlplane.cluster import KubeTestClusterError
 from simulator.scenario import (
     DEFAULT_SCENARIO,
+    ENGINES,
     FAULT_KINDS,
     MODEL_LOAD_SECONDS,
     Scenario,
@@ -65,6 +66,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "model (default: each model's load_seconds, "
                              f"{MODEL_LOAD_SECONDS:g} s unless the scenario says); e.g. 5s "
                              "for a quick run")
+    parser.add_argument("--engine", choices=ENGINES, metavar="|".join(ENGINES),
+                        help="what the first model's groups run: the stand-in engine, or a "
+                             "real vLLM (its CPU build, installed once into a cached venv: "
+                             "minutes, ~6 GB) split over each group's pods by pipeline "
+                             "parallel (default: what the scenario says, else standin)")
     parser.add_argument("--list", action="store_true",
                         help="list the shipped scenarios and fault kinds, then exit")
 
@@ -82,6 +88,8 @@ def main(args: argparse.Namespace) -> int:
         return 0
     try:
         scenario = load(args.scenario)
+        if args.engine is not None:
+            scenario = scenario.on_engine(args.engine)
         if args.load_seconds is not None:
             scenario = scenario.loading(seconds(args.load_seconds, "--load-seconds"))
         torch_python = _torch_python(scenario, args.torch_python)

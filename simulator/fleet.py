@@ -15,7 +15,10 @@ the API server and runs what their containers would:
   each worker pod runs a worker process with no HTTP at all, which the leader's engine
   needs at every step over TCP between the two pods' addresses, and its sidecar has engine
   probing off (it watches the group's reachability). A stopped, killed or cut-off worker
-  is seen, as in production, only as the leader's engine stalling or dying.
+  is seen, as in production, only as the leader's engine stalling or dying. A model on
+  real vLLM (``engine: vllm``) runs the same layout with vLLM itself: the leader pod's
+  ``vllm serve --node-rank 0`` (API server, engine core, first pipeline stage), each
+  worker pod's ``--headless`` stage (:class:`~simulator.processes.VllmNodeProcess`).
 
 Processes listen on loopback: the two controllers on 127.0.0.2 and 127.0.0.3 (same report
 port; the reporters are given both addresses, as a headless Service would resolve); each
@@ -34,7 +37,6 @@ import os
 import re
 import shlex
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -52,6 +54,8 @@ from simulator.processes import (
     EngineProcess,
     EngineWorkerProcess,
     SidecarProcess,
+    VllmNodeProcess,
+    free_port,
     merged,
     metric_value,
     report_tls,
@@ -78,12 +82,6 @@ CUT_TAG = "gpu-supervisor-simulate"  # the comment on our iptables rules, with o
 REPORT_HOST = "localhost"  # the name on the report certificate; the addresses are listed
 
 
-def free_port(host: str = "127.0.0.1", kind: int = socket.SOCK_STREAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
 @dataclass
 class Probe:
     """One container's readiness probe, as the pod spec states it."""
@@ -100,7 +98,8 @@ class Probe:
 class PodProcesses:
     uid: str
     node: str
-    engine: EngineProcess | EngineWorkerProcess  # the API server on a leader, else a worker
+    # The API server on a leader, else a worker; a stand-in's or a real vLLM's part.
+    engine: EngineProcess | EngineWorkerProcess | VllmNodeProcess
     sidecar: SidecarProcess | None  # a fallback model's pod runs its engine alone
     probes: list[Probe] = field(default_factory=list)
     containers_ready: bool = False  # what we last wrote
@@ -259,6 +258,7 @@ class Runtime:
     # on once it serves — every pod created after that is a recreated one.
     loading: bool = False
     report_port: int = 0
+    vllm_python: str = ""  # the vLLM venv's interpreter, when a model runs on real vLLM
 
     def __post_init__(self) -> None:
         self.tls_dir = report_tls(self.workdir / "report-tls")
@@ -373,8 +373,10 @@ class Runtime:
             for name, pod in live.items():
                 group = by_name[pod["metadata"]["labels"][GROUP_LABEL]]
                 members = [nodes.get(group.pod_name(r)) for r in range(group.model.size)]
-                if name not in self.pods and all(members):
-                    starts.append(self._start_pod(group, pod, [str(m) for m in members]))
+                leader = live.get(group.pod_name(0))
+                if name not in self.pods and all(members) and leader is not None:
+                    starts.append(self._start_pod(group, pod, [str(m) for m in members],
+                                                  leader["metadata"]["uid"]))
             starts += [self._start_fallback(pod) for name, pod in fallbacks.items()
                        if name not in self.pods]
             for outcome in await asyncio.gather(*starts, return_exceptions=True):
@@ -383,15 +385,25 @@ class Runtime:
             await asyncio.sleep(0.5)
 
     async def _start_pod(self, group: GroupRef, pod: dict[str, Any],
-                         member_nodes: list[str]) -> None:
+                         member_nodes: list[str], leader_uid: str) -> None:
         name = _name(pod)
         rank = int(pod["metadata"]["labels"]["sim.gpu-supervisor.io/rank"])
         workdir = self.workdir / "pods" / f"{name}-{pod['metadata']['uid'][:8]}"
         token = await self._token_file(name, SERVING, "default", pod)  # before any process
         # Every worker of a group listens on its own node's address, all on one port.
         port = self.worker_ports.setdefault(group.name, free_port())
-        engine: EngineProcess | EngineWorkerProcess
-        if rank == 0:
+        engine: EngineProcess | EngineWorkerProcess | VllmNodeProcess
+        if group.model.engine == "vllm":
+            # One port per incarnation of the group (its leader's UID): the processes of
+            # the one being deleted may still hold the last one's.
+            master = self.node_ip(member_nodes[0])
+            engine = VllmNodeProcess(
+                workdir, host=self.node_ip(pod["spec"]["nodeName"]), node_rank=rank,
+                nnodes=group.model.size, master=master,
+                master_port=self.worker_ports.setdefault(f"{group.name}/{leader_uid}",
+                                                         free_port(master)),
+                cache=self.workdir / "vllm-cache", python=self.vllm_python)
+        elif rank == 0:
             workers = [f"{self.node_ip(node)}:{port}" for node in member_nodes[1:]]
             extra: list[str] = []
             if workers:
@@ -414,8 +426,7 @@ class Runtime:
                         "peer_listen": peers[rank]},
             # As the example configures them: the leader's sidecar probes the engine's API,
             # a worker's has none to probe.
-            "engine": ({"url": engine.url} if isinstance(engine, EngineProcess)
-                       else {"enabled": False}),
+            "engine": {"url": engine.url} if engine.url else {"enabled": False},
             "reporting": self._reporting(token),
         }
         settings = merged(settings, self.sidecar_settings)
@@ -431,12 +442,12 @@ class Runtime:
             engine.stop()
             raise
         urls = {"gpu-supervisor": sidecar.url}
-        if isinstance(engine, EngineProcess):
+        if engine.url:
             urls["engine"] = engine.url
         self.pods[name] = PodProcesses(pod["metadata"]["uid"], pod["spec"]["nodeName"],
                                        engine, sidecar, _probes(pod, urls))
         ip = pod.get("status", {}).get("podIP")
-        if ip and isinstance(engine, EngineProcess):
+        if ip and engine.url:
             self.engines[ip] = engine.url
 
     async def _start_fallback(self, pod: dict[str, Any]) -> None:
@@ -496,7 +507,7 @@ class Runtime:
     def _stop_pod(self, name: str) -> None:
         procs = self.pods.pop(name)
         for ip, url in list(self.engines.items()):
-            if isinstance(procs.engine, EngineProcess) and url == procs.engine.url:
+            if procs.engine.url and url == procs.engine.url:
                 del self.engines[ip]
         if procs.sidecar is not None:
             procs.sidecar.stop(timeout=5)

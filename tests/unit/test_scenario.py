@@ -10,8 +10,10 @@ import yaml
 from simulator.run import FINDING_CLASSES
 from simulator.scenario import (
     FAULT_KINDS,
+    MODEL_LOAD_SECONDS,
     SCENARIOS,
     UNDOING,
+    VLLM_LOAD_SECONDS,
     load,
     parse,
     seconds,
@@ -130,12 +132,43 @@ def test_a_valid_scenario_reads_as_written() -> None:
      "faults[0].per_minute", "number"),
     (with_(faults=[{"kind": "engine_unhealthy", "target": "m/0/1"}]), "faults[0].target",
      "no health endpoint"),
+    (with_(models=[{"name": "m", "engine": "sglang"}]), "models[0].engine",
+     "standin, vllm"),
+    (with_(models=[{"name": "m", "engine": "vllm"}],
+           faults=[{"kind": "engine_unhealthy", "target": "m/0/0"}]), "models[0].engine",
+     "cannot be told to answer /health with 503"),
+    (with_(faults=[{"kind": "xid", "target": "m/0/0", "once_serving": "yes"}]),
+     "faults[0].once_serving", "true or false"),
+    (with_(faults=[{"kind": "kill_leader", "once_serving": True}]),
+     "faults[0].once_serving", "only for a fault with a target"),
 ])
 def test_each_mistake_names_its_field(data: dict[str, Any], field: str, rule: str) -> None:
     with pytest.raises(ConfigError) as info:
         parse(data)
     assert info.value.field == field
     assert rule in info.value.rule
+
+
+def test_a_model_on_real_vllm_is_allowed_its_load_and_keeps_it_under_load_seconds() -> None:
+    """A real vLLM loads as long as it takes: its load_seconds is only the limits' allowance
+    (VLLM_LOAD_SECONDS unless written), and ``--load-seconds`` leaves it alone."""
+    scenario = parse(with_(models=[{"name": "m", "engine": "vllm"},
+                                   {"name": "n", "replicas": 1, "size": 1}]))
+    assert [(m.engine, m.load_seconds) for m in scenario.models] == [
+        ("vllm", VLLM_LOAD_SECONDS), ("standin", MODEL_LOAD_SECONDS)]
+    quick = scenario.loading(5.0)
+    assert [m.load_seconds for m in quick.models] == [VLLM_LOAD_SECONDS, 5.0]
+
+
+def test_engine_flag_puts_the_first_model_on_vllm_or_names_itself_when_it_cannot() -> None:
+    scenario = load("engine-hang").on_engine("vllm")
+    assert (scenario.models[0].engine, scenario.models[0].load_seconds) == (
+        "vllm", VLLM_LOAD_SECONDS)
+    unhealthy = parse(with_(faults=[{"name": "f", "kind": "engine_unhealthy",
+                                     "target": "m/0/0"}]))
+    with pytest.raises(ConfigError) as info:
+        unhealthy.on_engine("vllm")
+    assert info.value.field == "--engine"
 
 
 def test_durations() -> None:
