@@ -41,9 +41,11 @@ and rank 0; each worker pod runs ``python -m probes.engine_standin worker`` — 
 TCP stream from the leader, one answer per step. The leader steps only once every worker
 has answered that step (a pipeline stage, a tensor slice), so a worker stopped with SIGSTOP
 or cut off from the leader freezes the leader's counters with its requests still running —
-what the leader's sidecar must see — and a worker that dies takes the engine with it (the
-leader exits, as vLLM does when it loses a rank). ``--load-seconds S``: the port is bound at
-once but answered only S seconds after the workers joined — a model loading, during which a
-health check waits unanswered, as vLLM's does.
+what the leader's sidecar must see — for up to ``--execute-timeout-seconds`` (300, vLLM's
+execute-model timeout), after which the leader exits; a worker that dies takes the engine
+with it at once (the leader exits, as vLLM does when it loses a tensor-parallel rank).
+``--load-seconds S``: the port is bound at once but answered only S seconds after the
+workers joined — a model loading, during which a health check waits unanswered, as vLLM's
+does.
 ``python -m probes.engine_standin --port 0`` prints ``{"event": "listening", "port": P}``.
 """

@@ -12,7 +12,12 @@ import sys
 
 from aiohttp import web
 
-from probes.engine_standin.server import StandinEngine, build_app, serve_worker
+from probes.engine_standin.server import (
+    EXECUTE_TIMEOUT_SECONDS,
+    StandinEngine,
+    build_app,
+    serve_worker,
+)
 
 
 def _address(text: str) -> tuple[str, int]:
@@ -21,7 +26,8 @@ def _address(text: str) -> tuple[str, int]:
 
 
 async def _serve(args: argparse.Namespace) -> None:
-    engine = StandinEngine(args.model, args.step_ms / 1000, args.prefill_chunk)
+    engine = StandinEngine(args.model, args.step_ms / 1000, args.prefill_chunk,
+                           args.execute_timeout_seconds)
     # The port is bound at once and served only once the model is loaded, as vLLM's API
     # server does: a client meanwhile waits in the backlog, unanswered, not refused.
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -70,6 +76,10 @@ def main(argv: list[str] | None = None) -> int:
                              "--host)")
     parser.add_argument("--join-timeout", type=float, default=600.0,
                         help="seconds to wait for every worker to listen")
+    parser.add_argument("--execute-timeout-seconds", type=float,
+                        default=EXECUTE_TIMEOUT_SECONDS,
+                        help="a step that waits this long for a worker ends the engine "
+                             "(vLLM's VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS: 300)")
     parser.add_argument("--idle-close-seconds", type=float, default=5.0,
                         help="close a connection idle this long (vLLM: 5 s)")
     parser.add_argument("--load-seconds", type=float, default=0.0,

@@ -32,9 +32,16 @@ class _Request:
         return -(-(self.prefilled + self.generated) // BLOCK_TOKENS)
 
 
+# How long a step may wait for the workers before the engine gives up and exits: vLLM's
+# VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS, 300 s by default (multi-process executors only).
+EXECUTE_TIMEOUT_SECONDS = 300.0
+
+
 class StandinEngine:
-    def __init__(self, model: str, step_seconds: float, prefill_chunk: int) -> None:
+    def __init__(self, model: str, step_seconds: float, prefill_chunk: int,
+                 execute_timeout: float = EXECUTE_TIMEOUT_SECONDS) -> None:
         self.model = model
+        self.execute_timeout = execute_timeout
         self.step_seconds = step_seconds
         self.prefill_chunk = prefill_chunk
         self.hang = False
@@ -107,18 +114,28 @@ class StandinEngine:
     async def _step_workers(self) -> None:
         """Every worker computes its share of the step (its pipeline stage, its tensor
         slice) before the step is done: one that is stopped or cut off holds the step, and
-        the leader's counters, where they are. One that is gone kills the engine, as a lost
-        rank kills vLLM's."""
+        the leader's counters, where they are — until ``execute_timeout``, after which the
+        engine dies as vLLM's does when a step's RPC to its workers times out. One that is
+        gone kills the engine at once, as a lost rank kills vLLM's."""
         for _, writer in self.workers:
             writer.write(b"s\n")
+        rank = 0
         try:
-            for rank, (reader, writer) in enumerate(self.workers, start=1):
-                await writer.drain()
-                if not await reader.readline():
-                    raise ConnectionError(f"worker {rank} closed its connection")
+            async with asyncio.timeout(self.execute_timeout):
+                for rank, (reader, writer) in enumerate(self.workers, start=1):
+                    await writer.drain()
+                    if not await reader.readline():
+                        raise ConnectionError(f"worker {rank} closed its connection")
+        except TimeoutError:
+            self._die(f"worker {rank} did not answer a step within {self.execute_timeout:g} s "
+                      "(the execute-model timeout)")
         except OSError as exc:
-            print(json.dumps({"event": "engine dead", "error": str(exc)}), flush=True)
-            os._exit(1)  # no cleanup, no answer: the API server goes with its engine
+            self._die(str(exc))
+
+    @staticmethod
+    def _die(why: str) -> None:
+        print(json.dumps({"event": "engine dead", "error": why}), flush=True)
+        os._exit(1)  # no cleanup, no answer: the API server goes with its engine
 
     def step(self) -> None:
         self.steps += 1

@@ -232,6 +232,31 @@ def test_a_killed_worker_takes_its_leader_down_whose_sidecar_sees_a_crash(
         assert car.stop() == 0
 
 
+def test_a_leader_held_by_a_stopped_worker_past_the_execute_timeout_exits(
+        tmp_path: Path) -> None:
+    """vLLM's own last resort, played: a step that waits for a stopped worker longer than
+    the execute-model timeout (300 s in vLLM; 2 s here) ends the engine, which says why —
+    the hang turns into a crash, as it does on vLLM minutes later."""
+    worker = EngineWorkerProcess(tmp_path / "worker", "127.0.1.2", free_port()).start()
+    leader = EngineProcess(tmp_path / "leader", extra=[
+        "--workers", worker.address, "--bind", "127.0.1.1",
+        "--execute-timeout-seconds", "2"]).start()
+    car = sidecar(tmp_path, leader, stall_seconds=1.0)
+    try:
+        leader.control(load=2)
+        car.wait_for(lambda: car.get("/readyz")[0] == 200, what="ready")
+        worker.signal(signal.SIGSTOP)
+        car.wait_for(lambda: car.findings("engine_hang"), what="engine_hang")
+        assert leader.proc is not None and leader.proc.wait(30) == 1
+        assert "did not answer a step within 2 s" in leader.log_path.read_text()
+        crash = car.wait_for(lambda: car.findings("engine_crash"), what="engine_crash")[0]
+        assert crash["reason"] == "EngineNotListening"
+    finally:
+        assert car.stop() == 0
+        worker.stop()
+        leader.stop()
+
+
 def test_an_engine_loading_its_model_is_not_ready_and_not_a_finding(tmp_path: Path) -> None:
     """The port bound but unanswered for 6 s (a model loading; probes time out, as on vLLM
     before it serves): no finding however many probes fail, /readyz 503 on engine-started;
