@@ -874,7 +874,8 @@ class Simulation:
             worker.signal(signal.SIGCONT)
             return f"engine worker of {pod} runs again (SIGCONT)"
         worker.signal(signal.SIGKILL)
-        return f"engine worker of {pod} killed (SIGKILL): the leader's engine dies with it"
+        return (f"engine worker of {pod} killed (SIGKILL): the leader's engine holds its step "
+                "for the lost pipeline stage")
 
     @staticmethod
     def _apply_vllm(kind: str, pod: str, engine: VllmNodeProcess) -> str:
@@ -1039,6 +1040,11 @@ class Simulation:
                 return time.time(), f"{leader.identity} leads"
             return None
         classes = FINDING_CLASSES.get(kind)
+        if kind == "engine_crash" and record.fault.target and record.fault.target.rank > 0:
+            # A lost pipeline stage does not end the leader's engine: it holds its step,
+            # /health 200 and every counter frozen, until the execute-model timeout (vLLM
+            # 0.32, measured) — what the leader's sidecar sees is a hang.
+            classes = FINDING_CLASSES["engine_hang"]
         if classes is None or record.daemon is None:
             return None
         injected = record.times["injected"]

@@ -119,7 +119,8 @@ FAULT_KINDS: dict[str, str] = {
                    "hang): the leader's engine stops stepping, or a worker's process is "
                    "stopped (SIGSTOP) and the leader's engine waits for it",
     "engine_crash": "the pod's part of the engine exits: the leader's API server, or a "
-                    "worker's process (killed), which takes the leader's engine with it",
+                    "worker's process (killed): a lost pipeline stage, for which the "
+                    "leader's engine holds its step (a hang, until vLLM's 300 s timeout)",
     "engine_unhealthy": "the leader's engine answers its health check with 503 (target rank "
                         "0: workers have no health endpoint)",
     "engine_resume": "the pod's part of the engine runs again (after engine_hang or "

@@ -42,8 +42,10 @@ TCP stream from the leader, one answer per step. The leader steps only once ever
 has answered that step (a pipeline stage, a tensor slice), so a worker stopped with SIGSTOP
 or cut off from the leader freezes the leader's counters with its requests still running —
 what the leader's sidecar must see — for up to ``--execute-timeout-seconds`` (300, vLLM's
-execute-model timeout), after which the leader exits; a worker that dies takes the engine
-with it at once (the leader exits, as vLLM does when it loses a tensor-parallel rank).
+execute-model timeout), after which the leader exits. A worker that dies does the same to a
+pipeline (``--parallel pipeline``, the default: a stage, as the example splits the model
+across nodes, and as vLLM 0.32 was measured to do), and takes the engine with it at once
+with ``--parallel tensor`` (as vLLM does when it loses a tensor-parallel rank).
 ``--load-seconds S``: the port is bound at once but answered only S seconds after the
 workers joined — a model loading, during which a health check waits unanswered, as vLLM's
 does.

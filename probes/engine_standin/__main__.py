@@ -27,7 +27,7 @@ def _address(text: str) -> tuple[str, int]:
 
 async def _serve(args: argparse.Namespace) -> None:
     engine = StandinEngine(args.model, args.step_ms / 1000, args.prefill_chunk,
-                           args.execute_timeout_seconds)
+                           args.execute_timeout_seconds, args.parallel)
     # The port is bound at once and served only once the model is loaded, as vLLM's API
     # server does: a client meanwhile waits in the backlog, unanswered, not refused.
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -76,6 +76,11 @@ def main(argv: list[str] | None = None) -> int:
                              "--host)")
     parser.add_argument("--join-timeout", type=float, default=600.0,
                         help="seconds to wait for every worker to listen")
+    parser.add_argument("--parallel", choices=("pipeline", "tensor"), default="pipeline",
+                        help="how the workers split the model, which decides what a lost "
+                             "worker does: pipeline (as the example splits it across "
+                             "nodes): the step waits out the execute timeout; tensor: the "
+                             "engine exits at once")
     parser.add_argument("--execute-timeout-seconds", type=float,
                         default=EXECUTE_TIMEOUT_SECONDS,
                         help="a step that waits this long for a worker ends the engine "

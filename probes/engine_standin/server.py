@@ -39,9 +39,11 @@ EXECUTE_TIMEOUT_SECONDS = 300.0
 
 class StandinEngine:
     def __init__(self, model: str, step_seconds: float, prefill_chunk: int,
-                 execute_timeout: float = EXECUTE_TIMEOUT_SECONDS) -> None:
+                 execute_timeout: float = EXECUTE_TIMEOUT_SECONDS,
+                 parallel: str = "pipeline") -> None:
         self.model = model
         self.execute_timeout = execute_timeout
+        self.parallel = parallel  # how the workers split the model: pipeline or tensor
         self.step_seconds = step_seconds
         self.prefill_chunk = prefill_chunk
         self.hang = False
@@ -116,19 +118,27 @@ class StandinEngine:
         slice) before the step is done: one that is stopped or cut off holds the step, and
         the leader's counters, where they are — until ``execute_timeout``, after which the
         engine dies as vLLM's does when a step's RPC to its workers times out. One that is
-        gone kills the engine at once, as a lost rank kills vLLM's."""
+        gone does the same with pipeline parallel (measured on vLLM 0.32, PP=2: a killed
+        stage left /health 200 and every gauge frozen for the 300 s) and kills the engine at
+        once with tensor parallel (its collectives fail in the same second)."""
         for _, writer in self.workers:
             writer.write(b"s\n")
-        rank = 0
+        rank, lost = 0, ""
         try:
             async with asyncio.timeout(self.execute_timeout):
                 for rank, (reader, writer) in enumerate(self.workers, start=1):
-                    await writer.drain()
-                    if not await reader.readline():
-                        raise ConnectionError(f"worker {rank} closed its connection")
+                    try:
+                        await writer.drain()
+                        if not await reader.readline():
+                            raise ConnectionError(f"worker {rank} closed its connection")
+                    except OSError as exc:
+                        if self.parallel == "tensor":
+                            raise
+                        lost = f"{exc}; "
+                        await asyncio.Event().wait()  # the step never completes
         except TimeoutError:
-            self._die(f"worker {rank} did not answer a step within {self.execute_timeout:g} s "
-                      "(the execute-model timeout)")
+            self._die(f"{lost}worker {rank} did not answer a step within "
+                      f"{self.execute_timeout:g} s (the execute-model timeout)")
         except OSError as exc:
             self._die(str(exc))
 

@@ -215,11 +215,40 @@ def test_a_stopped_worker_freezes_its_leader_whose_sidecar_sees_the_hang(
         assert car.stop() == 0
 
 
-def test_a_killed_worker_takes_its_leader_down_whose_sidecar_sees_a_crash(
-        tmp_path: Path, pipeline: tuple[EngineProcess, EngineWorkerProcess]) -> None:
-    """SIGKILL of the worker's process: the leader's engine loses a rank at its next step
-    and exits, as vLLM's does; the leader's sidecar finds its port refusing: engine_crash."""
-    leader, worker = pipeline
+def test_a_killed_pipeline_stage_holds_its_leader_as_a_hang_then_ends_it(
+        tmp_path: Path) -> None:
+    """SIGKILL of the worker's process with pipeline parallel (the example's split across
+    nodes): as vLLM 0.32 does, the leader's engine holds its step — /health 200, counters
+    frozen — so its sidecar sees a hang, not a crash; at the execute-model timeout (2 s
+    here) the engine exits and the port refusing is a crash."""
+    worker = EngineWorkerProcess(tmp_path / "worker", "127.0.1.2", free_port()).start()
+    leader = EngineProcess(tmp_path / "leader", extra=[
+        "--workers", worker.address, "--bind", "127.0.1.1",
+        "--execute-timeout-seconds", "4"]).start()
+    car = sidecar(tmp_path, leader, stall_seconds=1.0)
+    try:
+        leader.control(load=1)
+        car.wait_for(lambda: car.get("/readyz")[0] == 200, what="ready")
+        worker.signal(signal.SIGKILL)
+        car.wait_for(lambda: car.findings("engine_hang"), what="engine_hang")
+        assert not car.findings("engine_crash")
+        assert leader.proc is not None and leader.proc.wait(30) == 1
+        log = leader.log_path.read_text()
+        assert "worker 1 closed its connection; worker 1 did not answer a step" in log
+        car.wait_for(lambda: car.findings("engine_crash"), what="engine_crash")
+    finally:
+        assert car.stop() == 0
+        worker.stop()
+        leader.stop()
+
+
+def test_a_killed_tensor_parallel_worker_takes_its_leader_down_at_once(
+        tmp_path: Path) -> None:
+    """With ``--parallel tensor`` the leader's engine loses a rank at its next step and
+    exits, as vLLM's does; the leader's sidecar finds its port refusing: engine_crash."""
+    worker = EngineWorkerProcess(tmp_path / "worker", "127.0.1.2", free_port()).start()
+    leader = EngineProcess(tmp_path / "leader", extra=[
+        "--workers", worker.address, "--bind", "127.0.1.1", "--parallel", "tensor"]).start()
     car = sidecar(tmp_path, leader)
     try:
         leader.control(load=1)
@@ -230,6 +259,8 @@ def test_a_killed_worker_takes_its_leader_down_whose_sidecar_sees_a_crash(
         assert leader.proc is not None and leader.proc.wait(5) == 1
     finally:
         assert car.stop() == 0
+        worker.stop()
+        leader.stop()
 
 
 def test_a_leader_held_by_a_stopped_worker_past_the_execute_timeout_exits(
