@@ -6,6 +6,7 @@ sidecar."""
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import subprocess
 import sys
@@ -175,16 +176,27 @@ def test_idle_engine_that_hangs_is_caught_by_the_canary(tmp_path: Path,
         assert car.stop() == 0
 
 
-@pytest.fixture(name="pipeline")
-def _pipeline(tmp_path: Path) -> Iterator[tuple[EngineProcess, EngineWorkerProcess]]:
+@contextlib.contextmanager
+def two_pods(tmp_path: Path, *leader_flags: str
+             ) -> Iterator[tuple[EngineProcess, EngineWorkerProcess]]:
     """A group of two as the example lays it out: the worker pod's process (no HTTP) on
     127.0.1.2, the leader's engine on 127.0.1.1 stepping only with it."""
     worker = EngineWorkerProcess(tmp_path / "worker", "127.0.1.2", free_port()).start()
-    leader = EngineProcess(tmp_path / "leader", extra=[
-        "--workers", worker.address, "--bind", "127.0.1.1"]).start()
-    yield leader, worker
-    worker.stop()
-    leader.stop()
+    try:
+        leader = EngineProcess(tmp_path / "leader", extra=[
+            "--workers", worker.address, "--bind", "127.0.1.1", *leader_flags]).start()
+        try:
+            yield leader, worker
+        finally:
+            leader.stop()
+    finally:
+        worker.stop()
+
+
+@pytest.fixture(name="pipeline")
+def _pipeline(tmp_path: Path) -> Iterator[tuple[EngineProcess, EngineWorkerProcess]]:
+    with two_pods(tmp_path) as pair:
+        yield pair
 
 
 def test_a_stopped_worker_freezes_its_leader_whose_sidecar_sees_the_hang(
@@ -221,46 +233,38 @@ def test_a_killed_pipeline_stage_holds_its_leader_as_a_hang_then_ends_it(
     nodes): as vLLM 0.32 does, the leader's engine holds its step — /health 200, counters
     frozen — so its sidecar sees a hang, not a crash; at the execute-model timeout (2 s
     here) the engine exits and the port refusing is a crash."""
-    worker = EngineWorkerProcess(tmp_path / "worker", "127.0.1.2", free_port()).start()
-    leader = EngineProcess(tmp_path / "leader", extra=[
-        "--workers", worker.address, "--bind", "127.0.1.1",
-        "--execute-timeout-seconds", "4"]).start()
-    car = sidecar(tmp_path, leader, stall_seconds=1.0)
-    try:
-        leader.control(load=1)
-        car.wait_for(lambda: car.get("/readyz")[0] == 200, what="ready")
-        worker.signal(signal.SIGKILL)
-        car.wait_for(lambda: car.findings("engine_hang"), what="engine_hang")
-        assert not car.findings("engine_crash")
-        assert leader.proc is not None and leader.proc.wait(30) == 1
-        log = leader.log_path.read_text()
-        assert "worker 1 closed its connection; worker 1 did not answer a step" in log
-        car.wait_for(lambda: car.findings("engine_crash"), what="engine_crash")
-    finally:
-        assert car.stop() == 0
-        worker.stop()
-        leader.stop()
+    with two_pods(tmp_path, "--execute-timeout-seconds", "4") as (leader, worker):
+        car = sidecar(tmp_path, leader, stall_seconds=1.0)
+        try:
+            leader.control(load=1)
+            car.wait_for(lambda: car.get("/readyz")[0] == 200, what="ready")
+            worker.signal(signal.SIGKILL)
+            car.wait_for(lambda: car.findings("engine_hang"), what="engine_hang")
+            assert not car.findings("engine_crash")
+            assert leader.proc is not None and leader.proc.wait(30) == 1
+            log = leader.log_path.read_text()
+            assert "worker 1 closed its connection; worker 1 did not answer a step" in log
+            car.wait_for(lambda: car.findings("engine_crash"), what="engine_crash")
+        finally:
+            assert car.stop() == 0
 
 
 def test_a_killed_tensor_parallel_worker_takes_its_leader_down_at_once(
         tmp_path: Path) -> None:
     """With ``--parallel tensor`` the leader's engine loses a rank at its next step and
     exits, as vLLM's does; the leader's sidecar finds its port refusing: engine_crash."""
-    worker = EngineWorkerProcess(tmp_path / "worker", "127.0.1.2", free_port()).start()
-    leader = EngineProcess(tmp_path / "leader", extra=[
-        "--workers", worker.address, "--bind", "127.0.1.1", "--parallel", "tensor"]).start()
-    car = sidecar(tmp_path, leader)
-    try:
-        leader.control(load=1)
-        car.wait_for(lambda: car.get("/readyz")[0] == 200, what="ready")
-        worker.signal(signal.SIGKILL)
-        crash = car.wait_for(lambda: car.findings("engine_crash"), what="engine_crash")[0]
-        assert crash["reason"] == "EngineNotListening"
-        assert leader.proc is not None and leader.proc.wait(5) == 1
-    finally:
-        assert car.stop() == 0
-        worker.stop()
-        leader.stop()
+    with two_pods(tmp_path, "--parallel", "tensor") as (leader, worker):
+        car = sidecar(tmp_path, leader)
+        try:
+            leader.control(load=1)
+            car.wait_for(lambda: car.get("/readyz")[0] == 200, what="ready")
+            worker.signal(signal.SIGKILL)
+            crash = car.wait_for(lambda: car.findings("engine_crash"),
+                                 what="engine_crash")[0]
+            assert crash["reason"] == "EngineNotListening"
+            assert leader.proc is not None and leader.proc.wait(5) == 1
+        finally:
+            assert car.stop() == 0
 
 
 def test_a_leader_held_by_a_stopped_worker_past_the_execute_timeout_exits(
@@ -268,24 +272,20 @@ def test_a_leader_held_by_a_stopped_worker_past_the_execute_timeout_exits(
     """vLLM's own last resort, played: a step that waits for a stopped worker longer than
     the execute-model timeout (300 s in vLLM; 2 s here) ends the engine, which says why —
     the hang turns into a crash, as it does on vLLM minutes later."""
-    worker = EngineWorkerProcess(tmp_path / "worker", "127.0.1.2", free_port()).start()
-    leader = EngineProcess(tmp_path / "leader", extra=[
-        "--workers", worker.address, "--bind", "127.0.1.1",
-        "--execute-timeout-seconds", "2"]).start()
-    car = sidecar(tmp_path, leader, stall_seconds=1.0)
-    try:
-        leader.control(load=2)
-        car.wait_for(lambda: car.get("/readyz")[0] == 200, what="ready")
-        worker.signal(signal.SIGSTOP)
-        car.wait_for(lambda: car.findings("engine_hang"), what="engine_hang")
-        assert leader.proc is not None and leader.proc.wait(30) == 1
-        assert "did not answer a step within 2 s" in leader.log_path.read_text()
-        crash = car.wait_for(lambda: car.findings("engine_crash"), what="engine_crash")[0]
-        assert crash["reason"] == "EngineNotListening"
-    finally:
-        assert car.stop() == 0
-        worker.stop()
-        leader.stop()
+    with two_pods(tmp_path, "--execute-timeout-seconds", "2") as (leader, worker):
+        car = sidecar(tmp_path, leader, stall_seconds=1.0)
+        try:
+            leader.control(load=2)
+            car.wait_for(lambda: car.get("/readyz")[0] == 200, what="ready")
+            worker.signal(signal.SIGSTOP)
+            car.wait_for(lambda: car.findings("engine_hang"), what="engine_hang")
+            assert leader.proc is not None and leader.proc.wait(30) == 1
+            assert "did not answer a step within 2 s" in leader.log_path.read_text()
+            crash = car.wait_for(lambda: car.findings("engine_crash"),
+                                 what="engine_crash")[0]
+            assert crash["reason"] == "EngineNotListening"
+        finally:
+            assert car.stop() == 0
 
 
 def test_an_engine_loading_its_model_is_not_ready_and_not_a_finding(tmp_path: Path) -> None:
