@@ -352,7 +352,14 @@ class Runtime:
         new pod: fresh processes). Polls twice a second, as a kubelet's sync loop would."""
         by_name = {g.name: g for g in self.groups}
         while True:
-            found = await self.kube.request("GET", f"/api/v1/namespaces/{SERVING}/pods")
+            try:
+                found = await self.kube.request("GET", f"/api/v1/namespaces/{SERVING}/pods")
+            except KubeError as exc:
+                # An API server too slow to answer within the client's deadline (both cores
+                # busy): a kubelet's sync loop tries again at its next tick, so do we.
+                log.warning("pods not listed", error=str(exc))
+                await asyncio.sleep(0.5)
+                continue
             live: dict[str, dict[str, Any]] = {}
             for pod in found.get("items", []):
                 group = by_name.get(pod["metadata"].get("labels", {}).get(GROUP_LABEL, ""))

@@ -22,6 +22,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, TextIO
 
+import structlog
 import yaml
 
 from probes.nvml_standin.control import StandinControl
@@ -96,6 +97,8 @@ from simulator.world import (
 from supervisor.controller.actions import QUARANTINE_TAINT
 from supervisor.errors import KubeError
 from supervisor.kube import KubeClient
+
+log = structlog.get_logger("simulator")
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED_POLICY = ROOT / "policies" / "default.yaml"
@@ -274,7 +277,12 @@ async def _follow(kube: KubeClient, path: str, handle: Callable[[str, dict[str, 
 async def _until(what: str, check: Callable[[], Awaitable[bool]], timeout: float,
                  cluster: KubeTestCluster) -> None:
     deadline = time.monotonic() + timeout
-    while not await check():
+    while True:
+        try:
+            if await check():
+                return
+        except KubeError as exc:  # an API server too slow for once: the deadline decides
+            log.warning("not checked", what=what, error=str(exc))
         cluster.check_components()
         if time.monotonic() > deadline:
             raise TimeoutError(f"simulated cluster: {what} not within {timeout:.0f} s")

@@ -337,7 +337,12 @@ class GroupKeeper:
         """Check every group twice a second (the real LWS reacts to watch events within
         about as long)."""
         while True:
-            pods = await self._kube.request("GET", f"/api/v1/namespaces/{SERVING}/pods")
+            try:
+                pods = await self._kube.request("GET", f"/api/v1/namespaces/{SERVING}/pods")
+            except KubeError as exc:  # too slow for once: LWS's controller retries too
+                log.warning("pods not listed", error=str(exc))
+                await asyncio.sleep(0.5)
+                continue
             members: dict[str, list[dict[str, Any]]] = {g.name: [] for g in self._groups}
             for pod in pods.get("items", []):
                 name = pod["metadata"].get("labels", {}).get(GROUP_LABEL)
