@@ -71,6 +71,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "real vLLM (its CPU build, installed once into a cached venv: "
                              "minutes, ~6 GB) split over each group's pods by pipeline "
                              "parallel (default: what the scenario says, else standin)")
+    parser.add_argument("--supervisor", choices=("on", "off"), default="on",
+                        help="off: the same cluster and faults with none of our daemons — "
+                             "today's stack (the upstream LWS + vLLM example's pods; the "
+                             "kubelet's container restarts and LWS's group recreation "
+                             "played), to compare what happens without us")
     parser.add_argument("--list", action="store_true",
                         help="list the shipped scenarios and fault kinds, then exit")
 
@@ -92,6 +97,8 @@ def main(args: argparse.Namespace) -> int:
             scenario = scenario.on_engine(args.engine)
         if args.load_seconds is not None:
             scenario = scenario.loading(seconds(args.load_seconds, "--load-seconds"))
+        if args.supervisor == "off":
+            scenario = scenario.unsupervised()
         torch_python = _torch_python(scenario, args.torch_python)
     except ConfigError as exc:
         print(f"gpu-supervisor simulate: invalid scenario: {exc}", file=sys.stderr)
@@ -110,7 +117,7 @@ def main(args: argparse.Namespace) -> int:
     keep = args.workdir is not None
     try:
         outcome = asyncio.run(_simulate(scenario, workdir, args.report, args.plot,
-                                        torch_python))
+                                        torch_python, args.supervisor == "on"))
     except (KubeTestClusterError, SupervisorError, TimeoutError, OSError) as exc:
         print(f"gpu-supervisor simulate: {exc}", file=sys.stderr)
         if args.workdir:
@@ -158,7 +165,8 @@ def _torch_python(scenario: Scenario, given: str | None) -> str:
 
 
 async def _simulate(scenario: Scenario, workdir: Path, report: Path | None,
-                    plot: Path | None, torch_python: str) -> Outcome:
+                    plot: Path | None, torch_python: str, supervised: bool) -> Outcome:
     from simulator.run import simulate
 
-    return await simulate(scenario, workdir, sys.stdout, report, plot, torch_python)
+    return await simulate(scenario, workdir, sys.stdout, report, plot, torch_python,
+                          supervised)

@@ -80,6 +80,7 @@ CONTROLLER_HOSTS = ("127.0.0.2", "127.0.0.3")
 PEER_PORT = 18088  # every node's sidecar heartbeats on its node's own address
 CUT_TAG = "gpu-supervisor-simulate"  # the comment on our iptables rules, with our pid
 REPORT_HOST = "localhost"  # the name on the report certificate; the addresses are listed
+PLEG_RELIST_S = 1.0  # unsupervised: how often the played kubelet looks for exited containers
 
 
 @dataclass
@@ -89,7 +90,8 @@ class Probe:
     url: str
     period: float
     failure_threshold: int
-    due: float = 0.0
+    due: float = 0.0  # on the event loop's clock: the first after initialDelaySeconds
+    tcp: bool = False  # a tcpSocket probe: the port accepting a connection is a pass
     failures: int = 0
     ready: bool = False
 
@@ -103,6 +105,7 @@ class PodProcesses:
     sidecar: SidecarProcess | None  # a fallback model's pod runs its engine alone
     probes: list[Probe] = field(default_factory=list)
     containers_ready: bool = False  # what we last wrote
+    exited: float | None = None  # unsupervised: when the engine's container was seen gone
 
 
 class Stall:
@@ -146,15 +149,31 @@ class Stall:
             os.kill(self.pid, signal.SIGCONT)
 
 
+def _container_gone(engine: EngineProcess | EngineWorkerProcess | VllmNodeProcess) -> bool:
+    """Whether the engine's container has exited. A stand-in worker's process plays the
+    rank only: in the example the worker pod's container runs ``ray start --block``, which
+    outlives the rank's process (a Ray actor), so a rank lost there ends no container and
+    restarts no group — the leader's engine holds its step until its own timeout. A
+    leader's engine process, or a real vLLM node's main process, is its container's."""
+    if isinstance(engine, EngineWorkerProcess):
+        return False
+    return engine.proc is not None and engine.proc.poll() is not None
+
+
 def _probes(pod: dict[str, Any], urls: dict[str, str]) -> list[Probe]:
+    """Each container's readiness probe as its spec states it (httpGet or tcpSocket, period,
+    failure threshold, initial delay), against the process that plays the container."""
     out: list[Probe] = []
+    now = asyncio.get_running_loop().time()
     for container in pod["spec"]["containers"]:
         spec = container.get("readinessProbe")
         if not spec or container["name"] not in urls:
             continue
-        out.append(Probe(urls[container["name"]] + spec["httpGet"]["path"],
+        tcp = "tcpSocket" in spec
+        out.append(Probe(urls[container["name"]] + ("" if tcp else spec["httpGet"]["path"]),
                          float(spec.get("periodSeconds", 10)),
-                         int(spec.get("failureThreshold", 3))))
+                         int(spec.get("failureThreshold", 3)),
+                         due=now + float(spec.get("initialDelaySeconds", 0)), tcp=tcp))
     return out
 
 
@@ -259,6 +278,9 @@ class Runtime:
     loading: bool = False
     report_port: int = 0
     vllm_python: str = ""  # the vLLM venv's interpreter, when a model runs on real vLLM
+    # False: today's stack, measured beside us — no sidecar in the pods, and the kubelet's
+    # restart of an exited engine container played, on which LWS recreates the group.
+    supervised: bool = True
 
     def __post_init__(self) -> None:
         self.tls_dir = report_tls(self.workdir / "report-tls")
@@ -396,7 +418,6 @@ class Runtime:
         name = _name(pod)
         rank = int(pod["metadata"]["labels"]["sim.gpu-supervisor.io/rank"])
         workdir = self.workdir / "pods" / f"{name}-{pod['metadata']['uid'][:8]}"
-        token = await self._token_file(name, SERVING, "default", pod)  # before any process
         # Every worker of a group listens on its own node's address, all on one port.
         port = self.worker_ports.setdefault(group.name, free_port())
         engine: EngineProcess | EngineWorkerProcess | VllmNodeProcess
@@ -421,6 +442,11 @@ class Runtime:
             engine = EngineProcess(workdir, name="engine", extra=extra)
         else:
             engine = EngineWorkerProcess(workdir, self.node_ip(pod["spec"]["nodeName"]), port)
+        if not self.supervised:
+            await asyncio.to_thread(engine.start)
+            await self._run_alone(name, pod, engine)
+            return
+        token = await self._token_file(name, SERVING, "default", pod)  # before any process
         await asyncio.to_thread(engine.start)
         peers = [f"{self.node_ip(node)}:{PEER_PORT}" for node in member_nodes]
         lws = group.model.kind == "lws"
@@ -457,6 +483,16 @@ class Runtime:
         if ip and engine.url:
             self.engines[ip] = engine.url
 
+    async def _run_alone(self, name: str, pod: dict[str, Any],
+                         engine: EngineProcess | EngineWorkerProcess | VllmNodeProcess) -> None:
+        """An unsupervised pod: its engine and the kubelet's probe of it, nothing else."""
+        urls = {"engine": engine.url} if engine.url else {}
+        self.pods[name] = PodProcesses(pod["metadata"]["uid"], pod["spec"]["nodeName"],
+                                       engine, None, _probes(pod, urls))
+        ip = pod.get("status", {}).get("podIP")
+        if ip and engine.url:
+            self.engines[ip] = engine.url
+
     async def _start_fallback(self, pod: dict[str, Any]) -> None:
         """A fallback model's pod: its engine, nothing else (no group, no sidecar)."""
         name = _name(pod)
@@ -475,23 +511,60 @@ class Runtime:
         timeoutSeconds); ContainersReady written when the verdict changes. kwok then sets
         Ready from it and the readiness gates."""
         async with aiohttp.ClientSession() as session:
+            relist = 0.0
             while True:
                 now = asyncio.get_running_loop().time()
+                # Container exits are seen at the kubelet's PLEG relist, once a second
+                # (its generic PLEG's period).
+                relisting = not self.supervised and now >= relist
+                if relisting:
+                    relist = now + PLEG_RELIST_S
                 for name, procs in list(self.pods.items()):
+                    if relisting and procs.exited is None and _container_gone(procs.engine):
+                        await self._container_exited(name, procs)
+                    if procs.exited is not None:
+                        continue
                     due = [p for p in procs.probes if p.due <= now]
                     await asyncio.gather(*(self._probe(session, p, now) for p in due))
-                    ready = bool(procs.probes) and all(p.ready for p in procs.probes)
+                    if procs.probes or self.supervised:
+                        ready = bool(procs.probes) and all(p.ready for p in procs.probes)
+                    else:  # no probe (a worker): ready while its container runs
+                        ready = True
                     if ready != procs.containers_ready and self.pods.get(name) is procs:
                         await self._containers_ready(name, procs, ready)
                 await asyncio.sleep(0.1)
+
+    async def _container_exited(self, name: str, procs: PodProcesses) -> None:
+        """Played for an unsupervised pod whose engine exited: the kubelet sees the
+        container gone (its pod not ready at once) and restarts it; LeaderWorkerSet, told
+        by the restart (``RecreateGroupOnPodRestart``), deletes the group's pods — the
+        leader here, which the group keeper follows by recreating the whole group."""
+        procs.exited = time.time()
+        await self._containers_ready(name, procs, False)
+        log.info("engine container exited: the group is recreated", pod=name,
+                 code=procs.engine.proc.returncode if procs.engine.proc else None)
+        leader = next((g.pod_name(0) for g in self.groups for rank in range(g.model.size)
+                       if g.pod_name(rank) == name), name)
+        with contextlib.suppress(KubeError):
+            await self.kube.request("DELETE", f"/api/v1/namespaces/{SERVING}/pods/{leader}",
+                                    body={"propagationPolicy": "Background"},
+                                    ok_statuses=frozenset({404}))
 
     @staticmethod
     async def _probe(session: aiohttp.ClientSession, probe: Probe, now: float) -> None:
         probe.due = now + probe.period
         ok = False
-        with contextlib.suppress(aiohttp.ClientError, OSError, TimeoutError):
-            async with session.get(probe.url, timeout=aiohttp.ClientTimeout(total=1)) as resp:
-                ok = 200 <= resp.status < 400
+        if probe.tcp:
+            host, _, port = probe.url.rpartition("//")[2].rpartition(":")
+            with contextlib.suppress(OSError, TimeoutError):
+                _, writer = await asyncio.wait_for(asyncio.open_connection(host, int(port)), 1)
+                writer.close()
+                ok = True
+        else:
+            with contextlib.suppress(aiohttp.ClientError, OSError, TimeoutError):
+                async with session.get(probe.url,
+                                       timeout=aiohttp.ClientTimeout(total=1)) as resp:
+                    ok = 200 <= resp.status < 400
         probe.failures = 0 if ok else probe.failures + 1
         if ok:
             probe.ready = True
@@ -625,7 +698,7 @@ class Runtime:
         out += [(f"sidecar {n}", p.sidecar.url) for n, p in sorted(self.pods.items())
                 if p.sidecar is not None]
         out += [(f"engine {n}", p.engine.url) for n, p in sorted(self.pods.items())
-                if isinstance(p.engine, EngineProcess)]
+                if p.engine.url]
         return out
 
 

@@ -756,8 +756,13 @@ class VllmNodeProcess:
     def stage_pids(self) -> list[int]:
         """What stops when this pod's part of the engine hangs: the engine core on the
         leader (it steps every stage), the stage's worker on a worker's node."""
-        title = b"EngineCore" if self.node_rank == 0 else b"VLLM::Worker"
-        return [pid for pid in self.pids() if title in _cmdline(pid)]
+        if self.node_rank == 0:
+            return [pid for pid in self.pids() if b"EngineCore" in _cmdline(pid)]
+        return self.gpu_pids()
+
+    def gpu_pids(self) -> list[int]:
+        """The processes that would hold this pod's GPUs: its stage's worker."""
+        return [pid for pid in self.pids() if b"VLLM::Worker" in _cmdline(pid)]
 
     def pids(self) -> list[int]:
         return [self.proc.pid, *_descendants(self.proc.pid)] if self.proc else []

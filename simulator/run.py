@@ -169,6 +169,7 @@ class Outcome:
     endpoints: list[tuple[str, str]] = field(default_factory=list)
     setup_seconds: float = 0.0
     actions: list[Action] = field(default_factory=list)
+    supervised: bool = True
 
     @property
     def passed(self) -> bool:
@@ -180,6 +181,7 @@ class Outcome:
                 "setup_seconds": round(self.setup_seconds, 1),
                 "load_seconds": {m.name: m.load_seconds for m in self.scenario.models},
                 "engines": {m.name: m.engine for m in self.scenario.models},
+                "supervised": self.supervised,
                 "faults": [r.as_json() for r in self.records],
                 "actions": [a.as_json() for a in self.actions], "requests": self.requests,
                 "endpoints": dict(self.endpoints)}
@@ -291,7 +293,12 @@ async def _until(what: str, check: Callable[[], Awaitable[bool]], timeout: float
 
 class Simulation:
     def __init__(self, scenario: Scenario, workdir: Path, out: TextIO,
-                 torch_python: str = "") -> None:
+                 torch_python: str = "", supervised: bool = True) -> None:
+        """``supervised`` False: today's stack on the same cluster, measured beside us — no
+        daemon of ours, the pods of the upstream LWS + vLLM example (see ``member_pod``), the
+        kubelet's restart of an exited engine and LWS's group recreation played (the
+        scenario checked by ``Scenario.unsupervised`` first)."""
+        self.supervised = supervised
         self.scenario = scenario
         self.torch_python = torch_python  # for the all-reduce workers, when the scenario has them
         self.counting: list[Counting] = []
@@ -346,13 +353,14 @@ class Simulation:
         for crd in crds:
             await create(kube, yaml.safe_load(crd.read_text()))
         s = self.scenario
-        p(f"cluster: {s.nodes} GPU nodes x {s.gpus_per_node} GPUs played by kwok, the chart "
-          "deployed from deploy/manifests")
+        p(f"cluster: {s.nodes} GPU nodes x {s.gpus_per_node} GPUs played by kwok, "
+          + ("the chart deployed from deploy/manifests" if self.supervised else
+             "no supervisor: today's stack"))
         objects = chart_objects()
         for node in [gpu_node(f"gpu-{i}", s.gpus_per_node) for i in range(s.nodes)] + \
                 [system_node(SYSTEM_NODE)]:
             await create(kube, node)
-        for obj in objects:
+        for obj in objects if self.supervised else []:
             await create(kube, obj)
         await create(kube, {"apiVersion": "v1", "kind": "Namespace",
                             "metadata": {"name": SERVING}})
@@ -372,12 +380,13 @@ class Simulation:
             await create(kube, front_service(fallback))
             self.view.fronts[fallback.for_model] = (front_name(fallback.for_model),
                                                     fallback_selector(fallback.name))
-        keeper = GroupKeeper(kube, self.groups, s.gpus_per_node)
+        keeper = GroupKeeper(kube, self.groups, s.gpus_per_node, self.supervised)
         for group in self.groups:
             await keeper.create(group)
         self.keeper = keeper
-        await _until("agent pods on every node and both controller pods running",
-                     self._system_running, SETUP_TIMEOUT_S, self.cluster)
+        if self.supervised:
+            await _until("agent pods on every node and both controller pods running",
+                         self._system_running, SETUP_TIMEOUT_S, self.cluster)
         agent_cfg = chart_settings(objects, "agent")
         ctl_cfg = chart_settings(objects, "controller")["controller"]
         keep = ("lease_name", "state_configmap", "allowed_reporters", "allowed_pod_reporters",
@@ -392,7 +401,15 @@ class Simulation:
                                                                       "kubernetes")},
                    s.settings.get("agent", {})),
             {k: ctl_cfg[k] for k in keep if k in ctl_cfg}, policy_text(s),
-            topology_of(s), sidecar_settings=sidecar_cfg, vllm_python=vllm_py)
+            topology_of(s), sidecar_settings=sidecar_cfg, vllm_python=vllm_py,
+            supervised=self.supervised)
+        if not self.supervised:
+            p("daemons: none of ours. Pods as the upstream LWS + vLLM example has them (the "
+              "engine alone; the leader ready by a TCP probe of its port every 10 s, no "
+              "liveness probe); played: the kubelet restarting an exited engine and LWS "
+              "recreating its group on that restart (RecreateGroupOnPodRestart); the "
+              "engine's own timeout (a step held 300 s ends it)")
+            return
         p("daemons: two controller replicas, an agent per node (NVML stand-in), a sidecar per "
           "inference pod beside the engine's API server (leaders) or a worker rank (workers)")
         await self.runtime.start_controllers()
@@ -457,7 +474,8 @@ class Simulation:
     # --- the run --------------------------------------------------------------------------
 
     async def run(self) -> Outcome:
-        outcome = Outcome(self.scenario, self.records, actions=self.actions)
+        outcome = Outcome(self.scenario, self.records, actions=self.actions,
+                          supervised=self.supervised)
         async with self.started(outcome):
             await self._play()
             for record, starving in self.starving:
@@ -565,8 +583,9 @@ class Simulation:
 
     async def _wait_serving(self) -> None:
         assert self.cluster is not None
-        self.printer.line(f"serving: waiting for {len(self.groups)} groups to be admitted by "
-                        "the controller and Ready behind their Services")
+        self.printer.line(f"serving: waiting for {len(self.groups)} groups to be "
+                        + ("admitted by the controller and " if self.supervised else "")
+                        + "Ready behind their Services")
 
         async def all_serving() -> bool:
             # A model with a fallback is degraded while its groups come up (fewer healthy
@@ -658,7 +677,7 @@ class Simulation:
         node = pod["spec"].get("nodeName")
         if not node:
             return f"{name} is not placed on a node"
-        if fault.kind in NODE_FAULTS and node not in self.runtime.agents:
+        if fault.kind in NODE_FAULTS and self.supervised and node not in self.runtime.agents:
             return f"node {node} has no agent"
         if fault.once_serving and not self.view.serving(group):
             return f"{group.name} is not serving"
@@ -762,6 +781,8 @@ class Simulation:
         group = record.group
         p = fault.params
         gpu = int(p.get("gpu", 0))
+        if fault.kind in NODE_FAULTS and not self.supervised:
+            return self._apply_unwatched(fault, record)
         if fault.kind in NODE_FAULTS:
             assert record.node is not None
             control = self.runtime.agents[record.node].control
@@ -884,6 +905,27 @@ class Simulation:
         worker.signal(signal.SIGKILL)
         return (f"engine worker of {pod} killed (SIGKILL): the leader's engine holds its step "
                 "for the lost pipeline stage")
+
+    def _apply_unwatched(self, fault: Fault, record: FaultRecord) -> str:
+        """A GPU fault with nothing of ours watching: what the engine gets is the CUDA error
+        on that GPU, which ends its process on the pod (played: killed). A worker's is a
+        lost pipeline stage, for which the leader's engine holds its step until its
+        execute-model timeout; a leader's ends the API server with it."""
+        assert self.runtime is not None
+        assert record.pod is not None
+        what = (f"XID {int(fault.params.get('code', 79))}" if fault.kind == "xid"
+                else "GPU lost")
+        where = f"{what} on GPU {int(fault.params.get('gpu', 0))} of node {record.node}"
+        procs = self.runtime.pods.get(record.pod)
+        if procs is None:
+            return f"{where}: nothing reads it, and no engine of {record.pod} runs there"
+        if isinstance(procs.engine, VllmNodeProcess):
+            # The process on the GPU is the stage's worker; what follows is vLLM's own.
+            procs.engine.signal(signal.SIGKILL, procs.engine.gpu_pids())
+        elif procs.engine.proc is not None:
+            procs.engine.proc.kill()
+        return (f"{where}: nothing reads it; the CUDA error ends the engine process of "
+                f"{record.pod} (played: killed)")
 
     @staticmethod
     def _apply_vllm(kind: str, pod: str, engine: VllmNodeProcess) -> str:
@@ -1201,11 +1243,11 @@ def _check(e: Expectation, record: FaultRecord, records: list[FaultRecord]) -> l
 
 async def simulate(scenario: Scenario, workdir: Path, out: TextIO,
                    report: Path | None = None, plot: Path | None = None,
-                   torch_python: str = "") -> Outcome:
+                   torch_python: str = "", supervised: bool = True) -> Outcome:
     """Run ``scenario`` with its files under ``workdir`` (which must exist); the live
     timeline and the summary go to ``out``; the JSON report to ``report``, the timeline
-    drawn to ``plot``."""
-    sim = Simulation(scenario, workdir, out, torch_python)
+    drawn to ``plot``. ``supervised`` False: without the supervisor (today's stack)."""
+    sim = Simulation(scenario, workdir, out, torch_python, supervised)
     sim.printer.line(f"scenario {scenario.name}: {scenario.description}")
     sim.printer.line("load: a recreated group serves once its engine has loaded the model ("
                      + ", ".join(_load_text(m) for m in scenario.models)

@@ -88,6 +88,7 @@ from typing import Any
 
 import yaml
 
+from probes.engine_standin.server import EXECUTE_TIMEOUT_SECONDS
 from supervisor.errors import ConfigError
 
 SCENARIOS = Path(__file__).resolve().parent / "scenarios"
@@ -197,6 +198,12 @@ PARAMS = {"gpu", "code", "celsius", "count", "link", "seconds", "state", "width"
 STATES = {"row_remap": ("failure", "limit", "pending"), "retired_pages": ("limit", "pending")}
 NO_TARGET = frozenset({"kill_leader", "heal"})
 # Faults that end earlier ones rather than being faults of their own.
+# What a run without the supervisor can play: faults whose effect on the engine is known
+# with nothing of ours watching (an XID or a lost GPU as the CUDA error that ends the
+# process on it), and the engine's and the network's own.
+UNSUPERVISED_FAULTS = frozenset({"xid", "gpu_lost", "engine_hang", "engine_crash",
+                                 "engine_resume", "partition", "heal"})
+UNSUPERVISED_SLACK_S = 60.0  # after the engine's timeout and a load: restart, scheduling
 UNDOING = frozenset({"clear", "node_repair", "heal", "engine_resume", "collective_resume"})
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m)?$")
 
@@ -340,6 +347,22 @@ class Scenario:
         return dataclasses.replace(self, models=tuple(
             m if m.engine == "vllm" else dataclasses.replace(m, load_seconds=load_seconds)
             for m in self.models))
+
+    def unsupervised(self) -> Scenario:
+        """This scenario, if it can run without the supervisor (``simulate --supervisor
+        off``): only faults whose effect without anything of ours watching is known;
+        otherwise a ConfigError naming the flag."""
+        refused = sorted({f.kind for f in self.faults} - UNSUPERVISED_FAULTS)
+        if refused:
+            raise ConfigError("--supervisor", "off plays only faults whose effect without a "
+                              f"supervisor is known ({', '.join(sorted(UNSUPERVISED_FAULTS))}"
+                              f"); {self.name} has {', '.join(refused)}")
+        # Long enough to see what today's stack does: its first timer is the engine's own
+        # execute-model timeout, then the group's recreation and load.
+        load = max(m.load_seconds for m in self.models)
+        last = max((f.at for f in self.faults), default=0.0)
+        return dataclasses.replace(self, duration=max(
+            self.duration, last + EXECUTE_TIMEOUT_SECONDS + load + UNSUPERVISED_SLACK_S))
 
     def on_engine(self, engine: str) -> Scenario:
         """This scenario with its first model's groups on ``engine`` (``simulate

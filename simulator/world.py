@@ -160,10 +160,15 @@ def groups_of(scenario: Scenario) -> list[GroupRef]:
     return out
 
 
-def member_pod(group: GroupRef, rank: int, gpus: int, leader_uid: str | None) -> dict[str, Any]:
+def member_pod(group: GroupRef, rank: int, gpus: int, leader_uid: str | None,
+               supervised: bool = True) -> dict[str, Any]:
     """One member's pod as LWS (or the group kind's operator) creates it: the group's
     labels, our readiness gate, the GPUs of one node, anti-affinity spreading the group's
-    pods over nodes; workers owned by the leader pod, as LWS's worker StatefulSet is."""
+    pods over nodes; workers owned by the leader pod, as LWS's worker StatefulSet is.
+    Unsupervised (today's stack, measured beside us): the pod of the upstream LWS + vLLM
+    example — the engine alone, no sidecar, no readiness gate, the leader ready by a TCP
+    probe of the engine's port (initialDelaySeconds 15, periodSeconds 10, the default
+    failureThreshold 3) and no liveness probe."""
     labels = {MODEL_LABEL: group.model.name, GROUP_LABEL: group.name,
               "app.kubernetes.io/name": group.model.name}
     if group.model.kind == "lws":
@@ -181,10 +186,18 @@ def member_pod(group: GroupRef, rank: int, gpus: int, leader_uid: str | None) ->
     # The leader's engine serves the API; a worker's runs its rank with no port of its own.
     engine: dict[str, Any] = {"name": "engine", "image": "vllm/vllm-openai:v0.11.0",
                               "resources": {"limits": {"nvidia.com/gpu": str(gpus)}}}
-    if rank == 0:
+    if rank == 0 and not supervised:
+        engine |= {"ports": [{"name": "http", "containerPort": 8000}],
+                   "readinessProbe": {"tcpSocket": {"port": 8000}, "initialDelaySeconds": 15,
+                                      "periodSeconds": 10}}
+    elif rank == 0:
         engine |= {"ports": [{"name": "http", "containerPort": 8000}],
                    "readinessProbe": {"httpGet": {"path": "/health", "port": 8000},
                                       "periodSeconds": 5}}
+    if not supervised:
+        return {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": {
+            "serviceAccountName": "default", "containers": [engine],
+            "terminationGracePeriodSeconds": 0, "affinity": _spread(group)}}
     return {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": {
         "serviceAccountName": "default",
         "containers": [
@@ -194,10 +207,14 @@ def member_pod(group: GroupRef, rank: int, gpus: int, leader_uid: str | None) ->
              "readinessProbe": {"httpGet": {"path": "/readyz", "port": "sup-http"},
                                 "periodSeconds": 2, "failureThreshold": 1}}],
         "readinessGates": [{"conditionType": READINESS_GATE}],
-        "terminationGracePeriodSeconds": 0,
-        "affinity": {"podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [
-            {"labelSelector": {"matchLabels": {GROUP_LABEL: group.name}},
-             "topologyKey": "kubernetes.io/hostname"}]}}}}
+        "terminationGracePeriodSeconds": 0, "affinity": _spread(group)}}
+
+
+def _spread(group: GroupRef) -> dict[str, Any]:
+    """One node per member of a group."""
+    return {"podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [
+        {"labelSelector": {"matchLabels": {GROUP_LABEL: group.name}},
+         "topologyKey": "kubernetes.io/hostname"}]}}
 
 
 FALLBACK_LABEL = "sim.gpu-supervisor.io/fallback"
@@ -318,20 +335,24 @@ class GroupKeeper:
     is torn down and created again as a whole (RecreateGroupOnPodRestart), which is what
     re-forms an NCCL communicator."""
 
-    def __init__(self, kube: KubeClient, groups: list[GroupRef], gpus: int) -> None:
+    def __init__(self, kube: KubeClient, groups: list[GroupRef], gpus: int,
+                 supervised: bool = True) -> None:
         self._kube = kube
         self._groups = groups
         self._gpus = gpus
+        self._supervised = supervised
         self.restarts: dict[str, int] = {g.name: 0 for g in groups}
 
     async def create(self, group: GroupRef) -> None:
-        leader = await create(self._kube, member_pod(group, 0, self._gpus, None))
+        leader = await create(self._kube, member_pod(group, 0, self._gpus, None,
+                                                     self._supervised))
         uid = leader.get("metadata", {}).get("uid")
         if uid is None:  # it existed already
             uid = (await self._kube.request(
                 "GET", f"/api/v1/namespaces/{SERVING}/pods/{group.name}"))["metadata"]["uid"]
         for rank in range(1, group.model.size):
-            await create(self._kube, member_pod(group, rank, self._gpus, uid))
+            await create(self._kube, member_pod(group, rank, self._gpus, uid,
+                                                self._supervised))
 
     async def run(self) -> None:
         """Check every group twice a second (the real LWS reacts to watch events within

@@ -120,6 +120,39 @@ def test_a_worker_stopped_a_leader_killed_and_an_xid_on_real_vllm_split_over_the
 
 
 @pytest.mark.kube
+def test_without_the_supervisor_an_exited_engine_is_restarted_and_its_group_recreated_by_lws(
+        tmp_path: Path) -> None:
+    """``--supervisor off``, today's stack on the same cluster: none of our daemons, the
+    pods of the upstream LWS + vLLM example (engine alone, TCP readiness probe, no gate).
+    The leader's engine exits: the played kubelet sees its container gone (out of the
+    EndpointSlice at once) and restarts it, the played LWS recreates the group; nothing of
+    ours detects anything, and the replica serves again after its load."""
+    report = tmp_path / "report.json"
+    proc = simulate("--scenario", "engine-crash", "--supervisor", "off", "--load-seconds",
+                    "5s", "--report", str(report), "--workdir", str(tmp_path / "work"))
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert "daemons: none of ours" in proc.stdout
+    assert "endpoints: controller" not in proc.stdout
+    result = json.loads(report.read_text())
+    assert result["supervised"] is False
+    (crash,) = result["faults"]
+    steps = crash["seconds_after_injection"]
+    assert "detected" not in steps  # nothing of ours ran
+    assert max(steps["traffic_off"], steps["restarted"]) < steps["recovered"], steps
+    # The new leader is ready no sooner than its TCP probe's initial delay after it starts.
+    assert steps["recovered"] - steps["restarted"] >= 15, steps
+    assert not list((tmp_path / "work" / "daemons" / "pods").glob("*/sidecar-*.yaml"))
+    assert proc.returncode == (0 if result["passed"] else 1), proc.stdout[-4000:]
+
+
+def test_without_the_supervisor_a_fault_nothing_would_act_on_is_refused() -> None:
+    proc = simulate("--scenario", "thermal-blip", "--supervisor", "off", timeout=60)
+    assert proc.returncode == 2
+    assert "--supervisor: off plays only faults" in proc.stderr
+    assert "thermal-blip has clear, thermal" in proc.stderr
+
+
+@pytest.mark.kube
 def test_a_scenario_whose_expectation_fails_exits_1_and_says_which(tmp_path: Path) -> None:
     """An XID the controller handles, expected to be ignored: the run fails, naming it."""
     scenario = tmp_path / "wrong.yaml"

@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 import yaml
 
+from probes.engine_standin.server import EXECUTE_TIMEOUT_SECONDS
 from simulator.run import FINDING_CLASSES
 from simulator.scenario import (
     FAULT_KINDS,
@@ -169,6 +170,17 @@ def test_engine_flag_puts_the_first_model_on_vllm_or_names_itself_when_it_cannot
     with pytest.raises(ConfigError) as info:
         unhealthy.on_engine("vllm")
     assert info.value.field == "--engine"
+
+
+def test_without_the_supervisor_a_run_lasts_past_the_engines_own_timeout() -> None:
+    """Today's stack acts first at the engine's execute-model timeout: a run without the
+    supervisor lasts at least that long after its last fault, plus a load and a minute."""
+    scenario = load("engine-hang")
+    today = scenario.unsupervised()
+    last = max(f.at for f in scenario.faults)
+    assert today.duration == max(scenario.duration, last + EXECUTE_TIMEOUT_SECONDS
+                                 + MODEL_LOAD_SECONDS + 60.0)
+    assert today.faults == scenario.faults
 
 
 def test_durations() -> None:

@@ -14,7 +14,7 @@ from simulator.cli import _one_line
 from simulator.run import Simulation
 from simulator.scenario import Allow, parse
 from simulator.timeline import Action, ClusterView, FaultRecord, Snapshot, changes, explaining
-from simulator.world import GROUP_LABEL, groups_of
+from simulator.world import GROUP_LABEL, READINESS_GATE, groups_of, member_pod
 from supervisor.controller.actions import QUARANTINE_TAINT
 from supervisor.errors import ConfigError
 
@@ -200,3 +200,22 @@ def test_a_record_is_marked_from_its_injection_on() -> None:
     r = record(SCENARIO, injected=time.time())
     assert r.mark("traffic_off")
     assert not r.mark("traffic_off")
+
+
+def test_without_the_supervisor_pods_are_the_upstream_examples() -> None:
+    """Today's stack: the engine alone (no sidecar, no readiness gate), the leader ready by
+    a TCP probe of its port after 15 s, every 10 s, and no liveness probe — as the upstream
+    LWS + vLLM example has it; supervised pods keep our sidecar and gate."""
+    (group, *_) = groups_of(parse({
+        "cluster": {"nodes": 2}, "models": [{"name": "m", "replicas": 1, "size": 2}]}))
+    leader, worker = (member_pod(group, rank, 8, None, supervised=False) for rank in (0, 1))
+    for pod in (leader, worker):
+        assert [c["name"] for c in pod["spec"]["containers"]] == ["engine"]
+        assert "readinessGates" not in pod["spec"]
+        assert all("livenessProbe" not in c for c in pod["spec"]["containers"])
+    assert leader["spec"]["containers"][0]["readinessProbe"] == {
+        "tcpSocket": {"port": 8000}, "initialDelaySeconds": 15, "periodSeconds": 10}
+    assert "readinessProbe" not in worker["spec"]["containers"][0]
+    ours = member_pod(group, 0, 8, None)
+    assert [c["name"] for c in ours["spec"]["containers"]] == ["engine", "gpu-supervisor"]
+    assert ours["spec"]["readinessGates"] == [{"conditionType": READINESS_GATE}]
